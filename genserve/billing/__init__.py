@@ -1,0 +1,1 @@
+"""Buzz metering: double-entry ledger, two-phase holds, pricing and quotes."""

@@ -1,0 +1,11 @@
+"""Safety settings (the `safety:` section of the settings tree)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+
+class SafetyConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    rules_dir: str = "safety"

@@ -3,7 +3,8 @@
 The tree is built once at a process's entry point and passed down explicitly; nothing deep
 inside the service reads the environment. Precedence: explicit overrides > environment > YAML
 > defaults. Besides the flat names in `ENV_ALIASES`, any field can be set with
-`GENSERVE_<SECTION>__<FIELD>` (values are parsed as YAML scalars).
+`GENSERVE_<SECTION>__<FIELD>` (`null`, lists and mappings in YAML syntax; other values are
+converted by the field's type).
 """
 
 from __future__ import annotations
@@ -144,6 +145,16 @@ def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _env_value(value: str) -> Any:
+    """YAML only for null, lists and mappings; scalars stay strings for pydantic to convert by
+    field type, so a token "0042" or a bucket named "yes" is not turned into a number or a bool."""
+    try:
+        parsed = yaml.safe_load(value) if value else value
+    except yaml.YAMLError:
+        return value
+    return parsed if parsed is None or isinstance(parsed, (list, dict)) else value
+
+
 def _env_tree(env: Mapping[str, str]) -> dict[str, Any]:
     tree: dict[str, Any] = {}
     for name, value in env.items():
@@ -151,7 +162,7 @@ def _env_tree(env: Mapping[str, str]) -> dict[str, Any]:
             _set_path(tree, ENV_ALIASES[name], value)
         elif name.startswith("GENSERVE_") and "__" in name:
             dotted = name[len("GENSERVE_"):].lower().replace("__", ".")
-            _set_path(tree, dotted, yaml.safe_load(value) if value else value)
+            _set_path(tree, dotted, _env_value(value))
     return tree
 
 

@@ -1,0 +1,112 @@
+"""Service metrics on Ray's Prometheus endpoint (`ray.util.metrics`; exported with a `ray_` prefix).
+
+Every process (ingress, worker replicas, training jobs) records into the same names; Ray's
+per-node metrics agent serves them, and `/v1/metrics` on the ingress relays that page.
+Outside a Ray worker (plain scripts, unit tests) recording is a no-op, so callers never branch.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+LATENCY_BOUNDARIES_MS = [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 120000, 300000]
+STAGES = ("audit", "queue", "diffusion", "scan", "store")
+
+# name -> (kind, description, tag keys)
+DEFINITIONS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "genserve_requests_total": ("counter", "HTTP requests by route and status code", ("route", "status")),
+    "genserve_jobs_total": ("counter", "Generation jobs by final status", ("family", "status")),
+    "genserve_queue_depth": ("gauge", "Jobs accepted and not yet finished", ("family",)),
+    "genserve_request_latency_ms": ("histogram", "End-to-end generation latency", ("family",)),
+    "genserve_stage_latency_ms": ("histogram", "Latency of one stage of a generation", ("stage", "family")),
+    "genserve_images_generated_total": ("counter", "Images produced by the diffusion pipeline", ("family",)),
+    "genserve_images_withheld_total": ("counter", "Images not delivered, by rule", ("rule",)),
+    "genserve_prompts_blocked_total": ("counter", "Requests refused by the safety precheck, by rule", ("rule",)),
+    "genserve_lora_cache_total": ("counter", "LoRA adapter cache lookups", ("result",)),
+    "genserve_buzz_total": ("counter", "Buzz moved by billing operation", ("operation", "destination")),
+    "genserve_training_steps_total": ("counter", "Optimiser steps run by training jobs", ("family",)),
+}
+
+
+class _Registry:
+    """Creates each Ray metric once per process, on first use inside Ray."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._metrics: dict[str, object] = {}
+
+    def get(self, name: str):  # noqa: ANN201
+        metric = self._metrics.get(name)
+        if metric is not None:
+            return metric
+        if not _ray_ready():
+            return None
+        with self._lock:
+            if name not in self._metrics:
+                self._metrics[name] = _build(name)
+        return self._metrics[name]
+
+
+def _ray_ready() -> bool:
+    try:
+        import ray
+    except ImportError:  # pragma: no cover - ray is a hard dependency
+        return False
+    return ray.is_initialized()
+
+
+def _build(name: str):  # noqa: ANN202
+    from ray.util import metrics
+
+    kind, desc, tags = DEFINITIONS[name]
+    if kind == "counter":
+        return metrics.Counter(name, description=desc, tag_keys=tags)
+    if kind == "gauge":
+        return metrics.Gauge(name, description=desc, tag_keys=tags)
+    return metrics.Histogram(name, description=desc, boundaries=LATENCY_BOUNDARIES_MS, tag_keys=tags)
+
+
+_registry = _Registry()
+
+
+def _tags(name: str, tags: dict[str, str]) -> dict[str, str]:
+    expected = DEFINITIONS[name][2]
+    return {k: str(tags.get(k, "")) for k in expected}
+
+
+def inc(name: str, value: float = 1.0, **tags: str) -> None:
+    metric = _registry.get(name)
+    if metric is not None and value:
+        metric.inc(value, tags=_tags(name, tags))
+
+
+def observe(name: str, value: float, **tags: str) -> None:
+    metric = _registry.get(name)
+    if metric is not None:
+        metric.observe(value, tags=_tags(name, tags))
+
+
+def set_gauge(name: str, value: float, **tags: str) -> None:
+    metric = _registry.get(name)
+    if metric is not None:
+        metric.set(value, tags=_tags(name, tags))
+
+
+@contextmanager
+def stage_timer(stage: str, family: str = "") -> Iterator[None]:
+    """Time one stage of a generation into `genserve_stage_latency_ms`."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        observe("genserve_stage_latency_ms", (time.perf_counter() - start) * 1000.0, stage=stage, family=family)
+
+
+@functools.lru_cache(maxsize=1)
+def metric_names() -> tuple[str, ...]:
+    """Exported names as Prometheus shows them (Ray adds the `ray_` prefix)."""
+    return tuple("ray_" + n for n in DEFINITIONS)

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from genserve.billing.config import BillingConfig
 from genserve.errors import ConfigError
+from genserve.schemas import GenerationConfig
 from safety.config import SafetyConfig
 
 PACKAGE_ROOT = Path(__file__).resolve().parent
@@ -100,6 +101,7 @@ class Settings(_Section):
     logging: LoggingConfig = LoggingConfig()
     billing: BillingConfig = BillingConfig()
     safety: SafetyConfig = SafetyConfig()
+    generation: GenerationConfig = GenerationConfig()
 
     @property
     def database_url(self) -> str:

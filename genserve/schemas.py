@@ -1,0 +1,306 @@
+"""Versioned request and response models of the generation API (`/v1`), and the limits that bound them.
+
+The request models forbid unknown fields: a client cannot smuggle in parameters the service does not
+check (`prompt_embeds`, a custom safety switch ...), it gets a 422 naming the field instead. Bounds
+here are absolute; the tighter per-tier limits (`TierLimits`) are applied by the service, because the
+tier comes from the calling back end, not from the body.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from genserve.errors import ConfigError, InvalidRequest
+
+API_VERSION = "v1"
+MAX_PROMPT_CHARS = 6000
+MAX_EXTRA_RESOURCES = 12
+MAX_SEED = 4_294_967_295
+# Seeds picked by the service stay below 2^31 - 1: some engines take Int32 seeds.
+MAX_RANDOM_SEED = 2_147_483_646
+MAX_HIRES_SIDE = 4096
+IDEMPOTENCY_KEY_PATTERN = r"^[A-Za-z0-9._:\-]{1,128}$"
+
+
+class Sampler(str, enum.Enum):
+    """A1111 sampler names, as the site's users know them."""
+
+    euler = "Euler"
+    euler_a = "Euler a"
+    heun = "Heun"
+    lms = "LMS"
+    ddim = "DDIM"
+    dpmpp_2m = "DPM++ 2M"
+    dpmpp_2m_karras = "DPM++ 2M Karras"
+    dpmpp_sde = "DPM++ SDE"
+    unipc = "UniPC"
+    lcm = "LCM"
+
+
+class NsfwLevel(str, enum.Enum):
+    """Content ratings in increasing order; a request allows every level up to its own."""
+
+    pg = "pg"
+    pg13 = "pg13"
+    r = "r"
+    x = "x"
+    xxx = "xxx"
+
+    @property
+    def rank(self) -> int:
+        return _NSFW_ORDER.index(self)
+
+    @classmethod
+    def lowest(cls, *levels: NsfwLevel | None) -> NsfwLevel:
+        present = [lv for lv in levels if lv is not None]
+        return min(present, key=lambda lv: lv.rank) if present else cls.pg13
+
+
+_NSFW_ORDER = [NsfwLevel.pg, NsfwLevel.pg13, NsfwLevel.r, NsfwLevel.x, NsfwLevel.xxx]
+
+
+class Priority(str, enum.Enum):
+    low = "low"
+    normal = "normal"
+    high = "high"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+
+# --------------------------------------------------------------------------------------------- requests
+
+
+class ResourceRef(_Strict):
+    """A LoRA or textual-inversion embedding by registry id. `strength` applies to LoRAs."""
+
+    id: str = Field(min_length=1, max_length=64)
+    strength: float = Field(1.0, ge=-1.0, le=2.0)
+
+
+class HiresFix(_Strict):
+    """A second img2img pass on the upscaled first image (A1111's hires fix)."""
+
+    scale: float = Field(1.5, ge=1.0, le=2.0, description="upscale factor of the first image")
+    denoise: float = Field(0.4, ge=0.0, le=0.75)
+    steps: int = Field(10, ge=1, le=150, description="steps of the second pass")
+
+
+class GenerationRequest(_Strict):
+    """`POST /v1/generations` body (API version 1)."""
+
+    version: Literal[1] = 1
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
+    checkpoint: str = Field(min_length=1, max_length=64, description="checkpoint resource id")
+    resources: list[ResourceRef] = Field(default_factory=list, max_length=MAX_EXTRA_RESOURCES)
+    sampler: Sampler = Sampler.euler_a
+    steps: int = Field(20, ge=1, le=150)
+    cfg_scale: float = Field(7.0, ge=1.0, le=30.0)
+    clip_skip: int = Field(1, ge=1, le=4)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="random when absent; always returned")
+    width: int | None = Field(None, ge=8, le=4096, description="default: the family's default size")
+    height: int | None = Field(None, ge=8, le=4096)
+    quantity: int = Field(1, ge=1, le=20)
+    hires: HiresFix | None = None
+    nsfw_level: NsfwLevel | None = Field(
+        None, description="lowers, never raises, the level the site's back end allows this user"
+    )
+    priority: Priority = Priority.normal
+    idempotency_key: str | None = Field(None, pattern=IDEMPOTENCY_KEY_PATTERN)
+
+    @field_validator("resources")
+    @classmethod
+    def _unique_resources(cls, value: list[ResourceRef]) -> list[ResourceRef]:
+        ids = [r.id for r in value]
+        if len(set(ids)) != len(ids):
+            raise ValueError("each resource may be listed once")
+        return value
+
+    @model_validator(mode="after")
+    def _size_pair(self) -> GenerationRequest:
+        if (self.width is None) != (self.height is None):
+            raise ValueError("width and height go together")
+        return self
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the body without the idempotency key: a reused key with another body is a conflict."""
+        body = self.model_dump(mode="json", exclude={"idempotency_key"})
+        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+class QuoteRequest(GenerationRequest):
+    """`POST /v1/quotes`: the same body as a generation; nothing is held or created."""
+
+
+# --------------------------------------------------------------------------------------------- responses
+
+
+class JobStatusName(str, enum.Enum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    blocked = "blocked"
+    failed = "failed"
+    canceled = "canceled"
+
+
+class QuoteItemView(BaseModel):
+    name: str
+    amount: int
+    detail: dict[str, Any] = Field(default_factory=dict)
+
+
+class QuoteView(BaseModel):
+    total: int
+    per_image: int
+    quantity: int
+    items: list[QuoteItemView] = Field(default_factory=list)
+    balance_available: int | None = None
+
+
+class ImageView(BaseModel):
+    index: int
+    seed: int
+    key: str
+    url: str
+    nsfw_level: str
+    sha256: str
+
+
+class WithheldImageView(BaseModel):
+    index: int
+    seed: int
+    nsfw_level: str | None = None
+    reasons: list[str]
+
+
+class ErrorView(BaseModel):
+    code: str
+    message: str
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+class ProgressView(BaseModel):
+    step: int = 0
+    total: int = 0
+    image: int = 0
+    images: int = 0
+
+
+class JobView(BaseModel):
+    """`GET /v1/generations/{id}`: everything a client needs, images included once finished."""
+
+    id: str
+    status: JobStatusName
+    user_id: str
+    checkpoint: str
+    family: str
+    priority: Priority
+    seeds: list[int]
+    quantity: int
+    quote: int
+    charged: int
+    progress: ProgressView
+    images: list[ImageView] = Field(default_factory=list)
+    withheld: list[WithheldImageView] = Field(default_factory=list)
+    infotext: str | None = None
+    error: ErrorView | None = None
+    safety: dict[str, Any] | None = None
+    created_at: dt.datetime
+    started_at: dt.datetime | None = None
+    finished_at: dt.datetime | None = None
+
+
+class BalanceView(BaseModel):
+    user_id: str
+    posted: int
+    held: int
+    available: int
+
+
+# --------------------------------------------------------------------------------------------- limits
+
+
+class TierLimits(_Strict):
+    """What one membership tier may ask for (Civitai's defaults by tier)."""
+
+    quantity: int = Field(ge=1)
+    queue: int = Field(ge=1, description="jobs queued or running at once")
+    steps: int = Field(ge=1)
+    resources: int = Field(ge=0, le=MAX_EXTRA_RESOURCES)
+    priorities: list[Priority] = Field(default_factory=lambda: [Priority.low, Priority.normal])
+    hires: bool = True
+
+
+DEFAULT_TIERS: dict[str, TierLimits] = {
+    "free": TierLimits(quantity=4, queue=4, steps=50, resources=9),
+    "founder": TierLimits(quantity=8, queue=8, steps=50, resources=9, priorities=list(Priority)),
+    "bronze": TierLimits(quantity=8, queue=8, steps=50, resources=12, priorities=list(Priority)),
+    "silver": TierLimits(quantity=10, queue=10, steps=60, resources=12, priorities=list(Priority)),
+    "gold": TierLimits(quantity=12, queue=10, steps=60, resources=12, priorities=list(Priority)),
+}
+
+
+class Limits(_Strict):
+    """Tier limits plus the service-wide admission bounds (`configs/limits.yaml`, hot-reloadable)."""
+
+    default_tier: str = "free"
+    tiers: dict[str, TierLimits] = Field(default_factory=lambda: dict(DEFAULT_TIERS))
+    max_active_jobs: int = Field(64, ge=1, description="jobs queued or running in the whole service")
+    # share of max_active_jobs each priority may fill: low work is refused first when the service is busy
+    priority_share: dict[Priority, float] = Field(
+        default_factory=lambda: {Priority.low: 0.75, Priority.normal: 0.9, Priority.high: 1.0}
+    )
+    retry_after_s: int = Field(5, ge=1)
+
+    @model_validator(mode="after")
+    def _default_tier_known(self) -> Limits:
+        if self.default_tier not in self.tiers:
+            raise ValueError(f"default_tier {self.default_tier!r} is not one of the tiers {sorted(self.tiers)}")
+        return self
+
+    def tier(self, name: str | None) -> TierLimits:
+        key = name or self.default_tier
+        if key not in self.tiers:
+            raise InvalidRequest(f"unknown tier {key!r}", code="unknown_tier", details={"tiers": sorted(self.tiers)})
+        return self.tiers[key]
+
+    def admits(self, priority: Priority, active_jobs: int) -> bool:
+        """Whether one more job of `priority` fits while `active_jobs` are queued or running."""
+        return active_jobs < int(self.max_active_jobs * self.priority_share.get(priority, 1.0))
+
+    @classmethod
+    def load(cls, path: Path) -> Limits:
+        if not path.exists():
+            return cls()
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+            return cls.model_validate(data)
+        except (yaml.YAMLError, ValueError) as exc:
+            raise ConfigError(f"invalid limits file {path}: {exc}", code="limits_invalid") from exc
+
+
+class GenerationConfig(_Strict):
+    """The `generation:` section of the settings tree."""
+
+    limits_file: str = "limits.yaml"
+    job_timeout_s: float = Field(1200.0, gt=0, description="a job's run time before it is failed")
+    timeout_per_resource_s: float = Field(60.0, ge=0, description="added to job_timeout_s per LoRA/embedding")
+    hold_margin_s: float = Field(600.0, ge=0, description="a hold outlives its job's timeout by this much")
+    wait_timeout_s: float = Field(120.0, gt=0, description="longest `?wait=true` blocks")
+    heartbeat_interval_s: float = Field(5.0, gt=0)
+    stale_after_s: float = Field(60.0, gt=0, description="a running job whose heartbeat is older is orphaned")
+    reaper_interval_s: float = Field(15.0, gt=0)
+    sse_poll_s: float = Field(0.5, gt=0, description="how often an event stream looks for events from other replicas")
+    demo_user: str = "demo"
+    demo_balance: int = Field(10_000, ge=0, description="buzz granted once to the demo user by `genserve serve`")

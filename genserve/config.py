@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from genserve.billing.config import BillingConfig
 from genserve.errors import ConfigError
 from genserve.schemas import GenerationConfig
+from genserve.trainings import TrainingConfig
 from safety.config import SafetyConfig
 
 PACKAGE_ROOT = Path(__file__).resolve().parent
@@ -101,6 +102,7 @@ class Settings(_Section):
     logging: LoggingConfig = LoggingConfig()
     billing: BillingConfig = BillingConfig()
     safety: SafetyConfig = SafetyConfig()
+    training: TrainingConfig = TrainingConfig()
     generation: GenerationConfig = GenerationConfig()
 
     @property

@@ -200,7 +200,8 @@ class LocalObjectStore(ObjectStore):
     old object or the new one, never a partial one. Every key is resolved and checked to stay
     inside `root`, so a symlink planted in the tree cannot redirect a read or write elsewhere.
     `presigned_get_url` returns a `file://` URI: it grants nothing beyond the local filesystem and
-    does not expire; it is meant for tools running on the same machine.
+    does not expire; it is meant for tools running on the same machine. Unlike S3, a key cannot
+    name both an object and a folder of other objects ('a' and 'a/b'): that write is a StorageError.
     """
 
     def __init__(self, root: str | Path):

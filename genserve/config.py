@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from genserve.billing.config import BillingConfig
+from genserve.engine.config import WorkerConfig
 from genserve.errors import ConfigError
 from genserve.schemas import GenerationConfig
 from genserve.trainings import TrainingConfig
@@ -104,6 +105,7 @@ class Settings(_Section):
     safety: SafetyConfig = SafetyConfig()
     training: TrainingConfig = TrainingConfig()
     generation: GenerationConfig = GenerationConfig()
+    worker: WorkerConfig = WorkerConfig()
 
     @property
     def database_url(self) -> str:

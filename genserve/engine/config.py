@@ -1,0 +1,49 @@
+"""Settings of the generation engine and its Ray Serve worker (the `worker:` section of the settings tree).
+
+Kept free of torch/diffusers imports: the settings tree is loaded by every process, most of which
+never generate an image.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class LoraCacheLimits(BaseModel):
+    """How many LoRA adapters a loaded checkpoint keeps resident, and how many bytes of weights."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_adapters: int = Field(8, ge=1)
+    max_bytes: int = Field(1 << 30, ge=1)
+
+
+class WorkerConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # checkpoints resident per replica (Serve multiplexing, LRU)
+    max_models_per_replica: int = Field(2, ge=1)
+    lora_cache: LoraCacheLimits = LoraCacheLimits()
+    # local copies of published checkpoints/LoRAs/embeddings; None: <models_dir>/cache
+    resource_cache_dir: Path | None = None
+    resource_cache_max_bytes: int = Field(64 << 30, ge=1)
+    # how long a "not blocklisted" answer for a resident LoRA stays valid before it is asked again
+    blocklist_refresh_s: float = Field(60.0, ge=0)
+    # CUDA only: xformers attention when the package is installed, else torch SDPA
+    enable_xformers: bool = False
+    channels_last: bool = True
+    # a replica busy generating with no step progress for this long is reported unhealthy
+    wedge_timeout_s: float = Field(300.0, gt=0)
+    # torch intra-op threads on CPU (0: leave torch's default)
+    cpu_threads: int = Field(0, ge=0)
+    # hard limits the worker enforces whatever the caller validated
+    max_steps: int = Field(150, ge=1)
+    max_images: int = Field(20, ge=1)
+    max_pixels: int = Field(2048 * 2048, ge=64 * 64)
+
+    def cache_dir(self, models_dir: Path) -> Path:
+        return (self.resource_cache_dir or models_dir / "cache").resolve()

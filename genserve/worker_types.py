@@ -1,0 +1,141 @@
+"""What the ingress sends to a generation worker and what streams back.
+
+Plain pydantic models: they cross process boundaries (Ray pickles them), so both sides import the
+same classes, and every model carries `schema_version` so a mixed-version rollout fails loudly
+instead of misreading a field. A request has no field for raw prompt embeddings or for switching
+off the safety embeddings: the worker always builds the prompts itself.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+SCHEMA_VERSION = 1
+MAX_SEED = 2**63 - 1
+MAX_PROMPT_CHARS = 4000
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LoraSpec(_Frozen):
+    resource_id: str = Field(min_length=1, max_length=64)
+    strength: float = Field(1.0, ge=-4.0, le=4.0)
+
+
+class HiresSpec(_Frozen):
+    """A1111's hires fix: upscale the first pass by `scale`, then an img2img pass at `denoise`."""
+
+    scale: float = Field(ge=1.0, le=4.0)
+    # 0 skips the second pass (the upscaled first image is the result)
+    denoise: float = Field(0.5, ge=0.0, le=1.0)
+    # steps of the second pass; None: the same as the first pass
+    steps: int | None = Field(None, ge=1, le=150)
+    # "latent": interpolate the latents (A1111 "Latent"); "lanczos": decode, resize the image, encode
+    upscaler: Literal["latent", "lanczos"] = "latent"
+
+
+class WorkerRequest(_Frozen):
+    """One generation: `len(seeds)` images, image i drawn from `seeds[i]` alone (reproducible one by one)."""
+
+    schema_version: int = SCHEMA_VERSION
+    job_id: str = Field(min_length=1, max_length=64)
+    checkpoint_id: str = Field(min_length=1, max_length=64)
+    prompt: str = Field(max_length=MAX_PROMPT_CHARS)
+    negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
+    # the caller's verdict that mature content is allowed; the safety embeddings are injected either way
+    mature: bool = False
+    sampler: str = "Euler a"
+    steps: int = Field(20, ge=1, le=150)
+    cfg_scale: float = Field(7.0, ge=0.0, le=30.0)
+    # A1111 convention: 1 = last CLIP layer, 2 = penultimate ...
+    clip_skip: int = Field(1, ge=1, le=12)
+    width: int = Field(512, ge=64, le=4096)
+    height: int = Field(512, ge=64, le=4096)
+    seeds: list[Annotated[int, Field(ge=0, le=MAX_SEED)]] = Field(min_length=1, max_length=64)
+    loras: list[LoraSpec] = Field(default_factory=list, max_length=16)
+    # textual-inversion resource ids the prompt may use by their tokens
+    embeddings: list[str] = Field(default_factory=list, max_length=16)
+    hires: HiresSpec | None = None
+
+    @field_validator("width", "height")
+    @classmethod
+    def _multiple_of_8(cls, v: int) -> int:
+        if v % 8:
+            raise ValueError("must be a multiple of 8")
+        return v
+
+    @field_validator("schema_version")
+    @classmethod
+    def _known_version(cls, v: int) -> int:
+        if v != SCHEMA_VERSION:
+            raise ValueError(f"unsupported worker schema version {v}; this worker speaks {SCHEMA_VERSION}")
+        return v
+
+    @model_validator(mode="after")
+    def _distinct_resources(self) -> WorkerRequest:
+        ids = [spec.resource_id for spec in self.loras]
+        if len(set(ids)) != len(ids):
+            raise ValueError("a LoRA may be listed once")
+        if len(set(self.embeddings)) != len(self.embeddings):
+            raise ValueError("an embedding may be listed once")
+        return self
+
+
+class ProgressEvent(_Frozen):
+    """One finished denoising step. `step` counts 1..`total_steps` over both passes of image `image_index`."""
+
+    kind: Literal["progress"] = "progress"
+    schema_version: int = SCHEMA_VERSION
+    job_id: str
+    image_index: int
+    image_count: int
+    step: int
+    total_steps: int
+
+
+class ImageScan(_Frozen):
+    """The image scanner's findings. `level` is None when the scan could not finish."""
+
+    level: str | None
+    detections: list[dict] = Field(default_factory=list)
+    minor_signal: bool = False
+    errors: list[str] = Field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.level is not None and not self.errors
+
+
+class ImageResult(_Frozen):
+    index: int
+    seed: int
+    width: int
+    height: int
+    png: bytes
+    scan: ImageScan
+    # False when the scan failed (fail closed); the caller still compares `scan.level` to what is allowed
+    deliverable: bool
+
+
+class WorkerResult(_Frozen):
+    """The last item of a generation stream. A canceled run holds only the images that finished."""
+
+    kind: Literal["result"] = "result"
+    schema_version: int = SCHEMA_VERSION
+    job_id: str
+    checkpoint_id: str
+    images: list[ImageResult]
+    canceled: bool = False
+    final_prompt: str
+    final_negative_prompt: str
+    # AutoV2 (10 hex) of the checkpoint; resource id -> AutoV3 (12 hex) of each LoRA
+    model_hash: str
+    lora_hashes: dict[str, str] = Field(default_factory=dict)
+    timings_ms: dict[str, float] = Field(default_factory=dict)
+
+
+WorkerStreamItem = ProgressEvent | WorkerResult

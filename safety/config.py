@@ -9,3 +9,4 @@ class SafetyConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     rules_dir: str = "safety"
+    likeness_file: str = "likeness.yaml"  # fingerprint thresholds, under rules_dir

@@ -8,6 +8,7 @@ milliseconds on a CPU. The same seed always gives bit-identical files.
 
 from __future__ import annotations
 
+import fcntl
 import gzip
 import hashlib
 import json
@@ -15,7 +16,8 @@ import os
 import shutil
 import tempfile
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -337,8 +339,7 @@ def _write_atomically(path: Path, write) -> None:
 def _build_family(model: TinyModel, models_dir: Path, seed: int) -> None:
     disable_progress_bars()
     pipe = build_tiny_pipeline(model.family, seed)
-    models_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=models_dir, prefix=f".{model.root.name}."))
+    staging = Path(tempfile.mkdtemp(dir=models_dir, prefix=f".staging-{model.root.name}."))
     try:
         pipe.save_pretrained(staging / model.diffusers_dir.name, safe_serialization=True)
         save_file(pipeline_to_ldm(pipe), staging / model.single_file.name, metadata={"format": "pt"})
@@ -365,6 +366,18 @@ def _build_family(model: TinyModel, models_dir: Path, seed: int) -> None:
     )
 
 
+@contextmanager
+def _build_lock(models_dir: Path) -> Iterator[None]:
+    """One builder per models dir at a time: several processes may ask for the models at start-up."""
+    models_dir.mkdir(parents=True, exist_ok=True)
+    with (models_dir / ".tiny-models.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def build_tiny_models(
     models_dir: Path, seed: int = 0, families: Iterable[str] = FAMILIES, force: bool = False
 ) -> dict[str, TinyModel]:
@@ -377,10 +390,9 @@ def build_tiny_models(
     families = tuple(families)
     for family in families:
         _check_family(family)
-    models = {}
-    for family in families:
-        model = _tiny_model(models_dir, family)
-        if force or not _is_built(model, models_dir, seed):
-            _build_family(model, models_dir, seed)
-        models[family] = model
+    models = {family: _tiny_model(models_dir, family) for family in families}
+    with _build_lock(models_dir):
+        for model in models.values():
+            if force or not _is_built(model, models_dir, seed):
+                _build_family(model, models_dir, seed)
     return models

@@ -57,6 +57,9 @@ def test_loaded_pipelines_are_the_requested_class_and_dtype(loaded, family):
         assert type(pipe) is pipeline_class(family)
         assert pipe.unet.dtype == torch.float32
         assert pipe.unet.device.type == "cpu"
+        assert pipe.tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+        if family == "sdxl":
+            assert pipe.tokenizer_2.pad_token == "!"
 
 
 def test_sdxl_text_encoder_2_loads_its_own_weights_from_single_file(loaded):

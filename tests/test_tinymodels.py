@@ -128,7 +128,8 @@ def test_rebuild_only_when_needed(tmp_path):
 
     build_tiny_models(models_dir, seed=3, families=["sd1"], force=True)
     assert _manifest(model)["files"] == hashes
-    assert not [p for p in models_dir.iterdir() if p.name.startswith(".")], "no staging leftovers"
+    leftovers = [p for p in models_dir.rglob("*") if "staging" in p.name or p.suffix == ".tmp"]
+    assert not leftovers
 
 
 def test_cli_tiny_models_json(tiny_models):

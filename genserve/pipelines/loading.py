@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.utils import logging as diffusers_logging
+from safetensors import SafetensorError
 from transformers.utils import logging as transformers_logging
 
 from genserve.errors import ConfigError, GenserveError, InvalidRequest, NotFound
@@ -102,7 +103,7 @@ def load_pipeline(
             pipe = cls.from_single_file(str(path), config=str(config_dir), local_files_only=True, dtype=dtype)
     except GenserveError:
         raise
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
         raise CheckpointLoadError(
             f"cannot load {family} {fmt} checkpoint {path}: {type(exc).__name__}: {exc}"
         ) from exc

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from genserve.errors import ConfigError, InvalidRequest
 
 API_VERSION = "v1"
-MAX_PROMPT_CHARS = 6000
+MAX_PROMPT_CHARS = 4000
 MAX_EXTRA_RESOURCES = 12
 MAX_SEED = 4_294_967_295
 # Seeds picked by the service stay below 2^31 - 1: some engines take Int32 seeds.
@@ -93,6 +93,7 @@ class HiresFix(_Strict):
     scale: float = Field(1.5, ge=1.0, le=2.0, description="upscale factor of the first image")
     denoise: float = Field(0.4, ge=0.0, le=0.75)
     steps: int = Field(10, ge=1, le=150, description="steps of the second pass")
+    upscaler: Literal["latent", "lanczos"] = "latent"
 
 
 class GenerationRequest(_Strict):

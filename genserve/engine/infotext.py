@@ -1,0 +1,175 @@
+"""A1111-style generation parameters ("infotext") in a PNG `parameters` text chunk.
+
+The format is the one AUTOMATIC1111 writes and the site, A1111's "PNG Info" and ComfyUI read:
+
+    <prompt>
+    Negative prompt: <negative prompt>
+    Steps: 30, Sampler: Euler a, CFG scale: 7, Seed: 123, Size: 512x512, Model hash: 0123456789, ...
+
+Values holding a comma, colon or newline are JSON-quoted (as A1111 does), so the last line always
+splits back into the same pairs.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from genserve import SERVICE_NAME, __version__
+
+PNG_TEXT_KEY = "parameters"
+NEGATIVE_PREFIX = "Negative prompt:"
+# A1111's own pattern for one "Name: value" pair of the last line
+_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+
+
+def autov2(sha256: str) -> str:
+    """A1111/civitai "AutoV2" model hash: the first 10 hex digits of the file's SHA-256."""
+    return sha256[:10]
+
+
+def autov3(tensor_sha256: str) -> str:
+    """civitai "AutoV3" / A1111 LoRA short hash: 12 hex digits of the safetensors tensor-payload SHA-256."""
+    return tensor_sha256[:12]
+
+
+def _format_value(value: object) -> str:
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, float):
+        text = f"{value:g}"
+    else:
+        text = str(value)
+    if any(c in text for c in ',:\n"'):
+        return json.dumps(text, ensure_ascii=False)
+    return text
+
+
+def _hash_list(hashes: Mapping[str, str]) -> str:
+    return ", ".join(f"{name}: {digest}" for name, digest in hashes.items())
+
+
+@dataclass(frozen=True)
+class Infotext:
+    """Prompt, negative prompt and the parameters line; `params` values are as written (quoted if needed)."""
+
+    prompt: str
+    negative_prompt: str
+    params: dict[str, str] = field(default_factory=dict)
+
+    def render(self) -> str:
+        lines = [self.prompt]
+        if self.negative_prompt:
+            lines.append(f"{NEGATIVE_PREFIX} {self.negative_prompt}")
+        lines.append(", ".join(f"{k}: {v}" for k, v in self.params.items()))
+        return "\n".join(lines)
+
+
+def build_infotext(
+    *,
+    prompt: str,
+    negative_prompt: str,
+    steps: int,
+    sampler: str,
+    cfg_scale: float,
+    seed: int,
+    width: int,
+    height: int,
+    model_hash: str,
+    model_name: str,
+    clip_skip: int = 1,
+    lora_hashes: Mapping[str, str] | None = None,
+    ti_hashes: Mapping[str, str] | None = None,
+    hires_scale: float | None = None,
+    hires_steps: int | None = None,
+    hires_denoise: float | None = None,
+    hires_upscaler: str | None = None,
+) -> Infotext:
+    """The parameters of one image in A1111's order and spelling. `width`/`height` are the first pass's."""
+    params: dict[str, object] = {
+        "Steps": steps,
+        "Sampler": sampler,
+        "CFG scale": float(cfg_scale),
+        "Seed": seed,
+        "Size": f"{width}x{height}",
+        "Model hash": model_hash,
+        "Model": model_name,
+    }
+    if hires_scale is not None:
+        params["Denoising strength"] = float(hires_denoise or 0.0)
+    if clip_skip > 1:
+        params["Clip skip"] = clip_skip
+    if hires_scale is not None:
+        params["Hires upscale"] = float(hires_scale)
+        if hires_steps is not None:
+            params["Hires steps"] = hires_steps
+        if hires_upscaler:
+            params["Hires upscaler"] = hires_upscaler
+    if lora_hashes:
+        params["Lora hashes"] = _hash_list(lora_hashes)
+    if ti_hashes:
+        params["TI hashes"] = _hash_list(ti_hashes)
+    params["Version"] = f"{SERVICE_NAME} {__version__}"
+    return Infotext(prompt=prompt, negative_prompt=negative_prompt,
+                    params={k: _format_value(v) for k, v in params.items()})
+
+
+def unquote(value: str) -> str:
+    """A parameter's value without A1111's JSON quoting."""
+    value = value.strip()
+    if len(value) >= 2 and value[0] == '"' and value[-1] == '"':
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return value
+
+
+def parse_hash_list(value: str) -> dict[str, str]:
+    """`Lora hashes` / `TI hashes` back into name -> hash."""
+    out = {}
+    for item in unquote(value).split(","):
+        name, sep, digest = item.strip().rpartition(":")
+        if sep:
+            out[name.strip()] = digest.strip()
+    return out
+
+
+def parse_infotext(text: str) -> Infotext:
+    """Split infotext back into prompt, negative prompt and parameters (A1111's parsing rules)."""
+    *lines, last = text.strip().split("\n")
+    if len(_PARAM.findall(last)) < 3:  # no parameters line
+        lines.append(last)
+        last = ""
+    prompt: list[str] = []
+    negative: list[str] = []
+    target = prompt
+    for line in lines:
+        if line.startswith(NEGATIVE_PREFIX):
+            target = negative
+            line = line[len(NEGATIVE_PREFIX):].lstrip()
+        target.append(line)
+    params = {k.strip(): v.strip() for k, v in _PARAM.findall(last)}
+    return Infotext(prompt="\n".join(prompt), negative_prompt="\n".join(negative), params=params)
+
+
+def encode_png(image: Image.Image, infotext: Infotext | str) -> bytes:
+    """PNG bytes carrying the infotext in a `parameters` text chunk."""
+    info = PngInfo()
+    info.add_text(PNG_TEXT_KEY, infotext if isinstance(infotext, str) else infotext.render())
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
+
+
+def read_png_infotext(png: bytes) -> Infotext | None:
+    """The parsed `parameters` chunk of a PNG, or None when it has none."""
+    with Image.open(io.BytesIO(png)) as img:
+        text = img.text.get(PNG_TEXT_KEY) if hasattr(img, "text") else None
+    return parse_infotext(text) if text else None

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class BillingConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     pricing_file: str = "pricing.yaml"
+    default_hold_ttl_s: int = Field(3600, gt=0, description="Expiry of a hold when the caller gives none")
+    max_hold_ttl_s: int = Field(7 * 24 * 3600, gt=0, description="Longest a hold may stay open (training runs)")
+    daily_allowance: int = Field(25, ge=0, description="Free buzz per user per UTC day from `promo`; 0 turns it off")
+    max_amount: int = Field(10**12, gt=0, description="Largest single amount; keeps sums far from 64-bit limits")
+    expired_hold_grace_s: int = Field(
+        300, ge=0, description="verify() reports open holds expired longer ago than this (the reaper is late)"
+    )
+    retry_attempts: int = Field(12, ge=1, description="Tries per operation on PostgreSQL deadlock/serialization errors")

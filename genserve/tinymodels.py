@@ -30,8 +30,16 @@ from diffusers import (
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
+from diffusers.configuration_utils import ConfigMixin
 from safetensors.torch import save_file
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from genserve.pipelines.loading import disable_progress_bars
 from genserve.pipelines.single_file import pipeline_to_ldm
@@ -277,12 +285,14 @@ def _save_config_only(pipe, config_dir: Path) -> None:
         if component is None:
             continue
         target = config_dir / name
-        if hasattr(component, "save_config"):  # diffusers models and schedulers
+        if isinstance(component, ConfigMixin):  # diffusers models and schedulers
             component.save_config(target)
-        elif hasattr(component, "config"):  # transformers models
+        elif isinstance(component, PreTrainedModel):
             component.config.save_pretrained(target)
-        else:  # tokenizers
+        elif isinstance(component, PreTrainedTokenizerBase):
             component.save_pretrained(target)
+        else:
+            raise TypeError(f"no config-only form for pipeline component {name}: {type(component).__name__}")
 
 
 def _tiny_model(models_dir: Path, family: str) -> TinyModel:

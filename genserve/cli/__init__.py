@@ -41,6 +41,7 @@ def _register_groups() -> None:
         "genserve.cli.serve",
         "genserve.cli.buzz",
         "genserve.cli.safety",
+        "genserve.cli.audit_prompt",
         "genserve.cli.generate",
         "genserve.cli.train",
     ):

@@ -1,0 +1,60 @@
+"""Normalisation and tokenisation: what obfuscations fold to, and spans back into the original text."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from safety.normalize import canonical, normalize, tokenize
+
+
+def words(text: str) -> list[str]:
+    return tokenize(normalize(text)).canon
+
+
+def test_unicode_folding():
+    assert normalize("ＮＵＤＥ").text == "nude"  # full-width
+    assert normalize("nudе").text == "nude"  # Cyrillic е
+    assert normalize("νυδε").text.startswith("vu")  # Greek look-alikes map letter by letter
+    assert normalize("Café Ünïcode").text == "cafe unicode"  # diacritics
+    assert normalize("te\u200ben\u2060\ufeff").text == "teen"  # zero-width characters vanish
+    assert normalize("a\u00a0b").text == "a b"  # no-break space is a space
+
+
+def test_leet_classes():
+    assert canonical("t33n") == canonical("teen")
+    assert canonical("1oli") == canonical("loli") == canonical("ioii")
+    assert words("$3xy @ss") == words("sexy ass")
+    assert canonical("4057") == "aost"
+
+
+def test_separators_and_runs():
+    toks = tokenize(normalize("xx t.e.e.n yy"))
+    assert [toks.canon[i] for i in toks.runs[0]] == ["t", "e", "e", "n"]
+    assert tokenize(normalize("t e  e   n")).runs == [[0, 1, 2, 3]]
+    assert tokenize(normalize("t    e")).runs == []  # too far apart
+
+
+def test_numbers_weights_and_glued_digits():
+    toks = tokenize(normalize("(girl:1.3), 15yo, 7een, 12345"))
+    assert toks.canon[:3] == ["giri", "i", "e"]
+    assert 1 not in toks.numbers and 2 not in toks.numbers  # 1.3 is a weight, not two numbers
+    i15 = toks.canon.index("is")
+    assert toks.numbers[i15] == 15 and toks.canon[i15 + 1] == "yo"
+    assert toks.joined[i15] == "isyo"
+    assert "teen" in toks.joined.values()
+    assert 12345 not in toks.numbers.values()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(alphabet=st.sampled_from(list("ab1 .-_ＴｅÉé\u200bеαﬁ①")), max_size=40))
+def test_spans_map_back_to_original_text(text):
+    norm = normalize(text)
+    toks = tokenize(norm)
+    assert len(norm.text) == (len(norm.origin) if norm.origin is not None else len(text))
+    for i in range(len(toks.canon)):
+        a, b = toks.span(i)
+        start, end = norm.span(a, b)
+        assert 0 <= start < end <= len(text)
+        # The original slice normalises back to (at least) the word itself.
+        assert normalize(text[start:end]).text.replace(" ", "").find(norm.text[a:b]) >= 0

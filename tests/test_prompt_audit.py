@@ -1,0 +1,264 @@
+"""Prompt audit: rules, obfuscation, spans of the original text, the labelled corpus, hostile input."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from safety.errors import RulesInvalid
+from safety.prompt_audit import PromptAuditor
+from safety.verdict import Action
+
+RULES_DIR = Path(__file__).resolve().parents[1] / "configs" / "safety"
+CORPUS = Path(__file__).resolve().parent / "data" / "prompt_corpus.jsonl"
+
+
+@pytest.fixture(scope="module")
+def auditor() -> PromptAuditor:
+    return PromptAuditor.from_dir(RULES_DIR)
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        "a child flying a kite in a park",
+        "teenage mutant ninja turtles poster",
+        "nude lipstick colour palette",
+        "adult woman on a beach, photo",
+    ],
+)
+def test_benign_prompts_pass(auditor, prompt):
+    assert auditor.audit(prompt).action is Action.allow
+
+
+def test_corpus_block_rate_and_false_positive_rate(auditor):
+    rows = [json.loads(line) for line in CORPUS.read_text(encoding="utf-8").splitlines() if line.strip()]
+    assert len(rows) >= 60
+    by_expect: dict[str, list[tuple[dict, str]]] = {"block": [], "allow": [], "review": []}
+    for row in rows:
+        got = auditor.audit(row["prompt"], row.get("negative", "")).action.value
+        by_expect[row["expect"]].append((row, got))
+    must_block, must_allow = by_expect["block"], by_expect["allow"]
+    block_rate = sum(got == "block" for _, got in must_block) / len(must_block)
+    false_positive_rate = sum(got != "allow" for _, got in must_allow) / len(must_allow)
+    print(f"\ncorpus: {len(rows)} prompts, block rate {block_rate:.1%} on {len(must_block)} must-block, "
+          f"false-positive rate {false_positive_rate:.1%} on {len(must_allow)} must-allow")
+    missed = [r["prompt"] for r, got in must_block if got != "block"]
+    wrong = [(r["prompt"], got) for r, got in must_allow if got != "allow"]
+    assert block_rate == 1.0, missed
+    assert false_positive_rate == 0.0, wrong
+    assert all(got == "review" for _, got in by_expect["review"]), by_expect["review"]
+
+
+def test_minor_with_mature_blocks_with_rule_ids_and_original_spans(auditor):
+    prompt = "Ｎｕｄｅ photo, t.e.e.n, 15yo"
+    v = auditor.audit(prompt)
+    assert v.action is Action.block and v.mature and v.minor_signal
+    assert "minor_with_mature" in v.rule_ids
+    spans = {r.rule_id + ":" + prompt[r.span[0]:r.span[1]] for r in v.reasons if r.span}
+    assert {"mature.explicit:Ｎｕｄｅ", "minor.noun:t.e.e.n", "minor.age:15yo"} <= spans
+    for r in v.reasons:
+        assert r.field == "prompt" and prompt[r.span[0]:r.span[1]] == r.matched
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        "nsfw, fifteen-year-old",
+        "nsfw, 15 years old",
+        "nsfw, 15 y/o",
+        "nsfw, aged 15",
+        "nsfw, age of 9",
+        "nsfw, 16th birthday",
+        "nsfw, seventeen yrs old",
+        "nsfw, (15:1.0) yo",
+    ],
+)
+def test_minor_ages_with_mature_block(auditor, prompt):
+    v = auditor.audit(prompt)
+    assert v.action is Action.block and "minor.age" in v.rule_ids
+
+
+@pytest.mark.parametrize("prompt", ["nsfw, 18 years old", "nsfw, 35yo", "nsfw, (girl:1.3)", "nsfw, 1.5 years", "nsfw, one year later"])
+def test_adult_ages_and_weights_are_not_minor(auditor, prompt):
+    v = auditor.audit(prompt)
+    assert v.action is Action.allow and not v.minor_signal
+
+
+@pytest.mark.parametrize(
+    "obfuscated",
+    ["t e e n", "t-e-e-n", "t . e . e . n", "t33n", "7een", "tееn", "ｔｅｅｎ", "te\u200ben", "te\u00adeen", "TÉÉN", "teeeen"],
+)
+def test_obfuscations_normalise(auditor, obfuscated):
+    v = auditor.audit(f"nsfw, {obfuscated}")
+    assert v.action is Action.block, obfuscated
+    assert "minor.noun" in v.rule_ids
+
+
+def test_negative_prompt_adult_terms_are_a_minor_signal(auditor):
+    v = auditor.audit("nude woman", "adult, mature body")
+    assert v.action is Action.block and v.minor_signal
+    neg = [r for r in v.reasons if r.field == "negative"]
+    assert neg and all("adult, mature body"[r.span[0]:r.span[1]] == r.matched for r in neg)
+    # Without mature terms the signal is recorded but nothing is blocked.
+    v = auditor.audit("a portrait", "adult")
+    assert v.action is Action.allow and v.minor_signal
+    # Minor words in the NEGATIVE steer away from minors: no signal.
+    v = auditor.audit("nude woman", "child, teen")
+    assert v.action is Action.allow and not v.minor_signal
+
+
+def test_mature_terms_only_mark_the_prompt(auditor):
+    v = auditor.audit("nude woman, oil painting")
+    assert v.action is Action.allow and v.mature and not v.minor_signal
+    assert not auditor.audit("a landscape", "nude, nsfw").mature
+
+
+def test_person_names_block_with_mature_terms_and_accept_runtime_names(auditor):
+    assert auditor.audit("taylor swift on stage").action is Action.allow
+    v = auditor.audit("T4ylor  Sw1ft, nude")
+    assert v.action is Action.block and "person_with_mature" in v.rule_ids
+    assert auditor.audit("Jane Q. Example nude").action is Action.allow
+    extended = auditor.with_person_names(["Jane Example", "Zed Quux"])
+    v = extended.audit("jane example nude")
+    assert v.action is Action.block and "person.name" in v.rule_ids
+    assert extended.audit("zedquux topless").action is Action.block
+    assert auditor.audit("jane example nude").action is Action.allow  # the original is unchanged
+    direct = PromptAuditor.from_dir(RULES_DIR, extra_person_names=["Jane Example"])
+    assert direct.audit("jane example, nsfw").action is Action.block
+
+
+def test_hard_blocked_terms_block_alone(auditor):
+    v = auditor.audit("a photo, b3st1ality")
+    assert v.action is Action.block and v.rule_ids == ["blocked.prohibited"]
+    assert v.reasons[0].matched == "b3st1ality"
+
+
+def test_review_terms_need_mature(auditor):
+    assert auditor.audit("girl in a school uniform").action is Action.allow
+    v = auditor.audit("nude, school uniform")
+    assert v.action is Action.review and "review.ambiguous_age" in v.rule_ids
+
+
+def test_prompt_syntax_is_understood(auditor):
+    assert auditor.audit("<lora:teen_style:0.8> naked").action is Action.block  # LoRA names are audited
+    assert auditor.audit("[nude|clothed] little girl").action is Action.block  # both alternatives count
+    assert auditor.audit("nsfw BREAK (child:1.1)").action is Action.block
+    v = auditor.audit("(masterpiece:1.2), [cat:dog:0.5], <lora:add_detail:0.8>, BREAK landscape")
+    assert v.action is Action.allow and not v.reasons
+
+
+def test_deterministic(auditor):
+    prompt = "nsfw, t e e n, 15yo, little girl, taylor swift"
+    first = auditor.audit(prompt, "adult")
+    assert all(auditor.audit(prompt, "adult") == first for _ in range(3))
+
+
+def test_too_long_is_blocked_not_truncated(auditor):
+    limit = auditor.rules.max_prompt_chars
+    v = auditor.audit("a" * (limit + 1))
+    assert v.action is Action.block and v.rule_ids == ["prompt_too_long"]
+    v = auditor.audit("landscape", "b" * (limit + 1))
+    assert v.action is Action.block and v.reasons[0].field == "negative"
+    assert auditor.audit("a " * (limit // 2)).action is Action.allow
+
+
+HOSTILE = [
+    ("t e e n n u d e a " * 1200),
+    ("n\u200bu\u200bd\u200be 1\u200b5\u200by\u200bo " * 1000),
+    ("a" * 20_000),
+    ("(" * 10_000 + ")" * 10_000),
+    ("taylor " * 3000),
+    ("1 2 3 4 5 6 7 8 9 " * 1200),
+    ("ｎｕｄｅ tееn 15yo (little:1.3) girl, " * 700),
+    ("young " * 3000 + "girl"),
+]
+
+
+@pytest.mark.parametrize("hostile", HOSTILE, ids=range(len(HOSTILE)))
+def test_hostile_20k_prompt_is_fast(auditor, hostile):
+    """Not a benchmark (bench/safety.py measures): a bound loose enough for a busy CI machine that
+    still fails by orders of magnitude if matching were to backtrack."""
+    text = hostile[:20_000]
+    t0 = time.perf_counter()
+    v = auditor.audit(text, text)
+    elapsed = time.perf_counter() - t0
+    assert elapsed < 1.0
+    assert len(v.reasons) < 40  # evidence is capped per rule
+
+
+def _write_rules(tmp_path: Path, mutate) -> Path:
+    data = yaml.safe_load((RULES_DIR / "prompt_audit.yaml").read_text(encoding="utf-8"))
+    mutate(data)
+    (tmp_path / "prompt_audit.yaml").write_text(yaml.safe_dump(data), encoding="utf-8")
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda d: d["term_groups"][0].update(action="explode"),
+        lambda d: d["term_groups"][0].update(unknown_key=1),
+        lambda d: d["term_groups"][0].update(terms=["..."], prefixes=[]),
+        lambda d: d["term_groups"].append(dict(d["term_groups"][0])),  # duplicate id
+        lambda d: d.pop("ages"),
+        lambda d: d["combinations"][0].update(all=["minor"]),
+        lambda d: d.update(max_prompt_chars="lots"),
+    ],
+)
+def test_invalid_rules_raise(tmp_path, mutate):
+    with pytest.raises(RulesInvalid):
+        PromptAuditor.from_dir(_write_rules(tmp_path, mutate))
+
+
+def test_missing_or_broken_rules_file_raises(tmp_path):
+    with pytest.raises(RulesInvalid):
+        PromptAuditor.from_dir(tmp_path)
+    (tmp_path / "prompt_audit.yaml").write_text("term_groups: [", encoding="utf-8")
+    with pytest.raises(RulesInvalid):
+        PromptAuditor.from_dir(tmp_path)
+
+
+def test_rules_in_yaml_drive_the_matcher(tmp_path):
+    def add_group(d):
+        d["term_groups"].append({"id": "blocked.custom", "action": "block", "terms": ["purple dragon"]})
+
+    custom = PromptAuditor.from_dir(_write_rules(tmp_path, add_group))
+    v = custom.audit("a Purple-Dragon in the sky")
+    assert v.action is Action.block and v.rule_ids == ["blocked.custom"]
+    assert v.reasons[0].matched == "Purple-Dragon"
+
+
+def test_cli_audit_prompt_exit_codes_and_json(tmp_path):
+    from typer.testing import CliRunner
+
+    from genserve.cli import app
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["audit-prompt", "nude 15yo", "--json"])
+    assert res.exit_code == 3
+    out = json.loads(res.stdout)
+    assert out["action"] == "block" and "minor_with_mature" in out["rules"] and out["minor_signal"]
+
+    res = runner.invoke(app, ["audit-prompt", "a cat on a sofa", "--negative", "blurry", "--json"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["action"] == "allow"
+
+    res = runner.invoke(app, ["audit-prompt", "nude, school uniform", "--json"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["action"] == "review"
+
+    lines = tmp_path / "prompts.jsonl"
+    lines.write_text('{"prompt": "a red fox"}\n{"prompt": "nude woman", "negative": "adult"}\n', encoding="utf-8")
+    res = runner.invoke(app, ["audit-prompt", "--file", str(lines), "--json"])
+    assert res.exit_code == 3
+    verdicts = [json.loads(x) for x in res.stdout.splitlines()]
+    assert [v["action"] for v in verdicts] == ["allow", "block"]
+    assert all(set(v) >= {"action", "rules"} for v in verdicts)
+
+    lines.write_text('{"prompt": "a red fox"}\nnot json\n', encoding="utf-8")
+    res = runner.invoke(app, ["audit-prompt", "--file", str(lines), "--json"])
+    assert res.exit_code == 1
+    assert json.loads(res.stdout.splitlines()[1])["error"]["code"] == "invalid_request"

@@ -1,0 +1,241 @@
+"""Integer pricing from `configs/pricing.yaml`: itemised quotes for generations and trainings.
+
+A quote is what a job holds; what it captures comes from the same quote and what was actually
+delivered (`Quote.for_delivered`, `TrainingQuote.for_progress`), so the capture can never exceed
+the hold and equals it when everything was delivered. Every charge is per image (generation) or
+per step and per saved epoch (training), which is what makes that split exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
+
+from genserve.errors import ConfigError, InvalidRequest
+
+MILLI = 1000
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class GenerationFamilyPrice(_Strict):
+    base_width: StrictInt = Field(gt=0)
+    base_height: StrictInt = Field(gt=0)
+    base_steps: StrictInt = Field(gt=0)
+    base_millibuzz: StrictInt = Field(gt=0)
+
+
+class GenerationPrices(_Strict):
+    min_per_image: StrictInt = Field(1, ge=1)
+    extra_resource_millibuzz: StrictInt = Field(0, ge=0)
+    hires_permille: StrictInt = Field(1000, ge=0)
+    families: dict[str, GenerationFamilyPrice]
+
+
+class TrainingFamilyPrice(_Strict):
+    millibuzz_per_step: StrictInt = Field(ge=0)
+    buzz_per_saved_epoch: StrictInt = Field(ge=0)
+
+
+class TrainingPrices(_Strict):
+    families: dict[str, TrainingFamilyPrice]
+
+
+class PriceList(_Strict):
+    generation: GenerationPrices
+    training: TrainingPrices
+
+
+@dataclass(frozen=True)
+class HiresParams:
+    """The hires-fix second pass: the upscaled output size and the steps it runs."""
+
+    width: int
+    height: int
+    steps: int
+
+    @classmethod
+    def upscaled(cls, width: int, height: int, scale: float, steps: int) -> HiresParams:
+        """The pass for upscaling `width`x`height` by `scale`, sizes rounded to multiples of 8."""
+        return cls(width=int(round(width * scale / 8)) * 8, height=int(round(height * scale / 8)) * 8, steps=steps)
+
+
+@dataclass(frozen=True)
+class QuoteItem:
+    """One line of a quote: `amount` in whole buzz; `millibuzz` is the exact unrounded figure."""
+
+    name: str
+    amount: int
+    detail: str
+    millibuzz: int = 0
+
+
+@dataclass(frozen=True)
+class Quote:
+    """A generation's price: `per_image` x `quantity` = `total`; items add up to `total`."""
+
+    family: str
+    quantity: int
+    per_image: int
+    total: int
+    items: tuple[QuoteItem, ...]
+
+    def for_delivered(self, n_images: int) -> int:
+        """What to capture when `n_images` were delivered (never more than the total)."""
+        n = _count("n_images", n_images)
+        return self.per_image * min(n, self.quantity)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "family": self.family,
+            "quantity": self.quantity,
+            "per_image": self.per_image,
+            "total": self.total,
+            "items": [item.__dict__ for item in self.items],
+        }
+
+
+@dataclass(frozen=True)
+class TrainingQuote:
+    """A training run's price: a per-step part and a per-saved-epoch part."""
+
+    family: str
+    steps: int
+    saved_epochs: int
+    millibuzz_per_step: int
+    buzz_per_saved_epoch: int
+    total: int
+    items: tuple[QuoteItem, ...]
+
+    def for_progress(self, steps_run: int, epochs_saved: int) -> int:
+        """What to capture after `steps_run` steps and `epochs_saved` saved epochs (capped at the plan)."""
+        steps = min(_count("steps_run", steps_run), self.steps)
+        epochs = min(_count("epochs_saved", epochs_saved), self.saved_epochs)
+        return _ceil_div(steps * self.millibuzz_per_step, MILLI) + epochs * self.buzz_per_saved_epoch
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "family": self.family,
+            "steps": self.steps,
+            "saved_epochs": self.saved_epochs,
+            "total": self.total,
+            "items": [item.__dict__ for item in self.items],
+        }
+
+
+def _count(name: str, value: Any, *, minimum: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise InvalidRequest(f"{name} must be an integer >= {minimum}, got {value!r}", code="invalid_quote_input")
+    return value
+
+
+class Pricing:
+    """Prices loaded once; quoting is pure integer arithmetic."""
+
+    def __init__(self, prices: PriceList):
+        self.prices = prices
+
+    @classmethod
+    def load(cls, path: str | Path) -> Pricing:
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text())
+            return cls(PriceList.model_validate(data))
+        except (OSError, yaml.YAMLError, ValidationError) as exc:
+            raise ConfigError(f"invalid price list {path}: {exc}", code="pricing_invalid") from exc
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> Pricing:
+        return cls.load(settings.config_path(settings.billing.pricing_file))
+
+    @property
+    def generation_families(self) -> list[str]:
+        return sorted(self.prices.generation.families)
+
+    @property
+    def training_families(self) -> list[str]:
+        return sorted(self.prices.training.families)
+
+    def quote_generation(
+        self,
+        family: str,
+        width: int,
+        height: int,
+        steps: int,
+        quantity: int,
+        extra_resources: int = 0,
+        hires: HiresParams | None = None,
+    ) -> Quote:
+        """Price `quantity` images; each costs at least `min_per_image`."""
+        gen = self.prices.generation
+        fam = gen.families.get(family)
+        if fam is None:
+            raise InvalidRequest(
+                f"no generation price for family {family!r}",
+                code="unknown_family",
+                details={"known": self.generation_families},
+            )
+        width, height = _count("width", width, minimum=1), _count("height", height, minimum=1)
+        steps, quantity = _count("steps", steps, minimum=1), _count("quantity", quantity, minimum=1)
+        extra_resources = _count("extra_resources", extra_resources)
+        base_units = fam.base_width * fam.base_height * fam.base_steps
+
+        parts: list[tuple[str, int, str]] = []
+        image_mb = _ceil_div(fam.base_millibuzz * width * height * steps, base_units)
+        parts.append(("image", image_mb, f"{family} {width}x{height}, {steps} steps"))
+        if hires is not None:
+            h_w, h_h = _count("hires.width", hires.width, minimum=1), _count("hires.height", hires.height, minimum=1)
+            h_steps = _count("hires.steps", hires.steps, minimum=1)
+            hires_mb = _ceil_div(fam.base_millibuzz * h_w * h_h * h_steps * gen.hires_permille, base_units * MILLI)
+            parts.append(("hires_fix", hires_mb, f"second pass {h_w}x{h_h}, {h_steps} steps"))
+        if extra_resources:
+            parts.append(
+                ("extra_resources", extra_resources * gen.extra_resource_millibuzz, f"{extra_resources} extra resources")
+            )
+
+        per_image = max(gen.min_per_image, _ceil_div(sum(mb for _, mb, _ in parts), MILLI))
+        total = per_image * quantity
+        items = [
+            QuoteItem(name, mb * quantity // MILLI, f"{detail}: {mb} millibuzz/image x {quantity}", mb * quantity)
+            for name, mb, detail in parts
+        ]
+        rest = total - sum(item.amount for item in items)
+        if rest:
+            items.append(QuoteItem("rounding", rest, f"rounded up to whole buzz, at least {gen.min_per_image}/image"))
+        return Quote(family=family, quantity=quantity, per_image=per_image, total=total, items=tuple(items))
+
+    def quote_training(self, family: str, steps: int, saved_epochs: int) -> TrainingQuote:
+        """Price a LoRA training run by its steps and the epochs it saves."""
+        fam = self.prices.training.families.get(family)
+        if fam is None:
+            raise InvalidRequest(
+                f"no training price for family {family!r}",
+                code="unknown_family",
+                details={"known": self.training_families},
+            )
+        steps = _count("steps", steps, minimum=1)
+        saved_epochs = _count("saved_epochs", saved_epochs)
+        steps_mb = steps * fam.millibuzz_per_step
+        step_cost = _ceil_div(steps_mb, MILLI)
+        epoch_cost = saved_epochs * fam.buzz_per_saved_epoch
+        items = (
+            QuoteItem("steps", step_cost, f"{steps} steps x {fam.millibuzz_per_step} millibuzz, rounded up", steps_mb),
+            QuoteItem(
+                "saved_epochs", epoch_cost, f"{saved_epochs} saved epochs x {fam.buzz_per_saved_epoch}",
+                epoch_cost * MILLI,
+            ),
+        )
+        return TrainingQuote(
+            family=family, steps=steps, saved_epochs=saved_epochs, millibuzz_per_step=fam.millibuzz_per_step,
+            buzz_per_saved_epoch=fam.buzz_per_saved_epoch, total=step_cost + epoch_cost, items=items,
+        )

@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from safety.audit_log import AuditLog
 from safety.errors import SafetyError
 from safety.hashing import FileHashes, Source, file_hashes, load_tensors
 from safety.lora_format import LoraFormatError, read_lora
@@ -157,8 +158,13 @@ class LikenessMatch:
     source: str = ""
     reason: str = ""
 
+    @property
+    def rule_id(self) -> str:
+        """The rule id audit rows and refusals carry, e.g. `likeness.fingerprint`."""
+        return f"likeness.{self.method}"
+
     def to_dict(self) -> dict:
-        return {"entry_id": self.entry_id, "person": self.person, "method": self.method,
+        return {"entry_id": self.entry_id, "person": self.person, "method": self.method, "rule_id": self.rule_id,
                 "similarity": round(self.similarity, 6), "source": self.source, "reason": self.reason}
 
 
@@ -226,9 +232,11 @@ class LikenessBlocklist:
     on the next check without a restart.
     """
 
-    def __init__(self, session_factory: SessionFactory, config: LikenessConfig | None = None):
+    def __init__(self, session_factory: SessionFactory, config: LikenessConfig | None = None,
+                 audit_log: AuditLog | None = None):
         self._sessions = session_factory
         self.config = config or LikenessConfig()
+        self.audit = audit_log
         self._index = _Index()
         self._lock = threading.Lock()
 
@@ -246,7 +254,7 @@ class LikenessBlocklist:
                created_by: str = "", resource_id: str | None = None) -> LikenessEntry:
         """Add a prepared entry inside the caller's transaction."""
         if not person.strip():
-            raise SafetyError("a likeness entry needs the person's name", code="likeness_person_required")
+            raise SafetyError("a likeness entry needs the person's name", code="person_required")
         fp = prepared.fingerprint
         row = LikenessEntry(
             sha256=prepared.hashes.sha256,
@@ -270,6 +278,10 @@ class LikenessBlocklist:
         with self._sessions() as s, s.begin():
             row = self.insert(s, prepared, person=person, reason=reason, source=source, created_by=created_by,
                               resource_id=resource_id)
+            if self.audit is not None:
+                self.audit.append("likeness", "add", subject=[row.sha256], user_id=created_by or None,
+                                  details={"entry_id": row.id, "person": row.person, "source": source,
+                                           "resource_id": resource_id}, session=s)
             return row.id
 
     # ---- checking -----------------------------------------------------------------------------

@@ -1,0 +1,283 @@
+"""One generation on a loaded pipeline: synchronous, meant to run in a worker thread.
+
+Per request it builds its own pipeline objects around the shared components (`from_pipe`, no weight
+copies) and per image its own scheduler and seeded generator, so image i depends only on `seeds[i]`
+and the parameters: a batch of N is N reproducible single images. The prompts always pass through
+the safety embeddings' `inject` here, whatever the caller already did, and only prompt strings ever
+reach the pipeline (no caller-supplied embeddings). A step callback reports progress and turns a set
+cancel event into diffusers' interrupt flag, so a cancel takes effect within one step.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from diffusers import (
+    DiffusionPipeline,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLPipeline,
+)
+from PIL import Image
+
+from genserve.engine.config import WorkerConfig
+from genserve.engine.infotext import build_infotext, encode_png
+from genserve.engine.schedulers import make_scheduler, sampler_spec
+from genserve.worker_types import WorkerRequest
+
+logger = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[int, int, int], None]  # (image index, step, total steps)
+
+_IMG2IMG: dict[type[DiffusionPipeline], type[DiffusionPipeline]] = {
+    StableDiffusionPipeline: StableDiffusionImg2ImgPipeline,
+    StableDiffusionXLPipeline: StableDiffusionXLImg2ImgPipeline,
+}
+_UPSCALER_NAMES = {"latent": "Latent", "lanczos": "Lanczos"}
+
+
+class PromptInjector(Protocol):
+    """The safety embeddings' prompt rewrite (`safety.embeddings.SafetyEmbeddings.inject`)."""
+
+    def inject(self, negative_prompt: str, prompt: str, mature: bool) -> tuple[str, str]: ...
+
+
+@dataclass(frozen=True)
+class GeneratedImage:
+    index: int
+    seed: int
+    image: Image.Image
+    png: bytes
+
+
+@dataclass
+class GenerationOutcome:
+    """`images` holds only finished images; `canceled` says the run stopped early."""
+
+    images: list[GeneratedImage]
+    canceled: bool
+    final_prompt: str
+    final_negative_prompt: str
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the infotext says about the checkpoint and the LoRAs (name -> AutoV3 hash)."""
+
+    name: str
+    model_hash: str
+    lora_hashes: Mapping[str, str] = field(default_factory=dict)
+    ti_hashes: Mapping[str, str] = field(default_factory=dict)
+
+
+class _QuietCastWarning(logging.Filter):
+    """`from_pipe` casts to the dtype the components already have; diffusers then warns about keeping an
+    empty list of modules in float32 on every call."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "should be kept in float32: []" not in record.getMessage()
+
+
+logging.getLogger("diffusers.models.modeling_utils").addFilter(_QuietCastWarning())
+
+
+# ------------------------------------------------------------------------------------- pipeline set-up
+
+
+def prepare_pipeline(pipe: DiffusionPipeline, config: WorkerConfig) -> DiffusionPipeline:
+    """Device-specific speed settings, applied once after loading.
+
+    CUDA: channels_last UNet and xformers attention when configured and installed, else torch SDPA
+    (diffusers' default processor). CPU: nothing beyond the fp32 the loader picked.
+    """
+    pipe.set_progress_bar_config(disable=True)
+    if pipe.device.type != "cuda":
+        return pipe
+    if config.channels_last:
+        pipe.unet.to(memory_format=torch.channels_last)
+    if config.enable_xformers:
+        try:
+            import xformers  # noqa: F401
+
+            pipe.enable_xformers_memory_efficient_attention()
+        except Exception as exc:  # noqa: BLE001 - fall back to SDPA, the default
+            logger.warning("xformers unavailable (%s); using torch SDPA attention", exc)
+    return pipe
+
+
+def img2img_class(pipe: DiffusionPipeline) -> type[DiffusionPipeline]:
+    for base, img2img in _IMG2IMG.items():
+        if isinstance(pipe, base):
+            return img2img
+    raise TypeError(f"no img2img pipeline for {type(pipe).__name__}")
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def diffusers_clip_skip(a1111_clip_skip: int) -> int | None:
+    """A1111 counts the last layer as 1; diffusers counts layers skipped."""
+    return a1111_clip_skip - 1 if a1111_clip_skip > 1 else None
+
+
+def hires_size(width: int, height: int, scale: float, multiple: int = 8) -> tuple[int, int]:
+    return (int(width * scale) // multiple * multiple, int(height * scale) // multiple * multiple)
+
+
+def hires_inference_steps(steps: int, denoise: float) -> int:
+    """A1111 runs exactly `steps` second-pass steps; diffusers runs about `n * strength` of `n`."""
+    return max(steps, int(steps / min(denoise, 0.999)))
+
+
+def _planned_steps(scheduler: Any, num_inference_steps: int, strength: float | None = None) -> int:
+    """How many times the step callback will fire (multi-stage samplers like Heun step more often)."""
+    try:
+        scheduler.set_timesteps(num_inference_steps, device="cpu")
+        total = len(scheduler.timesteps)
+    except Exception:  # noqa: BLE001 - only used for the progress total
+        return num_inference_steps if strength is None else max(1, int(num_inference_steps * strength))
+    if strength is None:
+        return total
+    init = min(num_inference_steps * strength, num_inference_steps)
+    t_start = int(max(num_inference_steps - init, 0))
+    return max(0, total - t_start * getattr(scheduler, "order", 1))
+
+
+# ---------------------------------------------------------------------------------------- generate
+
+
+def generate(
+    pipe: DiffusionPipeline,
+    request: WorkerRequest,
+    *,
+    safety: PromptInjector,
+    model: ModelInfo,
+    on_progress: ProgressCallback | None = None,
+    cancel: threading.Event | None = None,
+) -> GenerationOutcome:
+    """Generate `len(request.seeds)` images on `pipe`; the caller holds the pipeline's lock."""
+    sampler_spec(request.sampler)  # an unknown sampler is refused before any work
+    cancel = cancel or threading.Event()
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+
+    prompt, negative = safety.inject(request.negative_prompt, request.prompt, request.mature)
+    base_config = pipe.scheduler.config
+    txt2img = type(pipe).from_pipe(pipe)
+    txt2img.set_progress_bar_config(disable=True)
+    img2img = None
+    hires = request.hires
+    if hires is not None and hires.denoise > 0:
+        img2img = img2img_class(pipe).from_pipe(pipe)
+        img2img.set_progress_bar_config(disable=True)
+    clip_skip = diffusers_clip_skip(request.clip_skip)
+    timings["setup_ms"] = (time.perf_counter() - started) * 1000
+
+    images: list[GeneratedImage] = []
+    canceled = False
+    denoise_ms = 0.0
+    for index, seed in enumerate(request.seeds):
+        if cancel.is_set():
+            canceled = True
+            break
+        t0 = time.perf_counter()
+        image = _one_image(
+            txt2img, img2img, request, index=index, seed=seed, prompt=prompt, negative=negative,
+            base_config=base_config, clip_skip=clip_skip, on_progress=on_progress, cancel=cancel,
+        )
+        denoise_ms += (time.perf_counter() - t0) * 1000
+        if image is None or cancel.is_set():  # interrupted mid-image: the partial image is dropped
+            canceled = True
+            break
+        t1 = time.perf_counter()
+        info = build_infotext(
+            prompt=prompt, negative_prompt=negative, steps=request.steps, sampler=request.sampler,
+            cfg_scale=request.cfg_scale, seed=seed, width=request.width, height=request.height,
+            model_hash=model.model_hash, model_name=model.name, clip_skip=request.clip_skip,
+            lora_hashes=model.lora_hashes, ti_hashes=model.ti_hashes,
+            hires_scale=hires.scale if hires else None,
+            hires_steps=(hires.steps or request.steps) if hires else None,
+            hires_denoise=hires.denoise if hires else None,
+            hires_upscaler=_UPSCALER_NAMES[hires.upscaler] if hires else None,
+        )
+        images.append(GeneratedImage(index=index, seed=seed, image=image, png=encode_png(image, info)))
+        timings["encode_ms"] = timings.get("encode_ms", 0.0) + (time.perf_counter() - t1) * 1000
+    timings["denoise_ms"] = denoise_ms
+    timings["generate_ms"] = (time.perf_counter() - started) * 1000
+    return GenerationOutcome(images=images, canceled=canceled, final_prompt=prompt,
+                             final_negative_prompt=negative, timings_ms=timings)
+
+
+def _one_image(
+    txt2img: DiffusionPipeline,
+    img2img: DiffusionPipeline | None,
+    request: WorkerRequest,
+    *,
+    index: int,
+    seed: int,
+    prompt: str,
+    negative: str,
+    base_config: Mapping[str, Any],
+    clip_skip: int | None,
+    on_progress: ProgressCallback | None,
+    cancel: threading.Event,
+) -> Image.Image | None:
+    """One image from `seed`, or None when the cancel event stopped it."""
+    hires = request.hires
+    first = make_scheduler(request.sampler, base_config, seed)
+    total = _planned_steps(first, request.steps)
+    second = None
+    second_steps = 0
+    if img2img is not None and hires is not None:
+        second = make_scheduler(request.sampler, base_config, seed)
+        second_steps = hires_inference_steps(hires.steps or request.steps, hires.denoise)
+        total += _planned_steps(second, second_steps, hires.denoise)
+    done = 0
+
+    def on_step_end(pipe: DiffusionPipeline, step: int, timestep: Any, kwargs: dict) -> dict:
+        nonlocal done
+        done += 1
+        if on_progress is not None:
+            on_progress(index, min(done, total), total)
+        if cancel.is_set():
+            pipe._interrupt = True
+        return kwargs
+
+    # the CPU generator gives the same noise on every device, so a seed reproduces across hardware
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    common = dict(
+        prompt=prompt, negative_prompt=negative, guidance_scale=request.cfg_scale, clip_skip=clip_skip,
+        generator=generator, callback_on_step_end=on_step_end,
+    )
+    txt2img.scheduler = first
+    latent_upscale = hires is not None and img2img is not None and hires.upscaler == "latent"
+    out = txt2img(
+        width=request.width, height=request.height, num_inference_steps=request.steps,
+        output_type="latent" if latent_upscale else "pil", **common,
+    ).images
+    if cancel.is_set():
+        return None
+    if hires is None:
+        return out[0]
+
+    width, height = hires_size(request.width, request.height, hires.scale)
+    if latent_upscale:
+        factor = txt2img.vae_scale_factor
+        upscaled: Any = F.interpolate(out, size=(height // factor, width // factor), mode="bilinear",
+                                      align_corners=False)
+    else:
+        upscaled = out[0].resize((width, height), Image.Resampling.LANCZOS)
+    if img2img is None:  # denoise 0: the upscaled first image is the result
+        return upscaled
+    img2img.scheduler = second
+    image = img2img(image=upscaled, strength=hires.denoise, num_inference_steps=second_steps, **common).images[0]
+    return None if cancel.is_set() else image

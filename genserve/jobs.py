@@ -192,6 +192,11 @@ class JobStore:
         with self.db.session() as s:
             return int(s.scalar(query) or 0)
 
+    def count_by_status(self) -> dict[str, int]:
+        with self.db.session() as s:
+            rows = s.execute(select(GenerationJob.status, func.count()).group_by(GenerationJob.status)).all()
+        return {JobStatus(status).value: int(n) for status, n in rows}
+
     def active(self, owner: str | None = None) -> list[GenerationJob]:
         query = select(GenerationJob).where(GenerationJob.status.in_(ACTIVE))
         if owner is not None:

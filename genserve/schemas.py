@@ -158,7 +158,7 @@ class JobStatusName(str, enum.Enum):
 class QuoteItemView(BaseModel):
     name: str
     amount: int
-    detail: dict[str, Any] = Field(default_factory=dict)
+    detail: str = ""
 
 
 class QuoteView(BaseModel):

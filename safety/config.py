@@ -10,3 +10,4 @@ class SafetyConfig(BaseModel):
 
     rules_dir: str = "safety"
     likeness_file: str = "likeness.yaml"  # fingerprint thresholds, under rules_dir
+    image_scan_file: str = "image_scan.yaml"  # NudeNet thresholds, extra scanners, timeout; under rules_dir

@@ -1,0 +1,452 @@
+"""PEFT LoRA training of SD1.x / SDXL with accelerate, in the spirit of kohya's train_network.
+
+Everything random in a step (caption shuffle and dropout, the latent sample, noise, noise offset,
+timesteps) is drawn from one CPU generator whose state is checkpointed, and the batch order of an
+epoch is a function of (seed, epoch): a job resumed from an epoch checkpoint replays exactly the
+steps an uninterrupted job would have run. Step and epoch are counted here and stored in the
+checkpoint, never inferred from file names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from diffusers import DDPMScheduler
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import cast_training_params
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from PIL import Image
+
+from genserve.errors import GenserveError
+from genserve.pipelines.loading import load_pipeline
+from training.buckets import assign_bucket, epoch_batches, fit_to_bucket, make_buckets, steps_per_epoch
+from training.checkpoint import CheckpointState, load_checkpoint, save_checkpoint
+from training.config import SampleSettings
+from training.intake import KeptImage, load_manifest
+from training.params import ResolvedParams
+
+log = logging.getLogger(__name__)
+
+# kohya's default targets: the Linear / 1x1 conv layers of the transformer blocks, and CLIP attention + MLP
+UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
+TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
+MAX_GRAD_NORM = 1.0
+
+
+class TrainingDiverged(GenserveError):
+    code = "training_diverged"
+    http_status = 500
+
+
+@dataclass(frozen=True)
+class BaseModelRef:
+    """Where the base checkpoint is (see genserve.pipelines.loading.load_pipeline)."""
+
+    family: str
+    path: Path
+    format: str = "diffusers"
+    config_dir: Path | None = None
+
+
+@dataclass(frozen=True)
+class Progress:
+    step: int
+    total_steps: int
+    epoch: int  # epochs completed
+    loss: float
+    eta_s: float | None
+
+
+@dataclass
+class TrainHooks:
+    """How the trainer talks to whoever runs it; every hook is optional."""
+
+    on_progress: Callable[[Progress], None] | None = None
+    should_stop: Callable[[], bool] | None = None
+    on_checkpoint: Callable[[Path, int, int], None] | None = None  # folder, step, epoch
+    on_sample: Callable[[int, int, str, Image.Image], None] | None = None  # epoch, index, prompt, image
+
+
+@dataclass
+class TrainResult:
+    completed: bool  # False when stopped by `should_stop`
+    step: int
+    epoch: int
+    losses: list[float] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Item:
+    image: KeptImage
+    bucket: tuple[int, int]
+
+
+def resolve_mixed_precision(requested: str, device: torch.device) -> str:
+    """Half precision is a CUDA feature; on CPU training always runs in full precision."""
+    if device.type != "cuda":
+        return "no"
+    if requested == "auto":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return requested
+
+
+def plan_steps(images: list[KeptImage], params: ResolvedParams) -> tuple[int, int]:
+    """(steps per epoch, total steps) for a dataset; the quote and the trainer use the same numbers."""
+    buckets = make_buckets(params.resolution, params.bucket_step, params.enable_bucket)
+    assigned = [assign_bucket(i.width, i.height, buckets) for i in images]
+    per_epoch = steps_per_epoch(assigned, params.repeats, params.batch_size)
+    return per_epoch, per_epoch * params.epochs
+
+
+class LoraTrainer:
+    """One training run: base pipeline + LoRA adapters + the prepared dataset."""
+
+    def __init__(
+        self,
+        base: BaseModelRef,
+        dataset_dir: str | Path,
+        params: ResolvedParams,
+        *,
+        trigger_words: list[str] | None = None,
+        work_dir: str | Path,
+        samples: SampleSettings | None = None,
+        device: str | None = None,
+    ):
+        self.base = base
+        self.params = params
+        self.trigger_words = list(trigger_words or [])
+        self.dataset_dir = Path(dataset_dir)
+        self.work_dir = Path(work_dir)
+        self.samples = samples
+        on_cpu = device == "cpu" or not torch.cuda.is_available()
+        mixed = resolve_mixed_precision(params.mixed_precision, torch.device("cpu" if on_cpu else "cuda"))
+        self.accelerator = Accelerator(mixed_precision=mixed, cpu=on_cpu)
+        self.device = self.accelerator.device
+        self.mixed_precision = mixed
+        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed, torch.float32)
+
+        torch.manual_seed(params.seed)
+        self.generator = torch.Generator().manual_seed(params.seed)
+        self._load_models()
+        self._load_dataset()
+        self._build_optimizer()
+        self.step = 0
+        self.epoch = 0
+
+    # ------------------------------------------------------------------------------------ set-up
+
+    def _load_models(self) -> None:
+        p = self.params
+        pipe = load_pipeline(self.base.family, self.base.path, self.base.format, self.base.config_dir,
+                             torch_dtype=self.weight_dtype, device=str(self.device))
+        self.pipe = pipe
+        self.is_sdxl = self.base.family == "sdxl"
+        self.unet = pipe.unet
+        self.vae = pipe.vae.to(dtype=torch.float32)  # SDXL's VAE overflows in fp16; it only encodes once
+        self.text_encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if self.is_sdxl else [])
+        self.tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if self.is_sdxl else [])
+        for module in (self.unet, self.vae, *self.text_encoders):
+            module.requires_grad_(False)
+        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        self.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(torch.float32)
+
+        self.unet.add_adapter(LoraConfig(r=p.network_dim, lora_alpha=p.network_alpha,
+                                         init_lora_weights="gaussian", target_modules=UNET_TARGETS))
+        trained = [self.unet]
+        if p.train_text_encoder:
+            for te in self.text_encoders:
+                te.add_adapter(LoraConfig(r=p.network_dim, lora_alpha=p.network_alpha,
+                                          init_lora_weights="gaussian", target_modules=TEXT_ENCODER_TARGETS))
+                trained.append(te)
+        if self.weight_dtype != torch.float32:
+            cast_training_params(trained, dtype=torch.float32)
+        if p.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+            if p.train_text_encoder:
+                for te in self.text_encoders:
+                    te.gradient_checkpointing_enable()
+        self.trained_modules = {"unet": self.unet}
+        if p.train_text_encoder:
+            self.trained_modules["text_encoder"] = self.text_encoders[0]
+            if self.is_sdxl:
+                self.trained_modules["text_encoder_2"] = self.text_encoders[1]
+
+    def _load_dataset(self) -> None:
+        p = self.params
+        report = load_manifest(self.dataset_dir)
+        buckets = make_buckets(p.resolution, p.bucket_step, p.enable_bucket)
+        self.items = [_Item(img, assign_bucket(img.width, img.height, buckets)) for img in report.images]
+        self.steps_per_epoch, self.total_steps = plan_steps(report.images, p)
+        self.latent_cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        if p.cache_latents:
+            with torch.no_grad():
+                self.latent_cache = [self._encode_dist(self._pixels(i)[None]) for i in range(len(self.items))]
+                self.latent_cache = [(m[0].cpu(), s[0].cpu()) for m, s in self.latent_cache]
+
+    def _build_optimizer(self) -> None:
+        p = self.params
+        groups = [{"params": [q for q in self.unet.parameters() if q.requires_grad], "lr": p.unet_lr}]
+        if p.train_text_encoder:
+            te_params = [q for te in self.text_encoders for q in te.parameters() if q.requires_grad]
+            groups.append({"params": te_params, "lr": p.text_encoder_lr})
+        if p.optimizer == "adamw8bit":
+            import bitsandbytes as bnb
+
+            optimizer = bnb.optim.AdamW8bit(groups, weight_decay=0.1)
+        elif p.optimizer == "prodigy":
+            from prodigyopt import Prodigy
+
+            optimizer = Prodigy(groups, weight_decay=0.5, decouple=True, betas=(0.9, 0.99), use_bias_correction=False)
+        else:
+            optimizer = torch.optim.AdamW(groups, weight_decay=1e-2)
+        extra = {"num_cycles": p.lr_scheduler_num_cycles} if p.lr_scheduler == "cosine_with_restarts" else {}
+        self.lr_scheduler = get_scheduler(p.lr_scheduler, optimizer=optimizer, num_warmup_steps=p.lr_warmup_steps,
+                                          num_training_steps=self.total_steps, **extra)
+        prepared = self.accelerator.prepare(*self.trained_modules.values(), optimizer)
+        self.optimizer = prepared[-1]
+        self.trainable = [q for group in groups for q in group["params"]]
+
+    # ------------------------------------------------------------------------------------ data
+
+    def _pixels(self, index: int) -> torch.Tensor:
+        """Pixels in [-1, 1], fitted to the item's bucket."""
+        item = self.items[index]
+        with Image.open(self.dataset_dir / item.image.file) as img:
+            fitted = fit_to_bucket(img.convert("RGB"), item.bucket)
+        arr = np.asarray(fitted.image, dtype=np.float32) / 127.5 - 1.0
+        return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+    def _time_ids(self, index: int) -> list[int]:
+        """SDXL micro-conditioning (original h, w, crop top, left, target h, w), as `fit_to_bucket` crops."""
+        item = self.items[index]
+        bw, bh = item.bucket
+        w, h = item.image.width, item.image.height
+        scale = max(bw / w, bh / h)
+        rw, rh = max(bw, round(w * scale)), max(bh, round(h * scale))
+        return [h, w, (rh - bh) // 2, (rw - bw) // 2, bh, bw]
+
+    def _encode_dist(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dist = self.vae.encode(pixels.to(self.device, torch.float32)).latent_dist
+        return dist.mean, dist.std
+
+    def _latents(self, indices: list[int]) -> torch.Tensor:
+        """A sample of each image's latent distribution, drawn from the checkpointed generator."""
+        if self.latent_cache is not None:
+            mean = torch.stack([self.latent_cache[i][0] for i in indices])
+            std = torch.stack([self.latent_cache[i][1] for i in indices])
+        else:
+            with torch.no_grad():
+                mean, std = self._encode_dist(torch.stack([self._pixels(i) for i in indices]))
+            mean, std = mean.cpu(), std.cpu()
+        sample = mean + std * torch.randn(mean.shape, generator=self.generator)
+        cfg = self.vae.config
+        shift = getattr(cfg, "shift_factor", None) or 0.0
+        return ((sample - shift) * cfg.scaling_factor).to(self.device, self.weight_dtype)
+
+    def caption_for(self, image: KeptImage, *, augment: bool = True) -> str:
+        """Trigger words first, then the caption's tags (shuffled after `keep_tokens`, or dropped)."""
+        p = self.params
+        tags = [t.strip() for t in (image.caption or "").split(",") if t.strip()]
+        if augment and p.shuffle_caption and len(tags) > p.keep_tokens + 1:
+            head, tail = tags[: p.keep_tokens], tags[p.keep_tokens :]
+            tags = head + [tail[i] for i in torch.randperm(len(tail), generator=self.generator).tolist()]
+        if augment and p.caption_dropout_rate > 0:
+            if torch.rand(1, generator=self.generator).item() < p.caption_dropout_rate:
+                return ""
+        return ", ".join(self.trigger_words + tags)
+
+    def _encode_text(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(prompt embeddings, SDXL pooled embedding); with gradients when the encoders train."""
+        ctx = contextlib.nullcontext() if self.params.train_text_encoder else torch.no_grad()
+        with ctx:
+            ids = [
+                tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids.to(self.device)
+                for tok in self.tokenizers
+            ]
+            if not self.is_sdxl:
+                return self.text_encoders[0](ids[0])[0], None
+            out1 = self.text_encoders[0](ids[0], output_hidden_states=True)
+            out2 = self.text_encoders[1](ids[1], output_hidden_states=True)
+            embeds = torch.cat([out1.hidden_states[-2], out2.hidden_states[-2]], dim=-1)
+            return embeds, out2.text_embeds
+
+    # ------------------------------------------------------------------------------------ one step
+
+    def _loss(self, indices: list[int], *, augment: bool = True) -> torch.Tensor:
+        p = self.params
+        captions = [self.caption_for(self.items[i].image, augment=augment) for i in indices]
+        latents = self._latents(indices)
+        noise = torch.randn(latents.shape, generator=self.generator)
+        if p.noise_offset and augment:
+            noise = noise + p.noise_offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1),
+                                                         generator=self.generator)
+        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
+                                  generator=self.generator)
+        noise = noise.to(self.device, latents.dtype)
+        timesteps = timesteps.to(self.device)
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+
+        embeds, pooled = self._encode_text(captions)
+        kwargs = {}
+        if self.is_sdxl:
+            time_ids = [self._time_ids(i) for i in indices]
+            kwargs["added_cond_kwargs"] = {
+                "text_embeds": pooled.to(self.weight_dtype),
+                "time_ids": torch.tensor(time_ids, device=self.device, dtype=self.weight_dtype),
+            }
+        with self.accelerator.autocast():
+            pred = self.unet(noisy, timesteps, embeds.to(self.weight_dtype), **kwargs).sample
+
+        if self.noise_scheduler.config.prediction_type == "v_prediction":
+            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
+        loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        if p.min_snr_gamma > 0:
+            ac = self.alphas_cumprod.to(self.device)[timesteps]
+            snr = ac / (1 - ac)
+            weight = torch.clamp(snr, max=p.min_snr_gamma) / snr
+            if self.noise_scheduler.config.prediction_type == "v_prediction":
+                weight = torch.clamp(snr, max=p.min_snr_gamma) / (snr + 1)
+            loss = loss * weight
+        return loss.mean()
+
+    def train_step(self, indices: list[int]) -> float:
+        for module in self.trained_modules.values():
+            module.train()
+        loss = self._loss(indices)
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(f"loss became {loss.item()} at step {self.step + 1}")
+        self.accelerator.backward(loss)
+        if self.accelerator.sync_gradients:
+            self.accelerator.clip_grad_norm_(self.trainable, MAX_GRAD_NORM)
+        self.optimizer.step()
+        if not self.accelerator.optimizer_step_was_skipped:
+            self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return float(loss.detach().item())
+
+    # ------------------------------------------------------------------------------------ the run
+
+    def train(self, hooks: TrainHooks | None = None) -> TrainResult:
+        """Train from the current (step, epoch) to the end, or until `should_stop` says so between steps."""
+        hooks = hooks or TrainHooks()
+        result = TrainResult(completed=False, step=self.step, epoch=self.epoch)
+        started, steps_here = time.monotonic(), 0
+        while self.epoch < self.params.epochs:
+            batches = epoch_batches([i.bucket for i in self.items], self.params.repeats, self.params.batch_size,
+                                    self.params.seed, self.epoch)
+            for batch in batches:
+                if hooks.should_stop and hooks.should_stop():
+                    result.step, result.epoch = self.step, self.epoch
+                    return result
+                loss = self.train_step(batch)
+                result.losses.append(loss)
+                steps_here += 1
+                if hooks.on_progress:
+                    per_step = (time.monotonic() - started) / steps_here
+                    hooks.on_progress(Progress(self.step, self.total_steps, self.epoch, loss,
+                                               per_step * (self.total_steps - self.step)))
+            self.epoch += 1
+            folder = self.save_checkpoint(self.work_dir / "checkpoints" / f"epoch-{self.epoch:06d}")
+            if hooks.on_checkpoint:
+                hooks.on_checkpoint(folder, self.step, self.epoch)
+            if hooks.on_sample and self.samples and self.samples.enabled:
+                for index, (prompt, image) in enumerate(self.render_samples()):
+                    hooks.on_sample(self.epoch, index, prompt, image)
+        result.completed, result.step, result.epoch = True, self.step, self.epoch
+        return result
+
+    # ------------------------------------------------------------------------------------ state
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """The LoRA weights in PEFT names, prefixed by the module they belong to (unet., text_encoder., ...)."""
+        out = {}
+        for prefix, module in self.trained_modules.items():
+            state = get_peft_model_state_dict(self.accelerator.unwrap_model(module))
+            out.update({f"{prefix}.{k}": v.detach().float().cpu() for k, v in state.items()})
+        return out
+
+    def _rng_state(self) -> dict[str, torch.Tensor]:
+        rng = {"generator": self.generator.get_state(), "torch_cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+        return rng
+
+    def save_checkpoint(self, folder: Path) -> Path:
+        scaler = self.accelerator.scaler.state_dict() if self.accelerator.scaler is not None else None
+        return save_checkpoint(folder, CheckpointState(
+            step=self.step,
+            epoch=self.epoch,
+            adapter=self.adapter_state_dict(),
+            optimizer=self.optimizer.state_dict(),
+            scheduler=self.lr_scheduler.state_dict(),
+            scaler=scaler,
+            rng=self._rng_state(),
+            extra={"params": self.params.model_dump()},
+        ))
+
+    def resume(self, folder: str | Path) -> None:
+        """Continue from a checkpoint folder: weights, optimizer, LR schedule, RNG, step and epoch."""
+        state = load_checkpoint(folder)
+        if state.extra.get("params") != self.params.model_dump():
+            raise ValueError(f"checkpoint {folder} was written with different parameters")
+        for prefix, module in self.trained_modules.items():
+            sub = {k[len(prefix) + 1 :]: v for k, v in state.adapter.items() if k.startswith(prefix + ".")}
+            loaded = set_peft_model_state_dict(self.accelerator.unwrap_model(module), sub)
+            if getattr(loaded, "unexpected_keys", None):
+                raise ValueError(f"checkpoint {folder} has unexpected {prefix} keys: {loaded.unexpected_keys[:3]}")
+        self.optimizer.load_state_dict(state.optimizer)
+        self.lr_scheduler.load_state_dict(state.scheduler)
+        if state.scaler is not None and self.accelerator.scaler is not None:
+            self.accelerator.scaler.load_state_dict(state.scaler)
+        self.generator.set_state(state.rng["generator"])
+        torch.set_rng_state(state.rng["torch_cpu"])
+        cuda = [state.rng[k] for k in sorted(state.rng) if k.startswith("cuda.")]
+        if cuda and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(cuda)
+        self.step, self.epoch = state.step, state.epoch
+
+    # ------------------------------------------------------------------------------------ evaluation
+
+    @torch.no_grad()
+    def validation_loss(self, seed: int = 1234, samples_per_image: int = 4) -> float:
+        """Loss on fixed noise and timesteps over the whole dataset (no augmentation); RNG state untouched."""
+        saved = self.generator.get_state()
+        self.generator.manual_seed(seed)
+        for module in self.trained_modules.values():
+            module.eval()
+        try:
+            losses = [self._loss([i] * samples_per_image, augment=False).item() for i in range(len(self.items))]
+        finally:
+            self.generator.set_state(saved)
+        return float(sum(losses) / len(losses))
+
+    @torch.no_grad()
+    def render_samples(self) -> list[tuple[str, Image.Image]]:
+        """Preview images with the adapter as trained so far, from a seed fixed per epoch."""
+        cfg = self.samples
+        if cfg is None or cfg.count == 0:
+            return []
+        captions = [i.image for i in self.items[: cfg.count]]
+        prompts = [self.caption_for(img, augment=False) for img in captions]
+        prompts += [prompts[-1]] * (cfg.count - len(prompts))
+        for module in self.trained_modules.values():
+            module.eval()
+        generator = torch.Generator().manual_seed(self.params.seed + self.epoch)
+        images = self.pipe(prompt=prompts, num_inference_steps=cfg.steps, guidance_scale=cfg.guidance_scale,
+                           height=self.params.resolution, width=self.params.resolution, generator=generator).images
+        return list(zip(prompts, images, strict=True))
+

@@ -100,6 +100,7 @@ def prepare_pipeline(pipe: DiffusionPipeline, config: WorkerConfig) -> Diffusion
     (diffusers' default processor). CPU: nothing beyond the fp32 the loader picked.
     """
     pipe.set_progress_bar_config(disable=True)
+    _clip_skip_compat(pipe)
     if pipe.device.type != "cuda":
         return pipe
     if config.channels_last:
@@ -112,6 +113,15 @@ def prepare_pipeline(pipe: DiffusionPipeline, config: WorkerConfig) -> Diffusion
         except Exception as exc:  # noqa: BLE001 - fall back to SDPA, the default
             logger.warning("xformers unavailable (%s); using torch SDPA attention", exc)
     return pipe
+
+
+def _clip_skip_compat(pipe: DiffusionPipeline) -> None:
+    """SD1 clip skip in diffusers 0.42 applies `text_encoder.text_model.final_layer_norm`, but transformers 5
+    flattened CLIPTextModel (its layers are now direct children). Point `text_model` at the model itself,
+    outside the module tree (a plain instance attribute), so the lookup works; a no-op where it exists."""
+    encoder = getattr(pipe, "text_encoder", None)
+    if encoder is not None and not hasattr(encoder, "text_model") and hasattr(encoder, "final_layer_norm"):
+        object.__setattr__(encoder, "text_model", encoder)
 
 
 def img2img_class(pipe: DiffusionPipeline) -> type[DiffusionPipeline]:

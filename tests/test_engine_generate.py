@@ -1,0 +1,150 @@
+"""Generation on a tiny pipeline: seeds, safety injection, clip skip, hires fix, progress and cancellation."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from engine_support import differ, load_tiny, one_torch_thread
+
+from genserve.engine.generate import ModelInfo, generate
+from genserve.engine.infotext import parse_hash_list, read_png_infotext
+from genserve.worker_types import HiresSpec, WorkerRequest
+
+MODEL = ModelInfo(name="tiny-sd1", model_hash="0123456789", lora_hashes={"style": "abcdefabcdef"})
+
+
+@pytest.fixture(scope="module")
+def pipes(tiny_models):
+    """family -> (pipeline, safety embeddings), each loaded once for the module."""
+    loaded = {}
+
+    def get(family):
+        if family not in loaded:
+            with one_torch_thread():
+                loaded[family] = load_tiny(tiny_models[family])
+        return loaded[family]
+
+    return get
+
+
+@pytest.fixture(params=["sd1", "sdxl"])
+def tiny(request, pipes):
+    return pipes(request.param)
+
+
+@pytest.fixture
+def sd1(pipes):
+    return pipes("sd1")
+
+
+def _request(**kw) -> WorkerRequest:
+    base = dict(job_id="job-1", checkpoint_id="tiny", prompt="a photo of a cat", negative_prompt="blurry",
+                sampler="Euler a", steps=2, width=64, height=64, seeds=[7])
+    return WorkerRequest(**{**base, **kw})
+
+
+def _run(pipe, safety, request, **kw):
+    with one_torch_thread():
+        return generate(pipe, request, safety=safety, model=MODEL, **kw)
+
+
+def test_seed_reproduces_and_each_batch_image_stands_alone(tiny):
+    pipe, safety = tiny
+    batch = _run(pipe, safety, _request(seeds=[7, 8]))
+    alone = _run(pipe, safety, _request(seeds=[8]))
+    again = _run(pipe, safety, _request(seeds=[7]))
+    assert [img.seed for img in batch.images] == [7, 8] and not batch.canceled
+    assert batch.images[0].image.tobytes() == again.images[0].image.tobytes()
+    assert batch.images[1].image.tobytes() == alone.images[0].image.tobytes()
+    assert differ(batch.images[0].image, batch.images[1].image) > 1.0
+
+
+def test_safety_tokens_always_lead_the_negative_prompt(sd1):
+    pipe, safety = sd1
+    sneaky = _request(
+        prompt="a cat <gs-safe-neg> (<GS-SAFE-MINOR>:1.5)",
+        negative_prompt="(<gs-safe-neg>:0), [<gs-safe-minor>], blurry, <gs‐safe‐neg>_1",
+        mature=True,
+    )
+    out = _run(pipe, safety, sneaky)
+    assert out.final_negative_prompt == "<gs-safe-neg> <gs-safe-minor>, blurry"
+    assert "gs-safe" not in out.final_prompt.lower() and "cat" in out.final_prompt
+    info = read_png_infotext(out.images[0].png)
+    assert info.negative_prompt == out.final_negative_prompt and info.prompt == out.final_prompt
+    # not mature: only the general token, still first; an empty user negative adds nothing after it
+    plain = _run(pipe, safety, _request(negative_prompt="", mature=False))
+    assert plain.final_negative_prompt == "<gs-safe-neg>"
+    # the embedding really acts: the same request without it in the negative prompt gives another image
+    class NoInjection:
+        def inject(self, negative_prompt, prompt, mature):
+            return prompt, negative_prompt
+
+    with one_torch_thread():
+        bare = generate(pipe, _request(negative_prompt=""), safety=NoInjection(), model=MODEL)
+    assert differ(bare.images[0].image, plain.images[0].image) > 0.5
+
+
+def test_infotext_records_the_image(sd1):
+    pipe, safety = sd1
+    out = _run(pipe, safety, _request(seeds=[11, 12], clip_skip=2, cfg_scale=6.5))
+    info = read_png_infotext(out.images[1].png)
+    assert info.params["Seed"] == "12" and info.params["Steps"] == "2" and info.params["Sampler"] == "Euler a"
+    assert info.params["CFG scale"] == "6.5" and info.params["Clip skip"] == "2" and info.params["Size"] == "64x64"
+    assert info.params["Model hash"] == "0123456789" and info.params["Model"] == "tiny-sd1"
+    assert parse_hash_list(info.params["Lora hashes"]) == {"style": "abcdefabcdef"}
+
+
+def test_clip_skip_changes_the_conditioning(sd1):
+    pipe, safety = sd1
+    one = _run(pipe, safety, _request(clip_skip=1))
+    two = _run(pipe, safety, _request(clip_skip=2))
+    assert differ(one.images[0].image, two.images[0].image) > 0.5
+
+
+@pytest.mark.parametrize(("family", "upscaler"), [("sd1", "latent"), ("sd1", "lanczos"), ("sdxl", "latent")])
+def test_hires_fix_upscales_with_a_second_pass(pipes, family, upscaler):
+    pipe, safety = pipes(family)
+    events = []
+    request = _request(steps=2, hires=HiresSpec(scale=1.5, denoise=0.5, steps=2, upscaler=upscaler))
+    out = _run(pipe, safety, request, on_progress=lambda *e: events.append(e))
+    assert out.images[0].image.size == (96, 96)
+    assert [s for _, s, _ in events] == [1, 2, 3, 4] and events[-1] == (0, 4, 4)
+    info = read_png_infotext(out.images[0].png)
+    assert info.params["Hires upscale"] == "1.5" and info.params["Hires steps"] == "2"
+    assert info.params["Denoising strength"] == "0.5" and info.params["Size"] == "64x64"
+    again = _run(pipe, safety, request)
+    assert out.images[0].image.tobytes() == again.images[0].image.tobytes()
+
+
+def test_hires_without_denoise_only_upscales(sd1):
+    pipe, safety = sd1
+    out = _run(pipe, safety, _request(hires=HiresSpec(scale=1.5, denoise=0.0)))
+    assert out.images[0].image.size == (96, 96)
+
+
+def test_progress_reports_every_step_of_every_image(sd1):
+    pipe, safety = sd1
+    events = []
+    _run(pipe, safety, _request(seeds=[1, 2], steps=3), on_progress=lambda *e: events.append(e))
+    assert events == [(0, 1, 3), (0, 2, 3), (0, 3, 3), (1, 1, 3), (1, 2, 3), (1, 3, 3)]
+
+
+def test_cancel_stops_within_a_step_and_keeps_finished_images(sd1):
+    pipe, safety = sd1
+    cancel = threading.Event()
+    events = []
+
+    def progress(index, step, total):
+        events.append((index, step))
+        if (index, step) == (1, 2):
+            cancel.set()
+
+    out = _run(pipe, safety, _request(seeds=[1, 2, 3], steps=6), on_progress=progress, cancel=cancel)
+    assert out.canceled and [img.index for img in out.images] == [0]
+    assert events[-1] == (1, 2)  # no step ran after the one that saw the cancel
+    # a cancel before the start generates nothing; the next request on the pipeline runs normally
+    cancel_first = threading.Event()
+    cancel_first.set()
+    assert _run(pipe, safety, _request(), cancel=cancel_first).images == []
+    assert len(_run(pipe, safety, _request()).images) == 1

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import func, select
+from sqlalchemy import Row, func, select
 from sqlalchemy.orm import Session
 
 from safety.audit_log import AuditLog
@@ -109,7 +109,7 @@ class Fingerprint:
 
     def similarity(self, other: Fingerprint, min_overlap: float = 0.5) -> float:
         """|cosine| over shared buckets (0 when the overlap is below `min_overlap` either way)."""
-        sims = _similarities(self, other.buckets[None], (other.buckets**2).sum(-1)[None], min_overlap=min_overlap)
+        sims = _similarities(self, other.buckets[:, None], (other.buckets**2).sum(-1)[None], min_overlap=min_overlap)
         return float(sims[0])
 
 
@@ -134,13 +134,16 @@ def fingerprint_lora(state_dict: Mapping[str, torch.Tensor], metadata: Mapping[s
 
 
 def _similarities(query: Fingerprint, entries: np.ndarray, entry_energy: np.ndarray, *, min_overlap: float) -> np.ndarray:
-    """|cosine| of `query` against N stacked fingerprints (N, BUCKETS, DIM), restricted to the buckets
-    both use; 0 where the shared buckets hold less than `min_overlap` of either side's energy."""
-    if len(entries) == 0 or query.empty:
-        return np.zeros(len(entries), dtype=np.float32)
+    """|cosine| of `query` against N fingerprints stacked bucket-major (BUCKETS, N, DIM), restricted to
+    the buckets both use; 0 where the shared buckets hold less than `min_overlap` of either side's energy."""
+    n = entries.shape[1]
+    if n == 0 or query.empty:
+        return np.zeros(n, dtype=np.float32)
     q = query.buckets
     q_energy = (q**2).sum(-1)  # (B,)
-    dots = entries.reshape(len(entries), -1) @ q.reshape(-1)  # one matvec over every entry
+    dots = np.zeros(n, dtype=np.float32)
+    for b in np.flatnonzero(q_energy):  # one contiguous matvec per bucket the query uses
+        dots += entries[b] @ q[b]
     q_shared = (entry_energy > 0).astype(np.float32) @ q_energy
     e_shared = entry_energy @ (q_energy > 0).astype(np.float32)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -193,6 +196,11 @@ class PreparedResource:
     fingerprint: Fingerprint | None
 
 
+# What the in-memory index needs of each row (plain rows load much faster than ORM objects).
+_INDEX_COLUMNS = (LikenessEntry.id, LikenessEntry.person, LikenessEntry.source, LikenessEntry.reason, LikenessEntry.sha256,
+                  LikenessEntry.tensor_sha256, LikenessEntry.fingerprint, LikenessEntry.fingerprint_meta)
+
+
 @dataclass
 class _Index:
     """The in-memory copy of the blocklist: hash dicts and one stacked fingerprint matrix."""
@@ -203,10 +211,11 @@ class _Index:
     by_sha: dict[str, int] = field(default_factory=dict)
     by_tensor_sha: dict[str, int] = field(default_factory=dict)
     fp_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
-    fp: np.ndarray = field(default_factory=lambda: np.zeros((0, BUCKETS, DIM), dtype=np.float32))
+    fp: np.ndarray = field(default_factory=lambda: np.zeros((BUCKETS, 0, DIM), dtype=np.float32))  # bucket-major
     fp_energy: np.ndarray = field(default_factory=lambda: np.zeros((0, BUCKETS), dtype=np.float32))
 
-    def extend(self, rows: Sequence[LikenessEntry]) -> None:
+    def extend(self, rows: Sequence[Row]) -> None:
+        """Add rows selected with `_INDEX_COLUMNS`."""
         new_ids, new_fps = [], []
         for row in rows:
             self.info[row.id] = (row.person, row.source, row.reason)
@@ -221,7 +230,7 @@ class _Index:
         if new_fps:
             stacked = np.stack(new_fps)
             self.fp_ids = np.concatenate([self.fp_ids, np.asarray(new_ids, dtype=np.int64)])
-            self.fp = np.concatenate([self.fp, stacked])
+            self.fp = np.ascontiguousarray(np.concatenate([self.fp, stacked.transpose(1, 0, 2)], axis=1))
             self.fp_energy = np.concatenate([self.fp_energy, (stacked**2).sum(-1)])
 
 
@@ -294,10 +303,10 @@ class LikenessBlocklist:
                 idx = self._index
                 if (count, max_id) == (idx.count, idx.max_id):
                     return
-                rows = s.scalars(select(LikenessEntry).where(LikenessEntry.id > idx.max_id).order_by(LikenessEntry.id)).all()
+                rows = s.execute(select(*_INDEX_COLUMNS).where(LikenessEntry.id > idx.max_id).order_by(LikenessEntry.id)).all()
                 if idx.count + len(rows) != count:  # rows were removed: rebuild from scratch
                     idx = _Index()
-                    rows = s.scalars(select(LikenessEntry).order_by(LikenessEntry.id)).all()
+                    rows = s.execute(select(*_INDEX_COLUMNS).order_by(LikenessEntry.id)).all()
                 idx.extend(rows)
                 self._index = idx
 

@@ -1,0 +1,225 @@
+"""Safety figures.
+
+Prompt audit: 300-character prompts audited per second on one core (target ≥ 10,000/s), with and
+without a negative prompt, and the worst audit time of several hostile 20,000-character prompts
+(must stay in milliseconds: matching is linear, nothing backtracks).
+
+Likeness: weight-fingerprint time for an SDXL-sized rank-32 LoRA (~700 modules with SDXL's real
+attention/feed-forward shapes, fp16, kohya keys; target ≤ 2000 ms on CPU), and the per-check match
+time against a 10,000-entry blocklist, revalidation query included (target ≤ 10 ms).
+
+    .venv/bin/python bench/safety.py
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+# Run as a script, this file's folder comes first on the import path and its name would shadow the
+# `safety` package: put the repository root there instead.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [str(_HERE.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from genserve.db import Database  # noqa: E402
+from safety.likeness import BUCKETS, DIM, FINGERPRINT_VERSION, LikenessBlocklist, fingerprint_lora  # noqa: E402
+from safety.prompt_audit import PromptAuditor  # noqa: E402
+from safety.store import LikenessEntry  # noqa: E402
+
+RULES_DIR = _HERE.parent / "configs" / "safety"
+
+
+def _median_ms(fn: Callable[[], object], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times)
+
+
+_PROMPT_WORDS = (
+    "masterpiece best quality portrait of a woman standing in a sunlit garden detailed face soft lighting bokeh "
+    "35mm photo film grain golden hour highly detailed skin texture intricate embroidered dress flowers trees "
+    "cinematic composition sharp focus dramatic clouds mountains lake reflection oil painting watercolor anime "
+    "1girl smile looking at viewer long hair blue eyes city street night neon rain umbrella knight armor dragon "
+    "castle forest mist fantasy concept art octane render unreal engine studio ghibli style ukiyo-e café naïve"
+).split()
+
+
+def _prompts(n: int, length: int, seed: int = 0) -> list[str]:
+    """Distinct prompts of exactly `length` characters in A1111 style (weights, LoRA tags, BREAK),
+    with made-up words so the audit's per-word cache also sees misses."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        parts: list[str] = []
+        while len(", ".join(parts)) < length:
+            r = rng.random()
+            word = _PROMPT_WORDS[rng.integers(len(_PROMPT_WORDS))]
+            if r < 0.1:
+                parts.append(f"({word}:{rng.uniform(0.5, 1.5):.1f})")
+            elif r < 0.13:
+                parts.append(f"<lora:style_{rng.integers(100)}:0.{rng.integers(1, 9)}>")
+            elif r < 0.15:
+                parts.append("BREAK")
+            elif r < 0.3:
+                parts.append(f"w{i}x{rng.integers(10**6)}")
+            else:
+                parts.append(word)
+        out.append(", ".join(parts)[:length])
+    return out
+
+
+def _hostile_prompts(length: int = 20_000) -> dict[str, str]:
+    return {
+        "spaced_letters": "t e e n n u d e a " * length,
+        "zero_width": "n\u200bu\u200bd\u200be 1\u200b5\u200by\u200bo " * length,
+        "one_word": "a" * length,
+        "brackets": "(" * (length // 2) + ")" * length,
+        "name_prefixes": "taylor " * length,
+        "digits": "1 2 3 4 5 6 7 8 9 " * length,
+        "mixed_obfuscation": "ｎｕｄｅ tееn 15yo (little:1.3) girl, " * length,
+        "adjectives": "young " * length,
+        "weights": "(a:1.3)" * length,
+    }
+
+
+def _per_second(fn: Callable[[], object], seconds: float) -> float:
+    count, t0 = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - t0) < seconds:
+        for _ in range(200):
+            fn()
+        count += 200
+    return count / elapsed
+
+
+def prompt_audit_figures(seconds: float = 3.0) -> dict[str, float]:
+    import itertools
+    import os
+
+    if hasattr(os, "sched_setaffinity"):  # one core, as the figure says
+        os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
+    auditor = PromptAuditor.from_dir(RULES_DIR)
+    prompts = _prompts(2000, 300)
+    negatives = _prompts(2000, 120, seed=1)
+    assert all(len(p) == 300 for p in prompts)
+    cycle = itertools.cycle(prompts)
+    pairs = itertools.cycle(zip(prompts, negatives, strict=True))
+    for p in prompts:  # warm, as a running service would be
+        auditor.audit(p)
+    per_s = _per_second(lambda: auditor.audit(next(cycle)), seconds)
+    per_s_neg = _per_second(lambda: auditor.audit(*next(pairs)), seconds)
+    print(f"prompt audit: {per_s:,.0f} prompts/s of 300 characters on one core (target ≥ 10,000/s); "
+          f"{per_s_neg:,.0f}/s with a 120-character negative prompt")
+
+    hostile = {}
+    for name, text in _hostile_prompts().items():
+        text = text[:20_000]
+        assert len(text) == 20_000
+        hostile[name] = _median_ms(lambda t=text: auditor.audit(t), 5)
+    worst = max(hostile, key=hostile.get)
+    print("hostile 20,000-character prompts (median of 5): "
+          + ", ".join(f"{k} {v:.1f} ms" for k, v in hostile.items()) + f"; worst {worst}")
+    return {
+        "prompts_audited_per_s": round(per_s),
+        "prompts_with_negative_audited_per_s": round(per_s_neg),
+        "hostile_20k_audit_ms": round(hostile[worst], 2),
+    }
+
+
+def sdxl_lora_state_dict(rank: int = 32, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Kohya-layout LoRA over every SDXL U-Net transformer block (70 blocks × 10 linears + proj_in/out)."""
+    g = torch.Generator().manual_seed(seed)
+    layout = [("down_blocks_1", 640, 2, 2), ("down_blocks_2", 1280, 2, 10), ("mid_block", 1280, 1, 10),
+              ("up_blocks_0", 1280, 3, 10), ("up_blocks_1", 640, 3, 2)]
+    shapes: list[tuple[str, int, int]] = []
+    for block, c, attentions, depth in layout:
+        for a in range(attentions):
+            attn = f"lora_unet_{block}_attentions_{a}"
+            shapes += [(f"{attn}_proj_in", c, c), (f"{attn}_proj_out", c, c)]
+            for t in range(depth):
+                p = f"{attn}_transformer_blocks_{t}"
+                shapes += [(f"{p}_attn1_to_{n}", c, c) for n in ("q", "k", "v")] + [(f"{p}_attn1_to_out_0", c, c)]
+                shapes += [(f"{p}_attn2_to_q", c, c), (f"{p}_attn2_to_k", c, 2048), (f"{p}_attn2_to_v", c, 2048),
+                           (f"{p}_attn2_to_out_0", c, c), (f"{p}_ff_net_0_proj", 8 * c, c), (f"{p}_ff_net_2", c, 4 * c)]
+    sd = {}
+    for name, out, inp in shapes:
+        sd[f"{name}.lora_up.weight"] = (torch.randn(out, rank, generator=g) * 0.01).half()
+        sd[f"{name}.lora_down.weight"] = (torch.randn(rank, inp, generator=g) / inp**0.5).half()
+        sd[f"{name}.alpha"] = torch.tensor(float(rank // 2)).half()
+    return sd
+
+
+def likeness_figures(entries: int = 10_000) -> dict[str, float]:
+    from safetensors.torch import save_file
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    sd = sdxl_lora_state_dict()
+    modules = sum(k.endswith(".lora_down.weight") for k in sd)
+    params = sum(v.numel() for k, v in sd.items() if not k.endswith(".alpha"))
+    fingerprint_lora(sd)  # warm the projection cache and the allocator, as a running worker would be
+    fp_ms = _median_ms(lambda: fingerprint_lora(sd), 5)
+    query = fingerprint_lora(sd)
+    print(f"fingerprint of an SDXL-sized rank-32 LoRA ({modules} modules, {params / 1e6:.1f} M parameters, fp16): "
+          f"{fp_ms:.0f} ms (target ≤ 2000 ms)")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        db = Database(f"sqlite:///{tmp}/bench.db")
+        db.migrate()
+        rng = np.random.default_rng(0)
+        rows = []
+        for i in range(entries - 1):  # synthetic fingerprints, ~half the buckets used like a real LoRA
+            fp = rng.standard_normal((BUCKETS, DIM)).astype(np.float32) * (rng.random(BUCKETS) < 0.5)[:, None]
+            rows.append({"sha256": f"{i:064x}", "tensor_sha256": f"{i + 10**9:064x}", "fingerprint": fp.tobytes(),
+                         "fingerprint_meta": {"version": FINGERPRINT_VERSION, "modules": 100, "buckets": BUCKETS},
+                         "person": f"person {i}", "reason": "bench", "source": "", "created_by": ""})
+        with db.transaction() as s:
+            s.bulk_insert_mappings(LikenessEntry, rows)
+        blocklist = LikenessBlocklist(db.session)
+        path = Path(tmp) / "lora.safetensors"
+        save_file(sd, str(path))
+        blocklist.add(path, "the one to find", "bench")
+
+        t0 = time.perf_counter()
+        blocklist.refresh()
+        load_ms = (time.perf_counter() - t0) * 1000
+        hit = blocklist.match_fingerprint(query)
+        assert hit is not None and hit.person == "the one to find", hit
+        match_ms = _median_ms(lambda: blocklist.match_fingerprint(query), 50)
+        tmp_path = Path(tmp) / "copy.safetensors"
+        save_file({k: v.float() for k, v in sd.items()}, str(tmp_path))  # fp32 copy: no hash matches
+        check_ms = _median_ms(lambda: blocklist.check(tmp_path), 3)
+        assert blocklist.check(tmp_path).method == "fingerprint"
+        db.dispose()
+    print(f"blocklist of {entries} entries: loaded into memory in {load_ms:.0f} ms; one match "
+          f"(revalidation query + one matrix-vector product) {match_ms:.2f} ms (target ≤ 10 ms)")
+    print(f"full check of an unseen {tmp_path.name} (hash, read, fingerprint, match): {check_ms:.0f} ms")
+    return {
+        "fingerprint_sdxl_rank32_ms": round(fp_ms, 1),
+        "blocklist_match_10k_ms": round(match_ms, 3),
+        "blocklist_load_10k_ms": round(load_ms, 1),
+        "likeness_check_sdxl_rank32_fp32_file_ms": round(check_ms, 1),
+    }
+
+
+FIGURES: list[Callable[[], dict[str, float]]] = [prompt_audit_figures, likeness_figures]
+
+
+def main() -> None:
+    figures: dict[str, float] = {}
+    for fn in FIGURES:
+        figures.update(fn())
+    print(json.dumps(figures, sort_keys=True))
+
+
+if __name__ == "__main__":
+    main()

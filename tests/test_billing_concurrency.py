@@ -93,8 +93,9 @@ def test_replaying_every_call_changes_nothing(db):
     assert ledger.verify().ok
 
 
-# A child that stops inside a capture's transaction after the balances and entries are written,
-# before the hold is closed; the parent then kills it with SIGKILL.
+# A child that stops inside a transaction right before its COMMIT (SQLite: every write of the
+# operation done; PostgreSQL: the statements whose results were needed already ran on the server,
+# for a grant that includes the balance updates and entries); the parent then kills it with SIGKILL.
 PAUSED_CHILD = textwrap.dedent(
     """
     import sys, time
@@ -104,16 +105,19 @@ PAUSED_CHILD = textwrap.dedent(
     ledger = L.Ledger(Database(sys.argv[1]))
     ledger.grant("user:k", 100, "seed")
     hold = ledger.hold("user:k", 40, "hold", destination=L.REVENUE_GENERATION)
-    run = L._Tx.run
-
-    def pausing_run(self, name, params):
-        if name == "close_hold":
-            print("PAUSED", hold.id, flush=True)
-            time.sleep(600)
-        return run(self, name, params)
-
-    L._Tx.run = pausing_run
-    ledger.capture(hold.id, 25, "capture")
+    armed = False
+    for cls in (L._SqliteTx, L._PostgresTx):
+        def paused_commit(self, commit=cls.commit):
+            if armed:
+                print("PAUSED", hold.id, flush=True)
+                time.sleep(600)
+            commit(self)
+        cls.commit = paused_commit
+    armed = True
+    if sys.argv[2] == "capture":
+        ledger.capture(hold.id, 25, "capture")
+    else:
+        ledger.grant("user:k", 500, "grant")
     """
 )
 
@@ -143,8 +147,8 @@ def _spawn(code: str, *args: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, text=True, env=env)
 
 
-def _killed_mid_capture_leaves_no_partial_transfer(db: Database) -> None:
-    child = _spawn(PAUSED_CHILD, db.url)
+def _killed_mid_operation_leaves_no_partial_transfer(db: Database, op: str) -> None:
+    child = _spawn(PAUSED_CHILD, db.url, op)
     try:
         line = child.stdout.readline().split()
         assert line and line[0] == "PAUSED", line
@@ -159,6 +163,13 @@ def _killed_mid_capture_leaves_no_partial_transfer(db: Database) -> None:
     assert ledger.get_hold(hold_id).status == "open"
     assert ledger.balance("user:k").to_dict() == {"posted": 100, "held": 40, "available": 60}
     assert ledger.balance(REVENUE_GENERATION).posted == 0
+    assert len(ledger.history("user:k")) == 1
+    if op == "grant":
+        assert ledger.grant("user:k", 500, "grant").amount == 500
+        assert ledger.grant("user:k", 500, "grant").amount == 500
+        assert ledger.balance("user:k").to_dict() == {"posted": 600, "held": 40, "available": 560}
+        assert ledger.verify().ok
+        return
     # The caller's retry with the same key completes the capture exactly once.
     assert ledger.capture(hold_id, 25, "capture").captured == 25
     assert ledger.capture(hold_id, 25, "capture").captured == 25
@@ -187,13 +198,15 @@ def _killed_at_random_keeps_invariants(db: Database) -> None:
     assert bal.held == 7 * report.stats["holds_open"]
 
 
-def test_sigkill_inside_capture_sqlite(db):
-    _killed_mid_capture_leaves_no_partial_transfer(db)
+@pytest.mark.parametrize("op", ["capture", "grant"])
+def test_sigkill_inside_transaction_sqlite(db, op):
+    _killed_mid_operation_leaves_no_partial_transfer(db, op)
 
 
 @pytest.mark.postgres
-def test_sigkill_inside_capture_postgres(pg_db):
-    _killed_mid_capture_leaves_no_partial_transfer(pg_db)
+@pytest.mark.parametrize("op", ["capture", "grant"])
+def test_sigkill_inside_transaction_postgres(pg_db, op):
+    _killed_mid_operation_leaves_no_partial_transfer(pg_db, op)
 
 
 def test_sigkill_at_random_sqlite(db):

@@ -16,4 +16,7 @@ class BillingConfig(BaseModel):
     expired_hold_grace_s: int = Field(
         300, ge=0, description="verify() reports open holds expired longer ago than this (the reaper is late)"
     )
+    system_account_shards: int = Field(
+        16, ge=1, le=256, description="Balance rows per system account, so concurrent captures do not queue on one"
+    )
     retry_attempts: int = Field(12, ge=1, description="Tries per operation on PostgreSQL deadlock/serialization errors")

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, TypeVar
 
-from sqlalchemy import func, select
+from sqlalchemy import create_engine, func, select
 
 from genserve.billing import models
 from genserve.billing.config import BillingConfig
@@ -63,6 +63,7 @@ _IDEMPOTENCY_PK = "pk_ledger_idempotency"
 
 accounts_t = models.LedgerAccount.__table__
 holds_t = models.LedgerHold.__table__
+shards_t = models.LedgerAccountShard.__table__
 entries_t = models.LedgerEntry.__table__
 
 T = TypeVar("T")
@@ -239,13 +240,20 @@ _SQL = {
     "VALUES (:id, :kind, 0, 0, :now) ON CONFLICT (id) DO NOTHING",
     "reserve": "UPDATE ledger_accounts SET held = held + :amount "
     "WHERE id = :account AND posted - held >= :amount",
-    "balance": "SELECT posted, held FROM ledger_accounts WHERE id = :account",
+    "balance": "SELECT a.posted + COALESCE((SELECT SUM(s.posted) FROM ledger_account_shards s "
+    "WHERE s.account_id = a.id), 0), a.held FROM ledger_accounts a WHERE a.id = :account",
+    "ensure_shard": "INSERT INTO ledger_account_shards (account_id, shard, posted) VALUES (:account, :shard, 0) "
+    "ON CONFLICT (account_id, shard) DO NOTHING",
+    "move_shard": "UPDATE ledger_account_shards SET posted = posted + :posted WHERE account_id = :account "
+    "AND shard = :shard",
     "move": "UPDATE ledger_accounts SET posted = posted + :posted, held = held + :held WHERE id = :account",
     "insert_hold": "INSERT INTO ledger_holds (id, account_id, destination_id, amount, captured, status, "
     "idempotency_key, reason, expires_at, created_at) VALUES (:id, :account, :destination, :amount, 0, 'open', "
     ":key, :reason, :expires_at, :now)",
     "lock_hold": "SELECT id, account_id, destination_id, amount, captured, status, idempotency_key, reason, "
     "expires_at, created_at, closed_at FROM ledger_holds WHERE id = :id{for_update}",
+    "get_hold": "SELECT id, account_id, destination_id, amount, captured, status, idempotency_key, reason, "
+    "expires_at, created_at, closed_at FROM ledger_holds WHERE id = :id",
     "close_hold": "UPDATE ledger_holds SET captured = :captured, status = :status, closed_at = :now WHERE id = :id",
     "insert_transfer": "INSERT INTO ledger_entries (transfer_id, account_id, counterparty_id, amount, kind, hold_id, "
     "idempotency_key, reason, created_at) VALUES "
@@ -284,43 +292,115 @@ def _read_ts(value: Any) -> dt.datetime | None:
     return _utc(value)
 
 
-class _Tx:
-    """One open transaction on a DBAPI cursor, with the dialect's statements."""
+class _SqliteTx:
+    """SQLite runs in-process: statements execute as they come, after BEGIN IMMEDIATE takes the write lock."""
 
-    __slots__ = ("cur", "sql", "ts")
+    ts = staticmethod(_sqlite_ts)
 
-    def __init__(self, cur: Any, sql: dict[str, str], ts: Callable[[dt.datetime], Any]):
-        self.cur = cur
+    def __init__(self, conn: Any, sql: dict[str, str]):
+        self.conn = conn
         self.sql = sql
-        self.ts = ts
+        self.cur = conn.cursor()
+        self.cur.execute("BEGIN IMMEDIATE")
 
     def run(self, name: str, params: dict[str, Any]) -> Any:
+        """Execute now; returns the cursor holding the result."""
         self.cur.execute(self.sql[name], params)
         return self.cur
 
-    def run_many(self, name: str, params: list[dict[str, Any]]) -> None:
-        self.cur.executemany(self.sql[name], params)
+    write = run
+
+    def commit(self) -> None:
+        self.conn.commit()
+
+    def rollback(self) -> None:
+        self.conn.rollback()
 
 
-def _is_retryable(exc: Exception) -> bool:
+class _PostgresTx:
+    """On PostgreSQL a round trip costs more than the statement: statements whose results are not
+    needed are queued and sent with the next one that is; BEGIN goes with the first statement and
+    COMMIT with the last writes. The connection is in autocommit mode, so the transaction is explicit."""
+
+    ts = staticmethod(_utc)
+
+    def __init__(self, conn: Any, sql: dict[str, str]):
+        self.conn = conn
+        self.sql = sql
+        self.cur = conn.cursor()
+        self._queued: list[bytes] = [b"BEGIN"]
+
+    def _send(self, last: bytes) -> None:
+        self._queued.append(last)
+        batch, self._queued = b"; ".join(self._queued), []
+        self.cur.execute(batch)  # no parameters: the statements are already bound
+
+    def run(self, name: str, params: dict[str, Any]) -> Any:
+        """Send the queue and this statement; returns the cursor holding this statement's result."""
+        self._send(self.cur.mogrify(self.sql[name], params))
+        return self.cur
+
+    def write(self, name: str, params: dict[str, Any]) -> None:
+        """Queue a statement whose result is not needed (its errors surface at the next send)."""
+        self._queued.append(self.cur.mogrify(self.sql[name], params))
+
+    def commit(self) -> None:
+        self._send(b"COMMIT")
+
+    def rollback(self) -> None:
+        self._queued = []
+        self.cur.execute("ROLLBACK")
+
+
+_Tx = _SqliteTx | _PostgresTx
+
+
+def _is_retryable(exc: Exception, dialect: str) -> bool:
+    """Deadlocks, serialization failures, a lost connection (the idempotency key makes a repeat safe),
+    and a concurrent first use of the same idempotency key (the repeat returns its result)."""
+    if dialect != "postgresql":
+        return False
     pgcode = getattr(exc, "pgcode", None)
     if pgcode in _RETRY_PGCODES:
+        return True
+    if pgcode is None and type(exc).__name__ in ("OperationalError", "InterfaceError"):
         return True
     diag = getattr(exc, "diag", None)
     return pgcode == "23505" and getattr(diag, "constraint_name", None) == _IDEMPOTENCY_PK
 
 
 class Ledger:
-    """Buzz accounts, transfers and holds on one `Database`. Thread-safe; one per process is enough."""
+    """Buzz accounts, transfers and holds on one `Database`. Thread-safe; one per process is enough.
+
+    On PostgreSQL the ledger keeps its own small connection pool in autocommit mode (no ping or
+    reset per checkout, explicit transactions); `close()` releases it.
+    """
 
     def __init__(self, db: Database, config: BillingConfig | None = None):
         self.db = db
         self.config = config or BillingConfig()
         self._dialect = db.engine.dialect.name
         self._sql = _dialect_sql(self._dialect)
-        self._ts: Callable[[dt.datetime], Any] = _sqlite_ts if self._dialect == "sqlite" else _utc
         self._dbapi_error: type[Exception] = db.engine.dialect.loaded_dbapi.Error
+        if self._dialect == "postgresql":
+            self._engine = create_engine(
+                db.engine.url,
+                isolation_level="AUTOCOMMIT",
+                pool_pre_ping=False,
+                pool_reset_on_return=None,
+                pool_size=db.engine.pool.size(),
+                max_overflow=db.engine.pool.size(),
+            )
+            self._tx_class: type[_SqliteTx] | type[_PostgresTx] = _PostgresTx
+        else:
+            self._engine = db.engine
+            self._tx_class = _SqliteTx
         self._system_ready = False
+
+    def close(self) -> None:
+        """Release the ledger's own connections (PostgreSQL); the Database stays the caller's."""
+        if self._engine is not self.db.engine:
+            self._engine.dispose()
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -333,46 +413,64 @@ class Ledger:
             try:
                 return self._once(fn)
             except self._dbapi_error as exc:
-                if attempt + 1 >= attempts or not _is_retryable(exc):
+                if attempt + 1 >= attempts or not _is_retryable(exc, self._dialect):
                     raise
                 time.sleep(random.uniform(0, 0.002 * (2 ** min(attempt, 6))))
         raise AssertionError("unreachable")
 
     def _once(self, fn: Callable[[_Tx], T]) -> T:
-        pooled = self.db.engine.raw_connection()
+        pooled = self._engine.raw_connection()
         try:
-            conn = pooled.dbapi_connection
-            cur = conn.cursor()
+            tx = self._tx_class(pooled.dbapi_connection, self._sql)
             try:
-                if self._dialect == "sqlite":
-                    cur.execute("BEGIN IMMEDIATE")
-                result = fn(_Tx(cur, self._sql, self._ts))
-                conn.commit()
+                result = fn(tx)
+                tx.commit()
                 return result
             except BaseException:
                 try:
-                    conn.rollback()
+                    tx.rollback()
                 except Exception:  # noqa: BLE001 - a dead connection: drop it from the pool
                     pooled.invalidate()
                 raise
             finally:
+                tx.cur.close()
+        finally:
+            pooled.close()
+
+    def _read(self, name: str, params: dict[str, Any]) -> list[tuple]:
+        """One read-only statement outside any write transaction (no write lock on SQLite)."""
+        pooled = self._engine.raw_connection()
+        try:
+            cur = pooled.dbapi_connection.cursor()
+            try:
+                cur.execute(self._sql[name], params)
+                return cur.fetchall()
+            finally:
                 cur.close()
+                if self._dialect == "sqlite":
+                    pooled.dbapi_connection.rollback()
         finally:
             pooled.close()
 
     def _create_system_accounts(self) -> None:
         self._system_ready = True
         try:
-            self._run(lambda tx: [self._insert_account(tx, a, utcnow()) for a in SYSTEM_ACCOUNTS])
+            self._run(self._insert_system_accounts)
         except BaseException:
             self._system_ready = False
             raise
+
+    def _insert_system_accounts(self, tx: _Tx) -> None:
+        for account in SYSTEM_ACCOUNTS:
+            self._insert_account(tx, account, utcnow())
+            for shard in range(self.config.system_account_shards):
+                tx.write("ensure_shard", {"account": account, "shard": shard})
 
     @staticmethod
     def _insert_account(tx: _Tx, account: str, now: dt.datetime) -> None:
         """Create the account row if it does not exist yet (safe under concurrency)."""
         kind = "system" if is_system_account(account) else "user"
-        tx.run("ensure_account", {"id": account, "kind": kind, "now": tx.ts(now)})
+        tx.write("ensure_account", {"id": account, "kind": kind, "now": tx.ts(now)})
 
     @staticmethod
     def _request(**args: Any) -> str:
@@ -394,17 +492,21 @@ class Ledger:
 
     @staticmethod
     def _remember(tx: _Tx, key: str, operation: str, request: str, result: Any, now: dt.datetime) -> None:
-        tx.run(
+        tx.write(
             "remember",
             {"key": key, "operation": operation, "request": request, "result": json.dumps(result), "now": tx.ts(now)},
         )
 
-    @staticmethod
-    def _move(tx: _Tx, deltas: dict[str, tuple[int, int]]) -> None:
-        """Apply (posted, held) deltas to accounts, locking rows in the global order."""
+    def _move(self, tx: _Tx, deltas: dict[str, tuple[int, int]]) -> None:
+        """Apply (posted, held) deltas to accounts, locking rows in the global order. A system
+        account's posted delta goes to one of its shards, picked at random."""
         for account in sorted(deltas, key=_lock_order):
             d_posted, d_held = deltas[account]
-            tx.run("move", {"account": account, "posted": d_posted, "held": d_held})
+            if is_system_account(account) and not d_held:
+                shard = random.randrange(self.config.system_account_shards)
+                tx.write("move_shard", {"account": account, "shard": shard, "posted": d_posted})
+                continue
+            tx.write("move", {"account": account, "posted": d_posted, "held": d_held})
 
     @staticmethod
     def _write_transfer(
@@ -418,14 +520,17 @@ class Ledger:
         reason: str,
         now: dt.datetime,
         hold_id: str | None = None,
-    ) -> LedgerEntry:
-        """The two entries of a transfer (debit source, credit destination); returns the credit one."""
+        need_entry: bool = True,
+    ) -> LedgerEntry | None:
+        """The two entries of a transfer (debit source, credit destination); returns the credit one
+        (or None without `need_entry`, which lets PostgreSQL send it with the commit)."""
         transfer_id = uuid.uuid4().hex
-        rows = tx.run(
-            "insert_transfer",
-            {"transfer_id": transfer_id, "source": source, "destination": destination, "amount": amount,
-             "kind": kind, "hold_id": hold_id, "key": key, "reason": reason, "now": tx.ts(now)},
-        ).fetchall()
+        params = {"transfer_id": transfer_id, "source": source, "destination": destination, "amount": amount,
+                  "kind": kind, "hold_id": hold_id, "key": key, "reason": reason, "now": tx.ts(now)}
+        if not need_entry:
+            tx.write("insert_transfer", params)
+            return None
+        rows = tx.run("insert_transfer", params).fetchall()
         credit_id = next(entry_id for entry_id, entry_amount in rows if entry_amount > 0)
         return LedgerEntry(
             id=int(credit_id), transfer_id=transfer_id, account=destination, counterparty=source, amount=amount,
@@ -470,10 +575,10 @@ class Ledger:
         if captured:
             self._write_transfer(
                 tx, source=hold.account, destination=hold.destination, amount=captured, kind="capture",
-                key=hold.key, reason=hold.reason, now=now, hold_id=hold.id,
+                key=hold.key, reason=hold.reason, now=now, hold_id=hold.id, need_entry=False,
             )
         status = "captured" if captured else "released"
-        tx.run("close_hold", {"id": hold.id, "captured": captured, "status": status, "now": tx.ts(now)})
+        tx.write("close_hold", {"id": hold.id, "captured": captured, "status": status, "now": tx.ts(now)})
         return replace(hold, captured=captured, status=status, closed_at=now)
 
     # -- accounts ---------------------------------------------------------------------------
@@ -486,8 +591,8 @@ class Ledger:
     def balance(self, account: str) -> Balance:
         """The account's balance; a user that never had buzz has all zeros."""
         account = check_account(account)
-        row = self._run(lambda tx: tx.run("balance", {"account": account}).fetchone())
-        posted, held = row if row else (0, 0)
+        rows = self._read("balance", {"account": account})
+        posted, held = rows[0] if rows else (0, 0)
         return Balance(posted=posted, held=held, available=posted - held)
 
     def history(self, account: str, limit: int = 100) -> list[LedgerEntry]:
@@ -610,7 +715,7 @@ class Ledger:
                 id=uuid.uuid4().hex, account=account, destination=destination, amount=amount, captured=0,
                 status="open", expires_at=expires, key=key, reason=reason, created_at=now,
             )
-            tx.run(
+            tx.write(
                 "insert_hold",
                 {"id": hold.id, "account": account, "destination": destination, "amount": amount, "key": key,
                  "reason": reason, "expires_at": tx.ts(expires), "now": tx.ts(now)},
@@ -673,10 +778,12 @@ class Ledger:
     def get_hold(self, hold_id: str) -> HoldInfo:
         if not isinstance(hold_id, str):
             raise HoldNotFound(f"no hold {hold_id!r}")
-        row = self._run(lambda tx: tx.run("lock_hold", {"id": hold_id}).fetchone())
-        if row is None:
+        if not self._system_ready:
+            self._create_system_accounts()
+        rows = self._read("get_hold", {"id": hold_id})
+        if not rows:
             raise HoldNotFound(f"no hold {hold_id!r}")
-        return self._hold_from_row(row)
+        return self._hold_from_row(rows[0])
 
     def reap_expired(self, now: dt.datetime | None = None, *, batch: int = 500) -> int:
         """Void every open hold whose expiry has passed; returns how many. Safe to run anywhere, any time."""
@@ -689,7 +796,8 @@ class Ledger:
                 per_account[account] = per_account.get(account, 0) + amount
             self._move(tx, {account: (0, -held) for account, held in per_account.items()})
             if rows:
-                tx.run_many("expire_hold", [{"id": r[0], "now": tx.ts(now)} for r in rows])
+                for r in rows:
+                    tx.write("expire_hold", {"id": r[0], "now": tx.ts(now)})
             return len(rows)
 
         total = 0
@@ -705,7 +813,7 @@ class Ledger:
         """Check the ledger's invariants from the raw tables; never changes anything."""
         now = _utc(now) if now is not None else utcnow()
         problems: list[str] = []
-        e, a, h = entries_t.c, accounts_t.c, holds_t.c
+        e, a, h, sh = entries_t.c, accounts_t.c, holds_t.c, shards_t.c
         with self.db.engine.connect() as conn:
             total = conn.execute(select(func.coalesce(func.sum(e.amount), 0))).scalar_one()
             if total != 0:
@@ -725,8 +833,19 @@ class Ledger:
                 .group_by(h.account_id)
                 .subquery()
             )
+            shard_sums = (
+                select(sh.account_id, func.sum(sh.posted).label("s")).group_by(sh.account_id).subquery()
+            )
             accounts = conn.execute(
-                select(a.id, a.kind, a.posted, a.held, func.coalesce(entry_sums.c.s, 0), func.coalesce(open_held.c.s, 0))
+                select(
+                    a.id,
+                    a.kind,
+                    a.posted + func.coalesce(shard_sums.c.s, 0),
+                    a.held,
+                    func.coalesce(entry_sums.c.s, 0),
+                    func.coalesce(open_held.c.s, 0),
+                )
+                .outerjoin(shard_sums, shard_sums.c.account_id == a.id)
                 .outerjoin(entry_sums, entry_sums.c.account_id == a.id)
                 .outerjoin(open_held, open_held.c.account_id == a.id)
             ).all()

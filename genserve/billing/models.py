@@ -2,6 +2,10 @@
 change to a written entry (triggers), so no code path, old or new, can break those rules.
 
 - `ledger_accounts`: one row per account with its running balance (`posted`, and `held` by open holds).
+- `ledger_account_shards`: the posted balance of a system account, spread over a few rows. Every
+  capture credits a revenue account; one balance row for it would be locked by every capture until
+  its commit is on disk, serialising them all. System accounts have no floor, so nothing needs
+  their total in one row. A system account's posted balance = its `posted` + the sum of its shards.
 - `ledger_entries`: immutable double-entry lines; each transfer writes one debit and one credit line.
 - `ledger_holds`: two-phase transfers (pending -> captured / released / expired).
 - `ledger_idempotency`: the first result of every keyed call, so a retry returns it unchanged.
@@ -50,6 +54,14 @@ class LedgerAccount(Base):
     posted: Mapped[int] = mapped_column(BigInteger)
     held: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+
+
+class LedgerAccountShard(Base):
+    __tablename__ = "ledger_account_shards"
+
+    account_id: Mapped[str] = mapped_column(ForeignKey("ledger_accounts.id"), primary_key=True)
+    shard: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    posted: Mapped[int] = mapped_column(BigInteger)
 
 
 class LedgerHold(Base):

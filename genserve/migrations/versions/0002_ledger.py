@@ -48,6 +48,16 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name=op.f("pk_ledger_accounts")),
     )
     op.create_table(
+        "ledger_account_shards",
+        sa.Column("account_id", sa.String(100), nullable=False),
+        sa.Column("shard", sa.Integer(), autoincrement=False, nullable=False),
+        sa.Column("posted", sa.BigInteger(), nullable=False),
+        sa.ForeignKeyConstraint(
+            ["account_id"], ["ledger_accounts.id"], name=op.f("fk_ledger_account_shards_account_id_ledger_accounts")
+        ),
+        sa.PrimaryKeyConstraint("account_id", "shard", name=op.f("pk_ledger_account_shards")),
+    )
+    op.create_table(
         "ledger_holds",
         sa.Column("id", sa.String(32), nullable=False),
         sa.Column("account_id", sa.String(100), nullable=False),
@@ -116,6 +126,7 @@ def downgrade() -> None:
     op.drop_table("ledger_idempotency")
     op.drop_table("ledger_entries")
     op.drop_table("ledger_holds")
+    op.drop_table("ledger_account_shards")
     op.drop_table("ledger_accounts")
     if op.get_bind().dialect.name == "postgresql":
         op.execute("DROP FUNCTION IF EXISTS ledger_entries_immutable()")

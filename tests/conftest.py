@@ -124,13 +124,16 @@ def s3_server():
 
 @pytest.fixture(scope="session")
 def ray_session(tmp_path_factory):
-    """One local Ray for the whole session, dashboard off."""
+    """One local Ray for the whole session. Its dashboard process runs because the Ray Job server
+    (training jobs, `JobSubmissionClient()`) lives there; it costs about 0.5 GB more."""
     import ray
 
     if not ray.is_initialized():
         ray.init(
             num_cpus=4,
-            include_dashboard=False,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            dashboard_port=free_port(),
             log_to_driver=False,
             _temp_dir=str(tmp_path_factory.mktemp("ray")),
             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}},

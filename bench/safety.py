@@ -93,13 +93,15 @@ def _hostile_prompts(length: int = 20_000) -> dict[str, str]:
     }
 
 
-def _per_second(fn: Callable[[], object], seconds: float) -> float:
-    count, t0 = 0, time.perf_counter()
-    while (elapsed := time.perf_counter() - t0) < seconds:
+def _per_second(fn: Callable[[], object], seconds: float) -> tuple[float, float]:
+    """Calls per second of CPU time (this process, one core: robust to other load on the machine)
+    and per second of wall-clock time."""
+    count, c0, t0 = 0, time.process_time(), time.perf_counter()
+    while (cpu := time.process_time() - c0) < seconds:
         for _ in range(200):
             fn()
         count += 200
-    return count / elapsed
+    return count / cpu, count / (time.perf_counter() - t0)
 
 
 def prompt_audit_figures(seconds: float = 3.0) -> dict[str, float]:
@@ -116,9 +118,10 @@ def prompt_audit_figures(seconds: float = 3.0) -> dict[str, float]:
     pairs = itertools.cycle(zip(prompts, negatives, strict=True))
     for p in prompts:  # warm, as a running service would be
         auditor.audit(p)
-    per_s = _per_second(lambda: auditor.audit(next(cycle)), seconds)
-    per_s_neg = _per_second(lambda: auditor.audit(*next(pairs)), seconds)
-    print(f"prompt audit: {per_s:,.0f} prompts/s of 300 characters on one core (target ≥ 10,000/s); "
+    per_s, wall_per_s = _per_second(lambda: auditor.audit(next(cycle)), seconds)
+    per_s_neg, _ = _per_second(lambda: auditor.audit(*next(pairs)), seconds)
+    print(f"prompt audit: {per_s:,.0f} prompts/s of 300 characters per CPU-second on one core "
+          f"(target ≥ 10,000/s; {wall_per_s:,.0f}/s wall-clock on this machine now); "
           f"{per_s_neg:,.0f}/s with a 120-character negative prompt")
 
     hostile = {}
@@ -131,6 +134,7 @@ def prompt_audit_figures(seconds: float = 3.0) -> dict[str, float]:
           + ", ".join(f"{k} {v:.1f} ms" for k, v in hostile.items()) + f"; worst {worst}")
     return {
         "prompts_audited_per_s": round(per_s),
+        "prompts_audited_wall_per_s": round(wall_per_s),
         "prompts_with_negative_audited_per_s": round(per_s_neg),
         "hostile_20k_audit_ms": round(hostile[worst], 2),
     }

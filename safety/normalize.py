@@ -17,7 +17,6 @@ from __future__ import annotations
 import re
 import unicodedata
 from dataclasses import dataclass
-from functools import lru_cache
 from itertools import accumulate
 
 # Characters that render as nothing (or as blank space) and are used to split words invisibly.
@@ -47,20 +46,21 @@ _LEET = str.maketrans({"0": "o", "1": "i", "l": "i", "3": "e", "4": "a", "5": "s
 # Symbols that stand for letters ("t@ylor", "$ex"); folded during normalisation so they join words.
 _WORD_SYMBOLS = str.maketrans({"@": "a", "$": "s"})
 
-# Words: runs of letters/digits (the ASCII pattern is the same on ASCII text, only faster).
-_WORD_RE = re.compile(r"([^\W_]+)")
-_ASCII_WORD_RE = re.compile(r"([a-z0-9]+)")
-# A digit prefix glued to letters is its own word ("15yo" -> 15, yo); this finds candidates quickly.
-_GLUED_DIGITS_RE = re.compile(r"\d[^\W\d_]")
+# Words: runs of letters/digits, a digit prefix glued to letters cut off as its own word ("15yo" ->
+# 15, yo). The ASCII pattern gives the same words on ASCII text, only faster.
+_WORD_RE = re.compile(r"(\d+(?=[^\W\d_])|[^\W_]+)")
+_ASCII_WORD_RE = re.compile(r"([0-9]+(?=[a-z])|[a-z0-9]+)")
 _DIGITS_RE = re.compile(r"\d+")
+# Runs of single-character words a few separators apart ("t.e.e.n"); bounded repeats, no backtracking.
+_RUN_RE = re.compile(r"(?<![^\W_])[^\W_](?:[\W_]{1,3}[^\W_](?![^\W_]))+")
+_ASCII_RUN_RE = re.compile(r"(?<![a-z0-9])[a-z0-9](?:[^a-z0-9]{1,3}[a-z0-9](?![a-z0-9]))+")
+# Attention weights and schedule steps: "(x:1.3)", "<lora:name:0.8>", "[a:b:0.5]".
+_WEIGHT_RE = re.compile(r":[ \t]*[-+]?(\d+(?:\.\d+)?)[ \t]*(?=[)\]>:]|$)")
 _REPEAT_RE = re.compile(r"(.)\1+")
 _LONG_REPEAT_RE = re.compile(r"(.)\1\1+")
 
-# Single-character tokens at most this many separator characters apart form one run ("t . e . e . n").
-MAX_RUN_GAP = 3
 
 
-@lru_cache(maxsize=8192)
 def _fold_char(ch: str) -> str:
     """One original character -> its normalised replacement ('' when it is invisible)."""
     if ch in _INVISIBLE:
@@ -79,27 +79,50 @@ def _fold_char(ch: str) -> str:
     return "".join(out).translate(_WORD_SYMBOLS)
 
 
-@dataclass(frozen=True)
-class Normalized:
-    """Normalised text plus, per normalised character, the index of its original character."""
+class _FoldTable(dict):
+    """`str.translate` table: code point -> normalised text, filled on first sight of a character."""
 
-    source: str
-    text: str
-    origin: tuple[int, ...] | None  # None: identity (ASCII input)
+    def __missing__(self, code: int) -> str:
+        if len(self) > _FOLD_TABLE_LIMIT:  # hostile input with endless distinct characters
+            self.clear()
+        value = self[code] = _fold_char(chr(code))
+        return value
+
+
+_FOLD_TABLE_LIMIT = 200_000
+_FOLD = _FoldTable()
+
+
+class Normalized:
+    """Normalised text, and the way back from its positions to the original text's."""
+
+    __slots__ = ("source", "text", "_origin")
+
+    def __init__(self, source: str, text: str, identity: bool):
+        self.source = source
+        self.text = text
+        self._origin: tuple[int, ...] | None = () if not identity else None
+
+    @property
+    def origin(self) -> tuple[int, ...] | None:
+        """Per normalised character, the index of its original character (None: the same index).
+        Computed on first use: only texts with a match need it."""
+        if self._origin == ():
+            self._origin = tuple(i for i, ch in enumerate(self.source) for _ in _FOLD[ord(ch)])
+        return self._origin
 
     def span(self, start: int, end: int) -> tuple[int, int]:
         """The original-text span `[a, b)` covering normalised characters `[start, end)`."""
-        if self.origin is None:
+        origin = self.origin
+        if origin is None:
             return start, end
-        return self.origin[start], self.origin[end - 1] + 1
+        return origin[start], origin[end - 1] + 1
 
 
 def normalize(text: str) -> Normalized:
     if text.isascii():
-        return Normalized(text, text.lower().translate(_WORD_SYMBOLS), None)
-    folded = [_fold_char(ch) for ch in text]
-    origin = tuple(i for i, f in enumerate(folded) for _ in f)
-    return Normalized(text, "".join(folded), origin)
+        return Normalized(text, text.lower().translate(_WORD_SYMBOLS), identity=True)
+    return Normalized(text, text.translate(_FOLD), identity=False)
 
 
 def canonical(word: str) -> str:
@@ -153,70 +176,33 @@ class Tokens:
 
 def tokenize(norm: Normalized) -> Tokens:
     text = norm.text
-    parts = (_ASCII_WORD_RE if text.isascii() else _WORD_RE).split(text)  # sep, word, sep, ..., word, sep
-    if _GLUED_DIGITS_RE.search(text):
-        parts = _split_digit_prefixes(parts)
+    ascii_text = text.isascii()
+    parts = (_ASCII_WORD_RE if ascii_text else _WORD_RE).split(text)  # sep, word, sep, ..., word, sep
     words = parts[1::2]
-    seps = parts[2:-1:2]  # seps[i] lies between word i and word i+1
+    n = len(words)
     offsets = list(accumulate(map(len, parts), initial=0))
     canon = "\0".join(words).translate(_LEET).split("\0") if words else []
+    index_at = dict(zip(offsets[1:-1:2], range(n), strict=True))  # word start -> word index
     numbers: dict[int, int] = {}
     joined: dict[int, str] = {}
-    for i in [i for i, w in enumerate(words) if w[0].isdigit()]:
-        a, b = offsets[2 * i + 1], offsets[2 * i + 2]
-        value = _integer(text, a, b)
-        if value is not None:
-            numbers[i] = value
-        if i < len(seps) and not seps[i]:
-            joined[i] = canon[i] + canon[i + 1]
-    weights = _weight_words(parts, numbers) if ":" in text else frozenset()
-    runs: list[list[int]] = []
-    run: list[int] = []
-    for i in [i for i, w in enumerate(words) if len(w) == 1]:
-        if run and run[-1] == i - 1 and len(seps[i - 1]) <= MAX_RUN_GAP:
-            run.append(i)
-        else:
-            if len(run) > 1:
-                runs.append(run)
-            run = [i]
-    if len(run) > 1:
-        runs.append(run)
-    return Tokens(canon, offsets, numbers, joined, runs, weights)
-
-
-def _weight_words(parts: list[str], numbers: dict[int, int]) -> frozenset[int]:
-    """Digit words right after `:` and closed by `)`, `]`, `>`, `:` or the end: `:1.3)`, `:0.8>`."""
-    words = parts[1::2]
-    found: set[int] = set()
-    for i, w in enumerate(words):
-        if not w.isdigit() or not parts[2 * i].rstrip(" +-").endswith(":"):
+    for m in _DIGITS_RE.finditer(text):
+        a, b = m.span()
+        i = index_at.get(a)
+        if i is None:  # digits inside a word ("w0x")
             continue
-        last = i
-        if parts[2 * i + 2] == "." and i + 1 < len(words) and words[i + 1].isdigit():
-            last = i + 1  # the decimals of 1.3
-        after = parts[2 * last + 2].lstrip()
-        if not after or after[0] in ")]>:":
-            found.update(range(i, last + 1))
-    return frozenset(found)
-
-
-def _split_digit_prefixes(parts: list[str]) -> list[str]:
-    out: list[str] = []
-    for k, part in enumerate(parts):
-        if k % 2 and part[0].isdigit() and not part.isdigit():
-            digits = _DIGITS_RE.match(part).group()
-            out += [digits, "", part[len(digits):]]
-        else:
-            out.append(part)
-    return out
-
-
-def _integer(text: str, start: int, end: int) -> int | None:
-    """The value of a digit word that is a whole number (not part of a decimal like 1.3 or 0,5)."""
-    if end - start > 4 or not text[start:end].isdigit():
-        return None
-    if end + 1 < len(text) and text[end] in ".," and text[end + 1].isdigit():
-        return None
-    if start >= 2 and text[start - 1] in ".," and text[start - 2].isdigit():
-        return None
-    return int(text[start:end])
+        if i + 1 < n and offsets[2 * i + 3] == b:  # glued to the next word ("7een", "15yo")
+            joined[i] = canon[i] + canon[i + 1]
+        decimal = (text[b:b + 1] in (".", ",") and text[b + 1:b + 2].isdigit()) or (
+            a >= 2 and text[a - 1] in (".", ",") and text[a - 2].isdigit())
+        if b - a <= 4 and not decimal:
+            numbers[i] = int(m.group())
+    weights: set[int] = set()
+    if ":" in text:
+        for m in _WEIGHT_RE.finditer(text):
+            a, b = m.span(1)
+            i = index_at.get(a)
+            while i is not None and i < n and offsets[2 * i + 1] < b:
+                weights.add(i)
+                i += 1
+    runs = [list(range(index_at[m.start()], index_at[m.end() - 1] + 1)) for m in (_ASCII_RUN_RE if ascii_text else _RUN_RE).finditer(text)]
+    return Tokens(canon, offsets, numbers, joined, runs, frozenset(weights))

@@ -314,6 +314,8 @@ class _AgeMatcher:
         self.of = canon_set(rule.of)
         self.ordinals = canon_set(rule.ordinals)
         self.ordinal_nouns = canon_set(rule.ordinal_nouns)
+        self.cues_after = self.years | self.years_old | self.ordinals
+        self.cues_before = self.before | self.of
 
     def scan(self, tokens: Tokens) -> list[tuple[int, int]]:
         """(first, last) word indexes of every minor age."""
@@ -321,7 +323,11 @@ class _AgeMatcher:
         ages = {i: a for i, a in numbers.items() if 0 < a <= self.max_age}
         ages.update((i, words[w]) for i, w in enumerate(canon) if w in words and 0 < words[w] <= self.max_age)
         found: list[tuple[int, int]] = []
+        n, weights = len(canon), tokens.weights
         for i in sorted(ages):
+            if not weights and (i + 1 >= n or canon[i + 1] not in self.cues_after) and (
+                    i == 0 or canon[i - 1] not in self.cues_before):
+                continue  # the common case, decided without looking further
             nxt, after = _neighbours(tokens, i, +1)
             prev, before = _neighbours(tokens, i, -1)
             if _at(canon, nxt) in self.years_old:

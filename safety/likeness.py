@@ -184,6 +184,13 @@ class BlocklistEntry:
     fingerprint_modules: int
     created_at: str
 
+    @classmethod
+    def of(cls, r: LikenessEntry) -> BlocklistEntry:
+        return cls(id=r.id, person=r.person, reason=r.reason, source=r.source, created_by=r.created_by,
+                   resource_id=r.resource_id, sha256=r.sha256, tensor_sha256=r.tensor_sha256,
+                   fingerprint_modules=int((r.fingerprint_meta or {}).get("modules", 0)),
+                   created_at=r.created_at.isoformat() if r.created_at else "")
+
     def to_dict(self) -> dict:
         return dict(self.__dict__)
 
@@ -357,13 +364,9 @@ class LikenessBlocklist:
     # ---- listing ------------------------------------------------------------------------------
     def list(self) -> list[BlocklistEntry]:
         with self._sessions() as s:
-            rows = s.scalars(select(LikenessEntry).order_by(LikenessEntry.id)).all()
-            return [
-                BlocklistEntry(
-                    id=r.id, person=r.person, reason=r.reason, source=r.source, created_by=r.created_by,
-                    resource_id=r.resource_id, sha256=r.sha256, tensor_sha256=r.tensor_sha256,
-                    fingerprint_modules=int((r.fingerprint_meta or {}).get("modules", 0)),
-                    created_at=r.created_at.isoformat() if r.created_at else "",
-                )
-                for r in rows
-            ]
+            return [BlocklistEntry.of(r) for r in s.scalars(select(LikenessEntry).order_by(LikenessEntry.id))]
+
+    def get(self, entry_id: int) -> BlocklistEntry | None:
+        with self._sessions() as s:
+            row = s.get(LikenessEntry, entry_id)
+            return BlocklistEntry.of(row) if row is not None else None

@@ -76,7 +76,7 @@ def likeness_add(
     with _components(ctx) as c:
         entry_id = c["blocklist"].add(file, person, reason, source=source, created_by=created_by,
                                       resource_id=resource_id)
-        entry = next(e for e in c["blocklist"].list() if e.id == entry_id)
+        entry = c["blocklist"].get(entry_id)
     emit(entry.to_dict(), as_json, f"blocklisted {file} as entry {entry_id} ({person}; "
                                    f"{entry.fingerprint_modules} modules fingerprinted)")
 

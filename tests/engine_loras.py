@@ -12,11 +12,13 @@ _TE_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 
 def _linears(module: torch.nn.Module, targets: tuple[str, ...]) -> list[tuple[str, int, int]]:
-    return [
-        (name, m.out_features, m.in_features)
-        for name, m in module.named_modules()
-        if isinstance(m, torch.nn.Linear) and name.endswith(targets)
-    ]
+    """Target projections by their base names (a module already holding adapters wraps them)."""
+    out = []
+    for name, m in module.named_modules():
+        name = name.removesuffix(".base_layer")
+        if isinstance(m, torch.nn.Linear) and name.endswith(targets):
+            out.append((name, m.out_features, m.in_features))
+    return out
 
 
 def make_lora(pipe, *, seed: int, fmt: str = "kohya", rank: int = 4, scale: float = 0.5,

@@ -10,10 +10,11 @@ cancel event into diffusers' interrupt flag, so a cancel takes effect within one
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -100,7 +101,6 @@ def prepare_pipeline(pipe: DiffusionPipeline, config: WorkerConfig) -> Diffusion
     (diffusers' default processor). CPU: nothing beyond the fp32 the loader picked.
     """
     pipe.set_progress_bar_config(disable=True)
-    _clip_skip_compat(pipe)
     if pipe.device.type != "cuda":
         return pipe
     if config.channels_last:
@@ -115,13 +115,21 @@ def prepare_pipeline(pipe: DiffusionPipeline, config: WorkerConfig) -> Diffusion
     return pipe
 
 
-def _clip_skip_compat(pipe: DiffusionPipeline) -> None:
+@contextlib.contextmanager
+def _clip_skip_compat(pipe: DiffusionPipeline) -> Iterator[None]:
     """SD1 clip skip in diffusers 0.42 applies `text_encoder.text_model.final_layer_norm`, but transformers 5
-    flattened CLIPTextModel (its layers are now direct children). Point `text_model` at the model itself,
-    outside the module tree (a plain instance attribute), so the lookup works; a no-op where it exists."""
+    flattened CLIPTextModel (its layers are now direct children). For the duration of one generation,
+    point `text_model` at the model itself with a plain instance attribute (outside the module tree).
+    Only then: diffusers' LoRA loader reads the attribute's absence as "flattened" and maps keys by it."""
     encoder = getattr(pipe, "text_encoder", None)
-    if encoder is not None and not hasattr(encoder, "text_model") and hasattr(encoder, "final_layer_norm"):
+    shim = encoder is not None and not hasattr(encoder, "text_model") and hasattr(encoder, "final_layer_norm")
+    if shim:
         object.__setattr__(encoder, "text_model", encoder)
+    try:
+        yield
+    finally:
+        if shim:
+            del encoder.__dict__["text_model"]
 
 
 def img2img_class(pipe: DiffusionPipeline) -> type[DiffusionPipeline]:
@@ -200,10 +208,11 @@ def generate(
             canceled = True
             break
         t0 = time.perf_counter()
-        image = _one_image(
-            txt2img, img2img, request, index=index, seed=seed, prompt=prompt, negative=negative,
-            base_config=base_config, clip_skip=clip_skip, on_progress=on_progress, cancel=cancel,
-        )
+        with _clip_skip_compat(pipe) if clip_skip else contextlib.nullcontext():
+            image = _one_image(
+                txt2img, img2img, request, index=index, seed=seed, prompt=prompt, negative=negative,
+                base_config=base_config, clip_skip=clip_skip, on_progress=on_progress, cancel=cancel,
+            )
         denoise_ms += (time.perf_counter() - t0) * 1000
         if image is None or cancel.is_set():  # interrupted mid-image: the partial image is dropped
             canceled = True

@@ -37,6 +37,8 @@ class TrainingConfig(BaseModel):
     heartbeat_timeout_s: float = Field(300.0, gt=0, description="a running job silent this long is presumed dead")
     hold_ttl_s: int = Field(14 * 24 * 3600, gt=0, description="how long a training hold may stay open")
     work_dir: Path | None = Field(None, description="scratch space for datasets and checkpoints; default <data_dir>/training")
+    model_cache_bytes: int = Field(64 << 30, gt=0, description="local copies of base checkpoints kept by training jobs")
+    job_python: str | None = Field(None, description="interpreter of the job entrypoint; default: this process's")
 
 
 class TrainingStatus(str, enum.Enum):

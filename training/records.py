@@ -1,0 +1,148 @@
+"""Reads and guarded writes of training rows, and settling a finished job's hold exactly once.
+
+Status changes are compare-and-set (`transition`): two processes can never both move a job out of
+the same state. A job process writes only while its own attempt owns the row (`fenced_update`),
+so a superseded process (its replacement already launched) cannot overwrite progress.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+from sqlalchemy import select, update
+
+from genserve.billing.errors import HoldClosed, HoldNotFound
+from genserve.billing.ledger import Ledger
+from genserve.billing.pricing import QuoteItem, TrainingQuote
+from genserve.db import Database
+from genserve.errors import Conflict, NotFound
+from genserve.trainings import TERMINAL_STATUSES, Training, TrainingStatus
+
+log = logging.getLogger(__name__)
+
+ACTIVE_STATUSES = (TrainingStatus.queued.value, TrainingStatus.running.value)
+
+
+class TrainingNotFound(NotFound):
+    code = "training_not_found"
+
+
+class Superseded(Exception):
+    """This process's attempt no longer owns the job (it was relaunched or finished elsewhere)."""
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def quote_to_dict(quote: TrainingQuote) -> dict[str, Any]:
+    return dataclasses.asdict(quote)
+
+
+def quote_from_dict(data: dict[str, Any]) -> TrainingQuote:
+    return TrainingQuote(**{**data, "items": tuple(QuoteItem(**i) for i in data["items"])})
+
+
+def amount_owed(row: Training) -> int:
+    """Succeeded: every step and saved epoch. Canceled: the steps run (nothing was delivered).
+    Failed or denied: nothing (a failure of the service refunds fully)."""
+    quote = quote_from_dict(row.quote)
+    if row.status == TrainingStatus.succeeded.value:
+        return quote.for_progress(row.total_steps, row.epochs)
+    if row.status == TrainingStatus.canceled.value:
+        return quote.for_progress(row.step, 0)
+    return 0
+
+
+class TrainingRecords:
+    def __init__(self, db: Database):
+        self.db = db
+
+    def insert(self, row: Training) -> Training:
+        with self.db.transaction() as s:
+            s.add(row)
+        return row
+
+    def get(self, training_id: str) -> Training:
+        with self.db.session() as s:
+            row = s.get(Training, training_id)
+        if row is None:
+            raise TrainingNotFound(f"no training {training_id}")
+        return row
+
+    def list(self, *, statuses: Iterable[str] | None = None, user_id: str | None = None,
+             limit: int = 100) -> list[Training]:
+        query = select(Training).order_by(Training.created_at.desc()).limit(limit)
+        if statuses is not None:
+            query = query.where(Training.status.in_(list(statuses)))
+        if user_id is not None:
+            query = query.where(Training.user_id == user_id)
+        with self.db.session() as s:
+            return list(s.scalars(query))
+
+    def unsettled(self) -> list[Training]:
+        """Finished jobs whose hold was not captured or released yet (a process died in between)."""
+        query = select(Training).where(Training.status.in_([s.value for s in TERMINAL_STATUSES]),
+                                       Training.charged.is_(None), Training.hold_id.is_not(None))
+        with self.db.session() as s:
+            return list(s.scalars(query))
+
+    def transition(self, training_id: str, from_statuses: Iterable[str], to: str, **fields: Any) -> Training:
+        """Move the job to `to` only if it is in one of `from_statuses`; else `Conflict`."""
+        allowed = list(from_statuses)
+        values = {"status": to, "updated_at": utcnow(), **fields}
+        if to in {s.value for s in TERMINAL_STATUSES}:
+            values.setdefault("finished_at", utcnow())
+        with self.db.transaction() as s:
+            done = s.execute(update(Training).where(Training.id == training_id, Training.status.in_(allowed))
+                             .values(**values)).rowcount
+            row = s.get(Training, training_id)
+        if row is None:
+            raise TrainingNotFound(f"no training {training_id}")
+        if not done:
+            raise Conflict(f"training {training_id} is {row.status}; expected one of {allowed}",
+                           code="training_state_conflict", details={"status": row.status})
+        return row
+
+    def fenced_update(self, training_id: str, attempt: str, **fields: Any) -> None:
+        """Write progress only while `attempt` owns the running job; else `Superseded`."""
+        with self.db.transaction() as s:
+            done = s.execute(update(Training).where(Training.id == training_id, Training.ray_job_id == attempt,
+                                                    Training.status == TrainingStatus.running.value)
+                             .values(updated_at=utcnow(), **fields)).rowcount
+        if not done:
+            raise Superseded(training_id)
+
+    def set_fields(self, training_id: str, **fields: Any) -> None:
+        with self.db.transaction() as s:
+            s.execute(update(Training).where(Training.id == training_id).values(updated_at=utcnow(), **fields))
+
+    def cancel_requested(self, training_id: str) -> bool:
+        with self.db.session() as s:
+            return bool(s.scalar(select(Training.cancel_requested).where(Training.id == training_id)))
+
+    def settle(self, ledger: Ledger, training_id: str) -> Training:
+        """Capture what a finished job owes and release the rest; a no-op once done (idempotent keys)."""
+        row = self.get(training_id)
+        if row.status not in {s.value for s in TERMINAL_STATUSES}:
+            raise Conflict(f"training {training_id} is still {row.status}", code="training_not_finished")
+        if row.charged is not None or row.hold_id is None:
+            return row
+        amount = amount_owed(row)
+        try:
+            if amount > 0:
+                ledger.capture(row.hold_id, amount, key=f"training:{row.id}:capture")
+            else:
+                ledger.release(row.hold_id, key=f"training:{row.id}:release")
+        except (HoldClosed, HoldNotFound) as exc:
+            # the hold expired and its buzz went back to the user: nothing was charged
+            log.warning("training %s: hold %s already closed (%s); nothing charged", row.id, row.hold_id, exc.code)
+            amount = 0
+        with self.db.transaction() as s:
+            s.execute(update(Training).where(Training.id == training_id, Training.charged.is_(None))
+                      .values(charged=amount, updated_at=utcnow()))
+            return s.get(Training, training_id)

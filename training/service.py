@@ -1,0 +1,312 @@
+"""The training service: submit, watch, cancel, moderate and download LoRA training jobs.
+
+Submission order is what makes refusals free: intake and parameter checks, then the safety gate,
+then the quote and the hold, then the row and the Ray Job. Anything refused before the hold costs
+nothing and leaves nothing behind; anything that fails after it releases the hold.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import shutil
+import tempfile
+import threading
+import uuid
+import zipfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from genserve.billing.ledger import REVENUE_TRAINING, user_account
+from genserve.errors import Conflict, InvalidRequest, NotFound, SafetyBlocked
+from genserve.trainings import TERMINAL_STATUSES, Training, TrainingStatus
+from safety.image_scan import NsfwLevel
+from safety.verdict import Action
+from training.deps import TrainingDeps
+from training.gate import DatasetGate
+from training.intake import MANIFEST_NAME, IntakeReport, run_intake
+from training.params import check_trigger_words, parse_request, resolve
+from training.ray_jobs import RayJobLauncher
+from training.records import ACTIVE_STATUSES, TrainingNotFound, quote_to_dict, utcnow
+from training.run import DATASET_FILE, object_prefix
+from training.trainer import plan_steps
+
+log = logging.getLogger(__name__)
+
+_COPY_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class Submission:
+    """What a user sends besides the dataset."""
+
+    family: str
+    real_person: bool
+    name: str = ""
+    trigger_words: tuple[str, ...] = ()
+    person: str = ""  # the real person's name, when `real_person`
+    params: dict[str, Any] | None = None
+    allowed_level: str = "PG13"  # the most mature sample images the user may see
+
+
+class TrainingService:
+    def __init__(self, deps: TrainingDeps, launcher: RayJobLauncher | None = None):
+        self.deps = deps
+        self.records = deps.records
+        self.launcher = launcher or RayJobLauncher(deps.settings)
+        self.gate = DatasetGate(deps.auditor, deps.scanner)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @classmethod
+    def from_settings(cls, settings, db=None) -> TrainingService:  # noqa: ANN001
+        return cls(TrainingDeps.from_settings(settings, db))
+
+    # ------------------------------------------------------------------------------------ submit
+
+    def save_upload(self, stream: BinaryIO) -> Path:
+        """Copy an upload to a temporary file, refusing it past the size limit (`dataset_too_large`)."""
+        limit = self.deps.limits.intake.max_upload_bytes
+        folder = self.deps.work_dir / "uploads"
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=folder, suffix=".upload")
+        size = 0
+        with open(fd, "wb") as out:
+            while chunk := stream.read(_COPY_CHUNK):
+                size += len(chunk)
+                if size > limit:
+                    out.close()
+                    Path(name).unlink(missing_ok=True)
+                    raise InvalidRequest(f"the upload is larger than {limit} bytes", code="dataset_too_large")
+                out.write(chunk)
+        return Path(name)
+
+    def submit(self, user_id: str, dataset: Path, sub: Submission) -> Training:
+        """Intake + gate + quote + hold + launch. `dataset` is a zip file or a folder; it is not modified."""
+        limits = self.deps.limits
+        if sub.family not in limits.base_models:
+            raise InvalidRequest(f"unknown model family {sub.family!r}; expected one of {sorted(limits.base_models)}",
+                                 code="unknown_family")
+        request = parse_request(sub.params or {})
+        triggers = check_trigger_words(list(sub.trigger_words), limits)
+        if sub.real_person and not (sub.person or sub.name).strip():
+            raise InvalidRequest("a real-person training needs the person's name", code="person_required")
+        allowed = NsfwLevel.parse(sub.allowed_level).name
+        training_id = uuid.uuid4().hex
+        staging = Path(tempfile.mkdtemp(dir=self._scratch(), prefix=f"{training_id}."))
+        try:
+            report = run_intake(dataset, staging, limits.intake)
+            params = resolve(request, sub.family, limits, len(report.images), default_seed=uuid.uuid4().int % 2**31)
+            per_epoch, total = plan_steps(report.images, params)
+            if total > limits.limits.max_steps:
+                raise InvalidRequest(f"this run needs {total} steps; at most {limits.limits.max_steps} are allowed",
+                                     code="invalid_training_params", details={"field": "epochs", "steps": total})
+            verdict = self.gate.check(staging, report, triggers, sub.real_person)
+            self.deps.audit.append("training_dataset", verdict.action.value, rules=verdict.rule_ids,
+                                   job_id=training_id, user_id=user_id,
+                                   details={"images": len(report.images), "mature": verdict.mature,
+                                            "minor_signal": verdict.minor_signal, "real_person": sub.real_person})
+            if verdict.action is Action.block:
+                raise SafetyBlocked("the dataset cannot be trained on", code="dataset_blocked",
+                                    details={"rules": verdict.rule_ids, "findings": verdict.to_dict()["findings"]})
+            quote = self.deps.pricing.quote_training(sub.family, total, params.epochs)
+            return self._hold_and_create(training_id, user_id, sub, triggers, params, report, staging,
+                                         verdict.to_dict(), allowed, quote, per_epoch, total)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def _hold_and_create(self, training_id, user_id, sub, triggers, params, report: IntakeReport,  # noqa: ANN001
+                         staging: Path, verdict: dict, allowed: str, quote, per_epoch: int, total: int) -> Training:
+        ttl = min(self.deps.settings.training.hold_ttl_s, self.deps.settings.billing.max_hold_ttl_s)
+        hold = self.deps.ledger.hold(user_account(user_id), quote.total, key=f"training:{training_id}:hold",
+                                     destination=REVENUE_TRAINING, reason=f"training {training_id}",
+                                     expires_at=utcnow() + dt.timedelta(seconds=ttl))
+        try:
+            archive = staging.with_suffix(".zip")
+            with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as zf:
+                zf.write(staging / MANIFEST_NAME, MANIFEST_NAME)
+                for image in report.images:
+                    zf.write(staging / image.file, image.file)
+            self.deps.store.put_file(f"{object_prefix(training_id)}/{DATASET_FILE}", archive,
+                                     content_type="application/zip")
+            archive.unlink()
+            review = verdict["action"] == Action.review.value
+            row = self.records.insert(Training(
+                id=training_id, user_id=user_id, name=sub.name or f"lora-{training_id[:8]}", family=sub.family,
+                base_model=self.deps.limits.base_models[sub.family].checkpoint,
+                status=(TrainingStatus.review if review else TrainingStatus.queued).value,
+                params=params.model_dump(), trigger_words=triggers, real_person=sub.real_person,
+                dataset_key=f"{object_prefix(training_id)}/{DATASET_FILE}", dataset_images=len(report.images),
+                intake_report=report.to_dict(),
+                safety={"verdict": verdict, "allowed_level": allowed, "person": (sub.person or sub.name).strip()},
+                quote_total=quote.total, quote=quote_to_dict(quote), hold_id=hold.id, steps_per_epoch=per_epoch,
+                total_steps=total, epochs=params.epochs, step=0, epoch=0, checkpoint_step=0, checkpoint_epoch=0,
+                samples=[], attempts=0, cancel_requested=False,
+            ))
+        except BaseException:
+            self.deps.ledger.release(hold.id, key=f"training:{training_id}:release")
+            raise
+        if row.status == TrainingStatus.queued.value:
+            row = self._launch(row)
+        return row
+
+    def _scratch(self) -> Path:
+        folder = self.deps.work_dir / "staging"
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    def _launch(self, row: Training) -> Training:
+        """Start the next attempt; a job that cannot be started is failed and refunded."""
+        attempt = row.attempts + 1
+        try:
+            sid = self.launcher.submit(row.id, attempt)
+        except Exception as exc:
+            self.records.transition(row.id, ACTIVE_STATUSES, TrainingStatus.failed.value,
+                                    error_code=getattr(exc, "code", "training_launch_failed"), error_message=str(exc))
+            self.records.settle(self.deps.ledger, row.id)
+            raise
+        return self.records.transition(row.id, ACTIVE_STATUSES, TrainingStatus.queued.value,
+                                       ray_job_id=sid, attempts=attempt)
+
+    # ------------------------------------------------------------------------------------ read
+
+    def get(self, training_id: str, user_id: str | None = None) -> Training:
+        """The job (reconciled with Ray first). `user_id` limits it to its owner; None is a moderator."""
+        row = self._owned(training_id, user_id)
+        if row.status in ACTIVE_STATUSES or (row.status in _TERMINAL and row.charged is None):
+            row = self.reconcile_one(row)
+        return row
+
+    def _owned(self, training_id: str, user_id: str | None) -> Training:
+        row = self.records.get(training_id)
+        if user_id is not None and row.user_id != user_id:
+            raise TrainingNotFound(f"no training {training_id}")  # the same answer as for no job at all
+        return row
+
+    def list(self, *, statuses: Iterable[str] | None = None, user_id: str | None = None) -> list[Training]:
+        return self.records.list(statuses=statuses, user_id=user_id)
+
+    def download(self, training_id: str, user_id: str | None) -> tuple[str, BinaryIO]:
+        """(file name, stream) of the finished LoRA; the owner may download it even when it is blocklisted."""
+        row = self._owned(training_id, user_id)
+        if row.status != TrainingStatus.succeeded.value or not row.output_key:
+            raise Conflict(f"training {training_id} is {row.status}; there is nothing to download",
+                           code="training_not_finished")
+        return f"{row.name}.safetensors", self.deps.store.open_read(row.output_key)
+
+    def sample(self, training_id: str, user_id: str | None, epoch: int, index: int) -> BinaryIO:
+        row = self._owned(training_id, user_id)
+        for entry in row.samples or []:
+            if (entry["epoch"], entry["index"]) == (epoch, index):
+                if not entry.get("delivered"):
+                    raise SafetyBlocked("this sample image was withheld", code="sample_withheld",
+                                        details={"rules": entry.get("rules", [])})
+                return self.deps.store.open_read(entry["key"])
+        raise NotFound(f"training {training_id} has no sample {epoch}/{index}", code="sample_not_found")
+
+    # ------------------------------------------------------------------------------------ change
+
+    def cancel(self, training_id: str, user_id: str | None) -> Training:
+        """Queued or in review: canceled now, nothing charged. Running: stops between two steps and
+        pays for the steps run."""
+        row = self._owned(training_id, user_id)
+        if row.status in (TrainingStatus.review.value, TrainingStatus.queued.value):
+            try:
+                row = self.records.transition(row.id, [row.status], TrainingStatus.canceled.value,
+                                              cancel_requested=True)
+            except Conflict:
+                return self.cancel(training_id, user_id)  # it just started running
+            if row.ray_job_id:
+                self.launcher.stop(row.ray_job_id)
+            return self.records.settle(self.deps.ledger, row.id)
+        if row.status == TrainingStatus.running.value:
+            self.records.set_fields(row.id, cancel_requested=True)
+            return self.records.get(row.id)
+        raise Conflict(f"training {training_id} is already {row.status}", code="training_finished")
+
+    def approve(self, training_id: str, moderator: str = "moderator") -> Training:
+        row = self.records.transition(training_id, [TrainingStatus.review.value], TrainingStatus.queued.value)
+        self.deps.audit.append("training_dataset", "approve", job_id=training_id, user_id=row.user_id,
+                               details={"moderator": moderator})
+        return self._launch(row)
+
+    def deny(self, training_id: str, moderator: str = "moderator", reason: str = "") -> Training:
+        row = self.records.transition(training_id, [TrainingStatus.review.value], TrainingStatus.denied.value,
+                                      error_code="dataset_denied", error_message=reason or "denied by a moderator")
+        self.deps.audit.append("training_dataset", "deny", job_id=training_id, user_id=row.user_id,
+                               details={"moderator": moderator, "reason": reason})
+        return self.records.settle(self.deps.ledger, training_id)
+
+    # ------------------------------------------------------------------------------------ reconcile
+
+    def reconcile_one(self, row: Training) -> Training:
+        """Bring the row in line with its Ray Job: settle finished jobs, resume or fail dead ones."""
+        if row.status in _TERMINAL:
+            return self.records.settle(self.deps.ledger, row.id) if row.charged is None else row
+        if not row.ray_job_id:
+            return row
+        state = self.launcher.state(row.ray_job_id)
+        if not state.ended and not self._silent_too_long(row):
+            return row
+        fresh = self.records.get(row.id)
+        if fresh.status in _TERMINAL or fresh.ray_job_id != row.ray_job_id:
+            return self.reconcile_one(fresh) if fresh.status in _TERMINAL else fresh
+        if not state.ended:
+            log.warning("training %s: attempt %s silent too long; stopping it", row.id, row.ray_job_id)
+            self.launcher.stop(row.ray_job_id)
+        if fresh.cancel_requested:
+            done = self.records.transition(row.id, ACTIVE_STATUSES, TrainingStatus.canceled.value)
+            return self.records.settle(self.deps.ledger, done.id)
+        if fresh.attempts < self.deps.settings.training.max_attempts:
+            log.warning("training %s: attempt %s ended (%s) without finishing; resuming from epoch %d",
+                        row.id, row.ray_job_id, state.value, fresh.checkpoint_epoch)
+            queued = self.records.transition(row.id, ACTIVE_STATUSES, TrainingStatus.queued.value,
+                                             step=fresh.checkpoint_step, epoch=fresh.checkpoint_epoch)
+            return self._launch(queued)
+        done = self.records.transition(
+            row.id, ACTIVE_STATUSES, TrainingStatus.failed.value, error_code="training_process_died",
+            error_message=f"the training process ended ({state.value}) {fresh.attempts} times without finishing")
+        return self.records.settle(self.deps.ledger, done.id)
+
+    def _silent_too_long(self, row: Training) -> bool:
+        last = row.progress_at or row.started_at
+        if row.status != TrainingStatus.running.value or last is None:
+            return False
+        if last.tzinfo is None:
+            last = last.replace(tzinfo=dt.timezone.utc)
+        return (utcnow() - last).total_seconds() > self.deps.settings.training.heartbeat_timeout_s
+
+    def reconcile(self) -> int:
+        """One pass over every active or unsettled job; returns how many changed."""
+        changed = 0
+        for row in self.records.list(statuses=ACTIVE_STATUSES, limit=10_000) + self.records.unsettled():
+            try:
+                after = self.reconcile_one(row)
+            except Exception:  # noqa: BLE001 - one job's trouble must not stop the pass
+                log.exception("reconciling training %s", row.id)
+                continue
+            changed += (after.status, after.ray_job_id, after.charged) != (row.status, row.ray_job_id, row.charged)
+        return changed
+
+    def start_background(self, interval_s: float = 10.0) -> None:
+        """Reconcile every `interval_s` in a daemon thread until `close()`."""
+        if self._thread is not None:
+            return
+
+        def loop() -> None:
+            while not self._stop.wait(interval_s):
+                self.reconcile()
+
+        self._thread = threading.Thread(target=loop, name="training-reconciler", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+
+_TERMINAL = {s.value for s in TERMINAL_STATUSES}

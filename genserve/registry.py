@@ -55,6 +55,8 @@ class ResolvedResource:
     sfw_only: bool
     trigger_words: tuple[str, ...] = ()
     strength: float = 1.0
+    # the prompt token an embedding is used by (its `meta.token`, else its name)
+    token: str | None = None
 
     @classmethod
     def from_row(cls, row: Resource, strength: float = 1.0) -> ResolvedResource:
@@ -63,6 +65,7 @@ class ResolvedResource:
             format=row.format, storage_key=row.storage_key, sha256=row.sha256, tensor_sha256=row.tensor_sha256,
             size_bytes=int(row.size_bytes or 0), minor=bool(row.minor), poi=bool(row.poi),
             sfw_only=bool(row.sfw_only), trigger_words=tuple(row.trigger_words or ()), strength=strength,
+            token=str((row.meta or {}).get("token") or row.name) if row.kind == ResourceKind.embedding else None,
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -46,13 +46,13 @@ class Sampler(str, enum.Enum):
 
 
 class NsfwLevel(str, enum.Enum):
-    """Content ratings in increasing order; a request allows every level up to its own."""
+    """Content ratings in increasing order (the image scanner's levels); a request allows every level
+    up to its own."""
 
     pg = "pg"
     pg13 = "pg13"
     r = "r"
     x = "x"
-    xxx = "xxx"
 
     @property
     def rank(self) -> int:
@@ -64,7 +64,7 @@ class NsfwLevel(str, enum.Enum):
         return min(present, key=lambda lv: lv.rank) if present else cls.pg13
 
 
-_NSFW_ORDER = [NsfwLevel.pg, NsfwLevel.pg13, NsfwLevel.r, NsfwLevel.x, NsfwLevel.xxx]
+_NSFW_ORDER = [NsfwLevel.pg, NsfwLevel.pg13, NsfwLevel.r, NsfwLevel.x]
 
 
 class Priority(str, enum.Enum):

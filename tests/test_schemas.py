@@ -86,7 +86,7 @@ def test_fingerprint_ignores_only_the_idempotency_key():
 
 
 def test_nsfw_level_lowest_wins():
-    assert NsfwLevel.lowest(NsfwLevel.xxx, NsfwLevel.r) is NsfwLevel.r
+    assert NsfwLevel.lowest(NsfwLevel.x, NsfwLevel.r) is NsfwLevel.r
     assert NsfwLevel.lowest(None, NsfwLevel.x) is NsfwLevel.x
     assert NsfwLevel.lowest(None) is NsfwLevel.pg13
 

@@ -1,0 +1,115 @@
+"""The Ray Serve application: one ingress deployment and one worker deployment per model family,
+composed by handles.
+
+Deployment options (autoscaling, `max_ongoing_requests`, `max_queued_requests`, `user_config` for hot
+settings) come from a Serve config file (`configs/serve.local.yaml` by default), so the same file
+drives `genserve serve` and `serve run configs/serve.local.yaml`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import yaml
+from ray import serve
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle
+
+from genserve.config import Settings, load_settings, settings_dump
+from genserve.errors import ConfigError, Unavailable
+from genserve.ingress import create_api
+from genserve.log import configure_logging
+from genserve.model_catalog import load_model_catalog
+from genserve.service import GenerationService
+from genserve.worker import FamilyWorker
+from genserve.worker_types import WorkerRequest
+
+logger = logging.getLogger(__name__)
+
+APP_NAME = "genserve"
+INGRESS_NAME = "Ingress"
+
+
+def worker_name(family: str) -> str:
+    return f"worker-{family}"
+
+
+class ServeWorkers:
+    """`WorkerBackend` over the family workers' handles: routed by checkpoint id (multiplexing)."""
+
+    def __init__(self, handles: dict[str, DeploymentHandle]):
+        self.handles = handles
+
+    def generate(self, family: str, request: WorkerRequest):  # noqa: ANN201 - a DeploymentResponseGenerator
+        handle = self.handles.get(family)
+        if handle is None:
+            raise Unavailable(f"no worker deployment serves the {family} family", code="family_unavailable")
+        return handle.options(multiplexed_model_id=request.checkpoint_id, stream=True).generate.remote(request)
+
+    @staticmethod
+    def is_backpressure(exc: BaseException) -> bool:
+        return isinstance(exc, BackPressureError)
+
+
+@serve.deployment(name=INGRESS_NAME)
+@serve.ingress()
+class Ingress:
+    """HTTP front door: builds the service (database, ledger, safety) once per replica."""
+
+    def __init__(self, settings: dict[str, Any], workers: dict[str, DeploymentHandle]):
+        self.settings = Settings.model_validate(settings)
+        configure_logging(self.settings.logging.level, self.settings.logging.json_lines)
+        self.service = GenerationService.from_settings(self.settings, ServeWorkers(workers))
+
+    def __serve_build_asgi_app__(self):  # noqa: ANN204 - the ASGI app
+        return create_api(self.service)
+
+    def reconfigure(self, config: dict[str, Any]) -> None:
+        """Hot settings (`user_config`): tier limits, blocklist and person-name refresh."""
+        self.service.reconfigure(config or {})
+
+    def check_health(self) -> None:
+        self.service.jobs.count_active()
+
+
+def load_serve_config(path: Path) -> dict[str, Any]:
+    try:
+        config = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read Serve config {path}: {exc}", code="serve_config_invalid") from exc
+    if not isinstance(config.get("applications"), list) or not config["applications"]:
+        raise ConfigError(f"{path} lists no applications", code="serve_config_invalid")
+    return config
+
+
+def deployment_options(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per-deployment options of the genserve application in a Serve config, keyed by name."""
+    app = next((a for a in config["applications"] if a.get("name", APP_NAME) == APP_NAME), config["applications"][0])
+    return {d["name"]: {k: v for k, v in d.items() if k != "name"} for d in app.get("deployments", [])}
+
+
+def build_app(settings: Settings, serve_config: dict[str, Any] | None = None) -> serve.Application:
+    """Ingress + one worker per family in `configs/models.yaml`, with the Serve config's options."""
+    if serve_config is None:
+        serve_config = load_serve_config(settings.config_path(settings.server.serve_config))
+    options = deployment_options(serve_config)
+    dumped = settings_dump(settings)
+    workers = {
+        family: FamilyWorker.options(name=worker_name(family), **options.get(worker_name(family), {})).bind(
+            family, dumped
+        )
+        for family in load_model_catalog(settings.config_path("models.yaml")).families
+    }
+    return Ingress.options(**options.get(INGRESS_NAME, {})).bind(dumped, workers)
+
+
+def app_builder(args: dict[str, str]) -> serve.Application:
+    """Entry point for `serve run` / `serve deploy` (import path `genserve.app:app_builder`).
+
+    Settings come from `configs/` and `GENSERVE_*` variables; deployment options from the Serve
+    config file itself, which Serve applies on top of the defaults here.
+    """
+    settings = load_settings(config_dir=args.get("config_dir"))
+    return build_app(settings, serve_config={"applications": [{"name": APP_NAME, "deployments": []}]})

@@ -1,0 +1,149 @@
+"""`genserve generate` and `genserve jobs`: client calls to the running service (tokens from settings)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from genserve.cli.common import (
+    EXIT_ERROR,
+    EXIT_REFUSED,
+    JsonOption,
+    console,
+    emit,
+    get_settings,
+    handle_errors,
+)
+
+jobs_app = typer.Typer(no_args_is_help=True, help="Generation jobs on the running service: status, cancel.")
+
+UserOption = typer.Option(None, "--user", help="User id (default: the settings' demo user)")
+UrlOption = typer.Option(None, "--url", envvar="GENSERVE_URL", help="Service URL (default: http://<server.host>:<server.port>)")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("generate")(generate)
+    app.add_typer(jobs_app, name="jobs")
+
+
+def _client(ctx: typer.Context, user: str | None, url: str | None, **kw: Any):  # noqa: ANN202 - GenserveClient
+    from genserve.client import GenserveClient
+
+    return GenserveClient.from_settings(get_settings(ctx), user_id=user, base_url=url, **kw)
+
+
+def _lora(value: str) -> dict[str, Any]:
+    rid, _, strength = value.partition(":")
+    try:
+        return {"id": rid, "strength": float(strength)} if strength else {"id": rid}
+    except ValueError:
+        raise typer.BadParameter(f"--lora takes ID or ID:STRENGTH, got {value!r}") from None
+
+
+def _body(prompt: str, **opts: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "prompt": prompt, "negative_prompt": opts["negative"], "checkpoint": opts["checkpoint"],
+        "resources": [_lora(v) for v in opts["lora"]] + [{"id": e} for e in opts["embedding"]],
+        "sampler": opts["sampler"], "steps": opts["steps"], "cfg_scale": opts["cfg_scale"],
+        "clip_skip": opts["clip_skip"], "quantity": opts["quantity"], "priority": opts["priority"],
+    }
+    for name in ("seed", "width", "height", "nsfw_level", "idempotency_key"):
+        if opts[name] is not None:
+            body[name] = opts[name]
+    if opts["hires_scale"] is not None:
+        body["hires"] = {"scale": opts["hires_scale"], "denoise": opts["hires_denoise"], "steps": opts["hires_steps"]}
+    return body
+
+
+def _follow(client, job_id: str, show_progress: bool) -> None:  # noqa: ANN001
+    """Stream the job's events until it ends, with a progress bar on a terminal."""
+    from rich.progress import BarColumn, Progress, TextColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  console=console, disable=not show_progress, transient=True) as bar:
+        task = bar.add_task("queued", total=None)
+        for event in client.events(job_id):
+            if event.event == "progress":
+                d = event.data
+                bar.update(task, description=f"image {d['image'] + 1}/{d['images']}", completed=d["step"],
+                           total=d["total"])
+            else:
+                bar.update(task, description=event.data.get("status", ""))
+
+
+@handle_errors
+def generate(
+    ctx: typer.Context,
+    prompt: str = typer.Argument(..., help="What to draw"),
+    out: Path = typer.Option(..., "--out", help="Folder the delivered PNGs are saved into"),
+    negative: str = typer.Option("", "--negative", help="Negative prompt"),
+    checkpoint: str = typer.Option("tiny-sd1", "--checkpoint", help="Checkpoint resource id"),
+    lora: list[str] = typer.Option([], "--lora", help="LoRA resource ID or ID:STRENGTH (repeatable)"),
+    embedding: list[str] = typer.Option([], "--embedding", help="Embedding resource id (repeatable)"),
+    sampler: str = typer.Option("Euler a", "--sampler"),
+    steps: int = typer.Option(20, "--steps"),
+    cfg_scale: float = typer.Option(7.0, "--cfg"),
+    clip_skip: int = typer.Option(1, "--clip-skip"),
+    seed: int | None = typer.Option(None, "--seed", help="Default: random (always reported)"),
+    width: int | None = typer.Option(None, "--width"),
+    height: int | None = typer.Option(None, "--height"),
+    quantity: int = typer.Option(1, "--quantity", "-n"),
+    hires_scale: float | None = typer.Option(None, "--hires-scale", help="Turn on the hires fix at this upscale"),
+    hires_denoise: float = typer.Option(0.4, "--hires-denoise"),
+    hires_steps: int = typer.Option(10, "--hires-steps"),
+    priority: str = typer.Option("normal", "--priority", help="low | normal | high"),
+    nsfw_level: str | None = typer.Option(None, "--nsfw-level", help="Lower the allowed level for this request"),
+    idempotency_key: str | None = typer.Option(None, "--idempotency-key"),
+    user: str | None = UserOption,
+    tier: str | None = typer.Option(None, "--tier", help="Membership tier sent as X-User-Tier"),
+    max_nsfw: str | None = typer.Option(None, "--max-nsfw", help="X-Max-Nsfw-Level the back end allows"),
+    url: str | None = UrlOption,
+    timeout: float = typer.Option(600.0, "--timeout", help="Seconds to wait for the job"),
+    as_json: bool = JsonOption,
+) -> None:
+    """Generate images with the running service and save the delivered PNGs into OUT."""
+    body = _body(prompt, **{k: v for k, v in locals().items() if k not in ("ctx", "prompt", "as_json")})
+    with _client(ctx, user, url, tier=tier, max_nsfw_level=max_nsfw, timeout_s=60.0) as client:
+        job = client.generate(body)
+        if job["status"] in ("queued", "running"):
+            _follow(client, job["id"], show_progress=not as_json and console.is_terminal)
+        job = client.job(job["id"])
+        out.mkdir(parents=True, exist_ok=True)
+        saved = []
+        for image in job["images"]:
+            path = out / f"{job['id']}-{image['index']}.png"
+            path.write_bytes(client.image(job["id"], image["index"]))
+            saved.append(str(path))
+    data = {**job, "files": saved}
+    lines = [f"generation {job['id']}: {job['status']}, {len(saved)} image(s), {job['charged']} buzz charged"]
+    lines += [f"  {p} (seed {i['seed']})" for p, i in zip(saved, job["images"], strict=True)]
+    lines += [f"  withheld image {w['index']} (seed {w['seed']}): {', '.join(w['reasons'])}" for w in job["withheld"]]
+    if job.get("error"):
+        lines.append(f"  {job['error']['code']}: {job['error']['message']}")
+    emit(data, as_json, "\n".join(lines))
+    if job["status"] != "succeeded":
+        raise typer.Exit(EXIT_REFUSED if job["status"] == "blocked" else EXIT_ERROR)
+
+
+@jobs_app.command("status")
+@handle_errors
+def status(ctx: typer.Context, job_id: str = typer.Argument(..., metavar="ID"), user: str | None = UserOption,
+           url: str | None = UrlOption, as_json: bool = JsonOption) -> None:
+    """One generation job as the service reports it."""
+    with _client(ctx, user, url) as client:
+        job = client.job(job_id)
+    progress = job["progress"]
+    emit(job, as_json, f"{job['id']}: {job['status']} (step {progress['step']}/{progress['total']}, "
+                       f"{len(job['images'])} image(s), {job['charged']}/{job['quote']} buzz)")
+
+
+@jobs_app.command("cancel")
+@handle_errors
+def cancel(ctx: typer.Context, job_id: str = typer.Argument(..., metavar="ID"), user: str | None = UserOption,
+           url: str | None = UrlOption, as_json: bool = JsonOption) -> None:
+    """Ask a generation to stop; its hold is released."""
+    with _client(ctx, user, url) as client:
+        job = client.cancel(job_id)
+    emit(job, as_json, f"{job['id']}: {job['status']} (cancel requested)")

@@ -1,0 +1,84 @@
+"""`genserve serve`: the whole service on this machine with embedded defaults, until Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+import typer
+
+from genserve.cli.common import JsonOption, console, emit, get_settings, handle_errors
+
+
+def register(app: typer.Typer) -> None:
+    app.command("serve")(serve_command)
+
+
+@handle_errors
+def serve_command(
+    ctx: typer.Context,
+    host: str | None = typer.Option(None, "--host", help="Default: server.host"),
+    port: int | None = typer.Option(None, "--port", help="Default: server.port"),
+    dashboard: bool = typer.Option(False, "--dashboard/--no-dashboard", help="Start Ray's dashboard (port 8265)"),
+    build_models: bool = typer.Option(True, "--build-models/--no-build-models",
+                                      help="Build the tiny models when they are missing"),
+    as_json: bool = JsonOption,
+) -> None:
+    """Start local Ray + Serve with the tiny models registered and a funded demo user; block until Ctrl-C."""
+    import ray
+    from ray import serve
+
+    from genserve.app import APP_NAME, build_app, load_serve_config
+    from genserve.bootstrap import bootstrap
+    from genserve.db import Database
+    from genserve.log import configure_logging
+    from genserve.storage import object_store_from_settings
+
+    settings = get_settings(ctx)
+    overrides = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
+    if overrides:
+        settings = settings.model_copy(update={"server": settings.server.model_copy(update=overrides)})
+    configure_logging(settings.logging.level, settings.logging.json_lines)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    db = Database.from_settings(settings)
+    db.migrate()
+    report = bootstrap(settings, db, object_store_from_settings(settings), build_models=build_models)
+    db.dispose()
+
+    serve_config = load_serve_config(settings.config_path(settings.server.serve_config))
+    if not ray.is_initialized():
+        ray.init(
+            address=settings.server.ray_address,
+            num_cpus=settings.server.num_cpus,
+            include_dashboard=dashboard,
+            log_to_driver=False,
+            runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                                      **settings.to_env()}},
+        )
+    http = {**(serve_config.get("http_options") or {}), "host": settings.server.host, "port": settings.server.port}
+    serve.start(http_options=http)
+    serve.run(build_app(settings, serve_config), name=APP_NAME, route_prefix="/")
+
+    url = f"http://{settings.server.host}:{settings.server.port}"
+    info = {"url": url, "openapi": f"{url}/openapi.json", **report.to_dict()}
+    emit(info, as_json, "\n".join([
+        f"genserve is running at {url} (OpenAPI: {url}/openapi.json)",
+        f"checkpoints: {', '.join(report.checkpoints)}; demo user {report.demo_user!r} has "
+        f"{report.demo_balance} buzz",
+        "try:",
+        '  genserve generate "a red fox" --out out/',
+        f"  curl -s {url}/v1/generations -H 'Authorization: Bearer <service token>' "
+        f"-H 'X-User-Id: {report.demo_user}' -H 'Content-Type: application/json' "
+        "-d '{\"prompt\": \"a red fox\", \"checkpoint\": \"tiny-sd1\"}'",
+        "press Ctrl-C to stop",
+    ]))
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    console.print("stopping ...")
+    serve.shutdown()
+    ray.shutdown()

@@ -1,0 +1,334 @@
+"""The HTTP ingress (`/v1`): authentication, validation and error mapping around `GenerationService`.
+
+Thin on purpose: every decision is the service's. Errors are mapped here exactly once, from
+`GenserveError` / `SafetyError` / validation failures to `{"code", "message", "details"}` with the
+matching status. The calling back end authenticates with the service token and names the user in
+`X-User-Id` (with `X-User-Tier` and `X-Max-Nsfw-Level`); admin routes take the admin token.
+
+`Ingress` is the Ray Serve deployment; `create_api` builds the same FastAPI app around any
+service, so the routes also run in-process (tests, benchmarks).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import secrets
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Depends, FastAPI, Header, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response, StreamingResponse
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from genserve.config import Settings
+from genserve.errors import Forbidden, GenserveError, InvalidRequest, QueueFull, Unauthenticated
+from genserve.log import log_context
+from genserve.schemas import (
+    API_VERSION,
+    BalanceView,
+    GenerationRequest,
+    JobView,
+    NsfwLevel,
+    QuoteRequest,
+    QuoteView,
+)
+from genserve.service import Caller, GenerationService
+from safety.errors import NotSafetensors, SafetyError
+from safety.lora_format import LoraFormatError
+from safety.takedowns import TakedownNotFound, TakedownNotPending
+
+logger = logging.getLogger(__name__)
+
+USER_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:@\-]{1,64}$")
+PREFIX = f"/{API_VERSION}"
+
+# SafetyError subclasses that are the caller's fault; any other safety failure is ours (fail closed, 503)
+_SAFETY_STATUS: tuple[tuple[type[SafetyError], int], ...] = (
+    (TakedownNotFound, 404),
+    (TakedownNotPending, 409),
+    (NotSafetensors, 422),
+    (LoraFormatError, 422),
+)
+
+
+def error_response(status: int, code: str, message: str, details: dict[str, Any] | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"code": code, "message": message, "details": details or {}}, status_code=status,
+                        headers=headers)
+
+
+def map_error(exc: Exception) -> JSONResponse:
+    """The one place where exceptions become HTTP responses."""
+    if isinstance(exc, GenserveError):
+        headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, QueueFull) else None
+        if isinstance(exc, Unauthenticated):
+            headers = {"WWW-Authenticate": "Bearer"}
+        return error_response(exc.http_status, exc.code, exc.message, exc.details, headers)
+    if isinstance(exc, SafetyError):
+        status = next((s for cls, s in _SAFETY_STATUS if isinstance(exc, cls)), 503)
+        return error_response(status, exc.code, exc.message)
+    if isinstance(exc, RequestValidationError):
+        errors = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
+        fields = sorted({".".join(str(p) for p in e["loc"][1:]) for e in errors if len(e["loc"]) > 1})
+        return error_response(422, "invalid_request", f"invalid request: {', '.join(fields) or 'body'}",
+                              {"errors": errors})
+    if isinstance(exc, StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return error_response(exc.status_code, code, str(exc.detail))
+    logger.exception("unhandled error", exc_info=exc)
+    return error_response(500, "internal_error", "internal error")
+
+
+# --------------------------------------------------------------------------------------------- auth
+
+
+class Auth:
+    """Bearer tokens compared in constant time; the user comes from the calling back end's headers."""
+
+    def __init__(self, settings: Settings):
+        self._service = settings.auth.service_token.get_secret_value().encode()
+        self._admin = settings.auth.admin_token.get_secret_value().encode()
+
+    @staticmethod
+    def _token(authorization: str | None) -> bytes:
+        if not authorization or not authorization.lower().startswith("bearer "):
+            raise Unauthenticated("missing bearer token", code="token_missing")
+        return authorization[7:].strip().encode()
+
+    def admin(self, authorization: str | None) -> None:
+        if not secrets.compare_digest(self._token(authorization), self._admin):
+            raise Unauthenticated("invalid admin token", code="token_invalid")
+
+    def caller(self, authorization: str | None, user_id: str | None, tier: str | None, nsfw: str | None,
+               request_id: str) -> Caller:
+        if not secrets.compare_digest(self._token(authorization), self._service):
+            raise Unauthenticated("invalid service token", code="token_invalid")
+        if not user_id or not USER_ID_PATTERN.match(user_id):
+            raise Unauthenticated("X-User-Id must name the user (1-64 of A-Z a-z 0-9 . _ : @ -)", code="user_missing")
+        try:
+            level = NsfwLevel(nsfw.lower()) if nsfw else NsfwLevel.pg13
+        except ValueError:
+            raise InvalidRequest(f"X-Max-Nsfw-Level must be one of {[lv.value for lv in NsfwLevel]}",
+                                 code="invalid_nsfw_level") from None
+        return Caller(user_id=user_id, tier=tier or None, max_nsfw_level=level, request_id=request_id)
+
+
+# --------------------------------------------------------------------------------------------- bodies
+
+
+class LikenessAdd(BaseModel):
+    model_config = {"extra": "forbid"}
+    resource_id: str = Field(min_length=1, max_length=64)
+    person: str = Field(min_length=1, max_length=200)
+    reason: str = Field("", max_length=2000)
+    source: str = Field("", max_length=200)
+
+
+class TakedownCreate(BaseModel):
+    model_config = {"extra": "forbid"}
+    person: str = Field(min_length=1, max_length=200)
+    contact: str = Field("", max_length=320)
+    resource_ids: list[str] = Field(default_factory=list, max_length=100)
+    reason: str = Field("", max_length=2000)
+
+
+class TakedownDecision(BaseModel):
+    model_config = {"extra": "forbid"}
+    moderator: str = Field(min_length=1, max_length=200)
+    note: str = Field("", max_length=2000)
+
+
+# --------------------------------------------------------------------------------------------- app
+
+
+class HttpCounters:
+    """Request counters by route and status, exposed on /v1/metrics in Prometheus text format."""
+
+    def __init__(self) -> None:
+        self.requests: Counter[tuple[str, int]] = Counter()
+
+    def prometheus(self, jobs_by_status: dict[str, int]) -> str:
+        lines = ["# HELP genserve_http_requests_total HTTP requests by route and status code",
+                 "# TYPE genserve_http_requests_total counter"]
+        lines += [f'genserve_http_requests_total{{route="{route}",status="{status}"}} {n}'
+                  for (route, status), n in sorted(self.requests.items())]
+        lines += ["# HELP genserve_generation_jobs Generation jobs in the database by status",
+                  "# TYPE genserve_generation_jobs gauge"]
+        lines += [f'genserve_generation_jobs{{status="{s}"}} {n}' for s, n in sorted(jobs_by_status.items())]
+        return "\n".join(lines) + "\n"
+
+
+def create_api(service: GenerationService, *, routers: tuple[APIRouter, ...] = (), start_background: bool = True) -> FastAPI:
+    """The FastAPI app around `service`; `routers` are mounted as they are (training)."""
+    settings = service.settings
+    auth = Auth(settings)
+    counters = HttpCounters()
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if start_background:
+            service.start_background()
+        try:
+            yield
+        finally:
+            await service.close()
+
+    app = FastAPI(title="genserve", version=API_VERSION, lifespan=lifespan,
+                  description="Stable Diffusion generation with metered buzz billing and mandatory safety guards.")
+    for exc_type in (GenserveError, SafetyError, RequestValidationError, StarletteHTTPException):
+        app.add_exception_handler(exc_type, lambda _req, exc: map_error(exc))
+
+    @app.middleware("http")
+    async def request_context(request: Request, call_next):  # noqa: ANN001, ANN202
+        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        request.state.request_id = request_id
+        with log_context(request_id=request_id):
+            try:
+                response = await call_next(request)
+            except Exception as exc:  # noqa: BLE001 - anything not mapped above
+                response = map_error(exc)
+        route = request.scope.get("route")
+        counters.requests[(getattr(route, "path", "unmatched"), response.status_code)] += 1
+        response.headers["X-Request-Id"] = request_id
+        return response
+
+    def caller(
+        request: Request,
+        authorization: Annotated[str | None, Header()] = None,
+        x_user_id: Annotated[str | None, Header()] = None,
+        x_user_tier: Annotated[str | None, Header()] = None,
+        x_max_nsfw_level: Annotated[str | None, Header()] = None,
+    ) -> Caller:
+        return auth.caller(authorization, x_user_id, x_user_tier, x_max_nsfw_level, request.state.request_id)
+
+    def admin(authorization: Annotated[str | None, Header()] = None) -> str:
+        auth.admin(authorization)
+        return "admin"
+
+    CallerDep = Annotated[Caller, Depends(caller)]
+    AdminDep = Annotated[str, Depends(admin)]
+    JobId = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$")]
+
+    def job_response(view: JobView, status: int, headers: dict[str, str] | None = None) -> JSONResponse:
+        return JSONResponse(view.model_dump(mode="json"), status_code=status, headers=headers)
+
+    # -- generations ----------------------------------------------------------------------------
+
+    @app.post(f"{PREFIX}/generations", response_model=JobView, status_code=202, tags=["generations"])
+    async def create_generation(
+        who: CallerDep,
+        body: GenerationRequest,
+        wait: bool = Query(False, description="block until the job ends (up to `timeout` seconds)"),
+        timeout: float = Query(60.0, gt=0),
+        idempotency_key: Annotated[str | None, Header()] = None,
+    ) -> JSONResponse:
+        """Start a generation. Returns at once with the job (202), or with `wait=true` when it ends (200)."""
+        if idempotency_key and not body.idempotency_key:
+            body = GenerationRequest.model_validate({**body.model_dump(), "idempotency_key": idempotency_key})
+        view, created = await service.submit(who, body)
+        if wait:
+            view = await service.wait(who, view.id, timeout)
+        finished = view.status.value not in ("queued", "running")
+        # 202: accepted and still going; 200: finished, or an earlier job named by the idempotency key
+        return job_response(view, 200 if finished or not created else 202,
+                            {"Location": f"{PREFIX}/generations/{view.id}"})
+
+    @app.get(f"{PREFIX}/generations/{{job_id}}", response_model=JobView, tags=["generations"])
+    async def get_generation(who: CallerDep, job_id: JobId) -> JobView:
+        return service.get(who, job_id)
+
+    @app.post(f"{PREFIX}/generations/{{job_id}}/cancel", response_model=JobView, status_code=202,
+              tags=["generations"])
+    async def cancel_generation(who: CallerDep, job_id: JobId) -> JSONResponse:
+        return job_response(await service.cancel(who, job_id), 202)
+
+    @app.get(f"{PREFIX}/generations/{{job_id}}/events", tags=["generations"],
+             response_class=StreamingResponse, responses={200: {"content": {"text/event-stream": {}}}})
+    async def generation_events(
+        who: CallerDep, job_id: JobId, last_event_id: Annotated[str | None, Header()] = None
+    ) -> StreamingResponse:
+        """Server-sent events: `status` and `progress`, ending with the terminal status. Resumable."""
+        after = int(last_event_id) if last_event_id and last_event_id.isdigit() else 0
+        events = service.events(who, job_id, after)
+        first = await anext(events, None)  # an unknown job is a 404 before the stream starts
+
+        async def stream() -> AsyncIterator[str]:
+            event = first
+            while event is not None:
+                yield f"id: {event.seq}\nevent: {event.kind}\ndata: {json.dumps(event.data, sort_keys=True)}\n\n"
+                event = await anext(events, None)
+
+        return StreamingResponse(stream(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.get(f"{PREFIX}/generations/{{job_id}}/images/{{index}}", tags=["generations"],
+             response_class=Response, responses={200: {"content": {"image/png": {}}}})
+    async def generation_image(
+        who: CallerDep, job_id: JobId, index: Annotated[int, Path(ge=0, le=63)],
+        redirect: bool = Query(False, description="307 to a presigned object-store URL instead of the bytes"),
+    ) -> Response:
+        if redirect:
+            return RedirectResponse(service.image_url(who, job_id, index), status_code=307)
+        _, png = service.image(who, job_id, index)
+        return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
+
+    # -- billing --------------------------------------------------------------------------------
+
+    @app.post(f"{PREFIX}/quotes", response_model=QuoteView, tags=["billing"])
+    async def create_quote(who: CallerDep, body: QuoteRequest) -> QuoteView:
+        """The price of a generation request, checked like a submit; nothing is held."""
+        return service.quote(who, body)
+
+    @app.get(f"{PREFIX}/accounts/{{user}}/balance", response_model=BalanceView, tags=["billing"])
+    async def get_balance(who: CallerDep, user: str) -> BalanceView:
+        if user != who.user_id:
+            raise Forbidden("a user sees only their own balance", code="not_your_account")
+        return service.balance(user)
+
+    # -- admin ----------------------------------------------------------------------------------
+
+    @app.post(f"{PREFIX}/admin/likeness", status_code=201, tags=["admin"])
+    async def add_likeness(_: AdminDep, body: LikenessAdd) -> dict[str, Any]:
+        """Blocklist a registered LoRA/embedding as a real person's likeness (and its copies)."""
+        entry_id = service.add_likeness(body.resource_id, body.person, body.reason, body.source)
+        return {"entry_id": entry_id, "resource_id": body.resource_id}
+
+    @app.post(f"{PREFIX}/admin/takedowns", status_code=201, tags=["admin"])
+    async def request_takedown(_: AdminDep, body: TakedownCreate) -> dict[str, Any]:
+        return service.takedowns.request(body.person, contact=body.contact, resource_ids=body.resource_ids,
+                                         reason=body.reason, requested_by="admin-api").to_dict()
+
+    @app.post(f"{PREFIX}/admin/takedowns/{{takedown_id}}/approve", tags=["admin"])
+    async def approve_takedown(_: AdminDep, takedown_id: str, body: Annotated[TakedownDecision, Body()]) -> dict:
+        """Blocklist the named resources and the person's name; the resources stop being generated with."""
+        return service.approve_takedown(takedown_id, body.moderator, body.note).to_dict()
+
+    @app.post(f"{PREFIX}/admin/takedowns/{{takedown_id}}/deny", tags=["admin"])
+    async def deny_takedown(_: AdminDep, takedown_id: str, body: Annotated[TakedownDecision, Body()]) -> dict:
+        return service.takedowns.deny(takedown_id, body.moderator, body.note).to_dict()
+
+    # -- operations -----------------------------------------------------------------------------
+
+    @app.get(f"{PREFIX}/healthz", tags=["operations"])
+    async def healthz() -> dict[str, Any]:
+        started = time.perf_counter()
+        active = service.jobs.count_active()
+        return {"status": "ok", "active_jobs": active, "db_ms": round((time.perf_counter() - started) * 1000, 2)}
+
+    @app.get(f"{PREFIX}/metrics", response_class=PlainTextResponse, tags=["operations"])
+    async def metrics_text() -> PlainTextResponse:
+        return PlainTextResponse(counters.prometheus(service.jobs.count_by_status()),
+                                 media_type="text/plain; version=0.0.4")
+
+    for router in routers:
+        app.include_router(router)
+    return app
+

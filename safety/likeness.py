@@ -109,8 +109,7 @@ class Fingerprint:
 
     def similarity(self, other: Fingerprint, min_overlap: float = 0.5) -> float:
         """|cosine| over shared buckets (0 when the overlap is below `min_overlap` either way)."""
-        sims = _similarities(self, other.buckets[:, None], (other.buckets**2).sum(-1)[None], min_overlap=min_overlap)
-        return float(sims[0])
+        return float(_Stack.of(other.buckets[None]).similarities(self, min_overlap)[0])
 
 
 def fingerprint_lora(state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> Fingerprint:
@@ -133,23 +132,50 @@ def fingerprint_lora(state_dict: Mapping[str, torch.Tensor], metadata: Mapping[s
     return Fingerprint(buckets=acc.float().numpy(), modules=count)
 
 
-def _similarities(query: Fingerprint, entries: np.ndarray, entry_energy: np.ndarray, *, min_overlap: float) -> np.ndarray:
-    """|cosine| of `query` against N fingerprints stacked bucket-major (BUCKETS, N, DIM), restricted to
-    the buckets both use; 0 where the shared buckets hold less than `min_overlap` of either side's energy."""
-    n = entries.shape[1]
-    if n == 0 or query.empty:
-        return np.zeros(n, dtype=np.float32)
-    q = query.buckets
-    q_energy = (q**2).sum(-1)  # (B,)
-    dots = np.zeros(n, dtype=np.float32)
-    for b in np.flatnonzero(q_energy):  # one contiguous matvec per bucket the query uses
-        dots += entries[b] @ q[b]
-    q_shared = (entry_energy > 0).astype(np.float32) @ q_energy
-    e_shared = entry_energy @ (q_energy > 0).astype(np.float32)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        cos = np.abs(dots) / np.sqrt(q_shared * e_shared)
-        overlap = np.minimum(q_shared / q_energy.sum(), e_shared / entry_energy.sum(-1))
-    return np.where((overlap >= min_overlap) & np.isfinite(cos), cos, 0.0).astype(np.float32)
+@dataclass(frozen=True)
+class _Stack:
+    """N fingerprints laid out bucket-major, so matching reads only the buckets a query uses."""
+
+    vectors: np.ndarray  # (BUCKETS, N, DIM)
+    energy: np.ndarray  # (BUCKETS, N): squared norm of each bucket
+    total: np.ndarray  # (N,)
+
+    @classmethod
+    def of(cls, buckets: np.ndarray) -> _Stack:
+        """From fingerprints stacked as (N, BUCKETS, DIM)."""
+        energy = (buckets**2).sum(-1).T
+        return cls(np.ascontiguousarray(buckets.transpose(1, 0, 2)), np.ascontiguousarray(energy), energy.sum(0))
+
+    @classmethod
+    def empty(cls) -> _Stack:
+        return cls.of(np.zeros((0, BUCKETS, DIM), dtype=np.float32))
+
+    def __len__(self) -> int:
+        return self.vectors.shape[1]
+
+    def concat(self, other: _Stack) -> _Stack:
+        return _Stack(np.concatenate([self.vectors, other.vectors], axis=1),
+                      np.concatenate([self.energy, other.energy], axis=1), np.concatenate([self.total, other.total]))
+
+    def similarities(self, query: Fingerprint, min_overlap: float) -> np.ndarray:
+        """|cosine| of `query` with each fingerprint over the buckets both use; 0 where those shared
+        buckets hold less than `min_overlap` of either side's energy."""
+        n = len(self)
+        if n == 0 or query.empty:
+            return np.zeros(n, dtype=np.float32)
+        q = query.buckets
+        q_energy = (q**2).sum(-1)
+        dots = np.zeros(n, dtype=np.float32)
+        q_shared = np.zeros(n, dtype=np.float32)
+        e_shared = np.zeros(n, dtype=np.float32)
+        for b in np.flatnonzero(q_energy):  # one contiguous matrix-vector product per bucket
+            dots += self.vectors[b] @ q[b]
+            q_shared += (self.energy[b] > 0) * q_energy[b]
+            e_shared += self.energy[b]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            cos = np.abs(dots) / np.sqrt(q_shared * e_shared)
+            overlap = np.minimum(q_shared / q_energy.sum(), e_shared / self.total)
+        return np.where((overlap >= min_overlap) & np.isfinite(cos), cos, 0.0).astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -218,8 +244,7 @@ class _Index:
     by_sha: dict[str, int] = field(default_factory=dict)
     by_tensor_sha: dict[str, int] = field(default_factory=dict)
     fp_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
-    fp: np.ndarray = field(default_factory=lambda: np.zeros((BUCKETS, 0, DIM), dtype=np.float32))  # bucket-major
-    fp_energy: np.ndarray = field(default_factory=lambda: np.zeros((0, BUCKETS), dtype=np.float32))
+    fp: _Stack = field(default_factory=_Stack.empty)
 
     def extend(self, rows: Sequence[Row]) -> None:
         """Add rows selected with `_INDEX_COLUMNS`."""
@@ -235,10 +260,8 @@ class _Index:
             self.max_id = max(self.max_id, row.id)
         self.count += len(rows)
         if new_fps:
-            stacked = np.stack(new_fps)
             self.fp_ids = np.concatenate([self.fp_ids, np.asarray(new_ids, dtype=np.int64)])
-            self.fp = np.ascontiguousarray(np.concatenate([self.fp, stacked.transpose(1, 0, 2)], axis=1))
-            self.fp_energy = np.concatenate([self.fp_energy, (stacked**2).sum(-1)])
+            self.fp = self.fp.concat(_Stack.of(np.stack(new_fps)))
 
 
 class LikenessBlocklist:
@@ -334,7 +357,7 @@ class LikenessBlocklist:
         if refresh:
             self.refresh()
         idx = self._index
-        sims = _similarities(fp, idx.fp, idx.fp_energy, min_overlap=self.config.min_overlap)
+        sims = idx.fp.similarities(fp, self.config.min_overlap)
         if len(sims) == 0:
             return None
         best = int(np.argmax(sims))

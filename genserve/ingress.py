@@ -18,7 +18,7 @@ import secrets
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
@@ -166,8 +166,13 @@ class HttpCounters:
         return "\n".join(lines) + "\n"
 
 
-def create_api(service: GenerationService, *, routers: tuple[APIRouter, ...] = (), start_background: bool = True) -> FastAPI:
-    """The FastAPI app around `service`; `routers` are mounted as they are (training)."""
+RouterBuilder = Callable[[Callable[..., Any], Callable[..., Any]], APIRouter]
+
+
+def create_api(service: GenerationService, *, routers: Sequence[RouterBuilder] = (),
+               start_background: bool = True) -> FastAPI:
+    """The FastAPI app around `service`. Each of `routers` is called with this app's caller and admin
+    dependencies and mounted (the training API), so every route shares one auth and one error mapping."""
     settings = service.settings
     auth = Auth(settings)
     counters = HttpCounters()
@@ -328,7 +333,7 @@ def create_api(service: GenerationService, *, routers: tuple[APIRouter, ...] = (
         return PlainTextResponse(counters.prometheus(service.jobs.count_by_status()),
                                  media_type="text/plain; version=0.0.4")
 
-    for router in routers:
-        app.include_router(router)
+    for build in routers:
+        app.include_router(build(caller, admin))
     return app
 

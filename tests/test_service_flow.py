@@ -1,0 +1,379 @@
+"""The generation flow without Ray: the real engine in-process, real SQLite ledger, audit log and object store.
+
+Each test uses its own user (a fresh account and grant), so one service serves the whole module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import io
+import os
+import uuid
+from dataclasses import dataclass, field
+
+import pytest
+from engine_loras import make_lora, write_lora
+from PIL import Image
+
+from genserve.billing.ledger import Ledger, user_account
+from genserve.bootstrap import bootstrap
+from genserve.config import load_settings
+from genserve.db import Database
+from genserve.engine.infotext import parse_infotext
+from genserve.errors import Conflict, Forbidden, InsufficientFunds, InvalidRequest, QueueFull, SafetyBlocked
+from genserve.jobs import GenerationJob, JobStatus, JobStore, new_job_id
+from genserve.reaper import Reaper
+from genserve.schemas import GenerationRequest, Limits, NsfwLevel, TierLimits
+from genserve.service import Caller, GenerationService, in_process_service
+from genserve.storage import object_store_from_settings
+from genserve.tinymodels import build_tiny_pipeline
+from safety.audit_log import AuditLog
+from safety.image_scan import ImageScanner
+
+STEPS = 4
+GRANT = 1000
+
+
+@dataclass
+class Env:
+    service: GenerationService
+    settings: object
+    db: Database
+    ledger: Ledger
+    lora_dir: object
+    users: list[str] = field(default_factory=list)
+
+    def user(self, grant: int = GRANT, tier: str | None = None, level: NsfwLevel = NsfwLevel.pg13) -> Caller:
+        uid = f"u{uuid.uuid4().hex[:10]}"
+        if grant:
+            self.ledger.grant(user_account(uid), grant, f"test-grant:{uid}")
+        return Caller(user_id=uid, tier=tier, max_nsfw_level=level, request_id=uuid.uuid4().hex)
+
+    def available(self, caller: Caller) -> int:
+        return self.ledger.balance(user_account(caller.user_id)).available
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, tiny_models):
+    root = tmp_path_factory.mktemp("service")
+    data = root / "data"
+    data.mkdir()
+    os.symlink(tiny_models["sd1"].root.parent, data / "models")
+    settings = load_settings(
+        env={"GENSERVE_DATA_DIR": str(data)},
+        overrides={"worker": {"resource_cache_dir": str(root / "cache")}},
+    )
+    db = Database.from_settings(settings)
+    db.migrate()
+    store = object_store_from_settings(settings)
+    bootstrap(settings, db, store, build_models=False)
+    scanner = ImageScanner.from_config(settings.config_path(settings.safety.rules_dir))  # real NudeNet
+    service = in_process_service(settings, db=db, store=store, scanner=scanner)
+    yield Env(service, settings, db, Ledger(db, settings.billing), root / "loras")
+    db.dispose()
+
+
+def _request(**kw) -> GenerationRequest:
+    return GenerationRequest.model_validate({"prompt": "a red fox in the snow", "checkpoint": "tiny-sd1",
+                                             "steps": STEPS, "seed": 1234, **kw})
+
+
+async def _finish(service: GenerationService, caller: Caller, request: GenerationRequest, timeout: float = 60.0):
+    view, _ = await service.submit(caller, request)
+    return await service.wait(caller, view.id, timeout)
+
+
+def _run(coro):
+    return asyncio.run(coro)
+
+
+def _lora(env: Env, family: str, seed: int, fmt: str = "kohya", rid: str | None = None) -> str:
+    rid = rid or f"lora-{family}-{seed}-{fmt}"
+    path = write_lora(env.lora_dir / f"{rid}.safetensors", make_lora(build_tiny_pipeline(family), seed=seed, fmt=fmt))
+    env.service.registry.publish(path, id=rid, kind="lora", family=family)
+    return rid
+
+
+def test_generation_delivers_png_with_infotext_and_charges_exactly_the_delivered_images(env):
+    caller = env.user()
+    request = _request(quantity=2, negative_prompt="blurry")
+    quote = env.service.quote(caller, request)
+    job = _run(_finish(env.service, caller, request))
+    assert job.status.value == "succeeded", job.error
+    assert [i.seed for i in job.images] == [1234, 1235] == job.seeds
+    assert job.charged == quote.total == 2 * quote.per_image > 0
+    assert env.available(caller) == GRANT - quote.total
+    assert env.ledger.balance(user_account(caller.user_id)).held == 0
+    key = job.images[0].key
+    assert key == f"images/{caller.user_id}/{job.id}/0.png"
+    png = env.service.image(caller, job.id, 0)[1]
+    with Image.open(io.BytesIO(png)) as img:
+        assert img.size == (64, 64)
+        info = parse_infotext(img.info["parameters"])
+    assert info.prompt == "a red fox in the snow"
+    assert "<gs-safe-neg>" in info.negative_prompt and "blurry" in info.negative_prompt
+    assert info.params["Seed"] == "1234" and info.params["Steps"] == str(STEPS)
+    assert job.infotext == img.info["parameters"]
+    assert env.ledger.verify().ok
+
+
+def test_progress_events_are_logged_in_order(env):
+    caller = env.user()
+    job = _run(_finish(env.service, caller, _request()))
+
+    async def collect():
+        return [e async for e in env.service.events(caller, job.id)]
+
+    events = _run(collect())
+    statuses = [e.data["status"] for e in events if e.kind == "status"]
+    steps = [e.data["step"] for e in events if e.kind == "progress"]
+    assert statuses == ["queued", "running", "succeeded"]
+    assert steps == sorted(steps) and steps[-1] == STEPS
+    assert [e.seq for e in events] == list(range(1, len(events) + 1))
+
+
+def test_blocked_prompt_costs_nothing_creates_no_job_and_is_audited(env):
+    caller = env.user()
+    with pytest.raises(SafetyBlocked) as info:
+        _run(env.service.submit(caller, _request(prompt="a photo of a 12 year old, nude")))
+    assert info.value.details["rules"], "a refusal names its rule ids"
+    assert env.available(caller) == GRANT
+    assert JobStore(env.db).count_active(caller.user_id) == 0
+    rows = AuditLog(env.db.session).query(kind="precheck", action="block")
+    assert any(r.user_id == caller.user_id and r.rules == info.value.details["rules"] for r in rows)
+
+
+def test_short_of_buzz_is_402_and_leaves_nothing(env):
+    caller = env.user(grant=0)
+    with pytest.raises(InsufficientFunds) as info:
+        _run(env.service.submit(caller, _request()))
+    assert info.value.http_status == 402 and info.value.code == "insufficient_funds"
+    assert JobStore(env.db).count_active(caller.user_id) == 0
+
+
+def test_idempotency_key_returns_the_same_job_and_charges_once(env):
+    caller = env.user()
+    request = _request(idempotency_key="order-7")
+
+    async def scenario():
+        first, created = await env.service.submit(caller, request)
+        again, created_again = await env.service.submit(caller, request)
+        assert created and not created_again and again.id == first.id
+        return await env.service.wait(caller, first.id, 60)
+
+    done = _run(scenario())
+    assert done.status.value == "succeeded"
+    assert env.available(caller) == GRANT - done.charged
+    with pytest.raises(Conflict) as info:
+        _run(env.service.submit(caller, _request(idempotency_key="order-7", steps=5)))
+    assert info.value.code == "idempotency_key_reused"
+
+
+def test_same_seed_reproduces_the_image_and_another_seed_does_not(env):
+    caller = env.user()
+    batch = _run(_finish(env.service, caller, _request(seed=7, quantity=2)))  # images from seeds 7 and 8
+    single = _run(_finish(env.service, caller, _request(seed=7)))
+    assert batch.seeds == [7, 8] and single.seeds == [7]
+
+    def pixels(job, index):
+        return Image.open(io.BytesIO(env.service.image(caller, job.id, index)[1])).tobytes()
+
+    assert pixels(batch, 0) == pixels(single, 0) != pixels(batch, 1)
+
+
+def test_two_loras_at_different_strengths_change_the_image(env):
+    caller = env.user()
+    l1, l2 = _lora(env, "sd1", 1), _lora(env, "sd1", 2, fmt="diffusers")
+    runs = {
+        "base": _request(),
+        "a": _request(resources=[{"id": l1, "strength": 1.0}, {"id": l2, "strength": 0.5}]),
+        "b": _request(resources=[{"id": l1, "strength": 0.3}, {"id": l2, "strength": 1.5}]),
+    }
+    pixels = {}
+    for name, request in runs.items():
+        job = _run(_finish(env.service, caller, request))
+        assert job.status.value == "succeeded", job.error
+        pixels[name] = Image.open(io.BytesIO(env.service.image(caller, job.id, 0)[1])).tobytes()
+    assert len(set(pixels.values())) == 3
+    extra_quote = env.service.quote(caller, runs["a"]).total
+    assert extra_quote >= env.service.quote(caller, runs["base"]).total
+
+
+def test_blocklisted_lora_and_its_reexported_copy_are_refused_before_any_charge(env):
+    caller = env.user()
+    original = _lora(env, "sd1", 11, fmt="kohya", rid="celebrity-kohya")
+    copy = _lora(env, "sd1", 11, fmt="diffusers", rid="celebrity-copy")  # same weights, other layout and file
+    assert env.service.registry.get(original).sha256 != env.service.registry.get(copy).sha256
+    env.service.add_likeness(original, "A. Person", reason="takedown request")
+    for rid in (original, copy):
+        with pytest.raises(SafetyBlocked) as info:
+            _run(env.service.submit(caller, _request(resources=[{"id": rid}])))
+        assert any(r.startswith("likeness") for r in info.value.details["rules"])
+    assert env.available(caller) == GRANT
+
+
+def test_worker_refuses_a_blocklisted_lora_the_ingress_missed(env, monkeypatch):
+    """Defence in depth: with the ingress check bypassed, the worker still refuses; nothing is charged."""
+    caller = env.user()
+    rid = _lora(env, "sd1", 21, rid="missed-by-ingress")
+    env.service.add_likeness(rid, "B. Person")
+    monkeypatch.setattr(env.service, "_likeness", lambda resources: [])
+    job = _run(_finish(env.service, caller, _request(resources=[{"id": rid}])))
+    assert job.status.value == "blocked" and job.error.code == "likeness_blocked" and job.charged == 0
+    assert env.available(caller) == GRANT
+    assert AuditLog(env.db.session).query(kind="worker_refusal", job_id=job.id)
+
+
+def test_a_user_embedding_cannot_take_a_safety_token(env, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    caller = env.user()
+    path = tmp_path / "fake-safe.safetensors"
+    save_file({"emb_params": torch.zeros(1, 32)}, str(path))
+    env.service.registry.publish(path, id="fake-safe-neg", kind="embedding", family="sd1", name="<gs-safe-neg>",
+                                 meta={"token": "<gs-safe-neg>"})
+    with pytest.raises(InvalidRequest) as info:
+        _run(env.service.submit(caller, _request(resources=[{"id": "fake-safe-neg"}])))
+    assert info.value.code == "reserved_token"
+    # typing the token into the negative prompt does not displace the injected embedding either
+    job = _run(_finish(env.service, caller, _request(negative_prompt="<gs-safe-neg>, ugly")))
+    assert job.status.value == "succeeded"
+    final = env.service.jobs.get(job.id).result["final_negative_prompt"]
+    assert final.startswith("<gs-safe-neg>")
+    assert env.available(caller) == GRANT - job.charged
+
+
+def test_cancel_stops_within_a_step_and_releases_the_hold(env):
+    caller = env.user(tier="gold")
+
+    async def scenario():
+        view, _ = await env.service.submit(caller, _request(steps=60))
+        async for event in env.service.events(caller, view.id):
+            if event.kind == "progress":
+                break
+        await env.service.cancel(caller, view.id)
+        return await env.service.wait(caller, view.id, 30)
+
+    job = _run(scenario())
+    assert job.status.value == "canceled" and job.charged == 0
+    assert job.progress.step < 60
+    assert env.available(caller) == GRANT
+    assert env.ledger.balance(user_account(caller.user_id)).held == 0
+
+
+class _DyingStream:
+    """A worker stream whose replica dies after the first step (the Ray version kills a real replica)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def cancel(self):
+        self.inner.cancel()
+
+    async def __aiter__(self):
+        async for item in self.inner:
+            yield item
+            raise ConnectionError("replica died")
+
+
+def test_worker_death_fails_the_job_and_returns_the_buzz(env, monkeypatch):
+    caller = env.user()
+    real = env.service.workers.generate
+    monkeypatch.setattr(env.service.workers, "generate", lambda family, req: _DyingStream(real(family, req)))
+    job = _run(_finish(env.service, caller, _request(steps=20)))
+    assert job.status.value == "failed" and job.error.code == "worker_failed" and job.charged == 0
+    assert env.available(caller) == GRANT
+    monkeypatch.undo()
+    assert _run(_finish(env.service, caller, _request())).status.value == "succeeded"
+
+
+def test_timeout_fails_the_job_and_releases_the_hold(env, monkeypatch):
+    caller = env.user(tier="gold")
+    monkeypatch.setattr(env.service, "config", env.service.config.model_copy(update={"job_timeout_s": 0.3}))
+    job = _run(_finish(env.service, caller, _request(steps=60)))
+    assert job.status.value == "failed" and job.error.code == "timeout"
+    assert env.available(caller) == GRANT
+
+
+def test_reaper_fails_orphaned_jobs_and_releases_their_holds(env):
+    caller = env.user()
+    store, ledger = JobStore(env.db), env.ledger
+    ids = []
+    for owner in ("elsewhere/1/x", f"{os.uname().nodename}/999999999/y"):
+        job_id = new_job_id()
+        hold = ledger.hold(user_account(caller.user_id), 10, f"gen:{job_id}:hold", destination="revenue:generation")
+        store.create(GenerationJob(id=job_id, user_id=caller.user_id, family="sd1", checkpoint_id="tiny-sd1",
+                                   priority="normal", quantity=1, request_hash="0" * 64, request={"seeds": [1]},
+                                   quote={"total": 10}, quote_total=10, hold_id=hold.id, owner=owner))
+        ids.append(job_id)
+    assert env.available(caller) == GRANT - 20
+    reaper = Reaper(store, ledger, stale_after_s=60)
+    # the dead local process is reaped at once; the remote owner only once its heartbeat is stale
+    assert reaper.reap_once().jobs == [ids[1]]
+    later = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=61)
+    assert reaper.reap_once(now=later).jobs == [ids[0]]
+    for job_id in ids:
+        job = store.get(job_id)
+        assert job.status is JobStatus.failed and job.error_code == "owner_lost"
+    assert env.available(caller) == GRANT
+
+
+def test_queue_limits_and_priorities(env, monkeypatch):
+    caller = env.user(tier="free")
+    service = env.service
+    monkeypatch.setattr(service, "limits", Limits(tiers={"free": TierLimits(quantity=4, queue=1, steps=50, resources=9)},
+                                                  max_active_jobs=4, retry_after_s=3))
+
+    async def scenario():
+        first, _ = await service.submit(caller, _request(steps=40))
+        with pytest.raises(QueueFull) as per_user:
+            await service.submit(caller, _request())
+        await service.cancel(caller, first.id)
+        await service.wait(caller, first.id, 30)
+        return per_user.value
+
+    err = _run(scenario())
+    assert err.code == "queue_limit" and err.http_status == 429 and err.retry_after_s == 3
+    monkeypatch.setattr(service.jobs, "count_active", lambda user_id=None: 0 if user_id else 3)
+    with pytest.raises(QueueFull) as full:  # 3 of 4 active: normal (90%) still fits, low (75%) does not
+        _run(service.submit(caller, _request(priority="low")))
+    assert full.value.code == "queue_full"
+    assert env.available(caller) == GRANT
+
+
+def test_tier_and_size_refusals_name_the_limit(env):
+    caller = env.user(tier="free")
+    cases = [
+        (_request(quantity=5), InvalidRequest, "tier_limit_exceeded"),
+        (_request(width=72, height=72), InvalidRequest, "size_not_allowed"),
+        (_request(priority="high"), Forbidden, "priority_not_allowed"),
+        (_request(checkpoint="no-such-model"), InvalidRequest, "resource_not_found"),
+    ]
+    for request, error, code in cases:
+        with pytest.raises(Exception) as info:
+            env.service.quote(caller, request)
+        assert info.value.code == code, (code, info.value)
+        if error is not InvalidRequest:
+            assert isinstance(info.value, error)
+
+
+def test_sdxl_and_hires_fix(env):
+    caller = env.user()
+    job = _run(_finish(env.service, caller, _request(checkpoint="tiny-sdxl", hires={"scale": 2.0, "steps": 2})))
+    assert job.status.value == "succeeded", job.error
+    with Image.open(io.BytesIO(env.service.image(caller, job.id, 0)[1])) as img:
+        assert img.size == (128, 128)
+    assert job.charged == env.service.quote(caller, _request(checkpoint="tiny-sdxl",
+                                                             hires={"scale": 2.0, "steps": 2})).total
+
+
+def test_bootstrap_is_idempotent(env):
+    store = env.service.store
+    before = env.ledger.balance(user_account(env.settings.generation.demo_user)).available
+    report = bootstrap(env.settings, env.db, store, build_models=False)
+    assert set(report.checkpoints) == {"tiny-sd1", "tiny-sd1-single", "tiny-sdxl", "tiny-sdxl-single"}
+    assert report.demo_balance == before == env.settings.generation.demo_balance
+    single = env.service.registry.get("tiny-sd1-single")
+    assert single.format == "safetensors" and store.exists(f"{single.meta['config']['storage_key']}/manifest.json")

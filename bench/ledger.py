@@ -31,17 +31,18 @@ from genserve.db import Database  # noqa: E402
 DEFAULT_PG = os.environ.get("GENSERVE_TEST_POSTGRES_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
 
 
-def bench_sqlite(cycles: int) -> float:
+def bench_sqlite(cycles: int) -> tuple[float, float]:
+    """(cycles per second, client CPU milliseconds per cycle)."""
     with tempfile.TemporaryDirectory() as tmp:
         url = f"sqlite:///{tmp}/bench.db"
         db = Database(url)
         db.migrate()
         Ledger(db).grant("user:bench", 10**9, "seed")
         db.dispose()
-        seconds = hold_capture_cycles(url, "user:bench", cycles, "sqlite")
+        seconds, cpu = hold_capture_cycles(url, "user:bench", cycles, "sqlite")
         verify = Ledger(Database(url)).verify()
         assert verify.ok, verify.problems
-    return cycles / seconds
+    return cycles / seconds, cpu / cycles * 1000
 
 
 def _pg_database(server_url: str) -> tuple[str, str] | None:
@@ -68,7 +69,8 @@ def _drop_pg_database(server_url: str, name: str) -> None:
     admin.dispose()
 
 
-def bench_postgres(server_url: str, cycles_per_worker: int, workers: int) -> float | None:
+def bench_postgres(server_url: str, cycles_per_worker: int, workers: int) -> tuple[float, float] | None:
+    """(cycles per second over all workers, client CPU milliseconds per cycle), or None without a server."""
     made = _pg_database(server_url)
     if made is None:
         return None
@@ -86,11 +88,16 @@ def bench_postgres(server_url: str, cycles_per_worker: int, workers: int) -> flo
             # Warm the workers (imports, connections) before the timed run.
             pool.starmap(hold_capture_cycles, [(url, a, 20, f"warm-{a}") for a in accounts], chunksize=1)
             start = time.perf_counter()
-            pool.starmap(hold_capture_cycles, [(url, a, cycles_per_worker, f"run-{a}") for a in accounts], chunksize=1)
+            runs = pool.starmap(
+                hold_capture_cycles, [(url, a, cycles_per_worker, f"run-{a}") for a in accounts], chunksize=1
+            )
             seconds = time.perf_counter() - start
-        verify = Ledger(Database(url)).verify()
+        ledger = Ledger(Database(url))
+        verify = ledger.verify()
+        ledger.close()
         assert verify.ok, verify.problems
-        return cycles_per_worker * workers / seconds
+        total = cycles_per_worker * workers
+        return total / seconds, sum(cpu for _, cpu in runs) / total * 1000
     finally:
         _drop_pg_database(server_url, name)
 
@@ -103,22 +110,31 @@ def main() -> None:
     parser.add_argument("--pg-url", default=DEFAULT_PG, help="PostgreSQL server URL (a scratch database is made)")
     args = parser.parse_args()
 
-    sqlite_rate = bench_sqlite(args.cycles)
-    print(f"SQLite: {sqlite_rate:,.0f} hold->capture cycles/s (1 process, {args.cycles} cycles)")
-    pg_rate = bench_postgres(args.pg_url, args.pg_cycles, args.pg_workers)
-    if pg_rate is not None:
+    load_before = os.getloadavg()[0]
+    sqlite_rate, sqlite_cpu = bench_sqlite(args.cycles)
+    print(
+        f"SQLite: {sqlite_rate:,.0f} hold->capture cycles/s (1 process, {args.cycles} cycles), "
+        f"client CPU {sqlite_cpu:.2f} ms/cycle"
+    )
+    pg = bench_postgres(args.pg_url, args.pg_cycles, args.pg_workers)
+    if pg is not None:
         print(
-            f"PostgreSQL: {pg_rate:,.0f} hold->capture cycles/s "
-            f"({args.pg_workers} processes x {args.pg_cycles} cycles, one shared revenue account)"
+            f"PostgreSQL: {pg[0]:,.0f} hold->capture cycles/s ({args.pg_workers} processes x {args.pg_cycles} "
+            f"cycles, one shared revenue account), client CPU {pg[1]:.2f} ms/cycle"
         )
-    print(f"CPU cores: {os.cpu_count()}")
+    load_after = os.getloadavg()[0]
+    print(f"{os.cpu_count()} CPU cores; 1-minute load average {load_before:.1f} before, {load_after:.1f} after")
     print(
         json.dumps(
             {
                 "sqlite_cycles_per_s": round(sqlite_rate, 1),
-                "postgres_cycles_per_s": None if pg_rate is None else round(pg_rate, 1),
+                "sqlite_client_cpu_ms": round(sqlite_cpu, 3),
+                "postgres_cycles_per_s": None if pg is None else round(pg[0], 1),
+                "postgres_client_cpu_ms": None if pg is None else round(pg[1], 3),
                 "postgres_workers": args.pg_workers,
                 "cpu_count": os.cpu_count(),
+                "load_avg_1m_before": round(load_before, 2),
+                "load_avg_1m_after": round(load_after, 2),
             }
         )
     )

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime as dt
 import random
+import shutil
+from pathlib import Path
 
 import pytest
 from sqlalchemy import text
@@ -11,14 +13,44 @@ from sqlalchemy.exc import IntegrityError
 
 from genserve.billing.config import BillingConfig
 from genserve.billing.ledger import Ledger, LedgerEntry, utcnow
+from genserve.db import Database
 from genserve.errors import Conflict, InsufficientFunds, InvalidRequest, NotFound
 
 REV = "revenue:generation"
 
 
+@pytest.fixture(scope="module")
+def migrated_sqlite(tmp_path_factory) -> Path:
+    """One migrated SQLite file per module; each test gets a copy (much faster than migrating)."""
+    path = tmp_path_factory.mktemp("ledger-template") / "genserve.db"
+    database = Database(f"sqlite:///{path}")
+    database.migrate()
+    Ledger(database).ensure_account("mint")
+    database.dispose()
+    return path
+
+
 @pytest.fixture
-def ledger(db):
-    return Ledger(db, BillingConfig(expired_hold_grace_s=0))
+def sqlite_db(migrated_sqlite, tmp_path):
+    path = tmp_path / "genserve.db"
+    shutil.copy(migrated_sqlite, path)
+    database = Database(f"sqlite:///{path}")
+    yield database
+    database.dispose()
+
+
+@pytest.fixture
+def ledger(sqlite_db):
+    return Ledger(sqlite_db, BillingConfig(expired_hold_grace_s=0))
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def any_ledger(request):
+    """The same checks on SQLite and on PostgreSQL (skipped where no server runs)."""
+    database = request.getfixturevalue("sqlite_db" if request.param == "sqlite" else "pg_db")
+    ledger = Ledger(database, BillingConfig(expired_hold_grace_s=0))
+    yield ledger
+    ledger.close()
 
 
 def snapshot(ledger: Ledger) -> tuple:
@@ -31,7 +63,8 @@ def snapshot(ledger: Ledger) -> tuple:
     return accounts, holds, entries, keys
 
 
-def test_grant_hold_capture_moves_buzz_to_destination(ledger):
+def test_grant_hold_capture_moves_buzz_to_destination(any_ledger):
+    ledger = any_ledger
     entry = ledger.grant("user:1", 100, "g1", reason="welcome")
     assert isinstance(entry, LedgerEntry) and entry.amount == 100 and entry.counterparty == "mint"
     hold = ledger.hold("user:1", 30, "h1", destination=REV, reason="job-1")
@@ -87,13 +120,14 @@ def test_daily_allowance_once_per_user_per_utc_day(ledger):
     assert ledger.verify().ok
 
 
-def test_daily_allowance_off_when_configured_zero(db):
-    ledger = Ledger(db, BillingConfig(daily_allowance=0))
+def test_daily_allowance_off_when_configured_zero(sqlite_db):
+    ledger = Ledger(sqlite_db, BillingConfig(daily_allowance=0))
     assert ledger.daily_allowance("user:1") is None
     assert ledger.balance("user:1").posted == 0
 
 
-def test_idempotent_retries_return_first_result(ledger):
+def test_idempotent_retries_return_first_result(any_ledger):
+    ledger = any_ledger
     g1 = ledger.grant("user:1", 40, "g")
     assert ledger.grant("user:1", 40, "g") == g1
     h1 = ledger.hold("user:1", 25, "h", destination=REV)
@@ -201,7 +235,8 @@ def test_closed_hold_refuses_further_transitions(ledger, first, second, code):
     assert snapshot(ledger) == before
 
 
-def test_expired_hold_cannot_be_captured_and_is_reaped_once(ledger, monkeypatch):
+def test_expired_hold_cannot_be_captured_and_is_reaped_once(any_ledger, monkeypatch):
+    ledger = any_ledger
     ledger.grant("user:1", 100, "seed")
     soon = utcnow() + dt.timedelta(seconds=30)
     hold = ledger.hold("user:1", 10, "h", destination=REV, expires_at=soon)
@@ -231,7 +266,8 @@ def test_expired_hold_cannot_be_captured_and_is_reaped_once(ledger, monkeypatch)
     assert ledger.verify(now=later).ok
 
 
-def test_database_refuses_negative_user_balance_and_entry_edits(ledger):
+def test_database_refuses_negative_user_balance_and_entry_edits(any_ledger):
+    ledger = any_ledger
     ledger.grant("user:1", 10, "seed")
     with pytest.raises(IntegrityError), ledger.db.engine.begin() as c:
         c.execute(text("UPDATE ledger_accounts SET posted = -1 WHERE id = 'user:1'"))
@@ -254,13 +290,14 @@ def test_verify_finds_tampering(ledger):
     assert not report.ok and any("user:1" in p for p in report.problems)
 
 
-def test_random_sequence_keeps_invariants(ledger):
+def test_random_sequence_keeps_invariants(any_ledger):
+    ledger = any_ledger
     rng = random.Random(3)
     users = [f"user:{i}" for i in range(4)]
     for u in users:
         ledger.grant(u, 200, f"seed-{u}")
     open_holds = []
-    for i in range(300):
+    for i in range(300 if ledger.db.is_sqlite else 120):
         op = rng.random()
         if op < 0.45:
             try:

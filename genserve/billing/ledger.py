@@ -238,8 +238,10 @@ _SQL = {
     "VALUES (:key, :operation, :request, :result, :now)",
     "ensure_account": "INSERT INTO ledger_accounts (id, kind, posted, held, created_at) "
     "VALUES (:id, :kind, 0, 0, :now) ON CONFLICT (id) DO NOTHING",
-    "reserve": "UPDATE ledger_accounts SET held = held + :amount "
-    "WHERE id = :account AND posted - held >= :amount",
+    # Reserves only for a key not used before, so a first hold takes one statement.
+    "reserve_new": "UPDATE ledger_accounts SET held = held + :amount "
+    "WHERE id = :account AND posted - held >= :amount "
+    "AND NOT EXISTS (SELECT 1 FROM ledger_idempotency WHERE key = :key)",
     "balance": "SELECT a.posted + COALESCE((SELECT SUM(s.posted) FROM ledger_account_shards s "
     "WHERE s.account_id = a.id), 0), a.held FROM ledger_accounts a WHERE a.id = :account",
     "ensure_shard": "INSERT INTO ledger_account_shards (account_id, shard, posted) VALUES (:account, :shard, 0) "
@@ -250,8 +252,13 @@ _SQL = {
     "insert_hold": "INSERT INTO ledger_holds (id, account_id, destination_id, amount, captured, status, "
     "idempotency_key, reason, expires_at, created_at) VALUES (:id, :account, :destination, :amount, 0, 'open', "
     ":key, :reason, :expires_at, :now)",
-    "lock_hold": "SELECT id, account_id, destination_id, amount, captured, status, idempotency_key, reason, "
-    "expires_at, created_at, closed_at FROM ledger_holds WHERE id = :id{for_update}",
+    # Locks the hold and reads what an earlier call with the same key returned, in one statement.
+    "lock_hold_recall": "SELECT h.id, h.account_id, h.destination_id, h.amount, h.captured, h.status, "
+    "h.idempotency_key, h.reason, h.expires_at, h.created_at, h.closed_at, "
+    "(SELECT i.operation FROM ledger_idempotency i WHERE i.key = :key), "
+    "(SELECT i.request FROM ledger_idempotency i WHERE i.key = :key), "
+    "(SELECT i.result FROM ledger_idempotency i WHERE i.key = :key) "
+    "FROM ledger_holds h WHERE h.id = :id{for_update}",
     "get_hold": "SELECT id, account_id, destination_id, amount, captured, status, idempotency_key, reason, "
     "expires_at, created_at, closed_at FROM ledger_holds WHERE id = :id",
     "close_hold": "UPDATE ledger_holds SET captured = :captured, status = :status, closed_at = :now WHERE id = :id",
@@ -265,7 +272,7 @@ _SQL = {
 }
 _FOR_UPDATE = {
     "sqlite": {"for_update": "", "for_update_skip_locked": ""},
-    "postgresql": {"for_update": " FOR UPDATE", "for_update_skip_locked": " FOR UPDATE SKIP LOCKED"},
+    "postgresql": {"for_update": " FOR UPDATE OF h", "for_update_skip_locked": " FOR UPDATE SKIP LOCKED"},
 }
 
 
@@ -480,9 +487,12 @@ class Ledger:
     def _recall(tx: _Tx, key: str, operation: str, request: str) -> dict | None:
         """The stored result of an earlier call with `key`, or None; a different call is refused."""
         row = tx.run("recall", {"key": key}).fetchone()
-        if row is None:
-            return None
-        first_operation, first_request, result = row
+        return None if row is None else Ledger._check_prior(key, operation, request, *row)
+
+    @staticmethod
+    def _check_prior(
+        key: str, operation: str, request: str, first_operation: str, first_request: str, result: str
+    ) -> dict:
         if first_operation != operation or first_request != request:
             raise IdempotencyKeyReused(
                 f"idempotency key {key!r} was already used for a different call",
@@ -555,11 +565,14 @@ class Ledger:
             closed_at=_read_ts(closed_at),
         )
 
-    def _locked_open_hold(self, tx: _Tx, hold_id: str) -> HoldInfo:
-        row = tx.run("lock_hold", {"id": hold_id}).fetchone()
+    def _locked_open_hold(self, tx: _Tx, hold_id: str, key: str, operation: str, request: str) -> HoldInfo | dict:
+        """The open hold, locked; or the stored result when `key` was used before (a retry)."""
+        row = tx.run("lock_hold_recall", {"id": hold_id, "key": key}).fetchone()
         if row is None:
             raise HoldNotFound(f"no hold {hold_id!r}")
-        hold = self._hold_from_row(row)
+        if row[11] is not None:
+            return self._check_prior(key, operation, request, *row[11:])
+        hold = self._hold_from_row(row[:11])
         if not hold.is_open:
             raise HoldClosed(
                 f"hold {hold_id} is already {hold.status}", code=f"hold_{hold.status}", details={"hold": hold.to_dict()}
@@ -692,19 +705,22 @@ class Ledger:
         request = self._request(account=account, destination=destination, amount=amount)
 
         def tx_hold(tx: _Tx) -> HoldInfo:
-            prior = self._recall(tx, key, "hold", request)
-            if prior is not None:
-                return HoldInfo.from_dict(prior)
             now = utcnow()
             expires = now + dt.timedelta(seconds=self.config.default_hold_ttl_s) if expires_at is None else _utc(expires_at)
             if not now < expires <= now + dt.timedelta(seconds=self.config.max_hold_ttl_s):
+                prior = self._recall(tx, key, "hold", request)
+                if prior is not None:
+                    return HoldInfo.from_dict(prior)
                 raise InvalidRequest(
                     f"expires_at must be in the future and within {self.config.max_hold_ttl_s} s",
                     code="invalid_expiry",
                 )
             if not is_system_account(destination):
                 self._insert_account(tx, destination, now)
-            if tx.run("reserve", {"account": account, "amount": amount}).rowcount != 1:
+            if tx.run("reserve_new", {"account": account, "amount": amount, "key": key}).rowcount != 1:
+                prior = self._recall(tx, key, "hold", request)
+                if prior is not None:
+                    return HoldInfo.from_dict(prior)
                 row = tx.run("balance", {"account": account}).fetchone()
                 available = row[0] - row[1] if row else 0
                 raise InsufficientBuzz(
@@ -734,10 +750,9 @@ class Ledger:
         request = self._request(hold_id=hold_id, amount=amount)
 
         def tx_capture(tx: _Tx) -> HoldInfo:
-            prior = self._recall(tx, key, "capture", request)
-            if prior is not None:
-                return HoldInfo.from_dict(prior)
-            hold = self._locked_open_hold(tx, hold_id)
+            hold = self._locked_open_hold(tx, hold_id, key, "capture", request)
+            if isinstance(hold, dict):
+                return HoldInfo.from_dict(hold)
             now = utcnow()
             if now >= hold.expires_at:
                 raise HoldClosed(
@@ -764,10 +779,9 @@ class Ledger:
         request = self._request(hold_id=hold_id)
 
         def tx_release(tx: _Tx) -> HoldInfo:
-            prior = self._recall(tx, key, "release", request)
-            if prior is not None:
-                return HoldInfo.from_dict(prior)
-            hold = self._locked_open_hold(tx, hold_id)
+            hold = self._locked_open_hold(tx, hold_id, key, "release", request)
+            if isinstance(hold, dict):
+                return HoldInfo.from_dict(hold)
             now = utcnow()
             done = self._close(tx, hold, 0, now)
             self._remember(tx, key, "release", request, done.to_dict(), now)

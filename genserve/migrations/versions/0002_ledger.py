@@ -24,7 +24,7 @@ IMMUTABLE_ENTRIES = {
     ),
     "postgresql": (
         "CREATE OR REPLACE FUNCTION ledger_entries_immutable() RETURNS trigger LANGUAGE plpgsql AS "
-        "$$ BEGIN RAISE EXCEPTION 'ledger entries are immutable'; END $$",
+        "$$ BEGIN RAISE EXCEPTION 'ledger entries are immutable' USING ERRCODE = 'restrict_violation'; END $$",
         "CREATE TRIGGER ledger_entries_immutable BEFORE UPDATE OR DELETE ON ledger_entries "
         "FOR EACH ROW EXECUTE FUNCTION ledger_entries_immutable()",
     ),

@@ -7,7 +7,9 @@ balance; the Python checks only turn that refusal into a typed error before it h
 Concurrency: on SQLite each transaction starts with BEGIN IMMEDIATE (one writer at a time). On
 PostgreSQL the hold row is locked first (SELECT ... FOR UPDATE), then account rows in one global
 order (user accounts before system accounts, each by id), so two operations never wait on each
-other in a cycle; deadlock and serialization failures are retried as a whole transaction.
+other in a cycle; deadlock and serialization failures are retried as a whole transaction. System
+accounts (mint, promo, revenue) keep their posted balance in several shard rows, one picked at
+random per transfer, so concurrent captures do not all queue on one revenue row.
 
 Idempotency: every call carries a key. The first result is stored with the key in the same
 transaction; a retry with the same key and arguments returns it unchanged, the same key with
@@ -61,10 +63,10 @@ _MAX_REASON_LEN = 200
 _RETRY_PGCODES = {"40001", "40P01"}
 _IDEMPOTENCY_PK = "pk_ledger_idempotency"
 
-accounts_t = models.LedgerAccount.__table__
-holds_t = models.LedgerHold.__table__
-shards_t = models.LedgerAccountShard.__table__
-entries_t = models.LedgerEntry.__table__
+accounts_t = models.AccountRow.__table__
+holds_t = models.HoldRow.__table__
+shards_t = models.AccountShardRow.__table__
+entries_t = models.EntryRow.__table__
 
 T = TypeVar("T")
 
@@ -454,8 +456,6 @@ class Ledger:
                 return cur.fetchall()
             finally:
                 cur.close()
-                if self._dialect == "sqlite":
-                    pooled.dbapi_connection.rollback()
         finally:
             pooled.close()
 

@@ -1,4 +1,4 @@
-"""Ledger tables. The database itself refuses a negative user balance (CHECK constraints) and any
+"""Ledger tables (the `*Row` classes; the ledger's API returns its own dataclasses). The database itself refuses a negative user balance (CHECK constraints) and any
 change to a written entry (triggers), so no code path, old or new, can break those rules.
 
 - `ledger_accounts`: one row per account with its running balance (`posted`, and `held` by open holds).
@@ -40,7 +40,7 @@ ENTRY_ID = BigInteger().with_variant(Integer(), "sqlite")
 HOLD_STATUSES = ("open", "captured", "released", "expired")
 
 
-class LedgerAccount(Base):
+class AccountRow(Base):
     __tablename__ = "ledger_accounts"
     __table_args__ = (
         CheckConstraint("kind IN ('user', 'system')", name="kind"),
@@ -56,7 +56,7 @@ class LedgerAccount(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
 
 
-class LedgerAccountShard(Base):
+class AccountShardRow(Base):
     __tablename__ = "ledger_account_shards"
 
     account_id: Mapped[str] = mapped_column(ForeignKey("ledger_accounts.id"), primary_key=True)
@@ -64,7 +64,7 @@ class LedgerAccountShard(Base):
     posted: Mapped[int] = mapped_column(BigInteger)
 
 
-class LedgerHold(Base):
+class HoldRow(Base):
     __tablename__ = "ledger_holds"
     __table_args__ = (
         CheckConstraint("amount > 0", name="amount_positive"),
@@ -86,7 +86,7 @@ class LedgerHold(Base):
     closed_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
-class LedgerEntry(Base):
+class EntryRow(Base):
     __tablename__ = "ledger_entries"
     __table_args__ = (
         CheckConstraint("amount <> 0", name="amount_nonzero"),
@@ -105,7 +105,7 @@ class LedgerEntry(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
 
 
-class LedgerIdempotency(Base):
+class IdempotencyRow(Base):
     __tablename__ = "ledger_idempotency"
 
     key: Mapped[str] = mapped_column(IDEMPOTENCY_KEY, primary_key=True)
@@ -130,6 +130,6 @@ IMMUTABLE_ENTRIES_POSTGRESQL = (
 )
 
 for _sql in IMMUTABLE_ENTRIES_SQLITE:
-    event.listen(LedgerEntry.__table__, "after_create", DDL(_sql).execute_if(dialect="sqlite"))
+    event.listen(EntryRow.__table__, "after_create", DDL(_sql).execute_if(dialect="sqlite"))
 for _sql in IMMUTABLE_ENTRIES_POSTGRESQL:
-    event.listen(LedgerEntry.__table__, "after_create", DDL(_sql).execute_if(dialect="postgresql"))
+    event.listen(EntryRow.__table__, "after_create", DDL(_sql).execute_if(dialect="postgresql"))

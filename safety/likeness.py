@@ -168,8 +168,10 @@ class _Stack:
         dots = np.zeros(n, dtype=np.float32)
         q_shared = np.zeros(n, dtype=np.float32)
         e_shared = np.zeros(n, dtype=np.float32)
-        for b in np.flatnonzero(q_energy):  # one contiguous matrix-vector product per bucket
-            dots += self.vectors[b] @ q[b]
+        # One contiguous matrix-vector product per bucket; einsum's own loop rather than a threaded BLAS
+        # call, which is no faster at this size and far slower when the host's cores are oversubscribed.
+        for b in np.flatnonzero(q_energy):
+            dots += np.einsum("nd,d->n", self.vectors[b], q[b])
             q_shared += (self.energy[b] > 0) * q_energy[b]
             e_shared += self.energy[b]
         with np.errstate(divide="ignore", invalid="ignore"):

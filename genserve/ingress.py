@@ -9,7 +9,6 @@ matching status. The calling back end authenticates with the service token and n
 service, so the routes also run in-process (tests, benchmarks).
 """
 
-from __future__ import annotations
 
 import json
 import logging

@@ -22,6 +22,7 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +52,54 @@ class ResourceRefused(InvalidRequest):
     code = "resource_unusable"
 
 
+class ResourceNotFound(ResourceRefused):
+    code = "resource_not_found"
+
+
+class ResourceDisabled(ResourceRefused):
+    code = "resource_disabled"
+
+
+class CheckpointConfigMissing(ResourceRefused):
+    code = "checkpoint_config_missing"
+
+
+class ReservedToken(ResourceRefused):
+    """A user embedding whose token imitates a mandatory safety token."""
+
+    code = "reserved_token"
+
+
+class CheckpointMismatch(InvalidRequest):
+    code = "checkpoint_mismatch"
+
+
+class TooManySteps(InvalidRequest):
+    code = "too_many_steps"
+
+
+class TooManyImages(InvalidRequest):
+    code = "too_many_images"
+
+
+class ImageTooLarge(InvalidRequest):
+    code = "image_too_large"
+
+
 class CheckpointEvicted(Unavailable):
     code = "checkpoint_evicted"
+
+
+class WorkerWedged(Unavailable):
+    code = "worker_wedged"
+
+
+class ScannerUnavailable(Unavailable):
+    code = "scanner_unavailable"
+
+
+class ConfigNotHot(InvalidRequest):
+    code = "config_not_hot"
 
 
 # ------------------------------------------------------------------------------------- loaded models
@@ -98,6 +145,10 @@ class LoadedCheckpoint:
     @property
     def freed(self) -> bool:
         return self._freed
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
 
     @contextlib.contextmanager
     def in_use(self) -> Iterator[LoadedCheckpoint]:
@@ -189,6 +240,8 @@ class WorkerCore:
         self._busy = 0
         self._last_progress = time.monotonic()
         self._heartbeat_lock = threading.Lock()
+        # replica counters for operators (and tests): requests run, canceled, images made, steps run
+        self.counters = {"requests": 0, "canceled": 0, "images": 0, "steps": 0}
         if self.device == "cpu" and self.config.cpu_threads:
             import torch
 
@@ -209,7 +262,10 @@ class WorkerCore:
             try:
                 from safety.image_scan import ImageScanner
 
-                self._scanner = ImageScanner.from_config(self.settings.safety)
+                safety = self.settings.safety
+                self._scanner = ImageScanner.from_config(
+                    self.settings.config_path(safety.rules_dir) / safety.image_scan_file
+                )
             except Exception as exc:  # noqa: BLE001 - no scanner: every image fails closed
                 self._scanner_error = f"image scanner unavailable: {type(exc).__name__}: {exc}"
                 logger.error("%s", self._scanner_error)
@@ -227,16 +283,14 @@ class WorkerCore:
         with self.db.session() as s:
             row = s.get(Resource, resource_id)
         if row is None:
-            raise ResourceRefused(f"no resource {resource_id!r}", code="resource_not_found",
-                                  details={"resource_id": resource_id})
+            raise ResourceNotFound(f"no resource {resource_id!r}", details={"resource_id": resource_id})
         if row.kind != kind or row.family.value != self.family:
             raise ResourceRefused(
                 f"resource {resource_id} is a {row.family.value} {row.kind.value}, not a {self.family} {kind.value}",
                 details={"resource_id": resource_id},
             )
         if not row.generation_enabled:
-            raise ResourceRefused(f"resource {resource_id} is disabled", code="resource_disabled",
-                                  details={"resource_id": resource_id})
+            raise ResourceDisabled(f"resource {resource_id} is disabled", details={"resource_id": resource_id})
         return row
 
     @staticmethod
@@ -251,7 +305,7 @@ class WorkerCore:
         entry = self.catalog.checkpoint(row.id)
         if entry is not None and entry.config:
             return self.settings.models_dir / entry.config
-        raise ResourceRefused(f"single-file checkpoint {row.id} has no config folder", code="checkpoint_config_missing")
+        raise CheckpointConfigMissing(f"single-file checkpoint {row.id} has no config folder")
 
     # ---- checkpoints ----------------------------------------------------------------------------
     def load_checkpoint(self, checkpoint_id: str) -> LoadedCheckpoint:
@@ -312,24 +366,25 @@ class WorkerCore:
         sampler_spec(request.sampler)
         cfg = self.config
         if request.steps > cfg.max_steps or (request.hires and (request.hires.steps or 0) > cfg.max_steps):
-            raise InvalidRequest(f"at most {cfg.max_steps} steps", code="too_many_steps")
+            raise TooManySteps(f"at most {cfg.max_steps} steps")
         if len(request.seeds) > cfg.max_images:
-            raise InvalidRequest(f"at most {cfg.max_images} images per request", code="too_many_images")
+            raise TooManyImages(f"at most {cfg.max_images} images per request")
         width, height = request.width, request.height
         if request.hires:
             width, height = hires_size(width, height, request.hires.scale)
         if width * height > cfg.max_pixels:
-            raise InvalidRequest(f"{width}x{height} is over {cfg.max_pixels} pixels", code="image_too_large")
+            raise ImageTooLarge(f"{width}x{height} is over {cfg.max_pixels} pixels")
 
     def _fetch_loras(self, request: WorkerRequest, stack: contextlib.ExitStack) -> list[_ResolvedLora]:
         from genserve.engine.infotext import autov3
+        from genserve.engine.lora_cache import LoraInvalid
         from safety.hashing import file_hashes
 
         out = []
         for spec in request.loras:
             row = self.resource(spec.resource_id, ResourceKind.lora)
             if row.format != "safetensors":
-                raise ResourceRefused(f"LoRA {row.id} is not a safetensors file", code="not_safetensors")
+                raise LoraInvalid(f"LoRA {row.id} is not a safetensors file")
             path = stack.enter_context(self.cache.use(row.storage_key, row.sha256, "file"))
             tensor_sha = row.tensor_sha256 or file_hashes(path).tensor_sha256
             out.append(_ResolvedLora(row.id, row.name, row.sha256, path, autov3(tensor_sha), spec.strength))
@@ -342,15 +397,20 @@ class WorkerCore:
             row = self.resource(resource_id, ResourceKind.embedding)
             token = str((row.meta or {}).get("token") or row.name)
             if any(r.lower() in token.lower() for r in reserved):
-                raise ResourceRefused(f"embedding {row.id} uses a reserved safety token", code="reserved_token",
+                raise ReservedToken(f"embedding {row.id} uses a reserved safety token",
                                       details={"resource_id": row.id})
             path = stack.enter_context(self.cache.use(row.storage_key, row.sha256, "file"))
             out.append((row, path, token))
         return out
 
+    def stats(self) -> dict[str, int]:
+        with self._heartbeat_lock:
+            return dict(self.counters)
+
     def _heartbeat(self) -> None:
         with self._heartbeat_lock:
             self._last_progress = time.monotonic()
+            self.counters["steps"] += 1
 
     @contextlib.contextmanager
     def _busy_marker(self) -> Iterator[None]:
@@ -375,8 +435,7 @@ class WorkerCore:
         from genserve.engine.textual_inversion import user_embeddings
 
         if request.checkpoint_id != loaded.checkpoint_id:
-            raise InvalidRequest(f"request for {request.checkpoint_id} sent to {loaded.checkpoint_id}",
-                                 code="checkpoint_mismatch")
+            raise CheckpointMismatch(f"request for {request.checkpoint_id} sent to {loaded.checkpoint_id}")
         self.validate(request)
         cancel = cancel or threading.Event()
         timings: dict[str, float] = {}
@@ -411,6 +470,10 @@ class WorkerCore:
                     outcome = generate(loaded.pipe, request, safety=loaded.safety, model=model,
                                        on_progress=progress, cancel=cancel)
         timings.update(outcome.timings_ms)
+        with self._heartbeat_lock:
+            self.counters["requests"] += 1
+            self.counters["canceled"] += int(outcome.canceled)
+            self.counters["images"] += len(outcome.images)
         t_scan = time.perf_counter()
         images = [self._image_result(img) for img in outcome.images]
         timings["scan_ms"] = (time.perf_counter() - t_scan) * 1000
@@ -446,7 +509,7 @@ class WorkerCore:
         level = getattr(result, "level", None)
         errors = [str(e) for e in (getattr(result, "scanner_errors", None) or [])]
         return ImageScan(
-            level=None if level is None else str(getattr(level, "value", level)),
+            level=None if level is None else (level.name.lower() if isinstance(level, Enum) else str(level)),
             detections=[_as_dict(d) for d in (getattr(result, "detections", None) or [])],
             minor_signal=bool(getattr(result, "minor_signal", False)),
             errors=errors,
@@ -459,9 +522,9 @@ class WorkerCore:
         with self._heartbeat_lock:
             busy, idle_s = self._busy, time.monotonic() - self._last_progress
         if busy and idle_s > self.config.wedge_timeout_s:
-            raise Unavailable(f"no generation progress for {idle_s:.0f} s while busy", code="worker_wedged")
+            raise WorkerWedged(f"no generation progress for {idle_s:.0f} s while busy")
         if self.scanner is None:
-            raise Unavailable(self._scanner_error or "image scanner unavailable", code="scanner_unavailable")
+            raise ScannerUnavailable(self._scanner_error or "image scanner unavailable")
         for loaded in self.loaded() if models is None else models:
             if loaded.freed or loaded.pipe is None:
                 continue
@@ -478,7 +541,7 @@ class WorkerCore:
             elif key in ("blocklist_refresh_s", "enable_xformers", "wedge_timeout_s"):
                 data[key] = value
             else:
-                raise InvalidRequest(f"{key!r} cannot be changed without a restart", code="config_not_hot")
+                raise ConfigNotHot(f"{key!r} cannot be changed without a restart")
         self.config = WorkerConfig.model_validate(data)
         for loaded in self.loaded() if models is None else models:
             if loaded.freed:
@@ -540,8 +603,12 @@ class FamilyWorker:
         disable_progress_bars()
         self.core = WorkerCore(family, Settings.model_validate(settings))
 
+        self._loaded: dict[str, LoadedCheckpoint] = {}
+
         async def load_checkpoint(checkpoint_id: str) -> LoadedCheckpoint:
-            return await asyncio.to_thread(self.core.load_checkpoint, checkpoint_id)
+            loaded = await asyncio.to_thread(self.core.load_checkpoint, checkpoint_id)
+            self._loaded[checkpoint_id] = loaded
+            return loaded
 
         # the limit comes from settings, so the multiplexed loader is wired per instance
         self.get_checkpoint = serve.multiplexed(
@@ -549,15 +616,16 @@ class FamilyWorker:
         )(load_checkpoint)
 
     def _resident(self) -> list[LoadedCheckpoint]:
-        wrapper = getattr(self.get_checkpoint, "__serve_multiplex_wrapper", None)
-        models = getattr(wrapper, "models", {}) if wrapper is not None else {}
-        return [m for m in list(models.values()) if isinstance(m, LoadedCheckpoint)]
+        """Checkpoints the multiplexer still holds (an evicted one was closed through `__del__`)."""
+        for checkpoint_id, loaded in list(self._loaded.items()):
+            if loaded.closing:
+                self._loaded.pop(checkpoint_id, None)
+        return list(self._loaded.values())
 
     async def generate(self, request: WorkerRequest) -> AsyncIterator[ProgressEvent | WorkerResult]:
         model_id = serve.get_multiplexed_model_id()
         if model_id and model_id != request.checkpoint_id:
-            raise InvalidRequest(f"routed as {model_id} but asks for {request.checkpoint_id}",
-                                 code="checkpoint_mismatch")
+            raise CheckpointMismatch(f"routed as {model_id} but asks for {request.checkpoint_id}")
         self.core.validate(request)
         loaded = await self.get_checkpoint(request.checkpoint_id)
         loop = asyncio.get_running_loop()
@@ -588,6 +656,10 @@ class FamilyWorker:
 
     def check_health(self) -> None:
         self.core.check_health(self._resident())
+
+    def stats(self) -> dict[str, Any]:
+        """This replica's counters and resident checkpoints (for operators; Serve routes to any replica)."""
+        return {**self.core.stats(), "checkpoints": [m.checkpoint_id for m in self._resident()]}
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         self.core.reconfigure(user_config, self._resident())

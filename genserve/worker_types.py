@@ -98,7 +98,8 @@ class ProgressEvent(_Frozen):
 
 
 class ImageScan(_Frozen):
-    """The image scanner's findings. `level` is None when the scan could not finish."""
+    """The image scanner's findings. `level` is the NSFW level's name ("pg", "pg13", "r", "x"), None when
+    the scan could not finish; `errors` lists scanners that failed (either makes the image undeliverable)."""
 
     level: str | None
     detections: list[dict] = Field(default_factory=list)

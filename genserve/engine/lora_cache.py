@@ -68,6 +68,10 @@ class LoraCacheFull(InvalidRequest):
     code = "lora_cache_limit"
 
 
+class LoraTooLarge(LoraCacheFull):
+    code = "lora_too_large"
+
+
 @dataclass
 class CachedAdapter:
     name: str
@@ -234,9 +238,8 @@ class LoraCache:
         state_dict, _ = read_lora(path)
         nbytes = _nbytes(state_dict)
         if nbytes > self.max_bytes:
-            raise LoraCacheFull(
-                f"LoRA {sha256[:12]} holds {nbytes} bytes of weights, over this replica's {self.max_bytes}",
-                code="lora_too_large",
+            raise LoraTooLarge(
+                f"LoRA {sha256[:12]} holds {nbytes} bytes of weights, over this replica's {self.max_bytes}"
             )
         self._make_room(nbytes, protect=protect)
         name = adapter_name(sha256)

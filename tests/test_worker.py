@@ -1,0 +1,305 @@
+"""The generation worker: WorkerCore against a registry and object store, and the Serve deployment."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+
+import pytest
+from engine_loras import make_lora, write_lora
+from engine_support import differ, one_torch_thread
+from safetensors.torch import save_file
+
+from genserve.engine.infotext import parse_hash_list, read_png_infotext
+from genserve.errors import GenserveError
+from genserve.worker_types import LoraSpec, ProgressEvent, WorkerRequest, WorkerResult
+
+
+@pytest.fixture(scope="module")
+def env(tiny_models, tmp_path_factory):
+    """Settings on a fresh data dir, a migrated SQLite registry, a local object store holding the tiny
+    SD1 checkpoint (published content-addressed), the safety embeddings under the models dir."""
+    from genserve.config import load_settings
+    from genserve.db import Database
+    from genserve.registry import ResourceRegistry
+    from genserve.storage import object_store_from_settings
+
+    root = tmp_path_factory.mktemp("worker")
+    settings = load_settings(env={"GENSERVE_DATA_DIR": str(root / "data")}, overrides={"worker": {"cpu_threads": 1}})
+    shutil.copytree(tiny_models["sd1"].embeddings["general"].parent, settings.models_dir / "embeddings")
+    db = Database.from_settings(settings)
+    db.migrate()
+    store = object_store_from_settings(settings)
+    store.ensure_bucket()
+    registry = ResourceRegistry(db, store)
+    registry.publish(tiny_models["sd1"].diffusers_dir, id="tiny-sd1", kind="checkpoint", family="sd1")
+    yield {"settings": settings, "db": db, "store": store, "registry": registry, "root": root}
+    db.dispose()
+
+
+@pytest.fixture(scope="module")
+def core(env):
+    from genserve.worker import WorkerCore
+
+    with one_torch_thread():
+        core = WorkerCore("sd1", env["settings"], db=env["db"], store=env["store"])
+        yield core
+        core.close()
+
+
+@pytest.fixture(scope="module")
+def lora(env, core):
+    """A kohya LoRA for the tiny SD1 checkpoint, registered as `lora-a`."""
+    pipe = core.checkpoint("tiny-sd1").pipe
+    path = write_lora(env["root"] / "lora-a.safetensors", make_lora(pipe, seed=21))
+    env["registry"].publish(path, id="lora-a", kind="lora", family="sd1", name="Style A")
+    return path
+
+
+def _request(**kw) -> WorkerRequest:
+    base = dict(job_id="job-1", checkpoint_id="tiny-sd1", prompt="a cat", negative_prompt="blurry",
+                sampler="Euler a", steps=2, width=64, height=64, seeds=[5, 6])
+    return WorkerRequest(**{**base, **kw})
+
+
+def test_generates_with_lora_progress_hashes_and_scans(core, lora):
+    from safety.hashing import file_hashes
+
+    events: list[ProgressEvent] = []
+    with one_torch_thread():
+        result = core.generate(_request(loras=[LoraSpec(resource_id="lora-a", strength=0.8)]), events.append)
+        plain = core.generate(_request())
+    assert [(e.image_index, e.step, e.total_steps, e.image_count) for e in events] == [
+        (0, 1, 2, 2), (0, 2, 2, 2), (1, 1, 2, 2), (1, 2, 2, 2)]
+    assert not result.canceled and [i.seed for i in result.images] == [5, 6]
+    assert result.final_negative_prompt.startswith("<gs-safe-neg>")
+    autov3 = file_hashes(lora).tensor_sha256[:12]
+    assert result.lora_hashes == {"lora-a": autov3}
+    assert result.model_hash == core.resource("tiny-sd1", "checkpoint").sha256[:10]
+    info = read_png_infotext(result.images[0].png)
+    assert parse_hash_list(info.params["Lora hashes"]) == {"Style A": autov3}
+    assert info.params["Model hash"] == result.model_hash and info.params["Model"] == "tiny-sd1"
+    for image in result.images:  # the real NudeNet scan finds nothing in noise
+        assert image.deliverable and image.scan.level == "pg" and image.scan.errors == []
+    assert {"fetch_ms", "lora_load_ms", "denoise_ms", "scan_ms", "total_ms"} <= set(result.timings_ms)
+    import io
+
+    from PIL import Image
+
+    with_lora = Image.open(io.BytesIO(result.images[0].png))
+    without = Image.open(io.BytesIO(plain.images[0].png))
+    assert differ(with_lora, without) > 0.5
+
+
+def test_failed_scan_makes_the_image_undeliverable(env):
+    from genserve.worker import WorkerCore
+
+    class Broken:
+        def scan(self, image):
+            raise RuntimeError("model file missing")
+
+    with one_torch_thread():
+        core = WorkerCore("sd1", env["settings"], db=env["db"], store=env["store"], scanner=Broken())
+        result = core.generate(_request(seeds=[1]))
+        core.close()
+    image = result.images[0]
+    assert not image.deliverable and image.scan.level is None
+    assert "model file missing" in image.scan.errors[0]
+
+
+def test_resources_are_checked_by_the_worker(env, core, lora):
+    from genserve.resources import Resource
+    from genserve.worker import ResourceRefused
+
+    with pytest.raises(ResourceRefused) as err:
+        core.generate(_request(loras=[LoraSpec(resource_id="nope")]))
+    assert err.value.code == "resource_not_found"
+    env["registry"].register(id="xl-lora", kind="lora", family="sdxl", storage_key="x/y", sha256="0" * 64)
+    with pytest.raises(ResourceRefused) as err:
+        core.generate(_request(loras=[LoraSpec(resource_id="xl-lora")]))
+    assert err.value.code == "resource_unusable"
+    with pytest.raises(ResourceRefused):
+        core.generate(_request(checkpoint_id="lora-a"))
+    with env["db"].transaction() as s:
+        s.get(Resource, "lora-a").generation_enabled = False
+    try:
+        with pytest.raises(ResourceRefused) as err:
+            core.generate(_request(loras=[LoraSpec(resource_id="lora-a")]))
+        assert err.value.code == "resource_disabled"
+    finally:
+        with env["db"].transaction() as s:
+            s.get(Resource, "lora-a").generation_enabled = True
+
+
+def test_blocklisted_lora_is_refused_by_the_worker(env, core, tiny_models):
+    from genserve.engine.lora_cache import LikenessBlocked
+
+    pipe = core.checkpoint("tiny-sd1").pipe
+    path = write_lora(env["root"] / "person.safetensors", make_lora(pipe, seed=99))
+    env["registry"].publish(path, id="lora-person", kind="lora", family="sd1")
+    core.blocklist.add(path, person="Some Person", reason="likeness")
+    steps_before = core.stats()["steps"]
+    with pytest.raises(LikenessBlocked) as err:
+        core.generate(_request(loras=[LoraSpec(resource_id="lora-person")]))
+    assert err.value.code == "likeness_blocked"
+    assert core.stats()["steps"] == steps_before  # refused before any denoising
+
+
+def test_user_embedding_applies_to_one_request_only(env, core):
+    loaded = core.checkpoint("tiny-sd1")
+    width = loaded.pipe.text_encoder.get_input_embeddings().weight.shape[1]
+    import torch
+
+    path = env["root"] / "style.safetensors"
+    save_file({"emb_params": torch.randn(2, width, generator=torch.Generator().manual_seed(3)) * 0.5}, str(path))
+    env["registry"].publish(path, id="ti-style", kind="embedding", family="sd1", meta={"token": "<my-style>"})
+    with one_torch_thread():
+        styled = core.generate(_request(prompt="a <my-style> cat", seeds=[4], embeddings=["ti-style"]))
+        plain = core.generate(_request(prompt="a <my-style> cat", seeds=[4]))
+    import io
+
+    from PIL import Image
+
+    a, b = (Image.open(io.BytesIO(r.images[0].png)) for r in (styled, plain))
+    assert differ(a, b) > 0.5
+    assert "<my-style>" not in loaded.pipe.tokenizer.get_vocab()
+    core.check_health()  # the safety embeddings' rows survived the load and unload
+
+
+def test_check_health_fails_when_the_safety_embedding_is_removed(env):
+    from genserve.worker import WorkerCore
+    from safety.errors import EmbeddingUnavailable
+
+    core = WorkerCore("sd1", env["settings"], db=env["db"], store=env["store"])
+    loaded = core.checkpoint("tiny-sd1")
+    core.check_health()
+    loaded.pipe.unload_textual_inversion()
+    with pytest.raises(EmbeddingUnavailable):
+        core.check_health()
+    core.close()
+    assert loaded.freed
+
+
+def test_wedged_generation_fails_health(env):
+    from genserve.worker import WorkerCore
+
+    core = WorkerCore("sd1", env["settings"].model_copy(update={"worker": env["settings"].worker.model_copy(
+        update={"wedge_timeout_s": 0.05})}), db=env["db"], store=env["store"])
+    with core._busy_marker():
+        time.sleep(0.1)
+        with pytest.raises(GenserveError) as err:
+            core.check_health()
+    assert err.value.code == "worker_wedged"
+    core.check_health()
+
+
+def test_evicted_checkpoint_is_freed_after_its_last_request(core):
+    from genserve.worker import CheckpointEvicted
+
+    loaded = core.load_checkpoint("tiny-sd1")
+    with loaded.in_use():
+        loaded.close()
+        loaded.close()  # Serve calls __del__ explicitly and Python again at collection
+        assert not loaded.freed and loaded.pipe is not None
+        with pytest.raises(CheckpointEvicted):
+            with loaded.in_use():
+                pass
+    assert loaded.freed and loaded.pipe is None
+    loaded.__del__()
+
+
+def test_worker_limits_and_unknown_sampler(env, core):
+    from genserve.engine.schedulers import UnknownSampler
+    from genserve.worker import WorkerCore
+
+    with pytest.raises(UnknownSampler):
+        core.generate(_request(sampler="Euler z"))
+    settings = env["settings"]
+    strict = WorkerCore("sd1", settings.model_copy(update={"worker": settings.worker.model_copy(
+        update={"max_images": 1, "max_steps": 3, "max_pixels": 96 * 96})}), db=env["db"], store=env["store"])
+    for request, code in ((_request(seeds=[1, 2]), "too_many_images"), (_request(seeds=[1], steps=4), "too_many_steps"),
+                          (_request(seeds=[1], width=128, height=128), "image_too_large")):
+        with pytest.raises(GenserveError) as err:
+            strict.validate(request)
+        assert err.value.code == code
+    strict.validate(_request(seeds=[1]))
+
+
+# --------------------------------------------------------------------------------------- Ray Serve
+
+
+@pytest.fixture(scope="module")
+def serve_worker(env, ray_session, lora):
+    from ray import serve
+
+    from genserve.config import settings_dump
+    from genserve.worker import FamilyWorker
+
+    app = FamilyWorker.options(name="worker-sd1", max_ongoing_requests=4).bind("sd1", settings_dump(env["settings"]))
+    handle = serve.run(app, name="worker-test", route_prefix=None)
+    yield handle
+    serve.delete("worker-test")
+
+
+@pytest.mark.ray
+def test_serve_streams_progress_then_the_result(serve_worker):
+    stream = serve_worker.options(multiplexed_model_id="tiny-sd1", stream=True).generate.remote(
+        _request(loras=[LoraSpec(resource_id="lora-a", strength=0.5)]))
+    items = list(stream)
+    assert all(isinstance(i, ProgressEvent) for i in items[:-1]) and len(items) == 5
+    result = items[-1]
+    assert isinstance(result, WorkerResult) and [i.index for i in result.images] == [0, 1]
+    assert all(i.deliverable for i in result.images) and "lora-a" in result.lora_hashes
+    stats = serve_worker.stats.remote().result()
+    assert stats["checkpoints"] == ["tiny-sd1"] and stats["requests"] >= 1
+    serve_worker.check_health.remote().result()
+
+
+@pytest.mark.ray
+def test_serve_refusal_is_typed(serve_worker):
+    stream = serve_worker.options(multiplexed_model_id="tiny-sd1", stream=True).generate.remote(
+        _request(loras=[LoraSpec(resource_id="missing")]))
+    with pytest.raises(GenserveError) as err:
+        list(stream)
+    assert err.value.code == "resource_not_found"
+
+
+@pytest.mark.ray
+def test_serve_cancellation_stops_the_denoising_loop(serve_worker):
+    from ray.serve.exceptions import RequestCancelledError
+
+    before = serve_worker.stats.remote().result()
+    stream = serve_worker.options(multiplexed_model_id="tiny-sd1", stream=True).generate.remote(
+        _request(steps=40, seeds=[1, 2, 3]))
+    first = next(stream)
+    assert isinstance(first, ProgressEvent)
+    stream.cancel()
+    with pytest.raises((RequestCancelledError, Exception)):
+        list(stream)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        stats = serve_worker.stats.remote().result()
+        if stats["canceled"] > before["canceled"]:
+            break
+        time.sleep(0.2)
+    assert stats["canceled"] == before["canceled"] + 1
+    assert stats["steps"] - before["steps"] < 120  # it stopped long before the 3 x 40 steps
+    # the replica serves the next request normally
+    result = list(serve_worker.options(multiplexed_model_id="tiny-sd1", stream=True).generate.remote(
+        _request(seeds=[9])))[-1]
+    assert isinstance(result, WorkerResult) and len(result.images) == 1
+
+
+def test_cancel_event_from_another_thread(core):
+    cancel = threading.Event()
+    events = []
+
+    def progress(event):
+        events.append(event)
+        if len(events) == 4:  # image 1, step 1
+            cancel.set()
+
+    with one_torch_thread():
+        result = core.generate(_request(steps=3, seeds=[1, 2, 3]), progress, cancel)
+    assert result.canceled and [i.index for i in result.images] == [0] and len(events) == 4

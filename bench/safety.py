@@ -13,12 +13,15 @@ time against a 10,000-entry blocklist, revalidation query included (target ≤ 1
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
+import os
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 # Run as a script, this file's folder comes first on the import path and its name would shadow the
@@ -104,12 +107,26 @@ def _per_second(fn: Callable[[], object], seconds: float) -> tuple[float, float]
     return count / cpu, count / (time.perf_counter() - t0)
 
 
-def prompt_audit_figures(seconds: float = 3.0) -> dict[str, float]:
-    import itertools
-    import os
+@contextlib.contextmanager
+def _one_core() -> Iterator[None]:
+    """Pin this process to one core (as the prompt-audit figure says), then give the others back."""
+    if not hasattr(os, "sched_setaffinity"):
+        yield
+        return
+    cores = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(cores)})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, cores)
 
-    if hasattr(os, "sched_setaffinity"):  # one core, as the figure says
-        os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
+
+def prompt_audit_figures(seconds: float = 3.0) -> dict[str, float]:
+    with _one_core():
+        return _prompt_audit_figures(seconds)
+
+
+def _prompt_audit_figures(seconds: float) -> dict[str, float]:
     auditor = PromptAuditor.from_dir(RULES_DIR)
     prompts = _prompts(2000, 300)
     negatives = _prompts(2000, 120, seed=1)

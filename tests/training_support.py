@@ -1,0 +1,61 @@
+"""Shared pieces of the training tests: toy datasets, settings, a funded user and registered base models."""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from genserve.billing.ledger import user_account
+from genserve.config import Settings, load_settings
+
+COLOURS = [(220, 40, 40), (40, 40, 220), (40, 200, 60), (230, 210, 30)]
+
+
+def toy_image(index: int, size: tuple[int, int] = (64, 64)) -> Image.Image:
+    """A learnable target: a flat colour with a contrasting square whose place depends on `index`."""
+    w, h = size
+    colour = np.array(COLOURS[index % len(COLOURS)], dtype=np.uint8)
+    arr = np.empty((h, w, 3), dtype=np.uint8)
+    arr[:] = colour
+    q = min(w, h) // 4
+    top, left = (index % 2) * q * 2, (index // 2 % 2) * q * 2
+    arr[top : top + q * 2, left : left + q * 2] = 255 - colour
+    return Image.fromarray(arr)
+
+
+def toy_zip(path: Path, n: int = 4, captions: dict[int, str] | None = None, size: tuple[int, int] = (64, 64)) -> Path:
+    """A zip of `n` toy PNGs; `captions` maps an index to its `.txt` caption (default: a plain one)."""
+    captions = captions if captions is not None else {i: f"toy square {i}, flat colour" for i in range(n)}
+    with zipfile.ZipFile(path, "w") as zf:
+        for i in range(n):
+            buf = io.BytesIO()
+            toy_image(i, size).save(buf, format="PNG")
+            zf.writestr(f"img{i}.png", buf.getvalue())
+            if i in captions:
+                zf.writestr(f"img{i}.txt", captions[i])
+    return path
+
+
+def training_settings(tmp_path: Path, **training: Any) -> Settings:
+    """Settings on a fresh data dir with progress written on every step (tests watch it)."""
+    return load_settings(env={"GENSERVE_DATA_DIR": str(tmp_path / "data")},
+                         overrides={"training": {"progress_interval_s": 0, **training}})
+
+
+def register_base_models(deps, tiny_models) -> None:  # noqa: ANN001 - TrainingDeps, {family: TinyModel}
+    """Publish the tiny checkpoints under the ids `configs/training.yaml` trains on."""
+    for family, spec in deps.limits.base_models.items():
+        deps.registry.publish(tiny_models[family].diffusers_dir, id=spec.checkpoint, kind="checkpoint", family=family)
+
+
+def fund(deps, user: str, amount: int) -> None:  # noqa: ANN001
+    deps.ledger.grant(user_account(user), amount, key=f"test-grant:{user}:{amount}")
+
+
+def available(deps, user: str) -> int:  # noqa: ANN001
+    return deps.ledger.balance(user_account(user)).available

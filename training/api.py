@@ -1,0 +1,168 @@
+"""HTTP API of training jobs: a router the ingress mounts, with its auth handed in.
+
+User endpoints take the ingress's caller dependency (anything with `.user_id`, and optionally
+`.max_nsfw_level`); admin endpoints take its admin dependency. Errors are `GenserveError`s, which
+the ingress turns into JSON with a stable `code` in one place.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Callable, Iterator
+from typing import Annotated, Any, BinaryIO
+
+from fastapi import APIRouter, Body, Depends, File, Form, Path, Query, UploadFile
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
+
+from genserve.errors import InvalidRequest
+from genserve.trainings import Training
+from training.service import Submission, TrainingService
+
+PREFIX = "/v1"
+TrainingId = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$")]
+
+
+class ProgressView(BaseModel):
+    step: int
+    total_steps: int
+    epoch: int
+    epochs: int
+    loss: float | None
+    eta_s: float | None
+    percent: float
+
+
+class TrainingView(BaseModel):
+    id: str
+    status: str
+    name: str
+    family: str
+    base_model: str
+    trigger_words: list[str]
+    real_person: bool
+    params: dict[str, Any]
+    progress: ProgressView
+    dataset: dict[str, Any]
+    safety: dict[str, Any]
+    quote_total: int
+    charged: int | None
+    resource_id: str | None
+    output_sha256: str | None
+    samples: list[dict[str, Any]]
+    error: dict[str, str] | None
+    attempts: int
+    created_at: dt.datetime | None
+    started_at: dt.datetime | None
+    finished_at: dt.datetime | None
+
+    @classmethod
+    def of(cls, row: Training) -> TrainingView:
+        verdict = (row.safety or {}).get("verdict", {})
+        return cls(
+            id=row.id, status=row.status, name=row.name, family=row.family, base_model=row.base_model,
+            trigger_words=list(row.trigger_words or []), real_person=row.real_person, params=row.params,
+            progress=ProgressView(step=row.step, total_steps=row.total_steps, epoch=row.epoch, epochs=row.epochs,
+                                  loss=row.loss, eta_s=row.eta_s,
+                                  percent=round(100.0 * row.step / max(row.total_steps, 1), 1)),
+            dataset={"images": row.dataset_images, "report": {k: v for k, v in (row.intake_report or {}).items()
+                                                              if k != "images"}},
+            safety={"action": verdict.get("action"), "rules": verdict.get("rules", [])},
+            quote_total=row.quote_total, charged=row.charged, resource_id=row.resource_id,
+            output_sha256=row.output_sha256,
+            samples=[{k: v for k, v in s.items() if k != "key"} for s in row.samples or []],
+            error={"code": row.error_code, "message": row.error_message or ""} if row.error_code else None,
+            attempts=row.attempts, created_at=row.created_at, started_at=row.started_at, finished_at=row.finished_at,
+        )
+
+
+class DenyBody(BaseModel):
+    model_config = {"extra": "forbid"}
+    reason: str = ""
+
+
+def _stream(body: BinaryIO) -> Iterator[bytes]:
+    with body:
+        while chunk := body.read(1 << 20):
+            yield chunk
+
+
+def _allowed_level(caller: Any) -> str:
+    level = getattr(caller, "max_nsfw_level", None)
+    return str(getattr(level, "value", level) or "PG13")
+
+
+def build_router(service: TrainingService, auth_dependency: Callable[..., Any],
+                 admin_dependency: Callable[..., Any]) -> APIRouter:
+    """`/v1/trainings...` and `/v1/admin/trainings...` on `service`."""
+    router = APIRouter(prefix=PREFIX)
+    Caller = Annotated[Any, Depends(auth_dependency)]
+    Admin = Annotated[Any, Depends(admin_dependency)]
+
+    @router.post("/trainings", response_model=TrainingView, status_code=202, tags=["trainings"])
+    def create_training(
+        who: Caller,
+        dataset: Annotated[UploadFile, File(description="zip of png/jpg/jpeg/webp images with optional .txt/.caption captions")],
+        family: Annotated[str, Form(description="sd1 | sdxl")],
+        real_person: Annotated[bool, Form(description="the subject is a real, identifiable person")],
+        name: Annotated[str, Form(max_length=200)] = "",
+        trigger_words: Annotated[str, Form(description="comma-separated")] = "",
+        person: Annotated[str, Form(max_length=200, description="the person's name when real_person")] = "",
+        params: Annotated[str, Form(description="JSON object of training parameters")] = "{}",
+    ) -> TrainingView:
+        """Upload a dataset and start a training (or queue it for review when the dataset is flagged)."""
+        try:
+            parsed = json.loads(params or "{}")
+        except json.JSONDecodeError as exc:
+            raise InvalidRequest(f"params is not JSON: {exc}", code="invalid_training_params") from exc
+        if not isinstance(parsed, dict):
+            raise InvalidRequest("params must be a JSON object", code="invalid_training_params")
+        upload = service.save_upload(dataset.file)
+        try:
+            row = service.submit(who.user_id, upload, Submission(
+                family=family, real_person=real_person, name=name,
+                trigger_words=tuple(w for w in trigger_words.split(",") if w.strip()), person=person,
+                params=parsed, allowed_level=_allowed_level(who)))
+        finally:
+            upload.unlink(missing_ok=True)
+        return TrainingView.of(row)
+
+    @router.get("/trainings/{training_id}", response_model=TrainingView, tags=["trainings"])
+    def get_training(who: Caller, training_id: TrainingId) -> TrainingView:
+        """Status, progress (step, loss, ETA), samples and outcome."""
+        return TrainingView.of(service.get(training_id, who.user_id))
+
+    @router.post("/trainings/{training_id}/cancel", response_model=TrainingView, tags=["trainings"])
+    def cancel_training(who: Caller, training_id: TrainingId) -> TrainingView:
+        return TrainingView.of(service.cancel(training_id, who.user_id))
+
+    @router.get("/trainings/{training_id}/download", tags=["trainings"],
+                responses={200: {"content": {"application/octet-stream": {}}}})
+    def download_training(who: Caller, training_id: TrainingId) -> StreamingResponse:
+        """The trained LoRA (kohya-format safetensors)."""
+        filename, body = service.download(training_id, who.user_id)
+        return StreamingResponse(_stream(body), media_type="application/octet-stream",
+                                 headers={"Content-Disposition": f'attachment; filename="{filename}"'})
+
+    @router.get("/trainings/{training_id}/samples/{epoch}/{index}", tags=["trainings"],
+                responses={200: {"content": {"image/png": {}}}})
+    def training_sample(who: Caller, training_id: TrainingId, epoch: int, index: int) -> StreamingResponse:
+        return StreamingResponse(_stream(service.sample(training_id, who.user_id, epoch, index)), media_type="image/png")
+
+    @router.get("/admin/trainings", response_model=list[TrainingView], tags=["admin"])
+    def list_trainings(_: Admin, status: str | None = Query(None, description="e.g. review")) -> list[TrainingView]:
+        return [TrainingView.of(r) for r in service.list(statuses=[status] if status else None)]
+
+    @router.post("/admin/trainings/{training_id}/approve", response_model=TrainingView, tags=["admin"])
+    def approve_training(_: Admin, training_id: TrainingId) -> TrainingView:
+        """Let a dataset in review train."""
+        return TrainingView.of(service.approve(training_id))
+
+    @router.post("/admin/trainings/{training_id}/deny", response_model=TrainingView, tags=["admin"])
+    def deny_training(_: Admin, training_id: TrainingId,
+                      body: Annotated[DenyBody | None, Body()] = None) -> TrainingView:
+        """Refuse a dataset in review; its hold is released in full."""
+        return TrainingView.of(service.deny(training_id, reason=(body or DenyBody()).reason))
+
+    return router

@@ -33,6 +33,9 @@ def test_add_check_list(cli, tmp_path):
     assert res.exit_code == 0, res.output
     entry = json.loads(res.stdout)
     assert entry["person"] == "Jane Roe" and entry["fingerprint_modules"] == len(sd1_modules())
+    [audit_row] = json.loads(cli("audit", "log", "--kind", "likeness", "--json").stdout)["rows"]
+    assert audit_row["action"] == "add" and audit_row["details"]["entry_id"] == entry["id"]
+    assert audit_row["subject_hashes"] == [entry["sha256"]]
 
     res = cli("likeness", "check", str(blocked), "--json")
     assert res.exit_code == 3

@@ -92,17 +92,17 @@ def test_generates_with_lora_progress_hashes_and_scans(core, lora):
     assert differ(with_lora, without) > 0.5
 
 
-def test_failed_scan_makes_the_image_undeliverable(env):
-    from genserve.worker import WorkerCore
-
+def test_failed_scan_makes_the_image_undeliverable(core):
     class Broken:
         def scan(self, image):
             raise RuntimeError("model file missing")
 
-    with one_torch_thread():
-        core = WorkerCore("sd1", env["settings"], db=env["db"], store=env["store"], scanner=Broken())
-        result = core.generate(_request(seeds=[1]))
-        core.close()
+    real, core._scanner = core.scanner, Broken()
+    try:
+        with one_torch_thread():
+            result = core.generate(_request(seeds=[1]))
+    finally:
+        core._scanner = real
     image = result.images[0]
     assert not image.deliverable and image.scan.level is None
     assert "model file missing" in image.scan.errors[0]
@@ -167,17 +167,15 @@ def test_user_embedding_applies_to_one_request_only(env, core):
     core.check_health()  # the safety embeddings' rows survived the load and unload
 
 
-def test_check_health_fails_when_the_safety_embedding_is_removed(env):
-    from genserve.worker import WorkerCore
+def test_check_health_fails_when_the_safety_embedding_is_removed(core):
     from safety.errors import EmbeddingUnavailable
 
-    core = WorkerCore("sd1", env["settings"], db=env["db"], store=env["store"])
-    loaded = core.checkpoint("tiny-sd1")
-    core.check_health()
+    loaded = core.load_checkpoint("tiny-sd1")  # a second copy, outside the core's multiplexer
+    core.check_health([loaded])
     loaded.pipe.unload_textual_inversion()
     with pytest.raises(EmbeddingUnavailable):
-        core.check_health()
-    core.close()
+        core.check_health([loaded])
+    loaded.close()
     assert loaded.freed
 
 
@@ -195,18 +193,30 @@ def test_wedged_generation_fails_health(env):
 
 
 def test_evicted_checkpoint_is_freed_after_its_last_request(core):
-    from genserve.worker import CheckpointEvicted
+    from types import SimpleNamespace
 
-    loaded = core.load_checkpoint("tiny-sd1")
+    from genserve.worker import CheckpointEvicted, LoadedCheckpoint
+
+    class Loras:
+        cleared = 0
+
+        def clear(self):
+            self.cleared += 1
+
+    loras = Loras()
+    pipe = SimpleNamespace(components={"unet": object()}, unet=object())
+    row = SimpleNamespace(name="m", sha256="0" * 64)
+    loaded = LoadedCheckpoint("tiny-sd1", row, pipe, safety=None, loras=loras)
     with loaded.in_use():
         loaded.close()
         loaded.close()  # Serve calls __del__ explicitly and Python again at collection
-        assert not loaded.freed and loaded.pipe is not None
+        assert not loaded.freed and loaded.pipe is pipe
         with pytest.raises(CheckpointEvicted):
             with loaded.in_use():
                 pass
-    assert loaded.freed and loaded.pipe is None
+    assert loaded.freed and loaded.pipe is None and pipe.unet is None and loras.cleared == 1
     loaded.__del__()
+    assert loras.cleared == 1
 
 
 def test_worker_limits_and_unknown_sampler(env, core):

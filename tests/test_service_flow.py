@@ -377,3 +377,15 @@ def test_bootstrap_is_idempotent(env):
     assert report.demo_balance == before == env.settings.generation.demo_balance
     single = env.service.registry.get("tiny-sd1-single")
     assert single.format == "safetensors" and store.exists(f"{single.meta['config']['storage_key']}/manifest.json")
+
+
+def test_reconfigure_applies_hot_limits_and_rereads_the_file(env, monkeypatch):
+    service = env.service
+    monkeypatch.setattr(service, "limits", service.limits)  # restored after the test
+    service.reconfigure({"limits": {"default_tier": "vip", "tiers": {"vip": {"quantity": 1, "queue": 1, "steps": 5,
+                                                                            "resources": 0}}}})
+    with pytest.raises(InvalidRequest) as info:
+        service.quote(env.user(), _request(steps=6))
+    assert info.value.code == "tier_limit_exceeded"
+    service.reconfigure({"revision": 2})
+    assert service.limits.default_tier == "free" and service.limits.tier("gold").quantity == 12

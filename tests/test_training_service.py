@@ -41,11 +41,14 @@ class Launcher:
         self.stopped: list[str] = []
         self.states: dict[str, JobState] = {}
 
-    def submit(self, training_id: str, attempt: int) -> str:
-        sid = f"test-{training_id}-{attempt}"
+    @staticmethod
+    def submission_id(training_id: str, attempt: int) -> str:
+        return f"test-{training_id}-{attempt}"
+
+    def submit(self, training_id: str, attempt: int) -> None:
+        sid = self.submission_id(training_id, attempt)
         self.submitted.append(sid)
         self.states[sid] = JobState.pending
-        return sid
 
     def state(self, sid: str) -> JobState:
         return self.states.get(sid, JobState.missing)

@@ -12,7 +12,7 @@ import json
 from collections.abc import Callable, Iterator
 from typing import Annotated, Any, BinaryIO
 
-from fastapi import APIRouter, Body, Depends, File, Form, Path, Query, UploadFile
+from fastapi import APIRouter, Body, Depends, File, Form, Header, Path, Query, Request, UploadFile
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
@@ -97,12 +97,14 @@ def build_router(service: TrainingService, auth_dependency: Callable[..., Any],
                  admin_dependency: Callable[..., Any]) -> APIRouter:
     """`/v1/trainings...` and `/v1/admin/trainings...` on `service`."""
     router = APIRouter(prefix=PREFIX)
-    Caller = Annotated[Any, Depends(auth_dependency)]
-    Admin = Annotated[Any, Depends(admin_dependency)]
+    # plain defaults, not local Annotated aliases: FastAPI resolves string annotations in module globals
+    caller = Depends(auth_dependency)
+    admin = Depends(admin_dependency)
 
     @router.post("/trainings", response_model=TrainingView, status_code=202, tags=["trainings"])
     def create_training(
-        who: Caller,
+        *,
+        who: Any = caller,
         dataset: Annotated[UploadFile, File(description="zip of png/jpg/jpeg/webp images with optional .txt/.caption captions")],
         family: Annotated[str, Form(description="sd1 | sdxl")],
         real_person: Annotated[bool, Form(description="the subject is a real, identifiable person")],
@@ -129,17 +131,17 @@ def build_router(service: TrainingService, auth_dependency: Callable[..., Any],
         return TrainingView.of(row)
 
     @router.get("/trainings/{training_id}", response_model=TrainingView, tags=["trainings"])
-    def get_training(who: Caller, training_id: TrainingId) -> TrainingView:
+    def get_training(*, who: Any = caller, training_id: TrainingId) -> TrainingView:
         """Status, progress (step, loss, ETA), samples and outcome."""
         return TrainingView.of(service.get(training_id, who.user_id))
 
     @router.post("/trainings/{training_id}/cancel", response_model=TrainingView, tags=["trainings"])
-    def cancel_training(who: Caller, training_id: TrainingId) -> TrainingView:
+    def cancel_training(*, who: Any = caller, training_id: TrainingId) -> TrainingView:
         return TrainingView.of(service.cancel(training_id, who.user_id))
 
     @router.get("/trainings/{training_id}/download", tags=["trainings"],
                 responses={200: {"content": {"application/octet-stream": {}}}})
-    def download_training(who: Caller, training_id: TrainingId) -> StreamingResponse:
+    def download_training(*, who: Any = caller, training_id: TrainingId) -> StreamingResponse:
         """The trained LoRA (kohya-format safetensors)."""
         filename, body = service.download(training_id, who.user_id)
         return StreamingResponse(_stream(body), media_type="application/octet-stream",
@@ -147,22 +149,46 @@ def build_router(service: TrainingService, auth_dependency: Callable[..., Any],
 
     @router.get("/trainings/{training_id}/samples/{epoch}/{index}", tags=["trainings"],
                 responses={200: {"content": {"image/png": {}}}})
-    def training_sample(who: Caller, training_id: TrainingId, epoch: int, index: int) -> StreamingResponse:
+    def training_sample(*, who: Any = caller, training_id: TrainingId, epoch: int, index: int) -> StreamingResponse:
         return StreamingResponse(_stream(service.sample(training_id, who.user_id, epoch, index)), media_type="image/png")
 
     @router.get("/admin/trainings", response_model=list[TrainingView], tags=["admin"])
-    def list_trainings(_: Admin, status: str | None = Query(None, description="e.g. review")) -> list[TrainingView]:
+    def list_trainings(*, _: Any = admin, status: str | None = Query(None, description="e.g. review")) -> list[TrainingView]:
         return [TrainingView.of(r) for r in service.list(statuses=[status] if status else None)]
 
     @router.post("/admin/trainings/{training_id}/approve", response_model=TrainingView, tags=["admin"])
-    def approve_training(_: Admin, training_id: TrainingId) -> TrainingView:
+    def approve_training(*, _: Any = admin, training_id: TrainingId) -> TrainingView:
         """Let a dataset in review train."""
         return TrainingView.of(service.approve(training_id))
 
     @router.post("/admin/trainings/{training_id}/deny", response_model=TrainingView, tags=["admin"])
-    def deny_training(_: Admin, training_id: TrainingId,
+    def deny_training(*, _: Any = admin, training_id: TrainingId,
                       body: Annotated[DenyBody | None, Body()] = None) -> TrainingView:
         """Refuse a dataset in review; its hold is released in full."""
         return TrainingView.of(service.deny(training_id, reason=(body or DenyBody()).reason))
 
     return router
+
+
+def build_router_with_ingress_auth(service: TrainingService) -> APIRouter:
+    """The router guarded by the ingress's own token checks (`genserve.ingress.Auth` on the service's
+    settings): `Authorization: Bearer <service token>` + `X-User-Id`, and the admin token for /admin."""
+    from genserve.ingress import Auth
+
+    auth = Auth(service.deps.settings)
+
+    def caller(
+        request: Request,
+        authorization: Annotated[str | None, Header()] = None,
+        x_user_id: Annotated[str | None, Header()] = None,
+        x_user_tier: Annotated[str | None, Header()] = None,
+        x_max_nsfw_level: Annotated[str | None, Header()] = None,
+    ) -> Any:
+        request_id = getattr(request.state, "request_id", None) or ""
+        return auth.caller(authorization, x_user_id, x_user_tier, x_max_nsfw_level, request_id)
+
+    def admin(authorization: Annotated[str | None, Header()] = None) -> str:
+        auth.admin(authorization)
+        return "admin"
+
+    return build_router(service, caller, admin)

@@ -41,10 +41,6 @@ def local_ray_init_kwargs(settings: Settings) -> dict[str, Any]:
     return {"include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": settings.training.dashboard_port}
 
 
-def submission_id(training_id: str, attempt: int) -> str:
-    return f"genserve-training-{training_id}-{attempt}"
-
-
 class RayJobLauncher:
     """Submits, watches and stops training attempts through `ray.job_submission.JobSubmissionClient`."""
 
@@ -73,9 +69,13 @@ class RayJobLauncher:
 
         return 1.0 if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0 else 0.0
 
-    def submit(self, training_id: str, attempt: int) -> str:
+    @staticmethod
+    def submission_id(training_id: str, attempt: int) -> str:
+        return f"genserve-training-{training_id}-{attempt}"
+
+    def submit(self, training_id: str, attempt: int) -> None:
         """Start attempt `attempt` of a training: `python -m training.run TRAINING_ID` as a Ray Job."""
-        sid = submission_id(training_id, attempt)
+        sid = self.submission_id(training_id, attempt)
         python = self.settings.training.job_python or sys.executable
         env = {
             **self.settings.to_env(),
@@ -98,7 +98,6 @@ class RayJobLauncher:
         except Exception as exc:  # noqa: BLE001 - the job server's errors are untyped (HTTP)
             raise Unavailable(f"cannot submit training {training_id}: {exc}", code="ray_job_submit_failed") from exc
         log.info("submitted training %s as Ray Job %s", training_id, sid)
-        return sid
 
     def state(self, sid: str) -> JobState:
         try:

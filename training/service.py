@@ -158,17 +158,22 @@ class TrainingService:
         return folder
 
     def _launch(self, row: Training) -> Training:
-        """Start the next attempt; a job that cannot be started is failed and refunded."""
+        """Start the next attempt; a job that cannot be started is failed and refunded.
+
+        The attempt is recorded before it is submitted, so the job process always finds itself the
+        owner of the row; a submission that fails leaves a failed, refunded job."""
         attempt = row.attempts + 1
+        sid = self.launcher.submission_id(row.id, attempt)
+        row = self.records.transition(row.id, ACTIVE_STATUSES, TrainingStatus.queued.value,
+                                      ray_job_id=sid, attempts=attempt)
         try:
-            sid = self.launcher.submit(row.id, attempt)
+            self.launcher.submit(row.id, attempt)
         except Exception as exc:
             self.records.transition(row.id, ACTIVE_STATUSES, TrainingStatus.failed.value,
                                     error_code=getattr(exc, "code", "training_launch_failed"), error_message=str(exc))
             self.records.settle(self.deps.ledger, row.id)
             raise
-        return self.records.transition(row.id, ACTIVE_STATUSES, TrainingStatus.queued.value,
-                                       ray_job_id=sid, attempts=attempt)
+        return row
 
     # ------------------------------------------------------------------------------------ read
 

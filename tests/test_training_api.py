@@ -1,0 +1,151 @@
+"""The training HTTP API behind the ingress's token checks, and `genserve train` against it.
+
+A real HTTP server (uvicorn on loopback) serves the router; attempts run in a thread of this
+process instead of as Ray Jobs (`ThreadLauncher`; the Ray path has test_training_ray.py).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import uvicorn
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from safetensors.torch import load_file
+from training_support import available, fund, register_base_models, toy_zip, training_settings
+from typer.testing import CliRunner
+
+from genserve.cli import app as cli_app
+from genserve.db import Database
+from genserve.errors import GenserveError
+from genserve.ingress import map_error
+from training.api import build_router_with_ingress_auth
+from training.client import TrainingClient
+from training.deps import TrainingDeps
+from training.ray_jobs import JobState
+from training.run import JobRunner
+from training.service import TrainingService
+
+PARAMS = {"epochs": 1, "repeats": 1, "batch_size": 2, "network_dim": 4, "network_alpha": 4,
+          "gradient_checkpointing": False, "seed": 5}
+
+
+class ThreadLauncher:
+    """Runs each attempt in a thread of this process."""
+
+    def __init__(self):
+        self.deps: TrainingDeps | None = None
+        self.threads: dict[str, threading.Thread] = {}
+
+    @staticmethod
+    def submission_id(training_id: str, attempt: int) -> str:
+        return f"thread-{training_id}-{attempt}"
+
+    def submit(self, training_id: str, attempt: int) -> None:
+        sid = self.submission_id(training_id, attempt)
+        thread = threading.Thread(target=JobRunner(self.deps, training_id, sid).run, daemon=True)
+        self.threads[sid] = thread
+        thread.start()
+
+    def state(self, sid: str) -> JobState:
+        thread = self.threads.get(sid)
+        if thread is None:
+            return JobState.missing
+        return JobState.running if thread.is_alive() else JobState.succeeded
+
+    def stop(self, sid: str) -> None:
+        pass
+
+
+@pytest.fixture
+def server(tmp_path: Path, tiny_models):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    settings = training_settings(tmp_path)
+    db = Database.from_settings(settings)
+    db.migrate()
+    deps = TrainingDeps.from_settings(settings, db)
+    register_base_models(deps, tiny_models)
+    fund(deps, "alice", 500)
+    launcher = ThreadLauncher()
+    launcher.deps = deps
+    service = TrainingService(deps, launcher=launcher)
+    app = FastAPI()
+    for exc_type in (GenserveError, RequestValidationError):  # as the ingress maps them
+        app.add_exception_handler(exc_type, lambda _req, exc: map_error(exc))
+    app.include_router(build_router_with_ingress_auth(service))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    yield f"http://127.0.0.1:{port}", service
+    server.should_exit = True
+    thread.join(timeout=10)
+    for job in launcher.threads.values():
+        job.join(timeout=60)
+    db.dispose()
+    torch.set_num_threads(threads)
+
+
+def cli(url: str, *args: str):  # noqa: ANN201
+    return CliRunner().invoke(cli_app, [*args, "--url", url, "--json"], catch_exceptions=False)
+
+
+def test_http_api_and_cli(server, tmp_path: Path) -> None:
+    url, service = server
+    settings = service.deps.settings
+    token = settings.auth.service_token.get_secret_value()
+    admin_token = settings.auth.admin_token.get_secret_value()
+    good = toy_zip(tmp_path / "good.zip")
+
+    with pytest.raises(GenserveError) as err:
+        with TrainingClient(url, "wrong-token", "alice") as bad:
+            bad.submit(good, family="sd1", real_person=False)
+    assert (err.value.http_status, err.value.code) == (401, "token_invalid")
+
+    with TrainingClient(url, token, "alice") as alice:
+        with pytest.raises(GenserveError) as err:
+            alice.submit(good, family="sd1", real_person=False, params={"epochs": 0})
+        assert (err.value.http_status, err.value.code) == (422, "invalid_training_params")
+
+        flagged = alice.submit(toy_zip(tmp_path / "flagged.zip", captions={0: "a young girl"}), family="sd1",
+                               real_person=False, params=PARAMS)
+        assert flagged["status"] == "review" and flagged["safety"]["rules"] == ["dataset.minor_signal"]
+        with TrainingClient(url, token) as not_admin, pytest.raises(GenserveError) as err:
+            not_admin.deny(flagged["id"])
+        assert err.value.http_status == 401
+        with TrainingClient(url, admin_token) as admin:
+            denied = admin.deny(flagged["id"], reason="minors")
+        assert (denied["status"], denied["charged"]) == ("denied", 0)
+        assert available(service.deps, "alice") == 500
+
+    # the CLI: submit and wait with the progress bar, then status and download
+    result = cli(url, "train", "submit", str(good), "--family", "sd1", "--user", "alice", "--trigger", "tqz",
+                 "--epochs", "1", "--repeats", "1", "--batch-size", "2", "--dim", "4", "--alpha", "4",
+                 "--seed", "5", "--param", "gradient_checkpointing=false", "--wait", "--poll", "0.2")
+    assert result.exit_code == 0, result.output
+    view = json.loads(result.stdout.strip().splitlines()[-1])
+    assert view["status"] == "succeeded" and view["progress"]["step"] == view["progress"]["total_steps"] == 2
+    assert view["charged"] == view["quote_total"] == 1 + 10  # 2 steps (0.4 buzz, rounded up) + 1 saved epoch
+    assert view["params"]["network_dim"] == 4 and view["trigger_words"] == ["tqz"]
+
+    status = cli(url, "train", "status", view["id"], "--user", "alice")
+    assert status.exit_code == 0 and json.loads(status.stdout)["resource_id"] == view["resource_id"]
+    out = tmp_path / "lora.safetensors"
+    assert cli(url, "train", "download", view["id"], "--user", "alice", "--out", str(out)).exit_code == 0
+    assert any(k.endswith(".alpha") for k in load_file(str(out)))
+    assert cli(url, "train", "download", view["id"], "--user", "mallory", "--out", str(out)).exit_code == 1
+
+    blocked = cli(url, "train", "submit", str(toy_zip(tmp_path / "b.zip", captions={0: "nude young girl"})),
+                  "--family", "sd1", "--user", "alice")
+    assert blocked.exit_code == 3  # a safety refusal
+    assert json.loads(blocked.stdout)["error"]["code"] == "dataset_blocked"
+    assert available(service.deps, "alice") == 500 - view["charged"]

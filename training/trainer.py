@@ -152,7 +152,9 @@ class LoraTrainer:
         self.pipe = pipe
         self.is_sdxl = self.base.family == "sdxl"
         self.unet = pipe.unet
-        self.vae = pipe.vae.to(dtype=torch.float32)  # SDXL's VAE overflows in fp16; it only encodes once
+        self.vae = pipe.vae
+        if self.vae.dtype != torch.float32:
+            self.vae.to(dtype=torch.float32)  # SDXL's VAE overflows in fp16; it only encodes the dataset
         self.text_encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if self.is_sdxl else [])
         self.tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if self.is_sdxl else [])
         for module in (self.unet, self.vae, *self.text_encoders):
@@ -297,7 +299,8 @@ class LoraTrainer:
         timesteps = timesteps.to(self.device)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
 
-        embeds, pooled = self._encode_text(captions)
+        with self.accelerator.autocast():
+            embeds, pooled = self._encode_text(captions)
         kwargs = {}
         if self.is_sdxl:
             time_ids = [self._time_ids(i) for i in indices]

@@ -29,7 +29,8 @@ class TrainingConfig(BaseModel):
         "ray", description="ray: a Ray Job per training; subprocess: a child process on this host"
     )
     # The Ray Job server lives in Ray's dashboard process: a locally started Ray must have it on.
-    ray_job_address: str | None = Field(None, description="Ray Job server URL; None: http://127.0.0.1:<dashboard_port>")
+    ray_job_address: str | None = Field(
+        None, description="Ray Job server URL; None: the connected cluster's, else http://127.0.0.1:<dashboard_port>")
     dashboard_port: int = 8265
     gpus_per_job: float | Literal["auto"] = Field("auto", description="auto: 1 when the Ray cluster has GPUs")
     max_attempts: int = Field(3, ge=1, description="runs per job, counting resumes after a dead process")

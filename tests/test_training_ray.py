@@ -20,6 +20,7 @@ from training.deps import TrainingDeps
 from training.export import kohya_state_dict
 from training.intake import run_intake
 from training.params import ResolvedParams
+from training.ray_jobs import JobState
 from training.service import Submission, TrainingService
 from training.trainer import BaseModelRef, LoraTrainer
 
@@ -66,6 +67,7 @@ def test_killed_ray_job_resumes_to_the_same_weights(tmp_path: Path, tiny_models,
     row = service.submit("alice", dataset_zip, Submission("sd1", real_person=False, trigger_words=("tqz",),
                                                           params=PARAMS))
     assert (row.status, row.steps_per_epoch, row.total_steps) == ("queued", 6, 12)
+    assert service.launcher.state("genserve-training-unknown-1") is JobState.missing
     first_attempt = row.ray_job_id
 
     # freeze the process once epoch 1 is checkpointed and epoch 2 has begun, check, then kill it

@@ -53,13 +53,25 @@ class RayJobLauncher:
         if self._client is None:
             from ray.job_submission import JobSubmissionClient
 
-            address = self.settings.training.ray_job_address
+            address = self.settings.training.ray_job_address or self._connected_job_server()
             try:
-                # None: the cluster this process is connected to, or RAY_ADDRESS
                 self._client = JobSubmissionClient(address)
             except (ConnectionError, RuntimeError, ValueError) as exc:
                 raise Unavailable(f"the Ray Job server is not reachable: {exc}", code="ray_jobs_unavailable") from exc
         return self._client
+
+    def _connected_job_server(self) -> str:
+        """The job server of the Ray cluster this process belongs to (a Serve replica, a driver), else
+        the dashboard port a locally started Ray uses."""
+        import ray
+
+        if ray.is_initialized():
+            from ray._private.worker import get_dashboard_url  # what Ray's own job CLI resolves "auto" with
+
+            url = get_dashboard_url()
+            if url:
+                return url if "://" in url else f"http://{url}"
+        return f"http://127.0.0.1:{self.settings.training.dashboard_port}"
 
     def _gpus(self) -> float:
         wanted = self.settings.training.gpus_per_job
@@ -102,8 +114,8 @@ class RayJobLauncher:
     def state(self, sid: str) -> JobState:
         try:
             status = self.client.get_job_status(sid)
-        except RuntimeError as exc:  # "Job ... does not exist"
-            if "does not exist" in str(exc):
+        except (RuntimeError, ConnectionError) as exc:
+            if "does not exist" in str(exc):  # HTTP 404 from the job server
                 return JobState.missing
             raise Unavailable(f"cannot read Ray Job {sid}: {exc}", code="ray_jobs_unavailable") from exc
         return JobState(str(status.value).lower())

@@ -716,27 +716,28 @@ class GenerationService:
         """The job once it is finished, or as it is after `timeout_s`."""
         deadline = asyncio.get_running_loop().time() + min(timeout_s, self.config.wait_timeout_s)
         while True:
+            wakeup = self._notify.get(job_id)  # taken before the read, so no change slips in between
             job = await asyncio.to_thread(self.jobs.get, job_id, caller.user_id)
             remaining = deadline - asyncio.get_running_loop().time()
             if job.status.terminal or remaining <= 0:
                 return self._view(job)
-            await self._sleep_for_events(job_id, min(remaining, self.config.sse_poll_s))
+            await self._sleep_until(wakeup, min(remaining, self.config.sse_poll_s))
 
-    async def _sleep_for_events(self, job_id: str, timeout_s: float) -> None:
-        event = self._notify.get(job_id)
-        if event is None:
+    @staticmethod
+    async def _sleep_until(wakeup: asyncio.Event | None, timeout_s: float) -> None:
+        """Until this process records a change of the job, or `timeout_s` (changes made elsewhere)."""
+        if wakeup is None:
             await asyncio.sleep(timeout_s)
             return
-        try:
-            await asyncio.wait_for(event.wait(), timeout_s)
-        except asyncio.TimeoutError:
-            pass
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(wakeup.wait(), timeout_s)
 
     async def events(self, caller: Caller, job_id: str, after_seq: int = 0) -> AsyncIterator[JobEvent]:
         """Every event of the job after `after_seq`, live, ending with its terminal status event."""
         await asyncio.to_thread(self.jobs.get, job_id, caller.user_id)
         seq = after_seq
         while True:
+            wakeup = self._notify.get(job_id)
             rows = await asyncio.to_thread(self.jobs.events_after, job_id, seq)
             for row in rows:
                 seq = row.seq
@@ -744,7 +745,7 @@ class GenerationService:
                 if row.kind == "status" and JobStatus(row.data["status"]).terminal:
                     return
             if not rows:
-                await self._sleep_for_events(job_id, self.config.sse_poll_s)
+                await self._sleep_until(wakeup, self.config.sse_poll_s)
 
     def image(self, caller: Caller, job_id: str, index: int) -> tuple[str, bytes]:
         job = self.jobs.get(job_id, caller.user_id)
@@ -780,8 +781,12 @@ class GenerationService:
         """Blocklist a registered resource's file; copies of it (renamed, re-exported) match too."""
         res = self._resource_file(resource_id)
         with self.resource_cache.use(res.storage_key, res.sha256, "file") as path:
-            return self.safety.blocklist.add(path, person, reason, source=source or "admin-api",
-                                             created_by="admin-api", resource_id=resource_id)
+            entry_id = self.safety.blocklist.add(path, person, reason, source=source or "admin-api",
+                                                 created_by="admin-api", resource_id=resource_id)
+        self.safety.audit.append("likeness", "block", rules=["likeness.admin"], subject=res.sha256,
+                                 details={"entry_id": entry_id, "resource_id": resource_id, "person": person,
+                                          "reason": reason})
+        return entry_id
 
     def approve_takedown(self, takedown_id: str, moderator: str, note: str = "") -> TakedownRecord:
         """Blocklist the takedown's resources and the person's name, and turn the resources off."""

@@ -1,0 +1,292 @@
+"""Serving overhead: end-to-end time over HTTP vs a direct `pipe()` call, and the LoRA switch cost.
+
+CPU path (default): the tiny SDXL pipeline at 128x128 with the step count calibrated so one direct
+call takes about `--target-s` seconds. The same request then goes through the whole service on a
+local Ray Serve application (auth, precheck, quote, hold, worker, NudeNet scan, PNG, store, capture)
+and the ratio of the medians is reported (target <= 1.05). The LoRA switch cost is the median time
+to re-activate between two adapters already resident in the worker's LoRA cache (target <= 5 ms).
+
+`--device cuda --real-size`: a real-size random-weight SDXL UNet at 1024x1024, 30 steps with CFG,
+reporting images/s and the implied utilisation (13.5 TFLOP per CFG step against the GPU's peak).
+
+The last line printed is one JSON object with the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+REPO = Path(__file__).resolve().parents[1]
+# run as a script, bench/ comes first on sys.path, where sibling scripts (safety.py ...) would shadow packages
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO / "bench"]
+SDXL_CFG_STEP_TFLOP = 13.522  # SDXL UNet at 1024x1024, batch 2 (one CFG step), measured FLOPs
+PEAK_TFLOPS = {"H100": 989.5, "H200": 989.5, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
+
+
+def _median_s(fn, runs: int) -> tuple[float, list[float]]:
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), times
+
+
+# ----------------------------------------------------------------------------------------- CPU path
+
+
+def _environment(data: Path, threads: int):
+    from genserve.bootstrap import bootstrap
+    from genserve.config import load_settings
+    from genserve.db import Database
+    from genserve.storage import object_store_from_settings
+
+    settings = load_settings(env={"GENSERVE_DATA_DIR": str(data)}, overrides={
+        "server": {"port": _free_port()},
+        "worker": {"cpu_threads": threads},
+        "generation": {"demo_balance": 10**9},
+    })
+    db = Database.from_settings(settings)
+    db.migrate()
+    store = object_store_from_settings(settings)
+    bootstrap(settings, db, store)
+    return settings, db, store
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _publish_loras(settings, db, store, pipe) -> list[str]:
+    sys.path.insert(0, str(REPO / "tests"))
+    from engine_loras import make_lora, write_lora
+
+    from genserve.registry import ResourceRegistry
+
+    registry = ResourceRegistry(db, store)
+    ids = []
+    for seed in (1, 2):
+        rid = f"bench-lora-{seed}"
+        path = write_lora(settings.data_dir / f"{rid}.safetensors", make_lora(pipe, seed=seed, text_encoder=False))
+        registry.publish(path, id=rid, kind="lora", family="sdxl")
+        ids.append(rid)
+    return ids
+
+
+def cpu_bench(args) -> dict:
+    import torch
+
+    from genserve.jobs import JobStore
+    from genserve.worker import WorkerCore
+    from genserve.worker_types import WorkerRequest
+
+    torch.set_num_threads(args.threads)
+    data = Path(tempfile.mkdtemp(prefix="genserve-bench-"))
+    settings, db, store = _environment(data, args.threads)
+    core = WorkerCore("sdxl", settings, db=db, store=store)
+    loaded = core.checkpoint("tiny-sdxl")
+    pipe = loaded.pipe
+    width = height = args.size
+    lora_ids = _publish_loras(settings, db, store, pipe)
+
+    # the prompts as the worker builds them (safety embedding first in the negative prompt)
+    prompt, negative = loaded.safety.inject("blurry", "a red fox in the snow", False)
+
+    def direct(steps: int):
+        return lambda: pipe(prompt, negative_prompt=negative, num_inference_steps=steps, width=width, height=height,
+                            guidance_scale=7.0, generator=torch.Generator().manual_seed(42))
+
+    direct(1)()  # warm-up
+    one, _ = _median_s(direct(1), 3)
+    two, _ = _median_s(direct(3), 3)
+    per_step = max((two - one) / 2, 1e-3)
+    steps = max(1, min(150, 1 + round((args.target_s - one) / per_step)))
+
+    with _service(settings) as http_call:
+        http_call(steps, width, height)  # warm-up: loads the checkpoint in the replica
+        direct_runs, e2e_runs, stages = [], [], []
+        for _ in range(args.runs):  # interleaved, so both see the same load on a shared machine
+            direct_runs.append(_median_s(direct(steps), 1)[0])
+            started = time.perf_counter()
+            job_id = http_call(steps, width, height)
+            e2e_runs.append(time.perf_counter() - started)
+            stages.append(JobStore(db).get(job_id).result["timings_ms"])
+        noop_s = http_call.noop()
+
+    # LoRA switch: both adapters resident, alternate which one is active
+    for rid in lora_ids:
+        core.generate(WorkerRequest(job_id=f"warm-{rid}", checkpoint_id="tiny-sdxl", prompt="warm", steps=1,
+                                    width=64, height=64, seeds=[0], loras=[{"resource_id": rid, "strength": 0.8}]))
+    names = [loaded.loras.ensure(row.sha256, core.cache.fetch(row.storage_key, row.sha256, "file")).name
+             for row in (core.resource(rid, _lora_kind()) for rid in lora_ids)]
+    switches = []
+    for i in range(args.switches):
+        with loaded.lock:
+            switches.append(loaded.loras.activate([(names[i % 2], 0.8)]))
+    switch_ms = statistics.median(switches)
+    print(f"LoRA switch between two cached adapters: median {switch_ms:.2f} ms over {len(switches)} switches")
+
+    core.close()
+
+    direct_s, e2e_s = statistics.median(direct_runs), statistics.median(e2e_runs)
+    worker = {k: round(statistics.median(t.get(k, 0.0) for t in stages), 1) for k in stages[0]}
+    ratio = e2e_s / direct_s
+    print(f"direct pipe(): tiny SDXL {width}x{height}, {steps} steps, {args.threads} thread(s): "
+          f"median {direct_s * 1000:.0f} ms over {args.runs} runs")
+    print(f"end to end over HTTP (Ray Serve, wait=true): median {e2e_s * 1000:.0f} ms, of which the worker "
+          f"(fetch, generate, NudeNet scan, PNG) {worker['total_ms']:.0f} ms; HTTP no-op round trip "
+          f"{noop_s * 1000:.1f} ms; ratio to direct {ratio:.3f} (target <= 1.05)")
+    print("worker stages (median ms): " + ", ".join(f"{k} {v}" for k, v in worker.items()))
+    return {
+        "device": "cpu", "family": "sdxl", "width": width, "height": height, "steps": steps,
+        "threads": args.threads, "runs": args.runs,
+        "direct_median_ms": round(direct_s * 1000, 1), "e2e_median_ms": round(e2e_s * 1000, 1),
+        "e2e_over_direct_ratio": round(ratio, 4), "overhead_ms": round((e2e_s - direct_s) * 1000, 1),
+        "ingress_overhead_ms": round(e2e_s * 1000 - worker["total_ms"], 1),
+        "lora_switch_ms": round(switch_ms, 3), "http_noop_ms": round(noop_s * 1000, 2), "worker_stages_ms": worker,
+        "direct_runs_ms": [round(t * 1000, 1) for t in direct_runs],
+        "e2e_runs_ms": [round(t * 1000, 1) for t in e2e_runs],
+    }
+
+
+def _lora_kind():
+    from genserve.resources import ResourceKind
+
+    return ResourceKind.lora
+
+
+@contextlib.contextmanager
+def _service(settings):
+    """The service on a local Ray Serve application; yields a call that runs one generation over HTTP."""
+    import httpx
+    import ray
+    from ray import serve
+
+    from genserve.app import APP_NAME, build_app, load_serve_config
+
+    config = load_serve_config(settings.config_path(settings.server.serve_config))
+    for deployment in config["applications"][0]["deployments"]:
+        deployment.pop("autoscaling_config", None)
+        deployment["num_replicas"] = 1
+    ray.init(include_dashboard=False, log_to_driver=False, num_cpus=4,
+             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
+    headers = {"Authorization": f"Bearer {settings.auth.service_token.get_secret_value()}",
+               "X-User-Id": settings.generation.demo_user}
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": settings.server.port})
+        serve.run(build_app(settings, config), name=APP_NAME, route_prefix="/")
+        with httpx.Client(base_url=f"http://127.0.0.1:{settings.server.port}", timeout=600) as client:
+            def call(steps: int, width: int, height: int) -> str:
+                body = {"prompt": "a red fox in the snow", "negative_prompt": "blurry", "checkpoint": "tiny-sdxl",
+                        "steps": steps, "sampler": "Euler", "cfg_scale": 7.0, "width": width, "height": height,
+                        "seed": 42}
+                r = client.post("/v1/generations?wait=true&timeout=600", json=body, headers=headers)
+                r.raise_for_status()
+                if r.json()["status"] != "succeeded":
+                    raise RuntimeError(f"bench generation did not succeed: {r.json()}")
+                return r.json()["id"]
+
+            call.noop = lambda: _median_s(lambda: client.get("/v1/healthz").raise_for_status(), 20)[0]
+            yield call
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+# ----------------------------------------------------------------------------------------- GPU path
+
+
+def _sdxl_unet_config() -> dict:
+    """The SDXL base UNet architecture (2.57 B parameters)."""
+    return dict(
+        sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(320, 640, 1280),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,
+    )
+
+
+def gpu_bench(args) -> dict:
+    import torch
+    from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
+
+    device = torch.device(args.device)
+    dtype = torch.float16
+    name = torch.cuda.get_device_name(device)
+    peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**_sdxl_unet_config()).to(device, dtype).eval()
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       timestep_spacing="leading", steps_offset=1)
+    side = 1024 // 8
+    text = torch.randn(2, 77, 2048, device=device, dtype=dtype)
+    added = {"text_embeds": torch.randn(2, 1280, device=device, dtype=dtype),
+             "time_ids": torch.tensor([[1024, 1024, 0, 0, 1024, 1024]] * 2, device=device, dtype=dtype)}
+
+    @torch.inference_mode()
+    def one_image():
+        scheduler.set_timesteps(args.gpu_steps, device=device)
+        latents = torch.randn(1, 4, side, side, device=device, dtype=dtype) * scheduler.init_noise_sigma
+        for t in scheduler.timesteps:
+            x = scheduler.scale_model_input(torch.cat([latents] * 2), t)
+            noise = unet(x, t, encoder_hidden_states=text, added_cond_kwargs=added).sample
+            uncond, cond = noise.chunk(2)
+            latents = scheduler.step(uncond + 7.0 * (cond - uncond), t, latents).prev_sample
+        torch.cuda.synchronize(device)
+
+    one_image()
+    median_s, runs = _median_s(one_image, args.runs)
+    images_per_s = 1.0 / median_s
+    achieved = SDXL_CFG_STEP_TFLOP * args.gpu_steps / median_s
+    utilisation = achieved / peak if peak else None
+    print(f"real-size SDXL UNet, 1024x1024, {args.gpu_steps} steps with CFG, fp16 on {name}: "
+          f"median {median_s:.3f} s per image, {images_per_s:.3f} images/s, {achieved:.0f} TFLOP/s"
+          + (f", implied utilisation {utilisation:.1%} of {peak} TFLOP/s" if peak else ""))
+    return {"device": name, "steps": args.gpu_steps, "width": 1024, "height": 1024, "runs": args.runs,
+            "image_median_ms": round(median_s * 1000, 1), "images_per_s": round(images_per_s, 4),
+            "achieved_tflop_per_s": round(achieved, 1),
+            "utilisation_ratio": round(utilisation, 4) if utilisation is not None else None,
+            "runs_ms": [round(t * 1000, 1) for t in runs]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu", help="cpu (tiny models through the service) or cuda")
+    parser.add_argument("--real-size", action="store_true", help="with --device cuda: a real-size SDXL UNet")
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--target-s", type=float, default=1.0, help="direct call duration to calibrate steps to")
+    parser.add_argument("--size", type=int, default=128, help="image side (an allowed tiny-SDXL size)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads, direct and in the worker")
+    parser.add_argument("--switches", type=int, default=40)
+    parser.add_argument("--gpu-steps", type=int, default=30)
+    parser.add_argument("--peak-tflops", type=float, default=None, help="dense fp16 peak of the GPU")
+    args = parser.parse_args()
+    if args.device.startswith("cuda"):
+        if not args.real_size:
+            parser.error("the CUDA path measures the real-size UNet: add --real-size")
+        result = gpu_bench(args)
+    else:
+        result = cpu_bench(args)
+    print(json.dumps(result, sort_keys=True))
+
+
+if __name__ == "__main__":
+    main()

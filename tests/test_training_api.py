@@ -11,6 +11,7 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 import uvicorn
@@ -136,6 +137,11 @@ def test_http_api_and_cli(server, tmp_path: Path) -> None:
     assert view["status"] == "succeeded" and view["progress"]["step"] == view["progress"]["total_steps"] == 2
     assert view["charged"] == view["quote_total"] == 1 + 10  # 2 steps (0.4 buzz, rounded up) + 1 saved epoch
     assert view["params"]["network_dim"] == 4 and view["trigger_words"] == ["tqz"]
+
+    assert view["samples"] == [{"epoch": 1, "index": 0, "level": "PG", "delivered": True}]
+    png = httpx.get(f"{url}/v1/trainings/{view['id']}/samples/1/0",
+                    headers={"Authorization": f"Bearer {token}", "X-User-Id": "alice"})
+    assert png.status_code == 200 and png.content.startswith(b"\x89PNG")
 
     status = cli(url, "train", "status", view["id"], "--user", "alice")
     assert status.exit_code == 0 and json.loads(status.stdout)["resource_id"] == view["resource_id"]

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
-from training_support import toy_zip
+from training_support import toy_image, toy_zip
 
 from genserve.pipelines.loading import load_pipeline
 from training.buckets import assign_bucket, epoch_batches, make_buckets, steps_per_epoch
@@ -158,3 +158,22 @@ def test_kohya_names_and_alpha_of_a_known_adapter() -> None:
     assert float(out["lora_te2_text_model_encoder_layers_0_self_attn_q_proj.alpha"]) == 3.0
     with pytest.raises(ValueError):
         kohya_state_dict({"vae.x.lora_A.weight": torch.ones(1)}, "sd1", alpha=1.0)
+
+
+def test_sdxl_buckets_and_uncached_latents_train_identically(tmp_path: Path, tiny_models) -> None:
+    """Mixed aspect ratios land in their own buckets (SDXL gets the crop/size conditioning), and
+    encoding latents every step draws exactly what the latent cache gives."""
+    src = tmp_path / "mixed"
+    src.mkdir()
+    for i, size in enumerate([(128, 128), (128, 128), (64, 128), (64, 128)]):
+        toy_image(i, size).save(src / f"{i}.png")
+    dataset = tmp_path / "dataset"
+    run_intake(src, dataset, IntakeLimits())
+    losses = {}
+    for cache in (True, False):
+        trainer = make_trainer("sdxl", tiny_models, dataset, tmp_path / f"w{cache}", resolution=128, epochs=1,
+                               repeats=1, cache_latents=cache)
+        assert sorted({item.bucket for item in trainer.items}) == [(64, 192), (128, 128)]
+        assert trainer._time_ids(2) == [128, 64, 0, 16, 192, 64]  # 64x128 -> 96x192, 16 px cropped on the left
+        losses[cache] = trainer.train().losses
+    assert len(losses[True]) == 2 and losses[True] == losses[False]

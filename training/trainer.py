@@ -247,9 +247,10 @@ class LoraTrainer:
             mean = torch.stack([self.latent_cache[i][0] for i in indices])
             std = torch.stack([self.latent_cache[i][1] for i in indices])
         else:
-            with torch.no_grad():
-                mean, std = self._encode_dist(torch.stack([self._pixels(i) for i in indices]))
-            mean, std = mean.cpu(), std.cpu()
+            with torch.no_grad():  # one image at a time, as the cache encodes: the same numbers either way
+                dists = [self._encode_dist(self._pixels(i)[None]) for i in indices]
+            mean = torch.cat([m for m, _ in dists]).cpu()
+            std = torch.cat([s for _, s in dists]).cpu()
         sample = mean + std * torch.randn(mean.shape, generator=self.generator)
         cfg = self.vae.config
         shift = getattr(cfg, "shift_factor", None) or 0.0

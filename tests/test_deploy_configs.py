@@ -347,3 +347,11 @@ def test_metric_name_parser_sees_through_functions_and_labels():
     assert _metric_names(expr) == {"ray_genserve_stage_latency_ms_bucket"}
     assert _resolve("ray_genserve_stage_latency_ms_bucket") == ("genserve_stage_latency_ms", "histogram")
     assert _resolve("ray_genserve_jobs_total_bucket") is None and _resolve("ray_nope_total") is None
+
+
+def test_readme_describes_every_deployment_file_and_builds_both_images():
+    readme = (DEPLOY / "README.md").read_text()
+    for path in sorted(p for p in DEPLOY.rglob("*") if p.is_file() and p.name != "README.md"):
+        assert f"`{path.relative_to(DEPLOY).as_posix()}`" in readme, path
+    for dockerfile in DOCKERFILES:
+        assert f"docker build -f deploy/{dockerfile.name} " in readme

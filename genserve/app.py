@@ -90,6 +90,17 @@ def deployment_options(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {d["name"]: {k: v for k, v in d.items() if k != "name"} for d in app.get("deployments", [])}
 
 
+def required_cpus(serve_config: dict[str, Any], families: list[str]) -> float:
+    """Logical CPUs the application asks Ray for at its largest (every deployment at max replicas)."""
+    options = deployment_options(serve_config)
+    total = 0.0
+    for name in (INGRESS_NAME, *(worker_name(f) for f in families)):
+        opts = options.get(name, {})
+        replicas = opts.get("num_replicas") or (opts.get("autoscaling_config") or {}).get("max_replicas", 1)
+        total += float((opts.get("ray_actor_options") or {}).get("num_cpus", 1)) * int(replicas)
+    return total
+
+
 def build_app(settings: Settings, serve_config: dict[str, Any] | None = None) -> serve.Application:
     """Ingress + one worker per family in `configs/models.yaml`, with the Serve config's options."""
     if serve_config is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import threading
@@ -29,10 +30,11 @@ def serve_command(
     import ray
     from ray import serve
 
-    from genserve.app import APP_NAME, build_app, load_serve_config
+    from genserve.app import APP_NAME, build_app, load_serve_config, required_cpus
     from genserve.bootstrap import bootstrap
     from genserve.db import Database
     from genserve.log import configure_logging
+    from genserve.model_catalog import load_model_catalog
     from genserve.storage import object_store_from_settings
 
     settings = get_settings(ctx)
@@ -48,10 +50,15 @@ def serve_command(
     db.dispose()
 
     serve_config = load_serve_config(settings.config_path(settings.server.serve_config))
+    num_cpus = settings.server.num_cpus
+    if num_cpus is None and settings.server.ray_address is None:
+        # Ray's CPUs are scheduling units: a small machine still gets room for every replica
+        families = list(load_model_catalog(settings.config_path("models.yaml")).families)
+        num_cpus = max(os.cpu_count() or 1, math.ceil(required_cpus(serve_config, families)))
     if not ray.is_initialized():
         ray.init(
             address=settings.server.ray_address,
-            num_cpus=settings.server.num_cpus,
+            num_cpus=num_cpus,
             include_dashboard=dashboard,
             log_to_driver=False,
             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",

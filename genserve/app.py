@@ -8,6 +8,7 @@ drives `genserve serve` and `serve run configs/serve.local.yaml`.
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,8 @@ from genserve.model_catalog import load_model_catalog
 from genserve.service import GenerationService
 from genserve.worker import FamilyWorker
 from genserve.worker_types import WorkerRequest
+from training.api import build_router as build_training_router
+from training.service import TrainingService
 
 logger = logging.getLogger(__name__)
 
@@ -56,15 +59,20 @@ class ServeWorkers:
 @serve.deployment(name=INGRESS_NAME)
 @serve.ingress()
 class Ingress:
-    """HTTP front door: builds the service (database, ledger, safety) once per replica."""
+    """HTTP front door: builds the generation and training services once per replica."""
 
     def __init__(self, settings: dict[str, Any], workers: dict[str, DeploymentHandle]):
         self.settings = Settings.model_validate(settings)
         configure_logging(self.settings.logging.level, self.settings.logging.json_lines)
         self.service = GenerationService.from_settings(self.settings, ServeWorkers(workers))
+        self.trainings = TrainingService.from_settings(self.settings, db=self.service.db)
+        self.trainings.start_background()
 
     def __serve_build_asgi_app__(self):  # noqa: ANN204 - the ASGI app
-        return create_api(self.service)
+        return create_api(self.service, routers=[functools.partial(build_training_router, self.trainings)])
+
+    def __del__(self) -> None:
+        self.trainings.close()
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         """Hot settings (`user_config`): tier limits, blocklist and person-name refresh."""

@@ -21,7 +21,8 @@ def serve_command(
     ctx: typer.Context,
     host: str | None = typer.Option(None, "--host", help="Default: server.host"),
     port: int | None = typer.Option(None, "--port", help="Default: server.port"),
-    dashboard: bool = typer.Option(False, "--dashboard/--no-dashboard", help="Start Ray's dashboard (port 8265)"),
+    dashboard: bool = typer.Option(True, "--dashboard/--no-dashboard",
+                                   help="Start Ray's dashboard, which hosts the job server training runs need"),
     build_models: bool = typer.Option(True, "--build-models/--no-build-models",
                                       help="Build the tiny models when they are missing"),
     as_json: bool = JsonOption,
@@ -36,6 +37,7 @@ def serve_command(
     from genserve.log import configure_logging
     from genserve.model_catalog import load_model_catalog
     from genserve.storage import object_store_from_settings
+    from training.ray_jobs import local_ray_init_kwargs
 
     settings = get_settings(ctx)
     overrides = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
@@ -56,13 +58,17 @@ def serve_command(
         families = list(load_model_catalog(settings.config_path("models.yaml")).families)
         num_cpus = max(os.cpu_count() or 1, math.ceil(required_cpus(serve_config, families)))
     if not ray.is_initialized():
+        # a local Ray gets the job server (in the dashboard) that training runs are submitted to
+        local = {} if settings.server.ray_address else {
+            "num_cpus": num_cpus, "include_dashboard": dashboard,
+            **(local_ray_init_kwargs(settings) if dashboard else {}),
+        }
         ray.init(
             address=settings.server.ray_address,
-            num_cpus=num_cpus,
-            include_dashboard=dashboard,
             log_to_driver=False,
             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
                                       **settings.to_env()}},
+            **local,
         )
     http = {**(serve_config.get("http_options") or {}), "host": settings.server.host, "port": settings.server.port}
     serve.start(http_options=http)

@@ -36,6 +36,7 @@ class TrainingConfig(BaseModel):
     max_attempts: int = Field(3, ge=1, description="runs per job, counting resumes after a dead process")
     progress_interval_s: float = Field(1.0, ge=0, description="least time between progress writes")
     heartbeat_timeout_s: float = Field(300.0, gt=0, description="a running job silent this long is presumed dead")
+    heartbeat_interval_s: float = Field(15.0, gt=0, description="how often a job process says it is alive")
     hold_ttl_s: int = Field(14 * 24 * 3600, gt=0, description="how long a training hold may stay open")
     work_dir: Path | None = Field(None, description="scratch space for datasets and checkpoints; default <data_dir>/training")
     model_cache_bytes: int = Field(64 << 30, gt=0, description="local copies of base checkpoints kept by training jobs")
@@ -90,6 +91,8 @@ class Training(Base):
     loss: Mapped[float | None] = mapped_column(Float, nullable=True)
     eta_s: Mapped[float | None] = mapped_column(Float, nullable=True)
     progress_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # written by the job process every few seconds, also while it loads models or uploads files
+    heartbeat_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     checkpoint_key: Mapped[str | None] = mapped_column(String(512), nullable=True)
     checkpoint_step: Mapped[int] = mapped_column(Integer, default=0)
     checkpoint_epoch: Mapped[int] = mapped_column(Integer, default=0)

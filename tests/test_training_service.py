@@ -7,6 +7,7 @@ test in test_training_ray.py); `Launcher` stands in for the Ray Job server.
 
 from __future__ import annotations
 
+import datetime as dt
 import math
 import threading
 import time
@@ -25,7 +26,7 @@ from safety.image_scan import ImageScanner, NsfwLevel, ScannerOutput
 from safety.store import AuditRow
 from training.deps import TrainingDeps
 from training.ray_jobs import JobState
-from training.records import TrainingNotFound
+from training.records import TrainingNotFound, utcnow
 from training.run import JobRunner
 from training.service import Submission, TrainingService
 
@@ -239,6 +240,15 @@ def test_reconcile_resumes_dead_attempts_then_fails_with_a_full_refund(tmp_path:
     assert (row.status, row.error_code, row.charged) == ("failed", "training_process_died", 0)
     assert held > 0 and available(deps, "alice") == 1000
     assert service.reconcile() == 0  # nothing left to do
+
+    # a running attempt that stopped beating (hung) is stopped and resumed
+    hung = service.submit("alice", toy_zip(tmp_path / "d.zip"), Submission("sd1", real_person=False, params=SMALL))
+    deps.records.transition(hung.id, ["queued"], "running", started_at=utcnow(),
+                            heartbeat_at=utcnow() - dt.timedelta(hours=1))
+    launcher.states[hung.ray_job_id] = JobState.running
+    relaunched = service.get(hung.id, "alice")
+    assert hung.ray_job_id in launcher.stopped and (relaunched.status, relaunched.attempts) == ("queued", 2)
+    service.cancel(hung.id, "alice")
 
     # a job whose hold was left open by a dead process is settled by the reconciler
     other = service.submit("alice", toy_zip(tmp_path / "d.zip"), Submission("sd1", real_person=False, params=SMALL))

@@ -11,6 +11,7 @@ import enum
 import logging
 import shlex
 import sys
+import time
 from typing import TYPE_CHECKING, Any
 
 from genserve.errors import Unavailable
@@ -21,6 +22,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ATTEMPT_ENV = "GENSERVE_TRAINING_ATTEMPT"
+# a freshly started cluster answers "No available agent to submit job, please try again later" for a while
+SUBMIT_RETRY_S = 60.0
 
 
 class JobState(str, enum.Enum):
@@ -96,19 +99,33 @@ class RayJobLauncher:
             "TRANSFORMERS_OFFLINE": "1",
             "TOKENIZERS_PARALLELISM": "false",
         }
-        try:
-            self.client.submit_job(
-                entrypoint=f"{shlex.quote(python)} -m training.run {shlex.quote(training_id)}",
-                submission_id=sid,
-                runtime_env={"env_vars": env},
-                entrypoint_num_cpus=1,
-                entrypoint_num_gpus=self._gpus(),
-                metadata={"genserve_training_id": training_id, "attempt": str(attempt)},
-            )
-        except Unavailable:
-            raise
-        except Exception as exc:  # noqa: BLE001 - the job server's errors are untyped (HTTP)
-            raise Unavailable(f"cannot submit training {training_id}: {exc}", code="ray_job_submit_failed") from exc
+        job = dict(
+            entrypoint=f"{shlex.quote(python)} -m training.run {shlex.quote(training_id)}",
+            submission_id=sid,
+            runtime_env={"env_vars": env},
+            entrypoint_num_cpus=1,
+            entrypoint_num_gpus=self._gpus(),
+            metadata={"genserve_training_id": training_id, "attempt": str(attempt)},
+        )
+        deadline = time.monotonic() + SUBMIT_RETRY_S
+        delay = 0.5
+        while True:
+            try:
+                self.client.submit_job(**job)
+                break
+            except Unavailable:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the job server's errors are untyped (HTTP)
+                text = str(exc)
+                if "already exists" in text:  # an earlier try got through; the id makes this idempotent
+                    break
+                transient = "try again" in text or "status code 5" in text or isinstance(exc, ConnectionError)
+                if not transient or time.monotonic() + delay > deadline:
+                    raise Unavailable(f"cannot submit training {training_id}: {exc}",
+                                      code="ray_job_submit_failed") from exc
+                log.info("Ray Job server not ready (%s); retrying in %.1f s", text[:120], delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
         log.info("submitted training %s as Ray Job %s", training_id, sid)
 
     def state(self, sid: str) -> JobState:

@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import sys
+import threading
 import time
 import zipfile
 from pathlib import Path
@@ -147,6 +148,9 @@ class JobRunner:
         self.records.transition(self.id, [row.status], TrainingStatus.running.value, started_at=row.started_at or utcnow(),
                                 step=row.checkpoint_step, epoch=row.checkpoint_epoch)
         work = self.deps.work_dir / "jobs" / self.id / self.attempt
+        beating = threading.Event()
+        heart = threading.Thread(target=self._heartbeat, args=(beating,), name="training-heartbeat", daemon=True)
+        heart.start()
         try:
             return self._train(row, work)
         except Superseded:
@@ -163,7 +167,22 @@ class JobRunner:
                 log.exception("training %s: could not record the failure", self.id)
             return 1
         finally:
+            beating.set()
+            heart.join(timeout=5)
             shutil.rmtree(work, ignore_errors=True)
+
+    def _heartbeat(self, stop: threading.Event) -> None:
+        """Say "alive" while the main thread loads models, trains, renders or uploads."""
+        interval = self.deps.settings.training.heartbeat_interval_s
+        while True:
+            try:
+                self._write(heartbeat_at=utcnow())
+            except Superseded:
+                return  # the main thread finds out on its next write
+            except Exception:  # noqa: BLE001 - a missed beat is retried; the reconciler is patient
+                log.warning("training %s: heartbeat not written", self.id, exc_info=True)
+            if stop.wait(interval):
+                return
 
     def _train(self, row: Training, work: Path) -> int:
         params = ResolvedParams.model_validate(row.params)

@@ -276,7 +276,7 @@ class TrainingService:
         return self.records.settle(self.deps.ledger, done.id)
 
     def _silent_too_long(self, row: Training) -> bool:
-        last = row.progress_at or row.started_at
+        last = row.heartbeat_at or row.started_at
         if row.status != TrainingStatus.running.value or last is None:
             return False
         if last.tzinfo is None:

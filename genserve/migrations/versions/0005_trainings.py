@@ -41,6 +41,7 @@ def upgrade() -> None:
         sa.Column("loss", sa.Float(), nullable=True),
         sa.Column("eta_s", sa.Float(), nullable=True),
         sa.Column("progress_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("heartbeat_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("checkpoint_key", sa.String(512), nullable=True),
         sa.Column("checkpoint_step", sa.Integer(), nullable=False),
         sa.Column("checkpoint_epoch", sa.Integer(), nullable=False),

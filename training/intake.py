@@ -119,7 +119,7 @@ class _Member:
 def _unsafe_name(name: str) -> bool:
     if "\\" in name or name.startswith("/") or (len(name) > 1 and name[1] == ":") or "\x00" in name:
         return True
-    return any(part in ("..",) for part in PurePosixPath(name).parts)
+    return ".." in PurePosixPath(name).parts
 
 
 def _is_system(name: str) -> bool:

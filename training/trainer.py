@@ -450,7 +450,15 @@ class LoraTrainer:
         for module in self.trained_modules.values():
             module.eval()
         generator = torch.Generator().manual_seed(self.params.seed + self.epoch)
-        images = self.pipe(prompt=prompts, num_inference_steps=cfg.steps, guidance_scale=cfg.guidance_scale,
-                           height=self.params.resolution, width=self.params.resolution, generator=generator).images
+        with self.accelerator.autocast():
+            latents = self.pipe(prompt=prompts, num_inference_steps=cfg.steps, guidance_scale=cfg.guidance_scale,
+                                height=self.params.resolution, width=self.params.resolution, generator=generator,
+                                output_type="latent").images
+        # decoded here by the full-precision VAE the trainer keeps (the pipeline's own decode assumes
+        # the VAE has the UNet's half precision)
+        vae_cfg = self.vae.config
+        shift = getattr(vae_cfg, "shift_factor", None) or 0.0
+        pixels = self.vae.decode(latents.to(torch.float32) / vae_cfg.scaling_factor + shift).sample
+        images = self.pipe.image_processor.postprocess(pixels, output_type="pil")
         return list(zip(prompts, images, strict=True))
 

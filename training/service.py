@@ -124,14 +124,13 @@ class TrainingService:
                                      destination=REVENUE_TRAINING, reason=f"training {training_id}",
                                      expires_at=utcnow() + dt.timedelta(seconds=ttl))
         try:
-            archive = staging.with_suffix(".zip")
+            archive = staging / DATASET_FILE  # removed with the staging folder
             with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as zf:
                 zf.write(staging / MANIFEST_NAME, MANIFEST_NAME)
                 for image in report.images:
                     zf.write(staging / image.file, image.file)
             self.deps.store.put_file(f"{object_prefix(training_id)}/{DATASET_FILE}", archive,
                                      content_type="application/zip")
-            archive.unlink()
             review = verdict["action"] == Action.review.value
             row = self.records.insert(Training(
                 id=training_id, user_id=user_id, name=sub.name or f"lora-{training_id[:8]}", family=sub.family,

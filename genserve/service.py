@@ -439,15 +439,18 @@ class GenerationService:
         )
         return size, resources, verdict, quote
 
-    def _admit(self, caller: Caller, request: GenerationRequest) -> None:
+    def _admit(self, caller: Caller, request: GenerationRequest) -> int:
+        """Refuse (429) past the user's queue limit or the service's capacity; returns the active jobs."""
         tier = self.limits.tier(caller.tier)
         if self.jobs.count_active(caller.user_id) >= tier.queue:
             raise QueueFull(f"{tier.queue} generations are already queued or running for this user",
                             code="queue_limit", retry_after_s=self.limits.retry_after_s,
                             details={"limit": tier.queue})
-        if not self.limits.admits(request.priority, self.jobs.count_active()):
+        active = self.jobs.count_active()
+        if not self.limits.admits(request.priority, active):
             raise QueueFull("the service is at capacity; try again shortly", code="queue_full",
                             retry_after_s=self.limits.retry_after_s)
+        return active
 
     # -- submit ---------------------------------------------------------------------------------
 
@@ -468,7 +471,7 @@ class GenerationService:
             existing = self.jobs.find_idempotent(caller.user_id, request.idempotency_key)
             if existing is not None:
                 return self._same_request(existing, fingerprint), False, None
-        self._admit(caller, request)
+        active = self._admit(caller, request)
         size, resources, verdict, quote = self._prepare(caller, request)
         job_id = idempotent_job_id(caller.user_id, request.idempotency_key) if request.idempotency_key else new_job_id()
         base_seed = request.seed if request.seed is not None else random.SystemRandom().randrange(MAX_RANDOM_SEED)
@@ -504,7 +507,7 @@ class GenerationService:
             raise
         if not created:  # a concurrent retry with the same key won; its hold is this same hold
             return self._same_request(job, fingerprint), False, None
-        metrics.set_gauge("genserve_queue_depth", self.jobs.count_active(), family=resources.family)
+        metrics.set_gauge("genserve_queue_depth", active + 1, family=resources.family)
         plan = _Plan(caller, resources, verdict, allowed, quote, worker_request, timeout_s)
         return job, True, plan
 

@@ -16,7 +16,6 @@ from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
 from safety.db import NAMING_CONVENTION
 
-
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
 

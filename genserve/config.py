@@ -35,6 +35,8 @@ ENV_ALIASES: dict[str, str] = {
     "GENSERVE_DATABASE_URL": "database.url",
     "GENSERVE_SERVICE_TOKEN": "auth.service_token",
     "GENSERVE_ADMIN_TOKEN": "auth.admin_token",
+    "GENSERVE_PREVIOUS_SERVICE_TOKEN": "auth.previous_service_token",
+    "GENSERVE_PREVIOUS_ADMIN_TOKEN": "auth.previous_admin_token",
     "GENSERVE_STORAGE_BACKEND": "storage.backend",
     "GENSERVE_S3_ENDPOINT_URL": "storage.s3_endpoint_url",
     "GENSERVE_S3_BUCKET": "storage.s3_bucket",
@@ -78,6 +80,9 @@ class AuthConfig(_Section):
     # Local defaults so the embedded service works without set-up; deployments set real secrets.
     service_token: SecretStr = SecretStr("local-service-token")
     admin_token: SecretStr = SecretStr("local-admin-token")
+    # Set during a rotation: the old token keeps working until every caller has the new one.
+    previous_service_token: SecretStr | None = None
+    previous_admin_token: SecretStr | None = None
 
 
 class ServerConfig(_Section):

@@ -24,9 +24,10 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Depends, FastAPI, Header, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response, StreamingResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, SecretStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from genserve import metrics
 from genserve.config import Settings
 from genserve.errors import Forbidden, GenserveError, InvalidRequest, QueueFull, Unauthenticated
 from genserve.log import log_context
@@ -89,12 +90,23 @@ def map_error(exc: Exception) -> JSONResponse:
 # --------------------------------------------------------------------------------------------- auth
 
 
+def _tokens(*secrets_: SecretStr | None) -> tuple[bytes, ...]:
+    return tuple(s.get_secret_value().encode() for s in secrets_ if s is not None and s.get_secret_value())
+
+
+def _matches(token: bytes, accepted: tuple[bytes, ...]) -> bool:
+    """Constant time per candidate, and every candidate compared."""
+    return sum(secrets.compare_digest(token, t) for t in accepted) > 0
+
+
 class Auth:
     """Bearer tokens compared in constant time; the user comes from the calling back end's headers."""
 
     def __init__(self, settings: Settings):
-        self._service = settings.auth.service_token.get_secret_value().encode()
-        self._admin = settings.auth.admin_token.get_secret_value().encode()
+        auth = settings.auth
+        # the previous token stays valid while a rotation rolls out to the site's back ends
+        self._service = _tokens(auth.service_token, auth.previous_service_token)
+        self._admin = _tokens(auth.admin_token, auth.previous_admin_token)
 
     @staticmethod
     def _token(authorization: str | None) -> bytes:
@@ -103,12 +115,12 @@ class Auth:
         return authorization[7:].strip().encode()
 
     def admin(self, authorization: str | None) -> None:
-        if not secrets.compare_digest(self._token(authorization), self._admin):
+        if not _matches(self._token(authorization), self._admin):
             raise Unauthenticated("invalid admin token", code="token_invalid")
 
     def caller(self, authorization: str | None, user_id: str | None, tier: str | None, nsfw: str | None,
                request_id: str) -> Caller:
-        if not secrets.compare_digest(self._token(authorization), self._service):
+        if not _matches(self._token(authorization), self._service):
             raise Unauthenticated("invalid service token", code="token_invalid")
         if not user_id or not USER_ID_PATTERN.match(user_id):
             raise Unauthenticated("X-User-Id must name the user (1-64 of A-Z a-z 0-9 . _ : @ -)", code="user_missing")
@@ -200,7 +212,9 @@ def create_api(service: GenerationService, *, routers: Sequence[RouterBuilder] =
             except Exception as exc:  # noqa: BLE001 - anything not mapped above
                 response = map_error(exc)
         route = request.scope.get("route")
-        counters.requests[(getattr(route, "path", "unmatched"), response.status_code)] += 1
+        path = getattr(route, "path", "unmatched")
+        counters.requests[(path, response.status_code)] += 1
+        metrics.inc("genserve_requests_total", route=path, status=str(response.status_code))
         response.headers["X-Request-Id"] = request_id
         return response
 

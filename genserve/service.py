@@ -197,6 +197,16 @@ class SafetyGate:
                 [n for n in names if n not in self.auditor.extra_person_names])
             self.policy = SafetyPolicy(self.auditor)
 
+    def reload_rules(self, settings: Settings, db: Database) -> None:
+        """Re-read the prompt-audit rule files (a new rule list rolls out without a restart).
+
+        The new auditor is built completely before it replaces the old one, so a bad file leaves
+        the running rules in force (and raises RulesInvalid to the caller)."""
+        with db.session() as s:
+            names = person_names(s)
+        auditor = PromptAuditor.from_dir(settings.config_path(settings.safety.rules_dir), extra_person_names=names)
+        self.auditor, self.policy = auditor, SafetyPolicy(auditor)
+
 
 @dataclass
 class _Plan:
@@ -294,13 +304,14 @@ class GenerationService:
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         """Hot settings from Serve's `user_config`: tier limits given inline under `limits`, or re-read
-        from the limits file; every call also refreshes the blocklist index and the person names."""
+        from the limits file; every call also refreshes the blocklist index and re-reads the prompt
+        rule files with the current person names (bump `revision` in user_config to trigger it)."""
         if "limits" in config:
             self.limits = Limits.model_validate(config["limits"])
         else:
             self.limits = Limits.load(self.settings.config_path(self.config.limits_file))
         self.safety.blocklist.refresh()
-        self.safety.refresh_person_names(self.db)
+        self.safety.reload_rules(self.settings, self.db)
 
     # -- quotes and balances --------------------------------------------------------------------
 
@@ -431,7 +442,8 @@ class GenerationService:
         size = self._size(resources.family, request)
         hires = self._hires(request, size)
         allowed = NsfwLevel.lowest(caller.max_nsfw_level, request.nsfw_level)
-        verdict = self._precheck(caller, request, resources, allowed)
+        with metrics.stage_timer("audit", resources.family):
+            verdict = self._precheck(caller, request, resources, allowed)
         quote = self.pricing.quote_generation(
             resources.family, size[0], size[1], request.steps, request.quantity,
             extra_resources=len(resources.extras),
@@ -672,7 +684,8 @@ class GenerationService:
             if deliver:
                 key = f"{IMAGE_PREFIX}/{job.user_id}/{job_id}/{image.index}.png"
                 try:
-                    self.store.put_bytes(key, image.png, content_type="image/png")
+                    with metrics.stage_timer("store", job.family):
+                        self.store.put_bytes(key, image.png, content_type="image/png")
                 except GenserveError as exc:
                     logger.error("storing %s failed: %s", key, exc)
                     withheld.append({"index": image.index, "seed": image.seed, "nsfw_level": level,
@@ -702,6 +715,7 @@ class GenerationService:
             logger.error("generation %s was finished by someone else after its capture", job_id)
         metrics.inc("genserve_jobs_total", family=job.family, status=status.value)
         metrics.inc("genserve_images_generated_total", value=len(result.images), family=job.family)
+        _record_latencies(job, result)
 
     def _discard(self, images: list[dict]) -> None:
         for image in images:
@@ -826,6 +840,17 @@ class GenerationService:
 
 
 # --------------------------------------------------------------------------------------------- helpers
+
+
+def _record_latencies(job: GenerationJob, result: WorkerResult) -> None:
+    """Stage latencies the worker measured, and the job's end-to-end time."""
+    timings = result.timings_ms
+    for stage, key in (("queue", "queue_ms"), ("diffusion", "generate_ms"), ("scan", "scan_ms")):
+        if key in timings:
+            metrics.observe("genserve_stage_latency_ms", timings[key], stage=stage, family=job.family)
+    created = job.created_at if job.created_at.tzinfo else job.created_at.replace(tzinfo=dt.timezone.utc)
+    elapsed_ms = (dt.datetime.now(dt.timezone.utc) - created).total_seconds() * 1000
+    metrics.observe("genserve_request_latency_ms", elapsed_ms, family=job.family)
 
 
 def _sha256(data: bytes) -> str:

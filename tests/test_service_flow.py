@@ -389,3 +389,35 @@ def test_reconfigure_applies_hot_limits_and_rereads_the_file(env, monkeypatch):
     assert info.value.code == "tier_limit_exceeded"
     service.reconfigure({"revision": 2})
     assert service.limits.default_tier == "free" and service.limits.tier("gold").quantity == 12
+
+
+def test_reconfigure_rolls_out_a_new_prompt_rule_list(env, monkeypatch, tmp_path):
+    """A rule file changed on disk takes effect on the next reconfigure, with no restart."""
+    import shutil
+
+    import yaml
+
+    service = env.service
+    rules = tmp_path / "safety"
+    shutil.copytree(env.settings.config_path(env.settings.safety.rules_dir), rules)
+    monkeypatch.setattr(service, "settings", env.settings.model_copy(update={"config_dir": tmp_path}))
+    monkeypatch.setattr(service, "safety", service.safety)  # the gate's auditor is restored after the test
+    monkeypatch.setattr(service.safety, "auditor", service.safety.auditor)
+    monkeypatch.setattr(service.safety, "policy", service.safety.policy)
+    monkeypatch.setattr(service, "limits", service.limits)
+    request = _request(prompt="a glorbix on a hill")
+    service.quote(env.user(), request)  # allowed under the shipped rules
+
+    doc = yaml.safe_load((rules / "prompt_audit.yaml").read_text())
+    doc["term_groups"][0]["terms"].append("glorbix")
+    (rules / "prompt_audit.yaml").write_text(yaml.safe_dump(doc))
+    service.reconfigure({"revision": 3})
+    with pytest.raises(SafetyBlocked) as info:
+        service.quote(env.user(), request)
+    assert "blocked.prohibited" in info.value.details["rules"]
+
+    (rules / "prompt_audit.yaml").write_text("term_groups: [{id: broken}]\n")
+    with pytest.raises(Exception):  # noqa: B017 - any refusal; the running rules must stay in force
+        service.reconfigure({"revision": 4})
+    with pytest.raises(SafetyBlocked):
+        service.quote(env.user(), request)

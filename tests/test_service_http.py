@@ -197,3 +197,21 @@ def test_nsfw_level_header_is_recorded(env, level):  # noqa: F811
                           {"json": BODY, "headers": _headers(user, **{"X-Max-Nsfw-Level": level})}))
     assert resp.status_code == 200
     assert env.service.jobs.get(resp.json()["id"]).request["allowed_nsfw_level"] == level
+
+
+def test_previous_token_is_accepted_during_rotation(env):  # noqa: F811
+    from genserve.config import load_settings
+    from genserve.ingress import Auth
+
+    settings = load_settings(env={"GENSERVE_DATA_DIR": str(env.settings.data_dir),
+                                  "GENSERVE_SERVICE_TOKEN": "new-token",
+                                  "GENSERVE_PREVIOUS_SERVICE_TOKEN": "local-service-token"})
+    auth = Auth(settings)
+    for token in ("new-token", "local-service-token"):
+        assert auth.caller(f"Bearer {token}", "u1", None, None, "r").user_id == "u1"
+    with pytest.raises(Exception) as info:  # noqa: B017
+        auth.caller("Bearer stale-token", "u1", None, None, "r")
+    assert info.value.code == "token_invalid"
+    with pytest.raises(Exception) as info:  # noqa: B017
+        auth.admin("Bearer local-service-token")
+    assert info.value.code == "token_invalid"

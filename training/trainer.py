@@ -27,6 +27,7 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from PIL import Image
 
+from genserve import metrics
 from genserve.errors import GenserveError
 from genserve.pipelines.loading import load_pipeline
 from training.buckets import assign_bucket, epoch_batches, fit_to_bucket, make_buckets, steps_per_epoch
@@ -357,6 +358,7 @@ class LoraTrainer:
                     result.step, result.epoch = self.step, self.epoch
                     return result
                 loss = self.train_step(batch)
+                metrics.inc("genserve_training_steps_total", family=self.base.family)
                 result.losses.append(loss)
                 steps_here += 1
                 if hooks.on_progress:

@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy import create_engine, func, select
 
+from genserve import metrics
 from genserve.billing import models
 from genserve.billing.config import BillingConfig
 from genserve.billing.errors import (
@@ -703,8 +704,10 @@ class Ledger:
         if expires_at is not None and not isinstance(expires_at, dt.datetime):
             raise InvalidRequest("expires_at must be a datetime", code="invalid_expiry")
         request = self._request(account=account, destination=destination, amount=amount)
+        fresh: list[bool] = []
 
         def tx_hold(tx: _Tx) -> HoldInfo:
+            fresh.clear()
             now = utcnow()
             expires = now + dt.timedelta(seconds=self.config.default_hold_ttl_s) if expires_at is None else _utc(expires_at)
             if not now < expires <= now + dt.timedelta(seconds=self.config.max_hold_ttl_s):
@@ -737,9 +740,13 @@ class Ledger:
                  "reason": reason, "expires_at": tx.ts(expires), "now": tx.ts(now)},
             )
             self._remember(tx, key, "hold", request, hold.to_dict(), now)
+            fresh.append(True)
             return hold
 
-        return self._run(tx_hold)
+        hold = self._run(tx_hold)
+        if fresh:
+            metrics.inc("genserve_buzz_total", amount, operation="held", destination=destination)
+        return hold
 
     def capture(self, hold_id: str, amount: int, key: str) -> HoldInfo:
         """Post `amount` (<= the hold) to the hold's destination and void the rest; 0 is a release."""
@@ -748,8 +755,10 @@ class Ledger:
         amount = check_amount(amount, self.config.max_amount, allow_zero=True)
         key = check_key(key)
         request = self._request(hold_id=hold_id, amount=amount)
+        fresh: list[bool] = []
 
         def tx_capture(tx: _Tx) -> HoldInfo:
+            fresh.clear()
             hold = self._locked_open_hold(tx, hold_id, key, "capture", request)
             if isinstance(hold, dict):
                 return HoldInfo.from_dict(hold)
@@ -767,9 +776,13 @@ class Ledger:
                 )
             done = self._close(tx, hold, amount, now)
             self._remember(tx, key, "capture", request, done.to_dict(), now)
+            fresh.append(True)
             return done
 
-        return self._run(tx_capture)
+        done = self._run(tx_capture)
+        if fresh:
+            _record_close(done)
+        return done
 
     def release(self, hold_id: str, key: str) -> HoldInfo:
         """Void an open hold (also allowed past its expiry time, before the reaper gets to it)."""
@@ -777,17 +790,23 @@ class Ledger:
             raise HoldNotFound(f"no hold {hold_id!r}")
         key = check_key(key)
         request = self._request(hold_id=hold_id)
+        fresh: list[bool] = []
 
         def tx_release(tx: _Tx) -> HoldInfo:
+            fresh.clear()
             hold = self._locked_open_hold(tx, hold_id, key, "release", request)
             if isinstance(hold, dict):
                 return HoldInfo.from_dict(hold)
             now = utcnow()
             done = self._close(tx, hold, 0, now)
             self._remember(tx, key, "release", request, done.to_dict(), now)
+            fresh.append(True)
             return done
 
-        return self._run(tx_release)
+        done = self._run(tx_release)
+        if fresh:
+            _record_close(done)
+        return done
 
     def get_hold(self, hold_id: str) -> HoldInfo:
         if not isinstance(hold_id, str):
@@ -897,3 +916,9 @@ class Ledger:
                 "holds_total": conn.execute(select(func.count()).select_from(holds_t)).scalar_one(),
             }
         return VerifyReport(ok=not problems, problems=problems, stats=stats)
+
+
+def _record_close(hold: HoldInfo) -> None:
+    """Metrics for a hold this call closed: what was posted and what went back to the user."""
+    metrics.inc("genserve_buzz_total", hold.captured, operation="captured", destination=hold.destination)
+    metrics.inc("genserve_buzz_total", hold.amount - hold.captured, operation="released", destination=hold.destination)

@@ -26,7 +26,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
+from genserve import metrics
 from genserve.errors import InvalidRequest, SafetyBlocked, Unavailable
+from genserve.pipelines.loading import MODEL_BUILD_LOCK
 from safety.errors import SafetyError
 
 logger = logging.getLogger(__name__)
@@ -232,8 +234,10 @@ class LoraCache:
                 cached.checked_at = now
             self._adapters.move_to_end(sha256)
             self.stats["hits"] += 1
+            metrics.inc("genserve_lora_cache_total", result="hit")
             return cached
 
+        metrics.inc("genserve_lora_cache_total", result="miss")
         self._check(sha256, path)
         state_dict, _ = read_lora(path)
         nbytes = _nbytes(state_dict)
@@ -246,7 +250,8 @@ class LoraCache:
         started = time.perf_counter()
         try:
             with quiet_loaders():
-                self.pipe.load_lora_weights(state_dict, adapter_name=name)
+                with MODEL_BUILD_LOCK:
+                    self.pipe.load_lora_weights(state_dict, adapter_name=name)
         except Exception as exc:  # noqa: BLE001 - diffusers raises ValueError/KeyError/RuntimeError alike
             self._delete_from_pipe(name)
             raise LoraIncompatible(

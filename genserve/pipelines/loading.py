@@ -6,6 +6,7 @@ are picked at run time so the same code serves a CPU test box and a CUDA worker.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import torch
@@ -15,6 +16,12 @@ from safetensors import SafetensorError
 from transformers.utils import logging as transformers_logging
 
 from genserve.errors import ConfigError, GenserveError, InvalidRequest, NotFound
+
+# Loading with low_cpu_mem_usage builds modules under accelerate's `init_empty_weights`, which patches
+# torch.nn.Module globally for the whole process: any module built in another thread meanwhile (a
+# second checkpoint, a LoRA's adapter layers) comes out on the meta device. Every model construction
+# in the service holds this lock.
+MODEL_BUILD_LOCK = threading.RLock()
 
 PIPELINE_CLASSES: dict[str, type[DiffusionPipeline]] = {
     "sd1": StableDiffusionPipeline,
@@ -88,7 +95,8 @@ def load_pipeline(
                 raise InvalidRequest(
                     f"a diffusers checkpoint is a folder: {path}", code="not_a_diffusers_folder"
                 )
-            pipe = cls.from_pretrained(path, use_safetensors=True, local_files_only=True, dtype=dtype)
+            with MODEL_BUILD_LOCK:
+                pipe = cls.from_pretrained(path, use_safetensors=True, local_files_only=True, dtype=dtype)
         else:
             # the extension decides how diffusers reads the file: anything else would be unpickled
             if path.suffix != ".safetensors" or not path.is_file():
@@ -100,7 +108,8 @@ def load_pipeline(
                     f"single-file checkpoint {path.name} needs a local diffusers config folder (got {config_dir})",
                     code="single_file_config_missing",
                 )
-            pipe = cls.from_single_file(str(path), config=str(config_dir), local_files_only=True, dtype=dtype)
+            with MODEL_BUILD_LOCK:
+                pipe = cls.from_single_file(str(path), config=str(config_dir), local_files_only=True, dtype=dtype)
     except GenserveError:
         raise
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
@@ -108,5 +117,11 @@ def load_pipeline(
             f"cannot load {family} {fmt} checkpoint {path}: {type(exc).__name__}: {exc}"
         ) from exc
 
+    left_on_meta = [
+        name for name, component in pipe.components.items()
+        if isinstance(component, torch.nn.Module) and any(p.is_meta for p in component.parameters())
+    ]
+    if left_on_meta:
+        raise CheckpointLoadError(f"cannot load {family} {fmt} checkpoint {path}: weights missing for {left_on_meta}")
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)

@@ -142,23 +142,6 @@ def prepare_data_dir(data: Path, models_dir: Path | None):  # noqa: ANN201 - Set
     return settings
 
 
-def serve_http_port(host: str = "127.0.0.1") -> int:
-    """The port of the running Serve proxy; starts Serve on a free loopback port when none runs."""
-    import socket
-
-    from ray import serve
-    from ray.serve.context import _get_global_client
-
-    client = _get_global_client(raise_if_no_controller_running=False)
-    if client is not None:
-        return client.http_config.port
-    with socket.socket() as s:
-        s.bind((host, 0))
-        port = s.getsockname()[1]
-    serve.start(http_options={"host": host, "port": port})
-    return port
-
-
 class LocalService:
     """The Serve application on this machine's Ray, under a unique name and route prefix."""
 
@@ -172,7 +155,7 @@ class LocalService:
         import ray
         from ray import serve
 
-        from genserve.app import build_app, load_serve_config
+        from genserve.app import build_app, load_serve_config, serve_http_port
 
         if not ray.is_initialized():
             # logical CPUs: the local Serve config asks for more than a 2-core machine has

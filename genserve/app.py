@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -132,3 +133,22 @@ def app_builder(args: dict[str, str]) -> serve.Application:
     """
     settings = load_settings(config_dir=args.get("config_dir"))
     return build_app(settings, serve_config={"applications": [{"name": APP_NAME, "deployments": []}]})
+
+
+def serve_http_port(host: str = "127.0.0.1", port: int | None = None) -> int:
+    """The port of this Ray cluster's Serve proxy, starting Serve on `port` (or a free one) if none runs.
+
+    Serve has one HTTP proxy per cluster: whoever starts it first picks the port, and later
+    applications (benchmarks, tests, a second app) must use that one.
+    """
+    from ray.serve.context import _get_global_client
+
+    client = _get_global_client(raise_if_no_controller_running=False)
+    if client is not None:
+        return client.http_config.port
+    if port is None:
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+    serve.start(http_options={"host": host, "port": port})
+    return port

@@ -38,11 +38,7 @@ def all_metadata() -> list[MetaData]:
     import importlib
 
     for name in MODEL_MODULES:
-        try:
-            importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
+        importlib.import_module(name)
     from safety.db import SafetyBase
 
     return [Base.metadata, SafetyBase.metadata]

@@ -15,7 +15,8 @@ def _linears(module: torch.nn.Module, targets: tuple[str, ...]) -> list[tuple[st
     """Target projections by their base names (a module already holding adapters wraps them)."""
     out = []
     for name, m in module.named_modules():
-        name = name.removesuffix(".base_layer")
+        # transformers 5 flattened CLIPTextModel but not CLIPTextModelWithProjection: name both alike
+        name = name.removesuffix(".base_layer").removeprefix("text_model.")
         if isinstance(m, torch.nn.Linear) and name.endswith(targets):
             out.append((name, m.out_features, m.in_features))
     return out

@@ -16,10 +16,9 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from conftest import free_port
 from ray.serve.schema import ServeDeploySchema
 
-from genserve.app import INGRESS_NAME, worker_name
+from genserve.app import INGRESS_NAME, serve_http_port, worker_name
 from genserve.config import DEFAULT_CONFIG_DIR
 from genserve.metrics import DEFINITIONS
 from genserve.model_catalog import load_model_catalog
@@ -89,19 +88,6 @@ def local_cpu_config(config: dict, name: str, route_prefix: str, env: dict[str, 
         d.pop("max_replicas_per_node", None)
         d["autoscaling_config"].update(min_replicas=1, max_replicas=1)
     return {"applications": config["applications"]}
-
-
-def serve_http_port() -> int:
-    """The port of the running Serve proxy; starts Serve on a free loopback port when none runs."""
-    from ray import serve
-    from ray.serve.context import _get_global_client
-
-    client = _get_global_client(raise_if_no_controller_running=False)
-    if client is not None:
-        return client.http_config.port
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    return port
 
 
 def wait_running(name: str, timeout_s: float) -> None:

@@ -13,11 +13,10 @@ import uuid
 
 import httpx
 import pytest
-from conftest import free_port
 from engine_loras import make_lora, write_lora
 from PIL import Image
 
-from genserve.app import APP_NAME, build_app, load_serve_config, worker_name
+from genserve.app import APP_NAME, build_app, load_serve_config, serve_http_port, worker_name
 from genserve.billing.ledger import Ledger, user_account
 from genserve.bootstrap import bootstrap
 from genserve.config import load_settings
@@ -116,7 +115,7 @@ def site(ray_session, tmp_path_factory, tiny_models):
     root = tmp_path_factory.mktemp("e2e")
     (root / "data").mkdir()
     os.symlink(tiny_models["sd1"].root.parent, root / "data" / "models")
-    port = free_port()
+    port = serve_http_port()
     settings = load_settings(env={"GENSERVE_DATA_DIR": str(root / "data")}, overrides={
         "server": {"port": port},
         "worker": {"resource_cache_dir": str(root / "cache"), "cpu_threads": 1},
@@ -132,7 +131,6 @@ def site(ray_session, tmp_path_factory, tiny_models):
         deployment["num_replicas"] = 1
         if deployment["name"] == "Ingress":
             deployment["user_config"] = {"limits": TEST_LIMITS}
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(settings, config), name=APP_NAME, route_prefix="/")
     s = Site(f"http://127.0.0.1:{port}", Ledger(db, settings.billing), ResourceRegistry(db, store), root / "loras")
     yield s

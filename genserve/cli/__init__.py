@@ -33,25 +33,11 @@ def migrate(ctx: typer.Context, revision: str = typer.Argument("head"), as_json:
 
 
 def _register_groups() -> None:
-    """Command groups from their own modules (kept out of this file so each stays small)."""
-    import importlib
+    """Command groups live in their own modules (kept out of this file so each stays small)."""
+    from genserve.cli import audit_prompt, buzz, generate, models, safety, serve, train
 
-    for module in (
-        "genserve.cli.models",
-        "genserve.cli.serve",
-        "genserve.cli.buzz",
-        "genserve.cli.safety",
-        "genserve.cli.audit_prompt",
-        "genserve.cli.generate",
-        "genserve.cli.train",
-    ):
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name == module:
-                continue
-            raise
-        mod.register(app)
+    for group in (models, serve, buzz, safety, audit_prompt, generate, train):
+        group.register(app)
 
 
 _register_groups()

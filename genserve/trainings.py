@@ -41,6 +41,11 @@ class TrainingConfig(BaseModel):
     work_dir: Path | None = Field(None, description="scratch space for datasets and checkpoints; default <data_dir>/training")
     model_cache_bytes: int = Field(64 << 30, gt=0, description="local copies of base checkpoints kept by training jobs")
     job_python: str | None = Field(None, description="interpreter of the job entrypoint; default: this process's")
+    job_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="custom Ray resources each training job asks for, e.g. {training: 1} to land only on "
+                    "the training worker group of a cluster",
+    )
 
 
 class TrainingStatus(str, enum.Enum):

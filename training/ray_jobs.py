@@ -105,6 +105,7 @@ class RayJobLauncher:
             runtime_env={"env_vars": env},
             entrypoint_num_cpus=1,
             entrypoint_num_gpus=self._gpus(),
+            entrypoint_resources=dict(self.settings.training.job_resources) or None,
             metadata={"genserve_training_id": training_id, "attempt": str(attempt)},
         )
         deadline = time.monotonic() + SUBMIT_RETRY_S

@@ -24,14 +24,19 @@ class ServerEvent:
     data: dict[str, Any]
 
 
-def _error(response: httpx.Response) -> GenserveError:
+# codes whose refusal is a safety decision (the CLI exits 3 on them)
+SAFETY_CODES = frozenset({"safety_blocked", "dataset_blocked", "sample_withheld"})
+
+
+def http_error(response: httpx.Response) -> GenserveError:
+    """The typed error a refusal stands for, with the server's stable code."""
     try:
         body = response.json()
         code, message, details = body["code"], body.get("message", ""), body.get("details") or {}
     except (ValueError, KeyError, TypeError):
         code, message, details = "http_error", response.text[:500], {}
-    if code == "safety_blocked":
-        exc: GenserveError = SafetyBlocked(message, details=details)
+    if code in SAFETY_CODES:
+        exc: GenserveError = SafetyBlocked(message, code=code, details=details)
     elif response.status_code == 429:
         exc = QueueFull(message, code=code, details=details,
                         retry_after_s=int(response.headers.get("retry-after", "5") or 5))
@@ -41,29 +46,18 @@ def _error(response: httpx.Response) -> GenserveError:
     return exc
 
 
-class GenserveClient:
-    def __init__(self, base_url: str, service_token: str, user_id: str, *, tier: str | None = None,
-                 max_nsfw_level: str | None = None, timeout_s: float = 60.0):
-        headers = {"Authorization": f"Bearer {service_token}", "X-User-Id": user_id}
-        if tier:
-            headers["X-User-Tier"] = tier
-        if max_nsfw_level:
-            headers["X-Max-Nsfw-Level"] = max_nsfw_level
-        self.base_url = base_url.rstrip("/")
-        self.user_id = user_id
-        self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout_s)
+class ServiceClient:
+    """HTTP transport shared by the API clients: bearer token, caller headers, typed errors."""
 
-    @classmethod
-    def from_settings(cls, settings: Settings, user_id: str | None = None, base_url: str | None = None,
-                      **kw: Any) -> GenserveClient:
-        """The local service as `genserve serve` runs it, with the token from the settings."""
-        url = base_url or f"http://{settings.server.host}:{settings.server.port}"
-        return cls(url, settings.auth.service_token.get_secret_value(), user_id or settings.generation.demo_user, **kw)
+    def __init__(self, base_url: str, token: str, headers: dict[str, str] | None = None, *, timeout_s: float = 60.0):
+        self.base_url = base_url.rstrip("/")
+        self._http = httpx.Client(base_url=self.base_url, timeout=timeout_s,
+                                  headers={"Authorization": f"Bearer {token}", **(headers or {})})
 
     def close(self) -> None:
         self._http.close()
 
-    def __enter__(self) -> GenserveClient:
+    def __enter__(self):  # noqa: ANN204 - the subclass instance
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -76,8 +70,27 @@ class GenserveClient:
             raise Unavailable(f"cannot reach genserve at {self.base_url}: {exc} (is `genserve serve` running?)",
                               code="service_unreachable") from exc
         if response.status_code >= 400:
-            raise _error(response)
+            raise http_error(response)
         return response
+
+
+class GenserveClient(ServiceClient):
+    def __init__(self, base_url: str, service_token: str, user_id: str, *, tier: str | None = None,
+                 max_nsfw_level: str | None = None, timeout_s: float = 60.0):
+        headers = {"X-User-Id": user_id}
+        if tier:
+            headers["X-User-Tier"] = tier
+        if max_nsfw_level:
+            headers["X-Max-Nsfw-Level"] = max_nsfw_level
+        super().__init__(base_url, service_token, headers, timeout_s=timeout_s)
+        self.user_id = user_id
+
+    @classmethod
+    def from_settings(cls, settings: Settings, user_id: str | None = None, base_url: str | None = None,
+                      **kw: Any) -> GenserveClient:
+        """The local service as `genserve serve` runs it, with the token from the settings."""
+        url = base_url or f"http://{settings.server.host}:{settings.server.port}"
+        return cls(url, settings.auth.service_token.get_secret_value(), user_id or settings.generation.demo_user, **kw)
 
     # -- API ------------------------------------------------------------------------------------
 
@@ -109,7 +122,7 @@ class GenserveClient:
                                    timeout=httpx.Timeout(10.0, read=timeout_s)) as response:
                 if response.status_code >= 400:
                     response.read()
-                    raise _error(response)
+                    raise http_error(response)
                 fields: dict[str, str] = {}
                 for line in response.iter_lines():
                     if line:

@@ -132,6 +132,26 @@ class Auth:
         return Caller(user_id=user_id, tier=tier or None, max_nsfw_level=level, request_id=request_id)
 
 
+def auth_dependencies(auth: Auth) -> tuple[Callable[..., Caller], Callable[..., str]]:
+    """FastAPI dependencies for the caller (service token + user headers) and for admin routes."""
+
+    def caller(
+        request: Request,
+        authorization: Annotated[str | None, Header()] = None,
+        x_user_id: Annotated[str | None, Header()] = None,
+        x_user_tier: Annotated[str | None, Header()] = None,
+        x_max_nsfw_level: Annotated[str | None, Header()] = None,
+    ) -> Caller:
+        request_id = getattr(request.state, "request_id", None) or uuid.uuid4().hex
+        return auth.caller(authorization, x_user_id, x_user_tier, x_max_nsfw_level, request_id)
+
+    def admin(authorization: Annotated[str | None, Header()] = None) -> str:
+        auth.admin(authorization)
+        return "admin"
+
+    return caller, admin
+
+
 # --------------------------------------------------------------------------------------------- bodies
 
 
@@ -218,19 +238,7 @@ def create_api(service: GenerationService, *, routers: Sequence[RouterBuilder] =
         response.headers["X-Request-Id"] = request_id
         return response
 
-    def caller(
-        request: Request,
-        authorization: Annotated[str | None, Header()] = None,
-        x_user_id: Annotated[str | None, Header()] = None,
-        x_user_tier: Annotated[str | None, Header()] = None,
-        x_max_nsfw_level: Annotated[str | None, Header()] = None,
-    ) -> Caller:
-        return auth.caller(authorization, x_user_id, x_user_tier, x_max_nsfw_level, request.state.request_id)
-
-    def admin(authorization: Annotated[str | None, Header()] = None) -> str:
-        auth.admin(authorization)
-        return "admin"
-
+    caller, admin = auth_dependencies(auth)
     CallerDep = Annotated[Caller, Depends(caller)]
     AdminDep = Annotated[str, Depends(admin)]
     JobId = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$")]

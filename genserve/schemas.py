@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from genserve.errors import ConfigError, InvalidRequest
+from genserve.jobs import JobStatus
 
 API_VERSION = "v1"
 MAX_PROMPT_CHARS = 4000
@@ -146,15 +147,6 @@ class QuoteRequest(GenerationRequest):
 # --------------------------------------------------------------------------------------------- responses
 
 
-class JobStatusName(str, enum.Enum):
-    queued = "queued"
-    running = "running"
-    succeeded = "succeeded"
-    blocked = "blocked"
-    failed = "failed"
-    canceled = "canceled"
-
-
 class QuoteItemView(BaseModel):
     name: str
     amount: int
@@ -202,7 +194,7 @@ class JobView(BaseModel):
     """`GET /v1/generations/{id}`: everything a client needs, images included once finished."""
 
     id: str
-    status: JobStatusName
+    status: JobStatus
     user_id: str
     checkpoint: str
     family: str

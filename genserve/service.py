@@ -37,6 +37,7 @@ from genserve.billing.ledger import REVENUE_GENERATION, Ledger, user_account
 from genserve.billing.pricing import HiresParams, Pricing, Quote
 from genserve.config import Settings
 from genserve.db import Database
+from genserve.engine.streaming import stream_from_thread
 from genserve.errors import (
     Conflict,
     Forbidden,
@@ -144,30 +145,9 @@ class _ThreadStream:
     def cancel(self) -> None:
         self._cancel.set()
 
-    async def __aiter__(self) -> AsyncIterator[ProgressEvent | WorkerResult]:
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue[ProgressEvent] = asyncio.Queue()
-
-        def on_progress(event: ProgressEvent) -> None:
-            loop.call_soon_threadsafe(events.put_nowait, event)
-
-        job = asyncio.ensure_future(asyncio.to_thread(self._core.generate, self._request, on_progress, self._cancel))
-        try:
-            while not job.done():
-                getter = asyncio.ensure_future(events.get())
-                done, _ = await asyncio.wait({getter, job}, return_when=asyncio.FIRST_COMPLETED)
-                if getter in done:
-                    yield getter.result()
-                else:
-                    getter.cancel()
-            while not events.empty():
-                yield events.get_nowait()
-            yield job.result()
-        finally:
-            if not job.done():
-                self._cancel.set()
-                with contextlib.suppress(BaseException):
-                    await asyncio.shield(job)
+    def __aiter__(self) -> AsyncIterator[ProgressEvent | WorkerResult]:
+        core, request, cancel = self._core, self._request, self._cancel
+        return stream_from_thread(lambda on_progress: core.generate(request, on_progress, cancel), cancel)
 
 
 @dataclass

@@ -31,6 +31,7 @@ from ray import serve
 from genserve.config import Settings
 from genserve.db import Database
 from genserve.engine.config import WorkerConfig
+from genserve.engine.streaming import stream_from_thread
 from genserve.errors import InvalidRequest, Unavailable
 from genserve.resource_cache import ResourceCache
 from genserve.resources import Resource, ResourceKind
@@ -628,31 +629,12 @@ class FamilyWorker:
             raise CheckpointMismatch(f"routed as {model_id} but asks for {request.checkpoint_id}")
         self.core.validate(request)
         loaded = await self.get_checkpoint(request.checkpoint_id)
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue[ProgressEvent] = asyncio.Queue()
         cancel = threading.Event()
-
-        def on_progress(event: ProgressEvent) -> None:
-            loop.call_soon_threadsafe(events.put_nowait, event)
-
-        job = asyncio.ensure_future(asyncio.to_thread(self.core.run, loaded, request, on_progress, cancel))
-        try:
-            while not job.done():
-                getter = asyncio.ensure_future(events.get())
-                done, _ = await asyncio.wait({getter, job}, return_when=asyncio.FIRST_COMPLETED)
-                if getter in done:
-                    yield getter.result()
-                else:
-                    getter.cancel()
-            while not events.empty():
-                yield events.get_nowait()
-            yield job.result()
-        finally:
-            # the Serve request was cancelled or the caller stopped reading: stop the denoising loop
-            if not job.done():
-                cancel.set()
-                with contextlib.suppress(BaseException):
-                    await asyncio.shield(job)
+        # a cancelled Serve request or a closed stream sets `cancel`: the denoising loop stops within a step
+        async for item in stream_from_thread(
+            lambda on_progress: self.core.run(loaded, request, on_progress, cancel), cancel
+        ):
+            yield item
 
     def check_health(self) -> None:
         self.core.check_health(self._resident())

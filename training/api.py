@@ -12,7 +12,7 @@ import json
 from collections.abc import Callable, Iterator
 from typing import Annotated, Any, BinaryIO
 
-from fastapi import APIRouter, Body, Depends, File, Form, Header, Path, Query, Request, UploadFile
+from fastapi import APIRouter, Body, Depends, File, Form, Path, Query, UploadFile
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
@@ -173,22 +173,6 @@ def build_router(service: TrainingService, auth_dependency: Callable[..., Any],
 def build_router_with_ingress_auth(service: TrainingService) -> APIRouter:
     """The router guarded by the ingress's own token checks (`genserve.ingress.Auth` on the service's
     settings): `Authorization: Bearer <service token>` + `X-User-Id`, and the admin token for /admin."""
-    from genserve.ingress import Auth
+    from genserve.ingress import Auth, auth_dependencies
 
-    auth = Auth(service.deps.settings)
-
-    def caller(
-        request: Request,
-        authorization: Annotated[str | None, Header()] = None,
-        x_user_id: Annotated[str | None, Header()] = None,
-        x_user_tier: Annotated[str | None, Header()] = None,
-        x_max_nsfw_level: Annotated[str | None, Header()] = None,
-    ) -> Any:
-        request_id = getattr(request.state, "request_id", None) or ""
-        return auth.caller(authorization, x_user_id, x_user_tier, x_max_nsfw_level, request_id)
-
-    def admin(authorization: Annotated[str | None, Header()] = None) -> str:
-        auth.admin(authorization)
-        return "admin"
-
-    return build_router(service, caller, admin)
+    return build_router(service, *auth_dependencies(Auth(service.deps.settings)))

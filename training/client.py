@@ -9,51 +9,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-import httpx
-
-from genserve.errors import GenserveError, SafetyBlocked, Unavailable
-
-SAFETY_CODES = {"safety_blocked", "dataset_blocked", "sample_withheld"}
+from genserve.client import ServiceClient, http_error
 
 
-def _error(response: httpx.Response) -> GenserveError:
-    try:
-        body = response.json()
-        code, message, details = body["code"], body.get("message", ""), body.get("details") or {}
-    except (ValueError, KeyError, TypeError):
-        code, message, details = "http_error", response.text[:500], {}
-    cls = SafetyBlocked if code in SAFETY_CODES else GenserveError
-    exc = cls(message, code=code, details=details)
-    exc.http_status = response.status_code
-    return exc
-
-
-class TrainingClient:
+class TrainingClient(ServiceClient):
     def __init__(self, base_url: str, token: str, user_id: str | None = None, *, timeout_s: float = 600.0):
-        headers = {"Authorization": f"Bearer {token}"}
-        if user_id:
-            headers["X-User-Id"] = user_id
-        self.base_url = base_url.rstrip("/")
-        self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout_s)
-
-    def close(self) -> None:
-        self._http.close()
-
-    def __enter__(self) -> TrainingClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _call(self, method: str, path: str, **kw: Any) -> httpx.Response:
-        try:
-            response = self._http.request(method, path, **kw)
-        except httpx.TransportError as exc:
-            raise Unavailable(f"cannot reach genserve at {self.base_url}: {exc} (is `genserve serve` running?)",
-                              code="service_unreachable") from exc
-        if response.status_code >= 400:
-            raise _error(response)
-        return response
+        super().__init__(base_url, token, {"X-User-Id": user_id} if user_id else None, timeout_s=timeout_s)
 
     def submit(self, dataset: str | Path, *, family: str, real_person: bool, name: str = "",
                trigger_words: list[str] | None = None, person: str = "",
@@ -76,7 +37,7 @@ class TrainingClient:
         with self._http.stream("GET", f"/v1/trainings/{training_id}/download") as response:
             if response.status_code >= 400:
                 response.read()
-                raise _error(response)
+                raise http_error(response)
             tmp = dest.with_name(dest.name + ".part")
             with tmp.open("wb") as out:
                 for chunk in response.iter_bytes():

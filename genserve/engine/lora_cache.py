@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+from peft.tuners.lora.layer import LoraLayer
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
@@ -168,6 +169,7 @@ class LoraCache:
         self.recheck_s = recheck_s
         self._adapters: OrderedDict[str, CachedAdapter] = OrderedDict()  # sha256 -> adapter, LRU first
         self._active: tuple[tuple[str, float], ...] | None = None
+        self._layers: list[LoraLayer] | None = None
         self.stats = {"hits": 0, "loads": 0, "evictions": 0, "switches": 0, "switch_ms_total": 0.0,
                       "load_ms_total": 0.0}
 
@@ -263,7 +265,7 @@ class LoraCache:
         adapter = CachedAdapter(name=name, sha256=sha256, nbytes=nbytes, loaded_at=time.time(), checked_at=now,
                                 load_ms=load_ms)
         self._adapters[sha256] = adapter
-        self._active = None  # loading activates the new adapter in diffusers
+        self._active, self._layers = None, None  # loading activates the new adapter in diffusers
         self.stats["loads"] += 1
         self.stats["load_ms_total"] += load_ms
         return adapter
@@ -301,7 +303,7 @@ class LoraCache:
         if adapter is None:
             return False
         self._delete_from_pipe(adapter.name)
-        self._active = None
+        self._active, self._layers = None, None
         self.stats["evictions"] += 1
         return True
 
@@ -310,22 +312,34 @@ class LoraCache:
             self.evict(sha256)
 
     # ---- activation -----------------------------------------------------------------------------
+    def _lora_layers(self) -> list[LoraLayer]:
+        """Every LoRA layer of the pipeline, found once per change of the resident set: the walk over
+        all modules of all components is most of what diffusers' `set_adapters` costs per call."""
+        if self._layers is None:
+            self._layers = [
+                module
+                for component in self.pipe.components.values() if isinstance(component, torch.nn.Module)
+                for module in component.modules() if isinstance(module, LoraLayer)
+            ]
+        return self._layers
+
     def activate(self, adapters: Sequence[tuple[str, float]]) -> float:
         """Make exactly `adapters` ((adapter name, strength) pairs) active; none disables LoRA. Returns ms.
 
-        A request with the same set and strengths as the previous one costs nothing.
+        The strength scales every layer of the adapter (UNet and text encoders alike, as A1111 applies
+        it). A request with the same set and strengths as the previous one costs nothing.
         """
         wanted = tuple(adapters)
         if wanted == self._active:
             return 0.0
         started = time.perf_counter()
-        with quiet_loaders():
-            if not wanted:
-                if self._adapters:
-                    self.pipe.disable_lora()
-            else:
-                self.pipe.enable_lora()
-                self.pipe.set_adapters([n for n, _ in wanted], adapter_weights=[float(w) for _, w in wanted])
+        names = [name for name, _ in wanted]
+        for layer in self._lora_layers():
+            layer.enable_adapters(bool(wanted))
+            if wanted:
+                layer.set_adapter(names, inference_mode=True)
+                for name, strength in wanted:
+                    layer.set_scale(name, float(strength))
         elapsed = (time.perf_counter() - started) * 1000
         self._active = wanted
         self.stats["switches"] += 1

@@ -215,12 +215,15 @@ def test_rayservice_takes_database_s3_and_tokens_from_secrets():
     # every variable name is one the settings loader knows
     from genserve.config import ENV_ALIASES, load_settings
 
-    names = {e["name"] for e in _containers(cluster["headGroupSpec"])[0]["env"]}
+    env = _containers(cluster["headGroupSpec"])[0]["env"]
+    names = {e["name"] for e in env}
     assert {n for n in names if "__" not in n} <= set(ENV_ALIASES)
-    fake = {n: "x" for n in names} | {"GENSERVE_STORAGE_BACKEND": "s3", "GENSERVE_LOG_JSON": "true",
-                                      "GENSERVE_DATABASE_URL": "postgresql+psycopg2://u:p@db/genserve"}
+    # literal values as written; values from Secrets stand in as "x"
+    fake = {e["name"]: e.get("value", "x") for e in env} | {
+        "GENSERVE_DATABASE_URL": "postgresql+psycopg2://u:p@db/genserve"}
     settings = load_settings(env=fake)
-    assert settings.training.ray_job_address == "x" and settings.storage.backend == "s3"
+    assert settings.training.ray_job_address == "http://genserve-head-svc:8265" and settings.storage.backend == "s3"
+    assert settings.training.job_resources == {"training": 1.0}
 
 
 def test_rayservice_serves_the_same_application_as_serve_config():

@@ -335,11 +335,15 @@ class LoraCache:
         started = time.perf_counter()
         names = [name for name, _ in wanted]
         for layer in self._lora_layers():
-            layer.enable_adapters(bool(wanted))
-            if wanted:
-                layer.set_adapter(names, inference_mode=True)
-                for name, strength in wanted:
-                    layer.set_scale(name, float(strength))
+            if not wanted:
+                if not layer.disable_adapters:
+                    layer.enable_adapters(False)
+                continue
+            if layer.disable_adapters:  # only after a request without LoRAs
+                layer.enable_adapters(True)
+            layer.set_adapter(names, inference_mode=True)
+            for name, strength in wanted:
+                layer.set_scale(name, float(strength))
         elapsed = (time.perf_counter() - started) * 1000
         self._active = wanted
         self.stats["switches"] += 1

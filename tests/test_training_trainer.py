@@ -40,13 +40,14 @@ def toy_dataset(tmp_path: Path, n: int = 4) -> Path:
     return out
 
 
-def make_trainer(family, tiny_models, dataset: Path, work: Path, **params) -> LoraTrainer:  # noqa: ANN001
+def make_trainer(family, tiny_models, dataset: Path, work: Path, *, safety=None, samples=None,  # noqa: ANN001
+                 **params) -> LoraTrainer:
     request = TrainingRequest(**{"epochs": 3, "repeats": 2, "batch_size": 2, "network_dim": 4, "network_alpha": 2,
                                  "unet_lr": 1e-2, "lr_scheduler": "constant", "gradient_checkpointing": False,
                                  "seed": 11, **params})
     resolved = resolve(request, family, LIMITS, 4, default_seed=0)
     return LoraTrainer(BaseModelRef(family, tiny_models[family].diffusers_dir), dataset, resolved,
-                       trigger_words=["tqz"], work_dir=work, device="cpu")
+                       trigger_words=["tqz"], work_dir=work, device="cpu", safety=safety, samples=samples)
 
 
 def test_buckets_keep_aspect_and_plan_is_deterministic() -> None:
@@ -177,3 +178,27 @@ def test_sdxl_buckets_and_uncached_latents_train_identically(tmp_path: Path, tin
         assert trainer._time_ids(2) == [128, 64, 0, 16, 192, 64]  # 64x128 -> 96x192, 16 px cropped on the left
         losses[cache] = trainer.train().losses
     assert len(losses[True]) == 2 and losses[True] == losses[False]
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_sample_previews_carry_the_mandatory_safety_embeddings(family, tiny_models, tmp_path, monkeypatch) -> None:
+    from safety.embeddings import EmbeddingSpec, SafetyEmbeddings
+    from training.config import SampleSettings
+
+    emb = tiny_models[family].embeddings
+    safety = SafetyEmbeddings(family, general=EmbeddingSpec("<gs-safe-neg>", emb["general"]),
+                              minor=EmbeddingSpec("<gs-safe-minor>", emb["minor"]))
+    trainer = make_trainer(family, tiny_models, toy_dataset(tmp_path), tmp_path / "work", epochs=1,
+                           safety=safety, samples=SampleSettings(count=1, steps=1))
+    safety.check(trainer.pipe)  # the embeddings really sit in the text encoder(s)
+    seen = {}
+    real_call = type(trainer.pipe).__call__
+
+    def spy(pipe, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003 - records what reaches the pipeline
+        seen.update(kwargs)
+        return real_call(pipe, *args, **kwargs)
+
+    monkeypatch.setattr(type(trainer.pipe), "__call__", spy)
+    samples = trainer.render_samples()
+    assert len(samples) == 1
+    assert seen["negative_prompt"] == ["<gs-safe-neg> <gs-safe-minor>"]

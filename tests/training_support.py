@@ -48,7 +48,12 @@ def training_settings(tmp_path: Path, **training: Any) -> Settings:
 
 
 def register_base_models(deps, tiny_models) -> None:  # noqa: ANN001 - TrainingDeps, {family: TinyModel}
-    """Publish the tiny checkpoints under the ids `configs/training.yaml` trains on."""
+    """Publish the tiny checkpoints under the ids `configs/training.yaml` trains on, and put the families'
+    safety embeddings in the models dir, where `genserve serve` keeps them."""
+    models_dir = deps.settings.models_dir
+    models_dir.mkdir(parents=True, exist_ok=True)
+    if not (models_dir / "embeddings").exists():
+        (models_dir / "embeddings").symlink_to(next(iter(tiny_models.values())).embeddings["general"].parent)
     for family, spec in deps.limits.base_models.items():
         deps.registry.publish(tiny_models[family].diffusers_dir, id=spec.checkpoint, kind="checkpoint", family=family)
 

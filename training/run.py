@@ -24,8 +24,10 @@ from pathlib import Path
 from genserve.config import load_settings
 from genserve.errors import GenserveError
 from genserve.log import configure_logging, log_context
+from genserve.model_catalog import load_model_catalog
 from genserve.resource_cache import ResourceCache
 from genserve.trainings import Training, TrainingStatus
+from safety.embeddings import SafetyEmbeddings
 from safety.image_scan import NsfwLevel
 from safety.policy import ResourceFlags
 from training.checkpoint import FILES as CHECKPOINT_FILES
@@ -184,12 +186,18 @@ class JobRunner:
             if stop.wait(interval):
                 return
 
+    def _safety_embeddings(self, family: str) -> SafetyEmbeddings:
+        """The family's mandatory embeddings, exactly as the generator's workers load them."""
+        settings = self.deps.settings
+        entry = load_model_catalog(settings.config_path("models.yaml")).family(family)
+        return SafetyEmbeddings.from_config(family, entry.safety_embeddings_config(), settings.models_dir)
+
     def _train(self, row: Training, work: Path) -> int:
         params = ResolvedParams.model_validate(row.params)
         dataset = self._fetch_dataset(work / "dataset")
         base = self._fetch_base(row, self.deps.work_dir / "models")
         trainer = LoraTrainer(base, dataset, params, trigger_words=row.trigger_words, work_dir=work,
-                              samples=self.deps.limits.samples)
+                              samples=self.deps.limits.samples, safety=self._safety_embeddings(base.family))
         if row.checkpoint_key:
             trainer.resume(self._fetch_checkpoint(row, work / "resume"))
             if (trainer.step, trainer.epoch) != (row.checkpoint_step, row.checkpoint_epoch):

@@ -30,6 +30,7 @@ from PIL import Image
 from genserve import metrics
 from genserve.errors import GenserveError
 from genserve.pipelines.loading import load_pipeline
+from safety.embeddings import SafetyEmbeddings
 from training.buckets import assign_bucket, epoch_batches, fit_to_bucket, make_buckets, steps_per_epoch
 from training.checkpoint import CheckpointState, load_checkpoint, save_checkpoint
 from training.config import SampleSettings
@@ -121,9 +122,11 @@ class LoraTrainer:
         trigger_words: list[str] | None = None,
         work_dir: str | Path,
         samples: SampleSettings | None = None,
+        safety: SafetyEmbeddings | None = None,
         device: str | None = None,
     ):
         self.base = base
+        self.safety = safety
         self.params = params
         self.trigger_words = list(trigger_words or [])
         self.dataset_dir = Path(dataset_dir)
@@ -156,6 +159,11 @@ class LoraTrainer:
         self.vae = pipe.vae
         if self.vae.dtype != torch.float32:
             self.vae.to(dtype=torch.float32)  # SDXL's VAE overflows in fp16; it only encodes the dataset
+        if self.safety is not None:  # sample previews carry the generator's mandatory negative embeddings
+            # loading resizes the token embeddings with a random draw (then overwritten): keep it off the
+            # seeded RNG so a run trains the same weights with or without previews
+            with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
+                self.safety.load_into(pipe)
         self.text_encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if self.is_sdxl else [])
         self.tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if self.is_sdxl else [])
         for module in (self.unet, self.vae, *self.text_encoders):
@@ -449,11 +457,17 @@ class LoraTrainer:
         captions = [i.image for i in self.items[: cfg.count]]
         prompts = [self.caption_for(img, augment=False) for img in captions]
         prompts += [prompts[-1]] * (cfg.count - len(prompts))
+        negatives = None
+        if self.safety is not None:
+            # as the generator does, with the minor-protection embedding always on for previews
+            pairs = [self.safety.inject("", p, mature=True) for p in prompts]
+            prompts, negatives = [p for p, _ in pairs], [n for _, n in pairs]
         for module in self.trained_modules.values():
             module.eval()
         generator = torch.Generator().manual_seed(self.params.seed + self.epoch)
         with self.accelerator.autocast():
-            latents = self.pipe(prompt=prompts, num_inference_steps=cfg.steps, guidance_scale=cfg.guidance_scale,
+            latents = self.pipe(prompt=prompts, negative_prompt=negatives, num_inference_steps=cfg.steps,
+                                guidance_scale=cfg.guidance_scale,
                                 height=self.params.resolution, width=self.params.resolution, generator=generator,
                                 output_type="latent").images
         # decoded here by the full-precision VAE the trainer keeps (the pipeline's own decode assumes

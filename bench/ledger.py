@@ -39,6 +39,7 @@ def bench_sqlite(cycles: int) -> tuple[float, float]:
         db.migrate()
         Ledger(db).grant("user:bench", 10**9, "seed")
         db.dispose()
+        hold_capture_cycles(url, "user:bench", 500, "warm")  # as the PostgreSQL workers are warmed
         seconds, cpu = hold_capture_cycles(url, "user:bench", cycles, "sqlite")
         verify = Ledger(Database(url)).verify()
         assert verify.ok, verify.problems

@@ -315,3 +315,55 @@ def test_random_sequence_keeps_invariants(any_ledger):
     assert report.ok, report.problems
     total_users = sum(ledger.balance(u).posted for u in users)
     assert total_users + ledger.balance(REV).posted + ledger.balance("mint").posted == 0
+
+
+def test_sqlite_ledger_runs_on_one_connection_per_thread_closed_with_the_database(sqlite_db, tmp_path):
+    import sqlite3
+    import threading
+
+    ledger = Ledger(sqlite_db)
+    ledger.grant("user:1", 10, "seed")
+    seen = []
+
+    def work(i: int) -> None:
+        ledger.grant("user:1", 1, f"t{i}")
+        seen.append(ledger._connections.acquire()[0])
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len({id(c) for c in seen}) == 3  # each thread its own, reused for every call
+    assert ledger._connections.acquire()[0] is ledger._connections.acquire()[0]
+
+    sqlite_db.dispose()  # closes them all, so the WAL is merged and a copy of the file alone is whole
+    for conn in seen:
+        with pytest.raises(sqlite3.ProgrammingError):
+            conn.execute("SELECT 1")
+    path = tmp_path / "genserve.db"
+    copy = tmp_path / "copy.db"
+    shutil.copy(path, copy)
+    with sqlite3.connect(copy) as raw:
+        assert raw.execute("SELECT posted FROM ledger_accounts WHERE id = 'user:1'").fetchone() == (13,)
+    assert ledger.balance("user:1").posted == 13  # a call after dispose opens a new connection
+
+
+@pytest.mark.postgres
+def test_postgres_ledger_runs_prepared_statements(pg_db):
+    ledger = Ledger(pg_db)
+    try:
+        ledger.grant("user:1", 10, "seed")
+        hold = ledger.hold("user:1", 4, "h", destination=REV)
+        ledger.capture(hold.id, 3, "c")
+        conn, handle = ledger._connections.acquire()
+        try:
+            cur = conn.cursor()
+            cur.execute("SELECT name, generic_plans + custom_plans FROM pg_prepared_statements")
+            plans = dict(cur.fetchall())
+        finally:
+            ledger._connections.release(handle)
+        assert {"ledger_reserve_new", "ledger_lock_hold_recall", "ledger_insert_transfer"} <= set(plans)
+        assert sum(plans.values()) >= 5  # the calls above ran through them
+    finally:
+        ledger.close()

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, TypeVar
 
-from sqlalchemy import create_engine, func, select
+from sqlalchemy import create_engine, event, func, select
 
 from genserve import metrics
 from genserve.billing import models
@@ -45,7 +45,7 @@ from genserve.billing.errors import (
     InvalidAmount,
     InvalidIdempotencyKey,
 )
-from genserve.db import Database
+from genserve.db import Database, ThreadConnections
 from genserve.errors import ConfigError, InvalidRequest
 
 MINT = "mint"
@@ -257,17 +257,14 @@ _SQL = {
     ":key, :reason, :expires_at, :now)",
     # Locks the hold and reads what an earlier call with the same key returned, in one statement.
     "lock_hold_recall": "SELECT h.id, h.account_id, h.destination_id, h.amount, h.captured, h.status, "
-    "h.idempotency_key, h.reason, h.expires_at, h.created_at, h.closed_at, "
-    "(SELECT i.operation FROM ledger_idempotency i WHERE i.key = :key), "
-    "(SELECT i.request FROM ledger_idempotency i WHERE i.key = :key), "
-    "(SELECT i.result FROM ledger_idempotency i WHERE i.key = :key) "
-    "FROM ledger_holds h WHERE h.id = :id{for_update}",
+    "h.idempotency_key, h.reason, h.expires_at, h.created_at, h.closed_at, i.operation, i.request, i.result "
+    "FROM ledger_holds h LEFT JOIN ledger_idempotency i ON i.key = :key WHERE h.id = :id{for_update}",
     "get_hold": "SELECT id, account_id, destination_id, amount, captured, status, idempotency_key, reason, "
     "expires_at, created_at, closed_at FROM ledger_holds WHERE id = :id",
     "close_hold": "UPDATE ledger_holds SET captured = :captured, status = :status, closed_at = :now WHERE id = :id",
     "insert_transfer": "INSERT INTO ledger_entries (transfer_id, account_id, counterparty_id, amount, kind, hold_id, "
     "idempotency_key, reason, created_at) VALUES "
-    "(:transfer_id, :source, :destination, -:amount, :kind, :hold_id, :key, :reason, :now), "
+    "(:transfer_id, :source, :destination, -CAST(:amount AS BIGINT), :kind, :hold_id, :key, :reason, :now), "
     "(:transfer_id, :destination, :source, :amount, :kind, :hold_id, :key, :reason, :now) RETURNING id, amount",
     "expired_holds": "SELECT id, account_id, amount FROM ledger_holds WHERE status = 'open' AND expires_at <= :now "
     "ORDER BY id LIMIT :batch{for_update_skip_locked}",
@@ -279,14 +276,36 @@ _FOR_UPDATE = {
 }
 
 
+_PARAM = re.compile(r"(?<![:\w]):(\w+)")
+
+
 def _dialect_sql(dialect: str) -> dict[str, str]:
-    """The statements in the DBAPI's parameter style (sqlite3 `:name`, psycopg2 `%(name)s`)."""
+    """The statements as the ledger sends them: sqlite3 runs them with `:name` parameters; on
+    PostgreSQL each is an `EXECUTE` of a statement prepared once per connection (`_prepare_sql`)."""
     if dialect not in _FOR_UPDATE:
         raise ConfigError(f"the ledger runs on SQLite or PostgreSQL, not {dialect}", code="unsupported_database")
     out = {name: sql.format(**_FOR_UPDATE[dialect]) for name, sql in _SQL.items()}
     if dialect == "postgresql":
-        out = {name: re.sub(r"(?<![:\w]):(\w+)", r"%(\1)s", sql) for name, sql in out.items()}
+        out = {
+            name: f"EXECUTE ledger_{name}(" + ", ".join(f"%({p})s" for p in _param_names(sql)) + ")"
+            for name, sql in out.items()
+        }
     return out
+
+
+def _param_names(sql: str) -> list[str]:
+    return list(dict.fromkeys(_PARAM.findall(sql)))
+
+
+def _prepare_sql() -> str:
+    """PREPARE for every PostgreSQL statement: planning a statement costs the server more than
+    running it, so each connection plans them once (`$n` in the order of `_param_names`)."""
+    statements = []
+    for name, sql in _SQL.items():
+        position = {param: i + 1 for i, param in enumerate(_param_names(sql))}
+        body = _PARAM.sub(lambda m, at=position: f"${at[m.group(1)]}", sql.format(**_FOR_UPDATE["postgresql"]))
+        statements.append(f"PREPARE ledger_{name} AS {body}")
+    return "; ".join(statements)
 
 
 def _sqlite_ts(value: dt.datetime) -> str:
@@ -365,6 +384,17 @@ class _PostgresTx:
 _Tx = _SqliteTx | _PostgresTx
 
 
+def _prepare_statements(dbapi_conn: Any, _record: Any) -> None:
+    """Prepare the ledger's statements on a new PostgreSQL connection (they live as long as it does)."""
+    cur = dbapi_conn.cursor()
+    try:
+        cur.execute(_prepare_sql())
+    finally:
+        cur.close()
+    if not dbapi_conn.autocommit:
+        dbapi_conn.commit()
+
+
 def _is_retryable(exc: Exception, dialect: str) -> bool:
     """Deadlocks, serialization failures, a lost connection (the idempotency key makes a repeat safe),
     and a concurrent first use of the same idempotency key (the repeat returns its result)."""
@@ -379,11 +409,44 @@ def _is_retryable(exc: Exception, dialect: str) -> bool:
     return pgcode == "23505" and getattr(diag, "constraint_name", None) == _IDEMPOTENCY_PK
 
 
+class _PooledConnections:
+    """PostgreSQL: the ledger's own small pool in autocommit mode (no ping or reset per checkout,
+    explicit transactions), each connection with the ledger's statements prepared."""
+
+    def __init__(self, db: Database):
+        self.engine = create_engine(
+            db.engine.url,
+            isolation_level="AUTOCOMMIT",
+            pool_pre_ping=False,
+            pool_reset_on_return=None,
+            pool_size=db.engine.pool.size(),
+            max_overflow=db.engine.pool.size(),
+        )
+        event.listen(self.engine, "connect", _prepare_statements)
+
+    def acquire(self) -> tuple[Any, Any]:
+        """(DBAPI connection, the handle `release`/`discard` take)."""
+        pooled = self.engine.raw_connection()
+        return pooled.dbapi_connection, pooled
+
+    @staticmethod
+    def release(handle: Any) -> None:
+        handle.close()
+
+    @staticmethod
+    def discard(handle: Any) -> None:
+        handle.invalidate()
+        handle.close()
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
 class Ledger:
     """Buzz accounts, transfers and holds on one `Database`. Thread-safe; one per process is enough.
 
-    On PostgreSQL the ledger keeps its own small connection pool in autocommit mode (no ping or
-    reset per checkout, explicit transactions); `close()` releases it.
+    On PostgreSQL the ledger keeps its own pool (`_PooledConnections`), which `close()` releases;
+    on SQLite it runs on the Database's per-thread connections, closed with the Database.
     """
 
     def __init__(self, db: Database, config: BillingConfig | None = None):
@@ -393,24 +456,17 @@ class Ledger:
         self._sql = _dialect_sql(self._dialect)
         self._dbapi_error: type[Exception] = db.engine.dialect.loaded_dbapi.Error
         if self._dialect == "postgresql":
-            self._engine = create_engine(
-                db.engine.url,
-                isolation_level="AUTOCOMMIT",
-                pool_pre_ping=False,
-                pool_reset_on_return=None,
-                pool_size=db.engine.pool.size(),
-                max_overflow=db.engine.pool.size(),
-            )
+            self._connections: _PooledConnections | ThreadConnections = _PooledConnections(db)
             self._tx_class: type[_SqliteTx] | type[_PostgresTx] = _PostgresTx
         else:
-            self._engine = db.engine
+            self._connections = db.thread_connections
             self._tx_class = _SqliteTx
         self._system_ready = False
 
     def close(self) -> None:
         """Release the ledger's own connections (PostgreSQL); the Database stays the caller's."""
-        if self._engine is not self.db.engine:
-            self._engine.dispose()
+        if isinstance(self._connections, _PooledConnections):
+            self._connections.close()
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -429,36 +485,40 @@ class Ledger:
         raise AssertionError("unreachable")
 
     def _once(self, fn: Callable[[_Tx], T]) -> T:
-        pooled = self._engine.raw_connection()
+        conn, handle = self._connections.acquire()
         try:
-            tx = self._tx_class(pooled.dbapi_connection, self._sql)
+            tx = self._tx_class(conn, self._sql)
+        except BaseException:
+            self._connections.release(handle)
+            raise
+        try:
+            result = fn(tx)
+            tx.commit()
+            return result
+        except BaseException:
             try:
-                result = fn(tx)
-                tx.commit()
-                return result
-            except BaseException:
-                try:
-                    tx.rollback()
-                except Exception:  # noqa: BLE001 - a dead connection: drop it from the pool
-                    pooled.invalidate()
-                raise
-            finally:
-                tx.cur.close()
+                tx.rollback()
+            except Exception:  # noqa: BLE001 - a dead connection: drop it
+                self._connections.discard(handle)
+                handle = None
+            raise
         finally:
-            pooled.close()
+            tx.cur.close()
+            if handle is not None:
+                self._connections.release(handle)
 
     def _read(self, name: str, params: dict[str, Any]) -> list[tuple]:
         """One read-only statement outside any write transaction (no write lock on SQLite)."""
-        pooled = self._engine.raw_connection()
+        conn, handle = self._connections.acquire()
         try:
-            cur = pooled.dbapi_connection.cursor()
+            cur = conn.cursor()
             try:
                 cur.execute(self._sql[name], params)
                 return cur.fetchall()
             finally:
                 cur.close()
         finally:
-            pooled.close()
+            self._connections.release(handle)
 
     def _create_system_accounts(self) -> None:
         self._system_ready = True

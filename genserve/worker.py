@@ -185,6 +185,10 @@ class LoadedCheckpoint:
         pipe, self.pipe = self.pipe, None
         self.loras = None
         if pipe is not None:
+            from genserve.engine.generate import drop_pipeline_views
+
+            with contextlib.suppress(Exception):
+                drop_pipeline_views(pipe)
             for name in list(pipe.components):
                 with contextlib.suppress(Exception):
                     setattr(pipe, name, None)
@@ -265,7 +269,8 @@ class WorkerCore:
 
                 safety = self.settings.safety
                 self._scanner = ImageScanner.from_config(
-                    self.settings.config_path(safety.rules_dir) / safety.image_scan_file
+                    self.settings.config_path(safety.rules_dir) / safety.image_scan_file,
+                    threads=self.config.cpu_threads,
                 )
             except Exception as exc:  # noqa: BLE001 - no scanner: every image fails closed
                 self._scanner_error = f"image scanner unavailable: {type(exc).__name__}: {exc}"

@@ -148,3 +148,21 @@ def test_cancel_stops_within_a_step_and_keeps_finished_images(sd1):
     cancel_first.set()
     assert _run(pipe, safety, _request(), cancel=cancel_first).images == []
     assert len(_run(pipe, safety, _request()).images) == 1
+
+
+def test_pipeline_views_are_built_once_and_a_hires_request_leaves_txt2img_unchanged(sd1):
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    from genserve.engine.generate import drop_pipeline_views, pipeline_view
+
+    pipe, safety = sd1
+    before = _run(pipe, safety, _request(seeds=[5]))
+    view = pipeline_view(pipe, type(pipe))
+    assert view is not pipe and view.unet is pipe.unet  # shares the modules, copies no weights
+    _run(pipe, safety, _request(seeds=[5], hires=HiresSpec(scale=1.5, denoise=0.5, steps=2)))
+    img2img = pipeline_view(pipe, StableDiffusionImg2ImgPipeline)
+    assert pipeline_view(pipe, type(pipe)) is view and img2img.vae is pipe.vae
+    after = _run(pipe, safety, _request(seeds=[5]))
+    assert after.images[0].image.tobytes() == before.images[0].image.tobytes()
+    drop_pipeline_views(pipe)
+    assert pipeline_view(pipe, type(pipe)) is not view

@@ -1,8 +1,9 @@
 """One generation on a loaded pipeline: synchronous, meant to run in a worker thread.
 
-Per request it builds its own pipeline objects around the shared components (`from_pipe`, no weight
-copies) and per image its own scheduler and seeded generator, so image i depends only on `seeds[i]`
-and the parameters: a batch of N is N reproducible single images. The prompts always pass through
+The txt2img and img2img pipelines are views over the loaded pipeline's components (`from_pipe`, no
+weight copies), built once per loaded pipeline and used by one request at a time (the caller holds
+the checkpoint's lock). Per image there is a new scheduler and seeded generator, so image i depends
+only on `seeds[i]` and the parameters: a batch of N is N reproducible single images. The prompts always pass through
 the safety embeddings' `inject` here, whatever the caller already did, and only prompt strings ever
 reach the pipeline (no caller-supplied embeddings). A step callback reports progress and turns a set
 cancel event into diffusers' interrupt flag, so a cancel takes effect within one step.
@@ -14,6 +15,7 @@ import contextlib
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -132,6 +134,29 @@ def _clip_skip_compat(pipe: DiffusionPipeline) -> Iterator[None]:
             del encoder.__dict__["text_model"]
 
 
+_views_lock = threading.Lock()
+_views: weakref.WeakKeyDictionary[DiffusionPipeline, dict[type, DiffusionPipeline]] = weakref.WeakKeyDictionary()
+
+
+def pipeline_view(pipe: DiffusionPipeline, cls: type[DiffusionPipeline]) -> DiffusionPipeline:
+    """A `cls` pipeline over `pipe`'s components, made on first use and kept while `pipe` lives:
+    `from_pipe` costs more than the rest of a small image's setup. The view's scheduler is the
+    caller's to set per image; views are never shared by two requests at once (the checkpoint lock)."""
+    with _views_lock:
+        views = _views.setdefault(pipe, {})
+        view = views.get(cls)
+        if view is None:
+            view = views[cls] = cls.from_pipe(pipe)
+            view.set_progress_bar_config(disable=True)
+        return view
+
+
+def drop_pipeline_views(pipe: DiffusionPipeline) -> None:
+    """Forget `pipe`'s views now (a checkpoint being unloaded), so they hold none of its modules."""
+    with _views_lock:
+        _views.pop(pipe, None)
+
+
 def img2img_class(pipe: DiffusionPipeline) -> type[DiffusionPipeline]:
     for base, img2img in _IMG2IMG.items():
         if isinstance(pipe, base):
@@ -190,13 +215,11 @@ def generate(
 
     prompt, negative = safety.inject(request.negative_prompt, request.prompt, request.mature)
     base_config = pipe.scheduler.config
-    txt2img = type(pipe).from_pipe(pipe)
-    txt2img.set_progress_bar_config(disable=True)
+    txt2img = pipeline_view(pipe, type(pipe))
     img2img = None
     hires = request.hires
     if hires is not None and hires.denoise > 0:
-        img2img = img2img_class(pipe).from_pipe(pipe)
-        img2img.set_progress_bar_config(disable=True)
+        img2img = pipeline_view(pipe, img2img_class(pipe))
     clip_skip = diffusers_clip_skip(request.clip_skip)
     timings["setup_ms"] = (time.perf_counter() - started) * 1000
 

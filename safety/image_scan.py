@@ -1,7 +1,7 @@
 """Image scan: rate each generated image PG / PG13 / R / X and collect minor signals.
 
-The built-in scanner is NudeNet's detector (`nudenet.NudeDetector`, ONNX model shipped in the wheel,
-fed BGR arrays). Each detection class maps to a level through score thresholds in
+The built-in scanner is NudeNet's detector (the ONNX model shipped in its wheel, run by
+`NudeNetDetector`, fed BGR arrays). Each detection class maps to a level through score thresholds in
 `configs/safety/image_scan.yaml`; an image's level is the highest any detection reaches. Defaults:
 
 | NudeNet class                                                    | score >= 0.25 | score >= 0.45 |
@@ -151,17 +151,83 @@ class ImageScanConfig(_Config):
 # Scanners
 
 
+# The 320n model's output classes, in its order.
+NUDENET_LABELS = (
+    "FEMALE_GENITALIA_COVERED", "FACE_FEMALE", "BUTTOCKS_EXPOSED", "FEMALE_BREAST_EXPOSED",
+    "FEMALE_GENITALIA_EXPOSED", "MALE_BREAST_EXPOSED", "ANUS_EXPOSED", "FEET_EXPOSED", "BELLY_COVERED",
+    "FEET_COVERED", "ARMPITS_COVERED", "ARMPITS_EXPOSED", "FACE_MALE", "BELLY_EXPOSED", "MALE_GENITALIA_EXPOSED",
+    "ANUS_COVERED", "FEMALE_BREAST_COVERED", "BUTTOCKS_COVERED",
+)
+
+
+class NudeNetDetector:
+    """NudeNet's 320n detector (the ONNX model in its wheel) on an onnxruntime session of our own.
+
+    Input and decoding are those of `nudenet.NudeDetector.detect` (image padded to a square and
+    resized to 320², candidates scoring >= 0.2, NMS at 0.25 / 0.45), with two differences that
+    matter on a replica: the session's thread count is the caller's (a replica's CPU budget; 0 is
+    onnxruntime's default, every core), and the decoding is vectorised (NudeNet's loops over the
+    2,100 anchors in Python, a third of the scan's time on a small image)."""
+
+    size = 320
+
+    def __init__(self, threads: int = 0, model_path: str | Path | None = None):
+        import onnxruntime
+        from nudenet import nudenet
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        path = model_path or Path(nudenet.__file__).with_name("320n.onnx")
+        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+
+    def detect(self, bgr: np.ndarray) -> list[dict]:
+        """Detections (`class`, `score`, `box` as x, y, w, h) in an (H, W, 3) BGR uint8 image."""
+        import cv2
+
+        height, width = bgr.shape[:2]
+        mat = cv2.cvtColor(bgr, cv2.COLOR_RGBA2BGR)
+        side = max(height, width)
+        padded = cv2.copyMakeBorder(mat, 0, side - height, 0, side - width, cv2.BORDER_CONSTANT)
+        blob = cv2.dnn.blobFromImage(padded, 1 / 255.0, (self.size, self.size), (0, 0, 0), swapRB=True, crop=False)
+        output = self.session.run(None, {self.input_name: blob})[0]
+        return decode_nudenet(output, width, height, side - width, side - height, self.size)
+
+
+def decode_nudenet(output: np.ndarray, width: int, height: int, x_pad: int, y_pad: int, size: int) -> list[dict]:
+    """The model's raw output (1, 4 + classes, anchors) as detections in image coordinates."""
+    import cv2
+
+    rows = np.transpose(np.squeeze(output))
+    class_scores = rows[:, 4:]
+    best = class_scores.max(axis=1)
+    keep = best >= 0.2
+    rows, best, class_ids = rows[keep], best[keep], class_scores[keep].argmax(axis=1)
+    w_center, h_center = rows[:, 2], rows[:, 3]
+    x = (rows[:, 0] - w_center / 2) * (width + x_pad) / size
+    y = (rows[:, 1] - h_center / 2) * (height + y_pad) / size
+    w = w_center * (width + x_pad) / size
+    h = h_center * (height + y_pad) / size
+    x = np.clip(x, 0, width)
+    y = np.clip(y, 0, height)
+    w = np.minimum(w, width - x)
+    h = np.minimum(h, height - y)
+    boxes = np.stack([x, y, w, h], axis=1).tolist()
+    scores = best.tolist()
+    return [
+        {"class": NUDENET_LABELS[int(class_ids[i])], "score": scores[i], "box": [int(v) for v in boxes[i]]}
+        for i in cv2.dnn.NMSBoxes(boxes, scores, 0.25, 0.45)
+    ]
+
+
 class NudeNetScanner:
     """NudeNet's detector, classes mapped to levels by score thresholds."""
 
     name = "nudenet"
 
-    def __init__(self, thresholds: Mapping[str, Sequence[Threshold]], detector: Any | None = None):
-        if detector is None:
-            from nudenet import NudeDetector
-
-            detector = NudeDetector()
-        self.detector = detector
+    def __init__(self, thresholds: Mapping[str, Sequence[Threshold]], detector: Any | None = None,
+                 threads: int = 0):
+        self.detector = detector if detector is not None else NudeNetDetector(threads)
         self.thresholds = {label: sorted(ts, key=lambda t: t.min_score) for label, ts in thresholds.items()}
         self._lock = threading.Lock()  # one ONNX session; calls are serialised per scanner
 
@@ -209,13 +275,14 @@ class ImageScanner:
 
     @classmethod
     def from_config(cls, config: ImageScanConfig | str | Path, *, detector: Any | None = None,
-                    extra: Sequence[Scanner] = ()) -> ImageScanner:
+                    extra: Sequence[Scanner] = (), threads: int = 0) -> ImageScanner:
         """From `configs/safety/image_scan.yaml` (a path or a loaded config). `detector` replaces the
-        NudeNet detector object (tests); `extra` adds scanner objects to those the config lists."""
+        NudeNet detector object (tests); `extra` adds scanner objects to those the config lists;
+        `threads` caps the detector's CPU threads (0: every core)."""
         if not isinstance(config, ImageScanConfig):
             path = Path(config)
             config = ImageScanConfig.load(path / CONFIG_FILE if path.is_dir() else path)
-        scanners: list[Scanner] = [NudeNetScanner(config.nudenet, detector)]
+        scanners: list[Scanner] = [NudeNetScanner(config.nudenet, detector, threads)]
         scanners += [_import_scanner(s) for s in config.extra_scanners]
         scanners += list(extra)
         return cls(scanners, config.timeout_s)

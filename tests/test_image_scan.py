@@ -18,12 +18,15 @@ from PIL import Image
 
 from safety.errors import RulesInvalid
 from safety.image_scan import (
+    NUDENET_LABELS,
     Detection,
     ImageScanConfig,
     ImageScanner,
     NsfwLevel,
+    NudeNetDetector,
     NudeNetScanner,
     ScannerOutput,
+    decode_nudenet,
 )
 
 RULES_DIR = Path(__file__).resolve().parents[1] / "configs" / "safety"
@@ -223,7 +226,34 @@ def test_real_nudenet_on_a_generated_image(tiny_models):
     pipe.set_progress_bar_config(disable=True)
     generated = pipe("a red square", num_inference_steps=2, height=64, width=64,
                      generator=torch.Generator().manual_seed(0)).images[0]
-    scanner = ImageScanner.from_config(RULES_DIR)
-    assert type(scanner.scanners[0].detector).__module__.startswith("nudenet")
+    scanner = ImageScanner.from_config(RULES_DIR, threads=1)
+    detector = scanner.scanners[0].detector
+    assert isinstance(detector, NudeNetDetector) and detector.session.get_session_options().intra_op_num_threads == 1
     result = scanner.scan(generated)
     assert result.level is NsfwLevel.PG and result.detections == () and not result.failed
+
+
+def test_nudenet_detector_matches_nudenets_own_detect():
+    """Same model, same input, same decoding as `nudenet.NudeDetector.detect`: the images here give
+    no detections, so the decoding is also compared on raw model outputs with thousands of candidates."""
+    from nudenet import NudeDetector
+    from nudenet import nudenet as reference
+
+    assert tuple(vars(reference)["__labels"]) == NUDENET_LABELS
+    ours, theirs = NudeNetDetector(), NudeDetector()
+    rng = np.random.default_rng(0)
+    for shape in [(128, 128, 3), (64, 200, 3), (300, 90, 3)]:
+        bgr = rng.integers(0, 256, shape, dtype=np.uint8)
+        assert ours.detect(bgr) == theirs.detect(bgr)
+    compared = 0
+    for _ in range(20):
+        output = rng.random((1, 4 + len(NUDENET_LABELS), 2100), dtype=np.float32)
+        output[0, :4] *= 320
+        output[0, 4:] *= rng.random() * 0.6
+        width, height = (int(v) for v in rng.integers(32, 1500, 2))
+        side = max(width, height)
+        expected = reference._postprocess([output], side - width, side - height, side / width, side / height,
+                                          width, height, 320, 320)
+        assert decode_nudenet(output, width, height, side - width, side - height, 320) == expected
+        compared += len(expected)
+    assert compared > 1000

@@ -38,7 +38,8 @@ class WorkerConfig(BaseModel):
     channels_last: bool = True
     # a replica busy generating with no step progress for this long is reported unhealthy
     wedge_timeout_s: float = Field(300.0, gt=0)
-    # torch intra-op threads on CPU (0: leave torch's default)
+    # the replica's CPU threads: torch intra-op on a CPU device, and the image scanner's
+    # onnxruntime session on any device (0: each library's default, every core)
     cpu_threads: int = Field(0, ge=0)
     # hard limits the worker enforces whatever the caller validated
     max_steps: int = Field(150, ge=1)

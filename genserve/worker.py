@@ -21,6 +21,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -239,6 +240,8 @@ class WorkerCore:
         self.blocklist = blocklist
         self._scanner = scanner
         self._scanner_error: str | None = None
+        # images are scanned here while the pipeline goes on (PNG encoding, the next image)
+        self._scanning = ThreadPoolExecutor(1, thread_name_prefix="image-scan")
         self.device = self._device()
         self._models: OrderedDict[str, LoadedCheckpoint] = OrderedDict()  # the Ray-less multiplexer
         self._models_lock = threading.Lock()
@@ -362,6 +365,7 @@ class WorkerCore:
             models, self._models = list(self._models.values()), OrderedDict()
         for loaded in models:
             loaded.close()
+        self._scanning.shutdown(wait=False, cancel_futures=True)
 
     # ---- requests -------------------------------------------------------------------------------
     def validate(self, request: WorkerRequest) -> None:
@@ -454,6 +458,11 @@ class WorkerCore:
                 on_progress(ProgressEvent(job_id=request.job_id, image_index=index, image_count=count,
                                           step=step, total_steps=total))
 
+        scans: dict[int, Future[tuple[ImageScan, float]]] = {}
+
+        def scan_soon(index: int, image: Any) -> None:
+            scans[index] = self._scanning.submit(self._timed_scan, image)
+
         with loaded.in_use(), contextlib.ExitStack() as files:
             loras = self._fetch_loras(request, files)
             embeddings = self._fetch_embeddings(request, files, loaded.safety.reserved_tokens)
@@ -474,15 +483,22 @@ class WorkerCore:
                 )
                 with user_embeddings(loaded.pipe, self.family, [(path, token) for _, path, token in embeddings]):
                     outcome = generate(loaded.pipe, request, safety=loaded.safety, model=model,
-                                       on_progress=progress, cancel=cancel)
+                                       on_progress=progress, cancel=cancel, on_image=scan_soon)
         timings.update(outcome.timings_ms)
         with self._heartbeat_lock:
             self.counters["requests"] += 1
             self.counters["canceled"] += int(outcome.canceled)
             self.counters["images"] += len(outcome.images)
-        t_scan = time.perf_counter()
-        images = [self._image_result(img) for img in outcome.images]
-        timings["scan_ms"] = (time.perf_counter() - t_scan) * 1000
+        t_wait = time.perf_counter()
+        images = []
+        timings["scan_ms"] = 0.0
+        for img in outcome.images:
+            scan, scan_ms = scans[img.index].result()
+            timings["scan_ms"] += scan_ms
+            images.append(ImageResult(index=img.index, seed=img.seed, width=img.image.width, height=img.image.height,
+                                      png=img.png, scan=scan, deliverable=scan.ok))
+        # what the scans added to the request after its last image was encoded
+        timings["scan_wait_ms"] = (time.perf_counter() - t_wait) * 1000
         timings["total_ms"] = (time.perf_counter() - started) * 1000
         return WorkerResult(
             job_id=request.job_id, checkpoint_id=request.checkpoint_id, images=images,
@@ -498,10 +514,9 @@ class WorkerCore:
         return self.run(self.checkpoint(request.checkpoint_id), request, on_progress, cancel)
 
     # ---- scanning -------------------------------------------------------------------------------
-    def _image_result(self, img: Any) -> ImageResult:
-        scan = self.scan(img.image)
-        return ImageResult(index=img.index, seed=img.seed, width=img.image.width, height=img.image.height,
-                           png=img.png, scan=scan, deliverable=scan.ok)
+    def _timed_scan(self, image: Any) -> tuple[ImageScan, float]:
+        started = time.perf_counter()
+        return self.scan(image), (time.perf_counter() - started) * 1000
 
     def scan(self, image: Any) -> ImageScan:
         """The scanner's verdict on one image; any failure is recorded and makes it undeliverable."""

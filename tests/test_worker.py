@@ -92,6 +92,38 @@ def test_generates_with_lora_progress_hashes_and_scans(core, lora):
     assert differ(with_lora, without) > 0.5
 
 
+def test_each_image_is_scanned_while_the_next_one_is_generated(core):
+    import threading
+    import time
+
+    log: list[tuple[str, int]] = []
+
+    class Recording:
+        """Stands in for the scanner only to record when scans run; the real one runs in the test above."""
+
+        def __init__(self, real):
+            self.real = real
+
+        def scan(self, image):
+            log.append(("scan-start", threading.get_ident()))
+            time.sleep(0.05)
+            return self.real.scan(image)
+
+    def progress(event: ProgressEvent) -> None:
+        log.append((f"step-{event.image_index}-{event.step}", threading.get_ident()))
+
+    real, core._scanner = core.scanner, Recording(core.scanner)
+    try:
+        with one_torch_thread():
+            result = core.generate(_request(), progress)
+    finally:
+        core._scanner = real
+    names = [name for name, _ in log]
+    assert names.index("scan-start") < names.index("step-1-2")  # image 0's scan ran during image 1
+    assert {tid for name, tid in log if name == "scan-start"}.isdisjoint({tid for name, tid in log if name != "scan-start"})
+    assert [i.scan.level for i in result.images] == ["pg", "pg"] and result.timings_ms["scan_ms"] >= 100
+
+
 def test_failed_scan_makes_the_image_undeliverable(core):
     class Broken:
         def scan(self, image):

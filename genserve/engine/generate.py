@@ -206,8 +206,12 @@ def generate(
     model: ModelInfo,
     on_progress: ProgressCallback | None = None,
     cancel: threading.Event | None = None,
+    on_image: Callable[[int, Image.Image], None] | None = None,
 ) -> GenerationOutcome:
-    """Generate `len(request.seeds)` images on `pipe`; the caller holds the pipeline's lock."""
+    """Generate `len(request.seeds)` images on `pipe`; the caller holds the pipeline's lock.
+
+    `on_image(index, image)` sees each finished image as soon as it is decoded, before its PNG is
+    encoded and the next image starts (the worker scans it meanwhile)."""
     sampler_spec(request.sampler)  # an unknown sampler is refused before any work
     cancel = cancel or threading.Event()
     timings: dict[str, float] = {}
@@ -240,6 +244,8 @@ def generate(
         if image is None or cancel.is_set():  # interrupted mid-image: the partial image is dropped
             canceled = True
             break
+        if on_image is not None:
+            on_image(index, image)
         t1 = time.perf_counter()
         info = build_infotext(
             prompt=prompt, negative_prompt=negative, steps=request.steps, sampler=request.sampler,

@@ -199,6 +199,8 @@ class _Plan:
     quote: Quote
     worker_request: WorkerRequest
     timeout_s: float
+    hold_id: str
+    created_at: dt.datetime
     cancel: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -500,7 +502,7 @@ class GenerationService:
         if not created:  # a concurrent retry with the same key won; its hold is this same hold
             return self._same_request(job, fingerprint), False, None
         metrics.set_gauge("genserve_queue_depth", active + 1, family=resources.family)
-        plan = _Plan(caller, resources, verdict, allowed, quote, worker_request, timeout_s)
+        plan = _Plan(caller, resources, verdict, allowed, quote, worker_request, timeout_s, hold.id, job.created_at)
         return job, True, plan
 
     @staticmethod
@@ -646,7 +648,7 @@ class GenerationService:
 
     def _deliver(self, job_id: str, plan: _Plan, result: WorkerResult) -> None:
         """Postcheck, store, capture, finish."""
-        job = self.jobs.get(job_id)
+        family = plan.resources.family
         images, withheld = [], []
         for image in sorted(result.images, key=lambda i: i.index):
             decision = self.safety.policy.postcheck(_scan_result(image.scan), plan.verdict, plan.allowed.value)
@@ -662,9 +664,9 @@ class GenerationService:
                          "severity": decision.severity.value, "scan_errors": list(image.scan.errors)},
             )
             if deliver:
-                key = f"{IMAGE_PREFIX}/{job.user_id}/{job_id}/{image.index}.png"
+                key = f"{IMAGE_PREFIX}/{plan.caller.user_id}/{job_id}/{image.index}.png"
                 try:
-                    with metrics.stage_timer("store", job.family):
+                    with metrics.stage_timer("store", family):
                         self.store.put_bytes(key, image.png, content_type="image/png")
                 except GenserveError as exc:
                     logger.error("storing %s failed: %s", key, exc)
@@ -684,7 +686,7 @@ class GenerationService:
             "model_hash": result.model_hash, "lora_hashes": result.lora_hashes, "timings_ms": result.timings_ms,
         }
         try:
-            self.ledger.capture(job.hold_id, charge, f"gen:{job_id}:capture")
+            self.ledger.capture(plan.hold_id, charge, f"gen:{job_id}:capture")
         except GenserveError as exc:
             logger.error("capture for %s failed: %s", job_id, exc.code)
             self._discard(images)
@@ -693,9 +695,9 @@ class GenerationService:
         error = None if images else ("all_images_withheld", "every image was withheld by the safety policy")
         if not self.jobs.finish(job_id, status, owner=self.owner, result=body, charged=charge, error=error):
             logger.error("generation %s was finished by someone else after its capture", job_id)
-        metrics.inc("genserve_jobs_total", family=job.family, status=status.value)
-        metrics.inc("genserve_images_generated_total", value=len(result.images), family=job.family)
-        _record_latencies(job, result)
+        metrics.inc("genserve_jobs_total", family=family, status=status.value)
+        metrics.inc("genserve_images_generated_total", value=len(result.images), family=family)
+        _record_latencies(family, plan.created_at, result)
 
     def _discard(self, images: list[dict]) -> None:
         for image in images:
@@ -822,15 +824,15 @@ class GenerationService:
 # --------------------------------------------------------------------------------------------- helpers
 
 
-def _record_latencies(job: GenerationJob, result: WorkerResult) -> None:
+def _record_latencies(family: str, created_at: dt.datetime, result: WorkerResult) -> None:
     """Stage latencies the worker measured, and the job's end-to-end time."""
     timings = result.timings_ms
     for stage, key in (("queue", "queue_ms"), ("diffusion", "generate_ms"), ("scan", "scan_ms")):
         if key in timings:
-            metrics.observe("genserve_stage_latency_ms", timings[key], stage=stage, family=job.family)
-    created = job.created_at if job.created_at.tzinfo else job.created_at.replace(tzinfo=dt.timezone.utc)
+            metrics.observe("genserve_stage_latency_ms", timings[key], stage=stage, family=family)
+    created = created_at if created_at.tzinfo else created_at.replace(tzinfo=dt.timezone.utc)
     elapsed_ms = (dt.datetime.now(dt.timezone.utc) - created).total_seconds() * 1000
-    metrics.observe("genserve_request_latency_ms", elapsed_ms, family=job.family)
+    metrics.observe("genserve_request_latency_ms", elapsed_ms, family=family)
 
 
 def _sha256(data: bytes) -> str:

@@ -197,6 +197,44 @@ class HttpCounters:
         return "\n".join(lines) + "\n"
 
 
+class RequestContext:
+    """Every request gets an id (the caller's `X-Request-Id` or a new one) that tags its logs and
+    comes back in the response; errors not mapped by a handler are mapped here; requests are
+    counted by route and status. Plain ASGI: `@app.middleware` would wrap every call in an extra
+    task and response stream."""
+
+    def __init__(self, app: Callable[..., Any], counters: HttpCounters):
+        self.app = app
+        self.counters = counters
+
+    async def __call__(self, scope: dict, receive: Callable[..., Any], send: Callable[..., Any]) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        request_id = given or uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        status: list[int] = []
+
+        async def send_with_id(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status.append(message["status"])
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode("latin-1"))]
+            await send(message)
+
+        with log_context(request_id=request_id):
+            try:
+                await self.app(scope, receive, send_with_id)
+            except Exception as exc:  # noqa: BLE001 - anything the handlers did not map
+                if status:
+                    raise
+                await map_error(exc)(scope, receive, send_with_id)
+        path = getattr(scope.get("route"), "path", "unmatched")
+        code = status[0] if status else 500
+        self.counters.requests[(path, code)] += 1
+        metrics.inc("genserve_requests_total", route=path, status=str(code))
+
+
 RouterBuilder = Callable[[Callable[..., Any], Callable[..., Any]], APIRouter]
 
 
@@ -222,21 +260,7 @@ def create_api(service: GenerationService, *, routers: Sequence[RouterBuilder] =
     for exc_type in (GenserveError, SafetyError, RequestValidationError, StarletteHTTPException):
         app.add_exception_handler(exc_type, lambda _req, exc: map_error(exc))
 
-    @app.middleware("http")
-    async def request_context(request: Request, call_next):  # noqa: ANN001, ANN202
-        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
-        request.state.request_id = request_id
-        with log_context(request_id=request_id):
-            try:
-                response = await call_next(request)
-            except Exception as exc:  # noqa: BLE001 - anything not mapped above
-                response = map_error(exc)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        counters.requests[(path, response.status_code)] += 1
-        metrics.inc("genserve_requests_total", route=path, status=str(response.status_code))
-        response.headers["X-Request-Id"] = request_id
-        return response
+    app.add_middleware(RequestContext, counters=counters)
 
     caller, admin = auth_dependencies(auth)
     CallerDep = Annotated[Caller, Depends(caller)]

@@ -215,3 +215,26 @@ def test_previous_token_is_accepted_during_rotation(env):  # noqa: F811
     with pytest.raises(Exception) as info:  # noqa: B017
         auth.admin("Bearer local-service-token")
     assert info.value.code == "token_invalid"
+
+
+def test_request_ids_unmapped_errors_and_route_counters(env, monkeypatch):  # noqa: F811
+    user = "u-request-ids"
+
+    def broken(*_args, **_kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(env.service, "balance", broken)  # an unmapped error inside a route
+    given, fresh, failed, metrics_page = _call(
+        env,
+        ("GET", "/v1/healthz", {"headers": {"X-Request-Id": "req-from-site"}}),
+        ("GET", "/v1/healthz", {}),
+        ("GET", f"/v1/accounts/{user}/balance", {"headers": _headers(user)}),
+        ("GET", "/v1/metrics", {}),
+    )
+    assert given.headers["x-request-id"] == "req-from-site"
+    assert len(fresh.headers["x-request-id"]) == 32 and fresh.headers["x-request-id"] != "req-from-site"
+    assert failed.status_code == 500 and failed.json()["code"] == "internal_error"
+    assert len(failed.headers["x-request-id"]) == 32
+    text = metrics_page.text
+    assert 'genserve_http_requests_total{route="/v1/healthz",status="200"} 2' in text
+    assert 'genserve_http_requests_total{route="/v1/accounts/{user}/balance",status="500"} 1' in text

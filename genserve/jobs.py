@@ -32,7 +32,10 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    case,
     func,
+    insert,
+    literal,
     select,
     update,
 )
@@ -142,11 +145,15 @@ class JobStore:
     # -- events -------------------------------------------------------------------------------
 
     @staticmethod
-    def _append_event(session: Session, job_id: str, kind: str, data: dict[str, Any]) -> int:
-        last = session.scalar(select(func.max(JobEvent.seq)).where(JobEvent.job_id == job_id)) or 0
-        session.add(JobEvent(job_id=job_id, seq=last + 1, kind=kind, data=data, created_at=utcnow()))
-        session.flush()
-        return last + 1
+    def _append_event(session: Session, job_id: str, kind: str, data: dict[str, Any]) -> None:
+        """Insert the job's next event, numbered by the database in the same statement."""
+        e = JobEvent.__table__.c
+        next_seq = (
+            select(literal(job_id, String()), func.coalesce(func.max(e.seq), 0) + 1, literal(kind, String()),
+                   literal(data, JSON()), literal(utcnow(), DateTime(timezone=True)))
+            .where(e.job_id == job_id)
+        )
+        session.execute(insert(JobEvent).from_select(["job_id", "seq", "kind", "data", "created_at"], next_seq))
 
     def _with_event(self, fn, attempts: int = 5):  # noqa: ANN001, ANN202
         """Run `fn(session)` in a transaction; retry when two writers took the same event number."""
@@ -191,6 +198,14 @@ class JobStore:
             query = query.where(GenerationJob.user_id == user_id)
         with self.db.session() as s:
             return int(s.scalar(query) or 0)
+
+    def active_counts(self, user_id: str) -> tuple[int, int]:
+        """(the user's active jobs, all active jobs) in one query: admission asks for both."""
+        mine = func.coalesce(func.sum(case((GenerationJob.user_id == user_id, 1), else_=0)), 0)
+        query = select(mine, func.count()).select_from(GenerationJob).where(GenerationJob.status.in_(ACTIVE))
+        with self.db.session() as s:
+            user_active, active = s.execute(query).one()
+        return int(user_active), int(active)
 
     def count_by_status(self) -> dict[str, int]:
         with self.db.session() as s:

@@ -436,11 +436,11 @@ class GenerationService:
     def _admit(self, caller: Caller, request: GenerationRequest) -> int:
         """Refuse (429) past the user's queue limit or the service's capacity; returns the active jobs."""
         tier = self.limits.tier(caller.tier)
-        if self.jobs.count_active(caller.user_id) >= tier.queue:
+        user_active, active = self.jobs.active_counts(caller.user_id)
+        if user_active >= tier.queue:
             raise QueueFull(f"{tier.queue} generations are already queued or running for this user",
                             code="queue_limit", retry_after_s=self.limits.retry_after_s,
                             details={"limit": tier.queue})
-        active = self.jobs.count_active()
         if not self.limits.admits(request.priority, active):
             raise QueueFull("the service is at capacity; try again shortly", code="queue_full",
                             retry_after_s=self.limits.retry_after_s)

@@ -98,6 +98,7 @@ def test_stale_and_heartbeat(store):
     assert store.heartbeat("me") == 1
     assert store.stale(utcnow() - dt.timedelta(seconds=30)) == []
     assert store.count_active() == 1 and store.count_active("u1") == 1 and store.count_active("u2") == 0
+    assert store.active_counts("u1") == (1, 1) and store.active_counts("u2") == (0, 1)
 
 
 def test_only_one_of_racing_finishers_wins(any_store):

@@ -336,7 +336,7 @@ def test_queue_limits_and_priorities(env, monkeypatch):
 
     err = _run(scenario())
     assert err.code == "queue_limit" and err.http_status == 429 and err.retry_after_s == 3
-    monkeypatch.setattr(service.jobs, "count_active", lambda user_id=None: 0 if user_id else 3)
+    monkeypatch.setattr(service.jobs, "active_counts", lambda user_id: (0, 3))
     with pytest.raises(QueueFull) as full:  # 3 of 4 active: normal (90%) still fits, low (75%) does not
         _run(service.submit(caller, _request(priority="low")))
     assert full.value.code == "queue_full"

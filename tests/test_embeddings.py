@@ -153,6 +153,18 @@ def test_check_fails_without_embeddings_loaded(tiny_models):
             _embeddings(tiny_models, family).check(pipe)
 
 
+def test_token_ids_look_up_single_tokens_like_the_vocabulary(loaded):
+    from safety.embeddings import token_ids
+
+    _, pipe, embeddings = loaded
+    tokenizer = pipe.tokenizer
+    vocab = tokenizer.get_vocab()
+    safe = embeddings.general.token
+    tokens = [safe, "cat</w>", tokenizer.unk_token, "<no-such-token>", f"{safe}_99"]
+    assert token_ids(tokenizer, tokens) == [vocab.get(t) for t in tokens]
+    assert token_ids(tokenizer, tokens)[:3] == [vocab[safe], vocab["cat</w>"], tokenizer.unk_token_id]
+
+
 def test_missing_altered_or_wrong_files(tiny_models, tmp_path):
     pipe = _pipeline(tiny_models, "sd1")
     real = _embeddings(tiny_models, "sd1")

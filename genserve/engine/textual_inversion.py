@@ -18,6 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from genserve.errors import InvalidRequest
+from safety.embeddings import token_ids
 
 _SDXL_KEYS = (("clip_l", "text_encoder", "tokenizer"), ("clip_g", "text_encoder_2", "tokenizer_2"))
 
@@ -53,7 +54,7 @@ def user_embeddings(pipe: Any, family: str, files: Sequence[tuple[Path, str]]) -
     try:
         for path, token in files:
             for vectors, encoder, tokenizer in _targets(pipe, family, _vectors(path)):
-                if token in tokenizer.get_vocab():
+                if token_ids(tokenizer, [token]) != [None]:
                     raise EmbeddingInvalid(f"token {token!r} is already in the vocabulary")
                 names = [token] + [f"{token}_{i}" for i in range(1, len(vectors))]
                 try:

@@ -20,6 +20,7 @@ move money (accounts, amounts, hold id, grant kind), not free text or expiry tim
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import random
 import re
@@ -281,31 +282,25 @@ _PARAM = re.compile(r"(?<![:\w]):(\w+)")
 
 def _dialect_sql(dialect: str) -> dict[str, str]:
     """The statements as the ledger sends them: sqlite3 runs them with `:name` parameters; on
-    PostgreSQL each is an `EXECUTE` of a statement prepared once per connection (`_prepare_sql`)."""
+    PostgreSQL each is an `EXECUTE` of a statement prepared once per connection (`_postgres_sql`)."""
     if dialect not in _FOR_UPDATE:
         raise ConfigError(f"the ledger runs on SQLite or PostgreSQL, not {dialect}", code="unsupported_database")
-    out = {name: sql.format(**_FOR_UPDATE[dialect]) for name, sql in _SQL.items()}
     if dialect == "postgresql":
-        out = {
-            name: f"EXECUTE ledger_{name}(" + ", ".join(f"%({p})s" for p in _param_names(sql)) + ")"
-            for name, sql in out.items()
-        }
-    return out
+        return _postgres_sql()[0]
+    return {name: sql.format(**_FOR_UPDATE[dialect]) for name, sql in _SQL.items()}
 
 
-def _param_names(sql: str) -> list[str]:
-    return list(dict.fromkeys(_PARAM.findall(sql)))
-
-
-def _prepare_sql() -> str:
-    """PREPARE for every PostgreSQL statement: planning a statement costs the server more than
-    running it, so each connection plans them once (`$n` in the order of `_param_names`)."""
-    statements = []
+def _postgres_sql() -> tuple[dict[str, str], str]:
+    """(the `EXECUTE` of each statement, the `PREPARE`s that define them): planning a statement
+    costs the server more than running it, so each connection plans them once."""
+    executes, prepares = {}, []
     for name, sql in _SQL.items():
-        position = {param: i + 1 for i, param in enumerate(_param_names(sql))}
+        params = list(dict.fromkeys(_PARAM.findall(sql)))
+        position = {param: i + 1 for i, param in enumerate(params)}
         body = _PARAM.sub(lambda m, at=position: f"${at[m.group(1)]}", sql.format(**_FOR_UPDATE["postgresql"]))
-        statements.append(f"PREPARE ledger_{name} AS {body}")
-    return "; ".join(statements)
+        prepares.append(f"PREPARE ledger_{name} AS {body}")
+        executes[name] = f"EXECUTE ledger_{name}(" + ", ".join(f"%({p})s" for p in params) + ")"
+    return executes, "; ".join(prepares)
 
 
 def _sqlite_ts(value: dt.datetime) -> str:
@@ -384,11 +379,11 @@ class _PostgresTx:
 _Tx = _SqliteTx | _PostgresTx
 
 
-def _prepare_statements(dbapi_conn: Any, _record: Any) -> None:
+def _prepare_statements(prepares: str, dbapi_conn: Any, _record: Any) -> None:
     """Prepare the ledger's statements on a new PostgreSQL connection (they live as long as it does)."""
     cur = dbapi_conn.cursor()
     try:
-        cur.execute(_prepare_sql())
+        cur.execute(prepares)
     finally:
         cur.close()
     if not dbapi_conn.autocommit:
@@ -422,7 +417,7 @@ class _PooledConnections:
             pool_size=db.engine.pool.size(),
             max_overflow=db.engine.pool.size(),
         )
-        event.listen(self.engine, "connect", _prepare_statements)
+        event.listen(self.engine, "connect", functools.partial(_prepare_statements, _postgres_sql()[1]))
 
     def acquire(self) -> tuple[Any, Any]:
         """(DBAPI connection, the handle `release`/`discard` take)."""

@@ -657,8 +657,9 @@ class GenerationService:
             level = decision.level.name.lower()
             # review = withheld and queued for a moderator; an undeliverable image the policy let through is a block
             action = "allow" if deliver else ("block" if decision.deliver else decision.action.value)
+            digest = _sha256(image.png)
             self.safety.audit.append(
-                "postcheck", action, rules=reasons, subject=_sha256(image.png), job_id=job_id, user_id=plan.caller.user_id,
+                "postcheck", action, rules=reasons, subject=digest, job_id=job_id, user_id=plan.caller.user_id,
                 request_id=plan.caller.request_id,
                 details={"index": image.index, "seed": image.seed, "level": level, "allowed": plan.allowed.value,
                          "severity": decision.severity.value, "scan_errors": list(image.scan.errors)},
@@ -674,7 +675,7 @@ class GenerationService:
                                      "reasons": ["storage_failed"]})
                     continue
                 images.append({"index": image.index, "seed": image.seed, "key": key, "nsfw_level": level,
-                               "sha256": _sha256(image.png)})
+                               "sha256": digest})
             else:
                 metrics.inc("genserve_images_withheld_total", value=1, rule=reasons[0])
                 withheld.append({"index": image.index, "seed": image.seed, "nsfw_level": level, "reasons": reasons})

@@ -3,7 +3,9 @@
 CPU path (default): the tiny SDXL pipeline at 128x128 with the step count calibrated so one direct
 call takes about `--target-s` seconds. The same request then goes through the whole service on a
 local Ray Serve application (auth, precheck, quote, hold, worker, NudeNet scan, PNG, store, capture)
-and the ratio of the medians is reported (target <= 1.05). The LoRA switch cost is the median time
+and the ratio of the medians is reported (target <= 1.05), with the median of the paired ratios
+beside it. `--transport` picks the HTTP ingress: Serve's proxy (the local default) or HAProxy (what
+the RayService in deploy/ runs). The LoRA switch cost is the median time
 to re-activate between two adapters already resident in the worker's LoRA cache (target <= 5 ms).
 
 `--device cuda --real-size`: a real-size random-weight SDXL UNet at 1024x1024, 30 steps with CFG,
@@ -46,15 +48,15 @@ def _median_s(fn, runs: int) -> tuple[float, list[float]]:
 # ----------------------------------------------------------------------------------------- CPU path
 
 
-def _environment(data: Path, threads: int):
+def _environment(data: Path, threads: int, scan_threads: int, transport: str = "proxy"):
     from genserve.bootstrap import bootstrap
     from genserve.config import load_settings
     from genserve.db import Database
     from genserve.storage import object_store_from_settings
 
     settings = load_settings(env={"GENSERVE_DATA_DIR": str(data)}, overrides={
-        "server": {"port": _free_port()},
-        "worker": {"cpu_threads": threads},
+        "server": {"port": _free_port(), "http_ingress": transport},
+        "worker": {"cpu_threads": threads, "scan_threads": scan_threads},
         "generation": {"demo_balance": 10**9},
     })
     db = Database.from_settings(settings)
@@ -97,7 +99,7 @@ def cpu_bench(args) -> dict:
 
     torch.set_num_threads(args.threads)
     data = Path(tempfile.mkdtemp(prefix="genserve-bench-"))
-    settings, db, store = _environment(data, args.threads)
+    settings, db, store = _environment(data, args.threads, args.scan_threads, args.transport)
     core = WorkerCore("sdxl", settings, db=db, store=store)
     loaded = core.checkpoint("tiny-sdxl")
     pipe = loaded.pipe
@@ -119,13 +121,22 @@ def cpu_bench(args) -> dict:
 
     with _service(settings) as http_call:
         http_call(steps, width, height)  # warm-up: loads the checkpoint in the replica
-        direct_runs, e2e_runs, stages = [], [], []
-        for _ in range(args.runs):  # interleaved, so both see the same load on a shared machine
-            direct_runs.append(_median_s(direct(steps), 1)[0])
+        direct_runs, e2e_runs, job_ids = [], [], []
+
+        def over_http() -> None:
             started = time.perf_counter()
-            job_id = http_call(steps, width, height)
+            job_ids.append(http_call(steps, width, height))
             e2e_runs.append(time.perf_counter() - started)
-            stages.append(JobStore(db).get(job_id).result["timings_ms"])
+
+        def bare() -> None:
+            direct_runs.append(_median_s(direct(steps), 1)[0])
+
+        # interleaved in pairs, the order swapped every pair (ABBA): a shared machine's speed drifts
+        # over seconds, and each pair then sees it from both sides
+        for i in range(args.runs):
+            for run in (bare, over_http) if i % 2 == 0 else (over_http, bare):
+                run()
+        stages = [JobStore(db).get(job_id).result["timings_ms"] for job_id in job_ids]
         noop_s = http_call.noop()
 
     # LoRA switch: both adapters resident, alternate which one is active
@@ -146,17 +157,19 @@ def cpu_bench(args) -> dict:
     direct_s, e2e_s = statistics.median(direct_runs), statistics.median(e2e_runs)
     worker = {k: round(statistics.median(t.get(k, 0.0) for t in stages), 1) for k in stages[0]}
     ratio = e2e_s / direct_s
+    pair_ratio = statistics.median(e / d for e, d in zip(e2e_runs, direct_runs, strict=True))
     print(f"direct pipe(): tiny SDXL {width}x{height}, {steps} steps, {args.threads} thread(s): "
           f"median {direct_s * 1000:.0f} ms over {args.runs} runs")
-    print(f"end to end over HTTP (Ray Serve, wait=true): median {e2e_s * 1000:.0f} ms, of which the worker "
+    print(f"end to end over HTTP (Ray Serve, {args.transport} ingress, wait=true): median {e2e_s * 1000:.0f} ms, of which the worker "
           f"(fetch, generate, NudeNet scan, PNG) {worker['total_ms']:.0f} ms; HTTP no-op round trip "
-          f"{noop_s * 1000:.1f} ms; ratio to direct {ratio:.3f} (target <= 1.05)")
+          f"{noop_s * 1000:.1f} ms; ratio to direct {ratio:.3f} (target <= 1.05); median of the {args.runs} "
+          f"paired ratios {pair_ratio:.3f}")
     print("worker stages (median ms): " + ", ".join(f"{k} {v}" for k, v in worker.items()))
     return {
         "device": "cpu", "family": "sdxl", "width": width, "height": height, "steps": steps,
-        "threads": args.threads, "runs": args.runs,
+        "threads": args.threads, "scan_threads": args.scan_threads, "transport": args.transport, "runs": args.runs,
         "direct_median_ms": round(direct_s * 1000, 1), "e2e_median_ms": round(e2e_s * 1000, 1),
-        "e2e_over_direct_ratio": round(ratio, 4), "overhead_ms": round((e2e_s - direct_s) * 1000, 1),
+        "e2e_over_direct_ratio": round(ratio, 4), "paired_ratio_median": round(pair_ratio, 4), "overhead_ms": round((e2e_s - direct_s) * 1000, 1),
         "ingress_overhead_ms": round(e2e_s * 1000 - worker["total_ms"], 1),
         "lora_switch_ms": round(switch_ms, 3), "http_noop_ms": round(noop_s * 1000, 2), "worker_stages_ms": worker,
         "direct_runs_ms": [round(t * 1000, 1) for t in direct_runs],
@@ -177,13 +190,16 @@ def _service(settings):
     import ray
     from ray import serve
 
-    from genserve.app import APP_NAME, build_app, load_serve_config
+    from genserve.app import APP_NAME, build_app, ingress_environment, load_serve_config
 
     config = load_serve_config(settings.config_path(settings.server.serve_config))
     for deployment in config["applications"][0]["deployments"]:
         deployment.pop("autoscaling_config", None)
         deployment["num_replicas"] = 1
-    ray.init(include_dashboard=False, log_to_driver=False, num_cpus=4,
+    os.environ.update(ingress_environment(settings))
+    if settings.server.http_ingress == "haproxy":  # beside any other HAProxy on this host
+        os.environ.update(RAY_SERVE_HAPROXY_STATS_PORT=str(_free_port()), RAY_SERVE_HAPROXY_METRICS_PORT=str(_free_port()))
+    ray.init(address="local", include_dashboard=False, log_to_driver=False, num_cpus=4,
              runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
     headers = {"Authorization": f"Bearer {settings.auth.service_token.get_secret_value()}",
                "X-User-Id": settings.generation.demo_user}
@@ -271,10 +287,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", help="cpu (tiny models through the service) or cuda")
     parser.add_argument("--real-size", action="store_true", help="with --device cuda: a real-size SDXL UNet")
-    parser.add_argument("--runs", type=int, default=9)
+    parser.add_argument("--runs", type=int, default=15)
     parser.add_argument("--target-s", type=float, default=1.0, help="direct call duration to calibrate steps to")
     parser.add_argument("--size", type=int, default=128, help="image side (an allowed tiny-SDXL size)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads, direct and in the worker")
+    parser.add_argument("--transport", choices=("proxy", "haproxy"), default="proxy",
+                        help="the HTTP ingress (server.http_ingress): Serve's proxy or HAProxy")
+    parser.add_argument("--scan-threads", type=int, default=0,
+                        help="the worker's image-scan threads (0: every core, as a replica's default)")
     parser.add_argument("--switches", type=int, default=40)
     parser.add_argument("--gpu-steps", type=int, default=30)
     parser.add_argument("--peak-tflops", type=float, default=None, help="dense fp16 peak of the GPU")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 import socket
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -133,6 +134,24 @@ def app_builder(args: dict[str, str]) -> serve.Application:
     """
     settings = load_settings(config_dir=args.get("config_dir"))
     return build_app(settings, serve_config={"applications": [{"name": APP_NAME, "deployments": []}]})
+
+
+def ingress_environment(settings: Settings) -> dict[str, str]:
+    """Environment a local Ray must start with for `server.http_ingress` (empty for Serve's proxy).
+
+    HAProxy's config, admin socket and server state go to a fresh folder only this user can enter
+    (the admin socket itself is world-writable) instead of the shared /tmp/haproxy-serve; a short
+    one, as a socket path has at most 97 characters and Ray adds a 56-character folder to it."""
+    if settings.server.http_ingress != "haproxy":
+        return {}
+    folder = Path(tempfile.mkdtemp(prefix="gs-hap-"))  # mode 0700
+    return {
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(folder / "haproxy.cfg"),
+        "RAY_SERVE_HAPROXY_SOCKET_PATH": str(folder / "admin.sock"),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(folder),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(folder / "server-state"),
+    }
 
 
 def serve_http_port(host: str = "127.0.0.1", port: int | None = None) -> int:

@@ -91,6 +91,11 @@ class ServerConfig(_Section):
     ray_address: str | None = Field(None, description="None starts a local Ray")
     num_cpus: int | None = None
     serve_config: str = "serve.local.yaml"
+    # who answers HTTP on a Ray that `genserve serve` starts itself: Serve's Python proxy, or Ray
+    # Serve's HAProxy ingress, which sends each request straight to an ingress replica (no proxy
+    # actor hop, no body fetched back over Ray). HAProxy binds its stats and metrics ports on every
+    # interface, so it is meant for single-tenant hosts; a cluster sets RAY_SERVE_ENABLE_HA_PROXY itself.
+    http_ingress: Literal["proxy", "haproxy"] = "proxy"
 
 
 class LoggingConfig(_Section):

@@ -273,7 +273,7 @@ class WorkerCore:
                 safety = self.settings.safety
                 self._scanner = ImageScanner.from_config(
                     self.settings.config_path(safety.rules_dir) / safety.image_scan_file,
-                    threads=self.config.cpu_threads,
+                    threads=self.config.image_scan_threads,
                 )
             except Exception as exc:  # noqa: BLE001 - no scanner: every image fails closed
                 self._scanner_error = f"image scanner unavailable: {type(exc).__name__}: {exc}"

@@ -125,10 +125,15 @@ def s3_server():
 @pytest.fixture(scope="session")
 def ray_session(tmp_path_factory):
     """One local Ray for the whole session. Its dashboard process runs because the Ray Job server
-    (training jobs, `JobSubmissionClient()`) lives there; it costs about 0.5 GB more."""
+    (training jobs, `JobSubmissionClient()`) lives there; it costs about 0.5 GB more.
+    `GENSERVE_SERVER__HTTP_INGRESS=haproxy` runs the session's HTTP over HAProxy, as the RayService does."""
     import ray
 
+    from genserve.app import ingress_environment
+    from genserve.config import load_settings
+
     if not ray.is_initialized():
+        os.environ.update(ingress_environment(load_settings()))
         ray.init(
             num_cpus=4,
             include_dashboard=True,

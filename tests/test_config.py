@@ -210,3 +210,41 @@ def test_settings_dump_reveals_secrets_for_actors(tmp_path: Path):
     dumped = settings_dump(s)
     assert dumped["auth"]["admin_token"] == "adm"
     assert Settings.model_validate(dumped) == s
+
+
+def test_http_ingress_defaults_to_serves_proxy_and_refuses_others(tmp_path: Path):
+    from genserve.app import ingress_environment
+
+    settings = load_settings(env={"GENSERVE_DATA_DIR": str(tmp_path)})
+    assert settings.server.http_ingress == "proxy" and ingress_environment(settings) == {}
+    with pytest.raises(ConfigError):
+        load_settings(env={"GENSERVE_DATA_DIR": str(tmp_path), "GENSERVE_SERVER__HTTP_INGRESS": "nginx"})
+
+
+def test_haproxy_ingress_environment_keeps_its_admin_socket_private_and_short(tmp_path: Path):
+    import os
+    import stat
+
+    from genserve.app import ingress_environment
+
+    settings = load_settings(env={"GENSERVE_DATA_DIR": str(tmp_path), "GENSERVE_SERVER__HTTP_INGRESS": "haproxy"})
+    env = ingress_environment(settings)
+    assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+    folder = Path(env["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"])
+    for key in ("RAY_SERVE_HAPROXY_CONFIG_FILE_LOC", "RAY_SERVE_HAPROXY_SOCKET_PATH", "RAY_SERVE_HAPROXY_SERVER_STATE_FILE"):
+        assert Path(env[key]).parent == folder
+    # the socket is world-writable: only its folder keeps other users out
+    assert stat.S_IMODE(os.stat(folder).st_mode) == 0o700 and os.stat(folder).st_uid == os.getuid()
+    # HAProxy refuses socket paths over 97 characters; Ray puts a 56-character folder in between
+    assert len(env["RAY_SERVE_HAPROXY_SOCKET_PATH"]) + 57 <= 97
+    assert ingress_environment(settings)["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"] != str(folder), "one folder per start"
+
+
+def test_scan_threads_follow_cpu_threads_unless_set(tmp_path: Path):
+    def worker(**fields):
+        return load_settings(env={"GENSERVE_DATA_DIR": str(tmp_path)}, overrides={"worker": fields}).worker
+
+    assert worker().image_scan_threads == 0
+    assert worker(cpu_threads=1).image_scan_threads == 1
+    assert worker(cpu_threads=1, scan_threads=0).image_scan_threads == 0
+    assert worker(cpu_threads=4, scan_threads=2).image_scan_threads == 2

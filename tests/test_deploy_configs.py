@@ -212,12 +212,13 @@ def test_rayservice_takes_database_s3_and_tokens_from_secrets():
                 assert ref["key"] in secrets[ref["name"]], f"{name}: {ref} is not in {SECRETS_EXAMPLE.name}"
                 assert "value" not in env[name], "secrets never inline"
             assert env["GENSERVE_STORAGE_BACKEND"]["value"] == "s3"
+            assert env["RAY_SERVE_ENABLE_HA_PROXY"]["value"] == "1", "every node runs the HAProxy ingress"
     # every variable name is one the settings loader knows
     from genserve.config import ENV_ALIASES, load_settings
 
     env = _containers(cluster["headGroupSpec"])[0]["env"]
     names = {e["name"] for e in env}
-    assert {n for n in names if "__" not in n} <= set(ENV_ALIASES)
+    assert {n for n in names if n.startswith("GENSERVE_") and "__" not in n} <= set(ENV_ALIASES)
     # literal values as written; values from Secrets stand in as "x"
     fake = {e["name"]: e.get("value", "x") for e in env} | {
         "GENSERVE_DATABASE_URL": "postgresql+psycopg2://u:p@db/genserve"}

@@ -360,3 +360,16 @@ def test_reconfigure_changes_hot_settings_only(core):
             core.reconfigure({"device": "cuda"})
     finally:
         core.reconfigure({"lora_cache": saved.lora_cache.model_dump(), "blocklist_refresh_s": saved.blocklist_refresh_s})
+
+
+def test_scanner_threads_come_from_scan_threads(env):
+    from genserve.worker import WorkerCore
+
+    settings = env["settings"]
+    settings = settings.model_copy(update={"worker": settings.worker.model_copy(update={"scan_threads": 2})})
+    core = WorkerCore("sd1", settings, db=env["db"], store=env["store"])
+    try:
+        detector = core.scanner.scanners[0].detector
+        assert detector.session.get_session_options().intra_op_num_threads == 2
+    finally:
+        core.close()

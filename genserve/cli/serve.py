@@ -31,7 +31,7 @@ def serve_command(
     import ray
     from ray import serve
 
-    from genserve.app import APP_NAME, build_app, load_serve_config, required_cpus
+    from genserve.app import APP_NAME, build_app, ingress_environment, load_serve_config, required_cpus
     from genserve.bootstrap import bootstrap
     from genserve.db import Database
     from genserve.log import configure_logging
@@ -58,6 +58,8 @@ def serve_command(
         families = list(load_model_catalog(settings.config_path("models.yaml")).families)
         num_cpus = max(os.cpu_count() or 1, math.ceil(required_cpus(serve_config, families)))
     if not ray.is_initialized():
+        if settings.server.ray_address is None:  # a cluster chose its HTTP ingress when it started
+            os.environ.update(ingress_environment(settings))
         # a local Ray gets the job server (in the dashboard) that training runs are submitted to
         local = {} if settings.server.ray_address else {
             "num_cpus": num_cpus, "include_dashboard": dashboard,

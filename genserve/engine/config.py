@@ -41,6 +41,14 @@ class WorkerConfig(BaseModel):
     # the replica's CPU threads: torch intra-op on a CPU device, and the image scanner's
     # onnxruntime session on any device (0: each library's default, every core)
     cpu_threads: int = Field(0, ge=0)
+    # the image scanner's threads where they should differ from `cpu_threads` (0: every core). The
+    # last image's scan is on every request's critical path while the denoiser idles, so a CPU
+    # replica pinned to one torch thread still scans faster on more
+    scan_threads: int | None = Field(None, ge=0)
+
+    @property
+    def image_scan_threads(self) -> int:
+        return self.cpu_threads if self.scan_threads is None else self.scan_threads
     # hard limits the worker enforces whatever the caller validated
     max_steps: int = Field(150, ge=1)
     max_images: int = Field(20, ge=1)

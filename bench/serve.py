@@ -287,7 +287,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", help="cpu (tiny models through the service) or cuda")
     parser.add_argument("--real-size", action="store_true", help="with --device cuda: a real-size SDXL UNet")
-    parser.add_argument("--runs", type=int, default=15)
+    parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--target-s", type=float, default=1.0, help="direct call duration to calibrate steps to")
     parser.add_argument("--size", type=int, default=128, help="image side (an allowed tiny-SDXL size)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads, direct and in the worker")

@@ -158,9 +158,7 @@ class AuditLog:
         ts = dt.datetime.now(dt.timezone.utc)
         row_hash = row_digest(id=new_id, ts=ts, prev_hash=prev, **fields)
         s.execute(_INSERT, {"id": new_id, "ts": ts, "prev_hash": prev, "row_hash": row_hash, **fields})
-        return AuditRecord(id=new_id, ts=_canonical_ts(ts), prev_hash=prev, row_hash=row_hash,
-                           **{**fields, "rules": list(fields["rules"]),
-                              "subject_hashes": list(fields["subject_hashes"]), "details": dict(fields["details"])})
+        return AuditRecord(id=new_id, ts=_canonical_ts(ts), prev_hash=prev, row_hash=row_hash, **fields)
 
     def verify(self, batch: int = 1000) -> AuditVerifyReport:
         """Walk the whole chain; report the first row that was edited, moved or follows a deleted one."""

@@ -45,14 +45,14 @@ class WorkerConfig(BaseModel):
     # last image's scan is on every request's critical path while the denoiser idles, so a CPU
     # replica pinned to one torch thread still scans faster on more
     scan_threads: int | None = Field(None, ge=0)
-
-    @property
-    def image_scan_threads(self) -> int:
-        return self.cpu_threads if self.scan_threads is None else self.scan_threads
     # hard limits the worker enforces whatever the caller validated
     max_steps: int = Field(150, ge=1)
     max_images: int = Field(20, ge=1)
     max_pixels: int = Field(2048 * 2048, ge=64 * 64)
+
+    @property
+    def image_scan_threads(self) -> int:
+        return self.cpu_threads if self.scan_threads is None else self.scan_threads
 
     def cache_dir(self, models_dir: Path) -> Path:
         return (self.resource_cache_dir or models_dir / "cache").resolve()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -133,6 +134,7 @@ LOOP_CHILD = textwrap.dedent(
     i = 0
     while True:
         hold = ledger.hold("user:loop", 7, f"h{sys.argv[2]}-{i}", destination=L.REVENUE_GENERATION)
+        print(i, flush=True)
         if i % 3:
             ledger.capture(hold.id, i % 8, f"c{sys.argv[2]}-{i}")
         else:
@@ -182,7 +184,11 @@ def _killed_at_random_keeps_invariants(db: Database) -> None:
         child = _spawn(LOOP_CHILD, db.url, str(round_))
         try:
             assert child.stdout.readline().strip() == "READY"
-            time.sleep(0.3 + 0.15 * round_)
+            # Kill after a set number of holds (not a set time, which a loaded machine stretches),
+            # at a random moment in the operations that follow.
+            while int(child.stdout.readline()) < 5 + 4 * round_:
+                pass
+            time.sleep(random.Random(round_).uniform(0.0, 0.05))
             os.kill(child.pid, signal.SIGKILL)
             child.wait(10)
         finally:

@@ -202,6 +202,7 @@ class _Plan:
     hold_id: str
     created_at: dt.datetime
     cancel: asyncio.Event = field(default_factory=asyncio.Event)
+    finished: asyncio.Event = field(default_factory=asyncio.Event)  # set once the job is settled
 
 
 class JobCanceled(Exception):
@@ -525,6 +526,7 @@ class GenerationService:
             await asyncio.to_thread(self._fail, job_id, "internal_error", "the generation failed unexpectedly")
         finally:
             self._plans.pop(job_id, None)
+            plan.finished.set()
             self._wake(job_id)
 
     async def _run_to_end(self, job_id: str, plan: _Plan) -> None:
@@ -713,15 +715,21 @@ class GenerationService:
         return self._view(self.jobs.get(job_id, caller.user_id))
 
     async def wait(self, caller: Caller, job_id: str, timeout_s: float) -> JobView:
-        """The job once it is finished, or as it is after `timeout_s`."""
+        """The job once it is finished, or as it is after `timeout_s`. A job this process runs is
+        read again only when it ends (not at each step); one run elsewhere is polled."""
         deadline = asyncio.get_running_loop().time() + min(timeout_s, self.config.wait_timeout_s)
         while True:
-            wakeup = self._notify.get(job_id)  # taken before the read, so no change slips in between
+            # both taken before the read, so an end or a change in between is not missed
+            plan, wakeup = self._plans.get(job_id), self._notify.get(job_id)
             job = await asyncio.to_thread(self.jobs.get, job_id, caller.user_id)
             remaining = deadline - asyncio.get_running_loop().time()
             if job.status.terminal or remaining <= 0:
                 return self._view(job)
-            await self._sleep_until(wakeup, min(remaining, self.config.sse_poll_s))
+            if plan is not None:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(plan.finished.wait(), remaining)
+            else:
+                await self._sleep_until(wakeup, min(remaining, self.config.sse_poll_s))
 
     @staticmethod
     async def _sleep_until(wakeup: asyncio.Event | None, timeout_s: float) -> None:

@@ -133,6 +133,28 @@ def test_progress_events_are_logged_in_order(env):
     assert [e.seq for e in events] == list(range(1, len(events) + 1))
 
 
+def test_waiting_on_a_local_job_reads_it_only_when_it_ends(env, monkeypatch):
+    caller = env.user()
+    reads = []
+    get = env.service.jobs.get
+    monkeypatch.setattr(env.service.jobs, "get", lambda *a, **kw: reads.append(a[0]) or get(*a, **kw))
+    job = _run(_finish(env.service, caller, _request()))
+    progress = [e for e in env.service.jobs.events_after(job.id) if e.kind == "progress"]
+    assert job.status.value == "succeeded" and len(progress) == STEPS
+    assert len(reads) <= 2  # before it ended and once after, not once per step
+
+
+def test_waiting_on_a_job_run_elsewhere_polls_it_to_its_end(env):
+    caller = env.user()
+    other = GenerationService(env.settings, env.db, env.service.store, env.service.workers)
+
+    async def run_here_wait_there():
+        view, _ = await env.service.submit(caller, _request())
+        return await other.wait(caller, view.id, 60)
+
+    assert _run(run_here_wait_there()).status.value == "succeeded"
+
+
 def test_blocked_prompt_costs_nothing_creates_no_job_and_is_audited(env):
     caller = env.user()
     with pytest.raises(SafetyBlocked) as info:

@@ -539,7 +539,7 @@ class WorkerCore:
     # ---- health and settings --------------------------------------------------------------------
     def check_health(self, models: Sequence[LoadedCheckpoint] | None = None) -> None:
         """Raise when a resident model lost its safety embeddings, the scanner is gone, or a generation
-        has made no step progress for `wedge_timeout_s`."""
+        has made no step progress for `wedge_timeout_s`. Never waits for a generation to end."""
         with self._heartbeat_lock:
             busy, idle_s = self._busy, time.monotonic() - self._last_progress
         if busy and idle_s > self.config.wedge_timeout_s:
@@ -549,9 +549,16 @@ class WorkerCore:
         for loaded in self.loaded() if models is None else models:
             if loaded.freed or loaded.pipe is None:
                 continue
-            with loaded.lock:  # not mid-way through a per-request embedding load
+            # checked between generations (not mid-way through a per-request embedding load); one
+            # that is generating is left to the wedge check above: waiting for it would hold the
+            # health check past its timeout on a long job, and Serve would kill the replica
+            if not loaded.lock.acquire(blocking=False):
+                continue
+            try:
                 if loaded.pipe is not None:
                     loaded.safety.check(loaded.pipe)
+            finally:
+                loaded.lock.release()
 
     def reconfigure(self, user_config: dict[str, Any], models: Sequence[LoadedCheckpoint] | None = None) -> None:
         """Hot settings: LoRA cache limits, blocklist re-check interval, xformers flag."""

@@ -211,6 +211,21 @@ def test_check_health_fails_when_the_safety_embedding_is_removed(core):
     assert loaded.freed
 
 
+def test_check_health_does_not_wait_for_a_generation(core):
+    from safety.errors import EmbeddingUnavailable
+
+    loaded = core.load_checkpoint("tiny-sd1")
+    loaded.pipe.unload_textual_inversion()
+    with loaded.lock:  # as a generation holds it; the health check must answer meanwhile
+        answered = threading.Event()
+        checker = threading.Thread(target=lambda: (core.check_health([loaded]), answered.set()))
+        checker.start()
+        assert answered.wait(5)
+    with pytest.raises(EmbeddingUnavailable):  # once it is free, the model is checked again
+        core.check_health([loaded])
+    loaded.close()
+
+
 def test_wedged_generation_fails_health(env):
     from genserve.worker import WorkerCore
 

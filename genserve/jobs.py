@@ -305,15 +305,16 @@ class JobStore:
         def tx(s: Session) -> bool:
             now = utcnow()
             j = _JOBS.c
-            done = s.execute(
+            row = s.execute(
                 update(_JOBS)
                 .where(j.id == job_id, j.owner == owner, j.status == JobStatus.running)
                 .values(progress=data, heartbeat_at=now, updated_at=now)
-            ).rowcount
-            if not done:
+                .returning(j.cancel_requested)
+            ).first()
+            if row is None:
                 raise JobNotFound(f"generation {job_id} is not running for {owner}", code="job_not_running")
             self._append_event(s, job_id, "progress", data)
-            return bool(s.scalar(select(j.cancel_requested).where(j.id == job_id)))
+            return bool(row.cancel_requested)
 
         return self._with_event(tx)
 

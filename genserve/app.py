@@ -8,8 +8,10 @@ drives `genserve serve` and `serve run configs/serve.local.yaml`.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import logging
+import shutil
 import socket
 import tempfile
 from pathlib import Path
@@ -141,10 +143,12 @@ def ingress_environment(settings: Settings) -> dict[str, str]:
 
     HAProxy's config, admin socket and server state go to a fresh folder only this user can enter
     (the admin socket itself is world-writable) instead of the shared /tmp/haproxy-serve; a short
-    one, as a socket path has at most 97 characters and Ray adds a 56-character folder to it."""
+    one, as a socket path has at most 97 characters and Ray adds a 56-character folder to it. The
+    folder is removed when this process exits (its callers stop their local Ray before that)."""
     if settings.server.http_ingress != "haproxy":
         return {}
     folder = Path(tempfile.mkdtemp(prefix="gs-hap-"))  # mode 0700
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
     return {
         "RAY_SERVE_ENABLE_HA_PROXY": "1",
         "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(folder / "haproxy.cfg"),

@@ -240,6 +240,18 @@ def test_haproxy_ingress_environment_keeps_its_admin_socket_private_and_short(tm
     assert ingress_environment(settings)["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"] != str(folder), "one folder per start"
 
 
+def test_haproxy_folder_is_removed_when_the_process_exits(tmp_path: Path):
+    import subprocess
+    import sys
+
+    code = ("import sys; from genserve.app import ingress_environment; from genserve.config import load_settings; "
+            "print(ingress_environment(load_settings(env={'GENSERVE_DATA_DIR': sys.argv[1], "
+            "'GENSERVE_SERVER__HTTP_INGRESS': 'haproxy'}))['RAY_SERVE_HAPROXY_SERVER_STATE_BASE'])")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True)
+    folder = Path(out.stdout.strip())
+    assert folder.name.startswith("gs-hap-") and not folder.exists()
+
+
 def test_scan_threads_follow_cpu_threads_unless_set(tmp_path: Path):
     def worker(**fields):
         return load_settings(env={"GENSERVE_DATA_DIR": str(tmp_path)}, overrides={"worker": fields}).worker

@@ -4,8 +4,9 @@ CPU path (default): the tiny SDXL pipeline at 128x128 with the step count calibr
 call takes about `--target-s` seconds. The same request then goes through the whole service on a
 local Ray Serve application (auth, precheck, quote, hold, worker, NudeNet scan, PNG, store, capture)
 and the ratio of the medians is reported (target <= 1.05), with the median of the paired ratios
-beside it. `--transport` picks the HTTP ingress: Serve's proxy (the local default) or HAProxy (what
-the RayService in deploy/ runs). The LoRA switch cost is the median time
+beside it. `--transport` picks the HTTP ingress: HAProxy (the default here: what the RayService in
+deploy/ serves production traffic through) or Serve's proxy (what `genserve serve` uses on a shared
+host, see RUNBOOK section 10). The LoRA switch cost is the median time
 to re-activate between two adapters already resident in the worker's LoRA cache (target <= 5 ms).
 
 `--device cuda --real-size`: a real-size random-weight SDXL UNet at 1024x1024, 30 steps with CFG,
@@ -48,7 +49,7 @@ def _median_s(fn, runs: int) -> tuple[float, list[float]]:
 # ----------------------------------------------------------------------------------------- CPU path
 
 
-def _environment(data: Path, threads: int, scan_threads: int, transport: str = "proxy"):
+def _environment(data: Path, threads: int, scan_threads: int, transport: str):
     from genserve.bootstrap import bootstrap
     from genserve.config import load_settings
     from genserve.db import Database
@@ -291,8 +292,8 @@ def main() -> None:
     parser.add_argument("--target-s", type=float, default=1.0, help="direct call duration to calibrate steps to")
     parser.add_argument("--size", type=int, default=128, help="image side (an allowed tiny-SDXL size)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads, direct and in the worker")
-    parser.add_argument("--transport", choices=("proxy", "haproxy"), default="proxy",
-                        help="the HTTP ingress (server.http_ingress): Serve's proxy or HAProxy")
+    parser.add_argument("--transport", choices=("haproxy", "proxy"), default="haproxy",
+                        help="the HTTP ingress (server.http_ingress): HAProxy, as deployed, or Serve's proxy")
     parser.add_argument("--scan-threads", type=int, default=0,
                         help="the worker's image-scan threads (0: every core, as a replica's default)")
     parser.add_argument("--switches", type=int, default=40)

@@ -345,6 +345,7 @@ class ImageScanner:
             with self._threads_lock:
                 if self._threads.get(index) is thread:
                     del self._threads[index]
+            thread.stop()  # it ends once the hung call returns, if it ever does
             raise TimeoutError(f"no answer within {self.timeout_s:g} s") from None
         if not isinstance(out, ScannerOutput):
             raise TypeError(f"returned {type(out).__name__}, not ScannerOutput")

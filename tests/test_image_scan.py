@@ -208,9 +208,12 @@ def test_a_hung_scanner_does_not_hold_up_the_next_scan():
     scanner_ = HangsOnce()
     scanner = ImageScanner.from_config(cfg, detector=FakeDetector([]), extra=[scanner_])
     assert "TimeoutError" in scanner.scan(image()).scanner_errors[0]
+    (hung,) = (t for t in threading.enumerate() if t.name == "scan-hangs-once")
     # the first call still hangs on its thread; the second answers in time on a new one
     assert not scanner.scan(image()).failed and scanner_.calls == 2
     scanner_.release.set()
+    hung.join(5)  # the abandoned thread ends once its call returns
+    assert not hung.is_alive()
 
 
 def test_detector_exception_fails_closed():

@@ -39,7 +39,8 @@ class WorkerConfig(BaseModel):
     # a replica busy generating with no step progress for this long is reported unhealthy
     wedge_timeout_s: float = Field(300.0, gt=0)
     # the replica's CPU threads: torch intra-op on a CPU device, and the image scanner's
-    # onnxruntime session on any device (0: each library's default, every core)
+    # onnxruntime session on any device (0: every core; torch's default, and for the scanner the
+    # count of cores this process may use, given explicitly so onnxruntime does not pin its threads)
     cpu_threads: int = Field(0, ge=0)
     # the image scanner's threads where they should differ from `cpu_threads` (0: every core). The
     # last image's scan is on every request's critical path while the denoiser idles, so a CPU

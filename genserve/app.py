@@ -141,6 +141,14 @@ def app_builder(args: dict[str, str]) -> serve.Application:
 def ingress_environment(settings: Settings) -> dict[str, str]:
     """Environment a local Ray must start with for `server.http_ingress` (empty for Serve's proxy).
 
+    HAProxy comes with Serve's throughput mode, as in Ray's high-throughput guide: calls between
+    deployments over gRPC, and user code and the handle router on the replica's main event loop
+    instead of a loop thread each (a generation's dispatch to the worker and its result's way back
+    took 3.5 and 1.8 ms in it against 5.7 and 2.7 ms, a one-off probe on 2 cores). The routes keep
+    blocking work off that loop (`genserve.ingress`). Only Ray's processes need it: set after
+    `ray.serve` is imported, it leaves this process's own handles on their router thread, which
+    code without a running event loop needs.
+
     HAProxy's config, admin socket and server state go to a fresh folder only this user can enter
     (the admin socket itself is world-writable) instead of the shared /tmp/haproxy-serve; a short
     one, as a socket path has at most 97 characters and Ray adds a 56-character folder to it. The
@@ -151,6 +159,7 @@ def ingress_environment(settings: Settings) -> dict[str, str]:
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
     return {
         "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
         "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(folder / "haproxy.cfg"),
         "RAY_SERVE_HAPROXY_SOCKET_PATH": str(folder / "admin.sock"),
         "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(folder),

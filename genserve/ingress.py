@@ -6,10 +6,13 @@ matching status. The calling back end authenticates with the service token and n
 `X-User-Id` (with `X-User-Tier` and `X-Max-Nsfw-Level`); admin routes take the admin token.
 
 `Ingress` is the Ray Serve deployment; `create_api` builds the same FastAPI app around any
-service, so the routes also run in-process (tests, benchmarks).
+service, so the routes also run in-process (tests, benchmarks). Routes never block their event loop:
+database and object-store calls run in threads, because in Serve's throughput mode (the HAProxy
+ingress) the routes share the loop that also carries the replica's own control traffic.
 """
 
 
+import asyncio
 import json
 import logging
 import re
@@ -296,7 +299,7 @@ def create_api(service: GenerationService, *, routers: Sequence[RouterBuilder] =
 
     @app.get(f"{PREFIX}/generations/{{job_id}}", response_model=JobView, tags=["generations"])
     async def get_generation(who: CallerDep, job_id: JobId) -> JobView:
-        return service.get(who, job_id)
+        return await asyncio.to_thread(service.get, who, job_id)
 
     @app.post(f"{PREFIX}/generations/{{job_id}}/cancel", response_model=JobView, status_code=202,
               tags=["generations"])
@@ -329,8 +332,8 @@ def create_api(service: GenerationService, *, routers: Sequence[RouterBuilder] =
         redirect: bool = Query(False, description="307 to a presigned object-store URL instead of the bytes"),
     ) -> Response:
         if redirect:
-            return RedirectResponse(service.image_url(who, job_id, index), status_code=307)
-        _, png = service.image(who, job_id, index)
+            return RedirectResponse(await asyncio.to_thread(service.image_url, who, job_id, index), status_code=307)
+        _, png = await asyncio.to_thread(service.image, who, job_id, index)
         return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
 
     # -- billing --------------------------------------------------------------------------------
@@ -338,47 +341,48 @@ def create_api(service: GenerationService, *, routers: Sequence[RouterBuilder] =
     @app.post(f"{PREFIX}/quotes", response_model=QuoteView, tags=["billing"])
     async def create_quote(who: CallerDep, body: QuoteRequest) -> QuoteView:
         """The price of a generation request, checked like a submit; nothing is held."""
-        return service.quote(who, body)
+        return await asyncio.to_thread(service.quote, who, body)
 
     @app.get(f"{PREFIX}/accounts/{{user}}/balance", response_model=BalanceView, tags=["billing"])
     async def get_balance(who: CallerDep, user: str) -> BalanceView:
         if user != who.user_id:
             raise Forbidden("a user sees only their own balance", code="not_your_account")
-        return service.balance(user)
+        return await asyncio.to_thread(service.balance, user)
 
     # -- admin ----------------------------------------------------------------------------------
 
     @app.post(f"{PREFIX}/admin/likeness", status_code=201, tags=["admin"])
     async def add_likeness(_: AdminDep, body: LikenessAdd) -> dict[str, Any]:
         """Blocklist a registered LoRA/embedding as a real person's likeness (and its copies)."""
-        entry_id = service.add_likeness(body.resource_id, body.person, body.reason, body.source)
+        entry_id = await asyncio.to_thread(service.add_likeness, body.resource_id, body.person, body.reason, body.source)
         return {"entry_id": entry_id, "resource_id": body.resource_id}
 
     @app.post(f"{PREFIX}/admin/takedowns", status_code=201, tags=["admin"])
     async def request_takedown(_: AdminDep, body: TakedownCreate) -> dict[str, Any]:
-        return service.takedowns.request(body.person, contact=body.contact, resource_ids=body.resource_ids,
-                                         reason=body.reason, requested_by="admin-api").to_dict()
+        record = await asyncio.to_thread(service.takedowns.request, body.person, contact=body.contact,
+                                         resource_ids=body.resource_ids, reason=body.reason, requested_by="admin-api")
+        return record.to_dict()
 
     @app.post(f"{PREFIX}/admin/takedowns/{{takedown_id}}/approve", tags=["admin"])
     async def approve_takedown(_: AdminDep, takedown_id: str, body: Annotated[TakedownDecision, Body()]) -> dict:
         """Blocklist the named resources and the person's name; the resources stop being generated with."""
-        return service.approve_takedown(takedown_id, body.moderator, body.note).to_dict()
+        return (await asyncio.to_thread(service.approve_takedown, takedown_id, body.moderator, body.note)).to_dict()
 
     @app.post(f"{PREFIX}/admin/takedowns/{{takedown_id}}/deny", tags=["admin"])
     async def deny_takedown(_: AdminDep, takedown_id: str, body: Annotated[TakedownDecision, Body()]) -> dict:
-        return service.takedowns.deny(takedown_id, body.moderator, body.note).to_dict()
+        return (await asyncio.to_thread(service.takedowns.deny, takedown_id, body.moderator, body.note)).to_dict()
 
     # -- operations -----------------------------------------------------------------------------
 
     @app.get(f"{PREFIX}/healthz", tags=["operations"])
     async def healthz() -> dict[str, Any]:
         started = time.perf_counter()
-        active = service.jobs.count_active()
+        active = await asyncio.to_thread(service.jobs.count_active)
         return {"status": "ok", "active_jobs": active, "db_ms": round((time.perf_counter() - started) * 1000, 2)}
 
     @app.get(f"{PREFIX}/metrics", response_class=PlainTextResponse, tags=["operations"])
     async def metrics_text() -> PlainTextResponse:
-        return PlainTextResponse(counters.prometheus(service.jobs.count_by_status()),
+        return PlainTextResponse(counters.prometheus(await asyncio.to_thread(service.jobs.count_by_status)),
                                  media_type="text/plain; version=0.0.4")
 
     for build in routers:

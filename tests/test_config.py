@@ -229,7 +229,7 @@ def test_haproxy_ingress_environment_keeps_its_admin_socket_private_and_short(tm
 
     settings = load_settings(env={"GENSERVE_DATA_DIR": str(tmp_path), "GENSERVE_SERVER__HTTP_INGRESS": "haproxy"})
     env = ingress_environment(settings)
-    assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+    assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
     folder = Path(env["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"])
     for key in ("RAY_SERVE_HAPROXY_CONFIG_FILE_LOC", "RAY_SERVE_HAPROXY_SOCKET_PATH", "RAY_SERVE_HAPROXY_SERVER_STATE_FILE"):
         assert Path(env[key]).parent == folder

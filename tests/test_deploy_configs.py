@@ -213,6 +213,7 @@ def test_rayservice_takes_database_s3_and_tokens_from_secrets():
                 assert "value" not in env[name], "secrets never inline"
             assert env["GENSERVE_STORAGE_BACKEND"]["value"] == "s3"
             assert env["RAY_SERVE_ENABLE_HA_PROXY"]["value"] == "1", "every node runs the HAProxy ingress"
+            assert env["RAY_SERVE_THROUGHPUT_OPTIMIZED"]["value"] == "1", "and Serve's throughput mode with it"
     # every variable name is one the settings loader knows
     from genserve.config import ENV_ALIASES, load_settings
 

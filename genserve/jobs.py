@@ -88,6 +88,17 @@ def idempotent_job_id(user_id: str, key: str) -> str:
     return uuid.uuid5(uuid.NAMESPACE_URL, f"genserve:generation:{user_id}:{key}").hex
 
 
+def image_prefix(user_id: str, job_id: str) -> str:
+    """Where a job's images live in the object store."""
+    return f"images/{user_id}/{job_id}/"
+
+
+def image_key(user_id: str, job_id: str, index: int, digest: str) -> str:
+    """An image's key. It is written before the image's scan is done, so it carries part of the
+    image's SHA-256: nobody can name it before the finished job lists it."""
+    return f"{image_prefix(user_id, job_id)}{index}-{digest[:16]}.png"
+
+
 class GenerationJob(Base):
     __tablename__ = "generation_jobs"
     __table_args__ = (

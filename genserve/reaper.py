@@ -7,6 +7,8 @@ process no longer exists is reaped at once, without waiting for the heartbeat to
 
 Any number of reapers may run (one per ingress replica): the conditional transition lets exactly one
 of them, or the job's own runner, settle each job. Expired ledger holds are voided on the same round.
+A reaped job's images are deleted: its runner stores each image while it is being scanned, and
+one that died may have left some behind that no job lists.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from dataclasses import dataclass
 
 from genserve.billing.ledger import Ledger
 from genserve.errors import GenserveError
-from genserve.jobs import GenerationJob, JobStatus, JobStore, utcnow
+from genserve.jobs import GenerationJob, JobStatus, JobStore, image_prefix, utcnow
+from genserve.storage import ObjectStore
 
 logger = logging.getLogger(__name__)
 
@@ -56,10 +59,11 @@ class ReapReport:
 
 
 class Reaper:
-    def __init__(self, jobs: JobStore, ledger: Ledger, *, stale_after_s: float):
+    def __init__(self, jobs: JobStore, ledger: Ledger, *, stale_after_s: float, store: ObjectStore | None = None):
         self.jobs = jobs
         self.ledger = ledger
         self.stale_after_s = stale_after_s
+        self.store = store
 
     def orphans(self, now: dt.datetime | None = None) -> list[GenerationJob]:
         now = now or utcnow()
@@ -81,5 +85,15 @@ class Reaper:
                     self.ledger.release(job.hold_id, f"gen:{job.id}:release")
                 except GenserveError as exc:
                     logger.info("hold %s of reaped job %s: %s", job.hold_id, job.id, exc.code)
+            self._delete_images(job)
             logger.warning("reaped generation %s owned by %s", job.id, job.owner)
         return ReapReport(reaped, self.ledger.reap_expired())
+
+    def _delete_images(self, job: GenerationJob) -> None:
+        if self.store is None:
+            return
+        try:
+            for key in list(self.store.list(image_prefix(job.user_id, job.id))):
+                self.store.delete(key)
+        except GenserveError as exc:
+            logger.error("images of reaped job %s not deleted: %s", job.id, exc)

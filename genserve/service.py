@@ -27,6 +27,7 @@ import threading
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -48,7 +49,16 @@ from genserve.errors import (
     SafetyBlocked,
     Unavailable,
 )
-from genserve.jobs import GenerationJob, JobEvent, JobStatus, JobStore, idempotent_job_id, new_job_id, utcnow
+from genserve.jobs import (
+    GenerationJob,
+    JobEvent,
+    JobStatus,
+    JobStore,
+    idempotent_job_id,
+    image_key,
+    new_job_id,
+    utcnow,
+)
 from genserve.model_catalog import load_model_catalog
 from genserve.registry import ResolvedResource, ResolvedResources, ResourceRegistry
 from genserve.resource_cache import ResourceCache
@@ -70,7 +80,14 @@ from genserve.schemas import (
     WithheldImageView,
 )
 from genserve.storage import ObjectStore, object_store_from_settings
-from genserve.worker_types import HiresSpec, LoraSpec, ProgressEvent, WorkerRequest, WorkerResult
+from genserve.worker_types import (
+    EncodedImage,
+    HiresSpec,
+    LoraSpec,
+    WorkerRequest,
+    WorkerResult,
+    WorkerStreamItem,
+)
 from safety.audit_log import AuditLog
 from safety.errors import SafetyError
 from safety.hashing import load_tensors
@@ -85,7 +102,6 @@ from safety.verdict import Verdict
 
 logger = logging.getLogger(__name__)
 
-IMAGE_PREFIX = "images"
 INFOTEXT_KEY = "parameters"
 
 
@@ -103,13 +119,14 @@ class Caller:
 
 
 class WorkerStream(Protocol):
-    def __aiter__(self) -> AsyncIterator[ProgressEvent | WorkerResult]: ...
+    def __aiter__(self) -> AsyncIterator[WorkerStreamItem]: ...
 
     def cancel(self) -> None: ...
 
 
 class WorkerBackend(Protocol):
-    """Starts a generation on the worker that serves `family`; the stream ends with one WorkerResult."""
+    """Starts a generation on the worker that serves `family`: progress and encoded images stream back,
+    then one WorkerResult."""
 
     def generate(self, family: str, request: WorkerRequest) -> WorkerStream: ...
 
@@ -145,7 +162,7 @@ class _ThreadStream:
     def cancel(self) -> None:
         self._cancel.set()
 
-    def __aiter__(self) -> AsyncIterator[ProgressEvent | WorkerResult]:
+    def __aiter__(self) -> AsyncIterator[WorkerStreamItem]:
         core, request, cancel = self._core, self._request, self._cancel
         return stream_from_thread(lambda on_progress: core.generate(request, on_progress, cancel), cancel)
 
@@ -205,6 +222,16 @@ class _Plan:
     finished: asyncio.Event = field(default_factory=asyncio.Event)  # set once the job is settled
 
 
+@dataclass(frozen=True)
+class _StagedImage:
+    """A finished image on its way into the object store while the worker still scans it."""
+
+    key: str
+    digest: str
+    png: bytes
+    stored: Future  # the put; `_deliver` waits for it, `_discard_staged` before deleting
+
+
 class JobCanceled(Exception):
     """Raised inside a runner when its job was asked to stop."""
 
@@ -247,6 +274,9 @@ class GenerationService:
         self._tasks: set[asyncio.Task] = set()
         self._notify: dict[str, asyncio.Event] = {}
         self._background: list[asyncio.Task] = []
+        # job id -> image index -> image stored but not (yet) listed by a finished job
+        self._staged: dict[str, dict[int, _StagedImage]] = {}
+        self._storing = ThreadPoolExecutor(self.config.store_threads, thread_name_prefix="genserve-store")
 
     @classmethod
     def from_settings(cls, settings: Settings, workers: WorkerBackend, db: Database | None = None) -> GenerationService:
@@ -258,7 +288,7 @@ class GenerationService:
         """Heartbeat for this owner's jobs and the reaper; call once inside a running event loop."""
         from genserve.reaper import Reaper
 
-        reaper = Reaper(self.jobs, self.ledger, stale_after_s=self.config.stale_after_s)
+        reaper = Reaper(self.jobs, self.ledger, store=self.store, stale_after_s=self.config.stale_after_s)
         self._background = [
             asyncio.create_task(self._every(self.config.heartbeat_interval_s, self._heartbeat)),
             asyncio.create_task(self._every(self.config.reaper_interval_s, reaper.reap_once)),
@@ -284,6 +314,7 @@ class GenerationService:
         for task in (*self._background, *self._tasks):
             task.cancel()
         await asyncio.gather(*self._background, *self._tasks, return_exceptions=True)
+        self._storing.shutdown(wait=True)
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         """Hot settings from Serve's `user_config`: tier limits given inline under `limits`, or re-read
@@ -520,14 +551,20 @@ class GenerationService:
             await self._run_to_end(job_id, plan)
         except asyncio.CancelledError:  # the service is shutting down: give the buzz back now
             self._fail(job_id, "service_stopped", "the service stopped before the generation finished")
+            self._discard_staged(job_id)
             raise
         except Exception:  # noqa: BLE001 - the last line of defence: the hold must be settled
             logger.exception("generation %s crashed", job_id)
             await asyncio.to_thread(self._fail, job_id, "internal_error", "the generation failed unexpectedly")
         finally:
-            self._plans.pop(job_id, None)
-            plan.finished.set()
-            self._wake(job_id)
+            try:  # whatever the job does not list (withheld, or it did not succeed) leaves the store
+                if self._staged.get(job_id):
+                    await asyncio.to_thread(self._discard_staged, job_id)
+            finally:
+                self._staged.pop(job_id, None)
+                self._plans.pop(job_id, None)
+                plan.finished.set()
+                self._wake(job_id)
 
     async def _run_to_end(self, job_id: str, plan: _Plan) -> None:
         try:
@@ -601,6 +638,9 @@ class GenerationService:
                         raise JobCanceled
                 if isinstance(item, WorkerResult):
                     return item
+                if isinstance(item, EncodedImage):
+                    self._stage(job_id, plan, item)
+                    continue
                 data = {"step": item.step, "total": item.total_steps, "image": item.image_index,
                         "images": item.image_count}
                 if await asyncio.to_thread(self.jobs.progress, job_id, self.owner, data):
@@ -608,6 +648,31 @@ class GenerationService:
                 self._wake(job_id)
         finally:
             watcher.cancel()
+
+    def _stage(self, job_id: str, plan: _Plan, item: EncodedImage) -> None:
+        """Start storing a finished image while the worker scans it. Its key names its digest, so no
+        one can ask for it before the job lists it; `_deliver` lists it or leaves it to be deleted."""
+        digest = _sha256(item.png)
+        key = image_key(plan.caller.user_id, job_id, item.index, digest)
+        family = plan.resources.family
+
+        def put() -> None:
+            with metrics.stage_timer("store", family):
+                self.store.put_bytes(key, item.png, content_type="image/png")
+
+        self._staged.setdefault(job_id, {})[item.index] = _StagedImage(key, digest, item.png, self._storing.submit(put))
+
+    def _discard_staged(self, job_id: str, images: dict[int, _StagedImage] | None = None) -> None:
+        """Delete stored images no finished job lists: `images`, or all of `job_id`'s still staged."""
+        staged = images if images is not None else self._staged.get(job_id, {})
+        while staged:
+            _, image = staged.popitem()
+            with contextlib.suppress(Exception):  # a failed put stored nothing; delete regardless
+                image.stored.result()  # a put still running would land after the delete
+            try:
+                self.store.delete(image.key)
+            except GenserveError:
+                logger.error("could not delete undelivered image %s", image.key)
 
     def _wake(self, job_id: str) -> None:
         """Let event streams in this process look at the log now instead of at their next poll."""
@@ -649,42 +714,45 @@ class GenerationService:
                                     result={"images": [], "withheld": [], "rules": rules})
 
     def _deliver(self, job_id: str, plan: _Plan, result: WorkerResult) -> None:
-        """Postcheck, store, capture, finish."""
+        """Postcheck each image, list the stored ones that pass, capture, finish. An image stays
+        staged (and `_run` deletes it) unless the finished job lists it."""
         family = plan.resources.family
+        staged = self._staged.get(job_id, {})
         images, withheld = [], []
         for image in sorted(result.images, key=lambda i: i.index):
+            stage = staged.get(image.index)
             decision = self.safety.policy.postcheck(_scan_result(image.scan), plan.verdict, plan.allowed.value)
-            deliver = bool(decision.deliver and image.deliverable)
+            deliver = bool(decision.deliver and image.deliverable and stage is not None)
             reasons = decision.rule_ids or ([] if deliver else ["scan_failed"])
+            if stage is None:  # the worker reported an image whose PNG it never sent
+                reasons = ["image_missing"]
             level = decision.level.name.lower()
             # review = withheld and queued for a moderator; an undeliverable image the policy let through is a block
             action = "allow" if deliver else ("block" if decision.deliver else decision.action.value)
-            digest = _sha256(image.png)
             self.safety.audit.append(
-                "postcheck", action, rules=reasons, subject=digest, job_id=job_id, user_id=plan.caller.user_id,
-                request_id=plan.caller.request_id,
+                "postcheck", action, rules=reasons, subject=stage.digest if stage else None, job_id=job_id,
+                user_id=plan.caller.user_id, request_id=plan.caller.request_id,
                 details={"index": image.index, "seed": image.seed, "level": level, "allowed": plan.allowed.value,
                          "severity": decision.severity.value, "scan_errors": list(image.scan.errors)},
             )
             if deliver:
-                key = f"{IMAGE_PREFIX}/{plan.caller.user_id}/{job_id}/{image.index}.png"
                 try:
-                    with metrics.stage_timer("store", family):
-                        self.store.put_bytes(key, image.png, content_type="image/png")
+                    stage.stored.result()
                 except GenserveError as exc:
-                    logger.error("storing %s failed: %s", key, exc)
+                    logger.error("storing %s failed: %s", stage.key, exc)
                     withheld.append({"index": image.index, "seed": image.seed, "nsfw_level": level,
                                      "reasons": ["storage_failed"]})
                     continue
-                images.append({"index": image.index, "seed": image.seed, "key": key, "nsfw_level": level,
-                               "sha256": digest})
+                images.append({"index": image.index, "seed": image.seed, "key": stage.key, "nsfw_level": level,
+                               "sha256": stage.digest})
             else:
                 metrics.inc("genserve_images_withheld_total", value=1, rule=reasons[0])
                 withheld.append({"index": image.index, "seed": image.seed, "nsfw_level": level, "reasons": reasons})
         charge = plan.quote.for_delivered(len(images))
         status = JobStatus.succeeded if images else JobStatus.blocked
         body = {
-            "images": images, "withheld": withheld, "infotext": _infotext(result.images, images),
+            "images": images, "withheld": withheld,
+            "infotext": _infotext(staged[images[0]["index"]].png) if images else None,
             "final_prompt": result.final_prompt, "final_negative_prompt": result.final_negative_prompt,
             "model_hash": result.model_hash, "lora_hashes": result.lora_hashes, "timings_ms": result.timings_ms,
         }
@@ -692,22 +760,16 @@ class GenerationService:
             self.ledger.capture(plan.hold_id, charge, f"gen:{job_id}:capture")
         except GenserveError as exc:
             logger.error("capture for %s failed: %s", job_id, exc.code)
-            self._discard(images)
             self._fail(job_id, "billing_failed", f"the charge could not be settled: {exc.code}")
             return
+        listed = {i["index"]: stage for i in images if (stage := staged.pop(i["index"], None)) is not None}
         error = None if images else ("all_images_withheld", "every image was withheld by the safety policy")
         if not self.jobs.finish(job_id, status, owner=self.owner, result=body, charged=charge, error=error):
             logger.error("generation %s was finished by someone else after its capture", job_id)
+            self._discard_staged(job_id, listed)
         metrics.inc("genserve_jobs_total", family=family, status=status.value)
         metrics.inc("genserve_images_generated_total", value=len(result.images), family=family)
         _record_latencies(family, plan.created_at, result)
-
-    def _discard(self, images: list[dict]) -> None:
-        for image in images:
-            try:
-                self.store.delete(image["key"])
-            except GenserveError:
-                logger.warning("could not delete undelivered image %s", image["key"])
 
     # -- reads ----------------------------------------------------------------------------------
 
@@ -848,12 +910,9 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _infotext(results, delivered: list[dict]) -> str | None:  # noqa: ANN001
-    """The A1111 infotext the worker wrote into the first delivered PNG."""
-    if not delivered:
-        return None
-    first = next(r for r in results if r.index == delivered[0]["index"])
-    with Image.open(io.BytesIO(first.png)) as img:
+def _infotext(png: bytes) -> str | None:
+    """The A1111 infotext the worker wrote into a PNG."""
+    with Image.open(io.BytesIO(png)) as img:
         return img.info.get(INFOTEXT_KEY)
 
 

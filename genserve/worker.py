@@ -25,7 +25,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ray import serve
 
@@ -38,12 +38,16 @@ from genserve.resource_cache import ResourceCache
 from genserve.resources import Resource, ResourceKind
 from genserve.storage import ObjectStore, object_store_from_settings
 from genserve.worker_types import (
+    EncodedImage,
     ImageResult,
     ImageScan,
     ProgressEvent,
     WorkerRequest,
     WorkerResult,
 )
+
+if TYPE_CHECKING:
+    from genserve.engine.generate import GeneratedImage
 
 logger = logging.getLogger(__name__)
 
@@ -437,10 +441,13 @@ class WorkerCore:
         self,
         loaded: LoadedCheckpoint,
         request: WorkerRequest,
-        on_progress: Callable[[ProgressEvent], None] | None = None,
+        on_event: Callable[[ProgressEvent | EncodedImage], None] | None = None,
         cancel: threading.Event | None = None,
     ) -> WorkerResult:
-        """Generate `request` on `loaded`. A set `cancel` stops within one step; finished images are kept."""
+        """Generate `request` on `loaded`. A set `cancel` stops within one step; finished images are kept.
+
+        `on_event` gets each step's `ProgressEvent` and each finished image's `EncodedImage`; the
+        returned result holds the images' verdicts, once their scans are done."""
         from genserve.engine.generate import ModelInfo, generate
         from genserve.engine.textual_inversion import user_embeddings
 
@@ -454,9 +461,13 @@ class WorkerCore:
 
         def progress(index: int, step: int, total: int) -> None:
             self._heartbeat()
-            if on_progress is not None:
-                on_progress(ProgressEvent(job_id=request.job_id, image_index=index, image_count=count,
-                                          step=step, total_steps=total))
+            if on_event is not None:
+                on_event(ProgressEvent(job_id=request.job_id, image_index=index, image_count=count,
+                                       step=step, total_steps=total))
+
+        def encoded(image: GeneratedImage) -> None:
+            if on_event is not None:
+                on_event(EncodedImage(job_id=request.job_id, index=image.index, seed=image.seed, png=image.png))
 
         scans: dict[int, Future[tuple[ImageScan, float]]] = {}
 
@@ -483,7 +494,8 @@ class WorkerCore:
                 )
                 with user_embeddings(loaded.pipe, self.family, [(path, token) for _, path, token in embeddings]):
                     outcome = generate(loaded.pipe, request, safety=loaded.safety, model=model,
-                                       on_progress=progress, cancel=cancel, on_image=scan_soon)
+                                       on_progress=progress, cancel=cancel, on_image=scan_soon,
+                                       on_encoded=encoded)
         timings.update(outcome.timings_ms)
         with self._heartbeat_lock:
             self.counters["requests"] += 1
@@ -496,7 +508,7 @@ class WorkerCore:
             scan, scan_ms = scans[img.index].result()
             timings["scan_ms"] += scan_ms
             images.append(ImageResult(index=img.index, seed=img.seed, width=img.image.width, height=img.image.height,
-                                      png=img.png, scan=scan, deliverable=scan.ok))
+                                      scan=scan, deliverable=scan.ok))
         # what the scans added to the request after its last image was encoded
         timings["scan_wait_ms"] = (time.perf_counter() - t_wait) * 1000
         timings["total_ms"] = (time.perf_counter() - started) * 1000
@@ -507,11 +519,11 @@ class WorkerCore:
             lora_hashes={lora.resource_id: lora.autov3 for lora in loras}, timings_ms=timings,
         )
 
-    def generate(self, request: WorkerRequest, on_progress: Callable[[ProgressEvent], None] | None = None,
+    def generate(self, request: WorkerRequest, on_event: Callable[[ProgressEvent | EncodedImage], None] | None = None,
                  cancel: threading.Event | None = None) -> WorkerResult:
         """Ray-less entry point: pick (load) the checkpoint, then `run`."""
         self.validate(request)
-        return self.run(self.checkpoint(request.checkpoint_id), request, on_progress, cancel)
+        return self.run(self.checkpoint(request.checkpoint_id), request, on_event, cancel)
 
     # ---- scanning -------------------------------------------------------------------------------
     def _timed_scan(self, image: Any) -> tuple[ImageScan, float]:
@@ -619,7 +631,7 @@ class FamilyWorker:
     """Serve deployment for one family; deploy with `.options(name=f"worker-{family}")`.
 
     Call: `handle.options(multiplexed_model_id=checkpoint_id, stream=True).generate.remote(request)`
-    yields `ProgressEvent`s, then one `WorkerResult`. Refusals raise typed `GenserveError`s: among them
+    yields `ProgressEvent`s and, as each image is encoded, its `EncodedImage`, then one `WorkerResult`. Refusals raise typed `GenserveError`s: among them
     `ResourceRefused` (resource_not_found / resource_unusable / resource_disabled), `LikenessBlocked`
     (likeness_blocked, a SafetyBlocked), `LikenessCheckFailed`, `LoraInvalid`, `LoraIncompatible`,
     `UnknownSampler`, `ResourceIntegrityError` and safety's `EmbeddingUnavailable`.
@@ -659,7 +671,7 @@ class FamilyWorker:
         cancel = threading.Event()
         # a cancelled Serve request or a closed stream sets `cancel`: the denoising loop stops within a step
         async for item in stream_from_thread(
-            lambda on_progress: self.core.run(loaded, request, on_progress, cancel), cancel
+            lambda on_event: self.core.run(loaded, request, on_event, cancel), cancel
         ):
             yield item
 

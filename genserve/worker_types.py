@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MAX_SEED = 2**63 - 1
 MAX_PROMPT_CHARS = 4000
 
@@ -97,6 +97,18 @@ class ProgressEvent(_Frozen):
     total_steps: int
 
 
+class EncodedImage(_Frozen):
+    """A finished image's PNG, streamed as soon as it is encoded: the caller stores it while the
+    worker still scans it. Its verdict comes with the `WorkerResult`; until then it is not delivered."""
+
+    kind: Literal["image"] = "image"
+    schema_version: int = SCHEMA_VERSION
+    job_id: str
+    index: int
+    seed: int
+    png: bytes
+
+
 class ImageScan(_Frozen):
     """The image scanner's findings. `level` is the NSFW level's name ("pg", "pg13", "r", "x"), None when
     the scan could not finish; `errors` lists scanners that failed (either makes the image undeliverable)."""
@@ -112,18 +124,20 @@ class ImageScan(_Frozen):
 
 
 class ImageResult(_Frozen):
+    """The verdict on one image whose PNG came earlier in the stream as an `EncodedImage`."""
+
     index: int
     seed: int
     width: int
     height: int
-    png: bytes
     scan: ImageScan
     # False when the scan failed (fail closed); the caller still compares `scan.level` to what is allowed
     deliverable: bool
 
 
 class WorkerResult(_Frozen):
-    """The last item of a generation stream. A canceled run holds only the images that finished."""
+    """The last item of a generation stream (after one `EncodedImage` per finished image). A
+    canceled run holds only the images that finished."""
 
     kind: Literal["result"] = "result"
     schema_version: int = SCHEMA_VERSION
@@ -139,4 +153,4 @@ class WorkerResult(_Frozen):
     timings_ms: dict[str, float] = Field(default_factory=dict)
 
 
-WorkerStreamItem = ProgressEvent | WorkerResult
+WorkerStreamItem = ProgressEvent | EncodedImage | WorkerResult

@@ -9,6 +9,7 @@ import asyncio
 import datetime as dt
 import io
 import os
+import time
 import uuid
 from dataclasses import dataclass, field
 
@@ -22,14 +23,15 @@ from genserve.config import load_settings
 from genserve.db import Database
 from genserve.engine.infotext import parse_infotext
 from genserve.errors import Conflict, Forbidden, InsufficientFunds, InvalidRequest, QueueFull, SafetyBlocked
-from genserve.jobs import GenerationJob, JobStatus, JobStore, new_job_id
+from genserve.jobs import GenerationJob, JobStatus, JobStore, image_prefix, new_job_id
 from genserve.reaper import Reaper
 from genserve.schemas import GenerationRequest, Limits, NsfwLevel, TierLimits
 from genserve.service import Caller, GenerationService, in_process_service
 from genserve.storage import object_store_from_settings
 from genserve.tinymodels import build_tiny_pipeline
 from safety.audit_log import AuditLog
-from safety.image_scan import ImageScanner
+from safety.image_scan import ImageScanner, ScanResult
+from safety.image_scan import NsfwLevel as ScanLevel
 
 STEPS = 4
 GRANT = 1000
@@ -106,7 +108,7 @@ def test_generation_delivers_png_with_infotext_and_charges_exactly_the_delivered
     assert env.available(caller) == GRANT - quote.total
     assert env.ledger.balance(user_account(caller.user_id)).held == 0
     key = job.images[0].key
-    assert key == f"images/{caller.user_id}/{job.id}/0.png"
+    assert key == f"images/{caller.user_id}/{job.id}/0-{job.images[0].sha256[:16]}.png"
     png = env.service.image(caller, job.id, 0)[1]
     with Image.open(io.BytesIO(png)) as img:
         assert img.size == (64, 64)
@@ -286,10 +288,11 @@ def test_cancel_stops_within_a_step_and_releases_the_hold(env):
 
 
 class _DyingStream:
-    """A worker stream whose replica dies after the first step (the Ray version kills a real replica)."""
+    """A worker stream whose replica dies after the first item `last` accepts (the first step by
+    default; the Ray version kills a real replica)."""
 
-    def __init__(self, inner):
-        self.inner = inner
+    def __init__(self, inner, last=lambda item: True):
+        self.inner, self.last = inner, last
 
     def cancel(self):
         self.inner.cancel()
@@ -297,7 +300,8 @@ class _DyingStream:
     async def __aiter__(self):
         async for item in self.inner:
             yield item
-            raise ConnectionError("replica died")
+            if self.last(item):
+                raise ConnectionError("replica died")
 
 
 def test_worker_death_fails_the_job_and_returns_the_buzz(env, monkeypatch):
@@ -309,6 +313,83 @@ def test_worker_death_fails_the_job_and_returns_the_buzz(env, monkeypatch):
     assert env.available(caller) == GRANT
     monkeypatch.undo()
     assert _run(_finish(env.service, caller, _request())).status.value == "succeeded"
+
+
+def test_a_worker_dying_after_an_image_was_stored_leaves_no_image_behind(env, monkeypatch):
+    from genserve.worker_types import EncodedImage
+
+    caller = env.user()
+    real = env.service.workers.generate
+    monkeypatch.setattr(env.service.workers, "generate",
+                        lambda family, req: _DyingStream(real(family, req), last=lambda i: isinstance(i, EncodedImage)))
+    job = _run(_finish(env.service, caller, _request(quantity=2)))
+    assert job.status.value == "failed" and job.charged == 0 and env.available(caller) == GRANT
+    assert list(env.service.store.list(image_prefix(caller.user_id, job.id))) == []
+
+
+class _Recorded:
+    """The real object store, noting each image put as it lands."""
+
+    def __init__(self, store):
+        self.store, self.puts = store, []
+
+    def __getattr__(self, name):
+        return getattr(self.store, name)
+
+    def put_bytes(self, key, data, **kw):
+        info = self.store.put_bytes(key, data, **kw)
+        self.puts.append(key)
+        return info
+
+
+class _RatesSecondImageX:
+    """Stands in for NudeNet on a nude image, which cannot exist here: the second image of a job
+    scans as X. Each scan first waits (up to 10 s) until that image is in the object store."""
+
+    def __init__(self, store: _Recorded):
+        self.store, self.scans = store, 0
+
+    def scan(self, image):
+        self.scans += 1
+        deadline = time.monotonic() + 10
+        while len(self.store.puts) < self.scans and time.monotonic() < deadline:
+            time.sleep(0.005)
+        self.stored_before_verdict = len(self.store.puts) >= self.scans
+        return ScanResult(ScanLevel.X if self.scans % 2 == 0 else ScanLevel.PG)
+
+
+@pytest.fixture(scope="module")
+def x_rating(env):
+    store = _Recorded(env.service.store)
+    scanner = _RatesSecondImageX(store)
+    service = in_process_service(env.settings, db=env.db, store=store, scanner=scanner)
+    return service, store, scanner
+
+
+def test_each_image_is_stored_while_it_is_scanned_and_a_withheld_one_is_deleted(env, x_rating):
+    service, store, scanner = x_rating
+    caller = env.user()
+    request = _request(quantity=2)
+    job = _run(_finish(service, caller, request))
+    assert scanner.stored_before_verdict, "the scan waited 10 s for a put that comes only after it"
+    assert job.status.value == "succeeded" and [i.index for i in job.images] == [0]
+    assert [(w.index, w.nsfw_level) for w in job.withheld] == [(1, "x")] and job.withheld[0].reasons
+    per_image = service.quote(caller, request).per_image
+    assert job.charged == per_image and env.available(caller) == GRANT - per_image
+    assert len(store.puts) == 2, "the withheld image was stored too, while it was scanned"
+    assert list(store.list(image_prefix(caller.user_id, job.id))) == [job.images[0].key]
+    assert service.image(caller, job.id, 0)[1] == store.get_bytes(job.images[0].key)
+
+
+def test_a_job_whose_images_are_all_withheld_is_blocked_charges_nothing_and_stores_nothing(env, x_rating):
+    service, store, scanner = x_rating
+    caller = env.user()
+    scanner.scans = 1  # the next scan is a job's "second" image: X
+    before = len(store.puts)
+    job = _run(_finish(service, caller, _request()))
+    assert job.status.value == "blocked" and job.error.code == "all_images_withheld" and job.charged == 0
+    assert env.available(caller) == GRANT and len(store.puts) == before + 1
+    assert list(store.list(image_prefix(caller.user_id, job.id))) == []
 
 
 def test_timeout_fails_the_job_and_releases_the_hold(env, monkeypatch):
@@ -331,7 +412,10 @@ def test_reaper_fails_orphaned_jobs_and_releases_their_holds(env):
                                    quote={"total": 10}, quote_total=10, hold_id=hold.id, owner=owner))
         ids.append(job_id)
     assert env.available(caller) == GRANT - 20
-    reaper = Reaper(store, ledger, stale_after_s=60)
+    # what a runner that died mid-job may leave: an image stored while it was being scanned
+    left = env.service.store
+    left.put_bytes(f"{image_prefix(caller.user_id, ids[1])}0-0123456789abcdef.png", b"png", content_type="image/png")
+    reaper = Reaper(store, ledger, stale_after_s=60, store=left)
     # the dead local process is reaped at once; the remote owner only once its heartbeat is stale
     assert reaper.reap_once().jobs == [ids[1]]
     later = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=61)
@@ -340,6 +424,7 @@ def test_reaper_fails_orphaned_jobs_and_releases_their_holds(env):
         job = store.get(job_id)
         assert job.status is JobStatus.failed and job.error_code == "owner_lost"
     assert env.available(caller) == GRANT
+    assert list(left.list(image_prefix(caller.user_id, ids[1]))) == []
 
 
 def test_queue_limits_and_priorities(env, monkeypatch):

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from genserve.engine.infotext import parse_hash_list, read_png_infotext
 from genserve.errors import GenserveError
-from genserve.worker_types import LoraSpec, ProgressEvent, WorkerRequest, WorkerResult
+from genserve.worker_types import EncodedImage, LoraSpec, ProgressEvent, WorkerRequest, WorkerResult
 
 
 @pytest.fixture(scope="module")
@@ -63,21 +63,34 @@ def _request(**kw) -> WorkerRequest:
     return WorkerRequest(**{**base, **kw})
 
 
+def _pngs(events: list) -> dict[int, bytes]:
+    return {e.index: e.png for e in events if isinstance(e, EncodedImage)}
+
+
+def _generate(core, request: WorkerRequest) -> tuple[WorkerResult, dict[int, bytes]]:
+    """A Ray-less generation and the PNGs it streamed (the result holds only their verdicts)."""
+    events: list = []
+    return core.generate(request, events.append), _pngs(events)
+
+
 def test_generates_with_lora_progress_hashes_and_scans(core, lora):
     from safety.hashing import file_hashes
 
-    events: list[ProgressEvent] = []
+    events: list[ProgressEvent | EncodedImage] = []
     with one_torch_thread():
         result = core.generate(_request(loras=[LoraSpec(resource_id="lora-a", strength=0.8)]), events.append)
-        plain = core.generate(_request())
-    assert [(e.image_index, e.step, e.total_steps, e.image_count) for e in events] == [
-        (0, 1, 2, 2), (0, 2, 2, 2), (1, 1, 2, 2), (1, 2, 2, 2)]
+        plain, plain_pngs = _generate(core, _request())
+    # each image's PNG streams out as soon as it is encoded, before the next image's first step
+    assert [(e.image_index, e.step, e.total_steps, e.image_count) if isinstance(e, ProgressEvent) else ("png", e.index)
+            for e in events] == [(0, 1, 2, 2), (0, 2, 2, 2), ("png", 0), (1, 1, 2, 2), (1, 2, 2, 2), ("png", 1)]
+    pngs = _pngs(events)
+    assert all(e.job_id == "job-1" for e in events) and [e.seed for e in events if isinstance(e, EncodedImage)] == [5, 6]
     assert not result.canceled and [i.seed for i in result.images] == [5, 6]
     assert result.final_negative_prompt.startswith("<gs-safe-neg>")
     autov3 = file_hashes(lora).tensor_sha256[:12]
     assert result.lora_hashes == {"lora-a": autov3}
     assert result.model_hash == core.resource("tiny-sd1", "checkpoint").sha256[:10]
-    info = read_png_infotext(result.images[0].png)
+    info = read_png_infotext(pngs[0])
     assert parse_hash_list(info.params["Lora hashes"]) == {"Style A": autov3}
     assert info.params["Model hash"] == result.model_hash and info.params["Model"] == "tiny-sd1"
     for image in result.images:  # the real NudeNet scan finds nothing in noise
@@ -87,8 +100,8 @@ def test_generates_with_lora_progress_hashes_and_scans(core, lora):
 
     from PIL import Image
 
-    with_lora = Image.open(io.BytesIO(result.images[0].png))
-    without = Image.open(io.BytesIO(plain.images[0].png))
+    with_lora = Image.open(io.BytesIO(pngs[0]))
+    without = Image.open(io.BytesIO(plain_pngs[0]))
     assert differ(with_lora, without) > 0.5
 
 
@@ -109,8 +122,9 @@ def test_each_image_is_scanned_while_the_next_one_is_generated(core):
             time.sleep(0.05)
             return self.real.scan(image)
 
-    def progress(event: ProgressEvent) -> None:
-        log.append((f"step-{event.image_index}-{event.step}", threading.get_ident()))
+    def progress(event: ProgressEvent | EncodedImage) -> None:
+        if isinstance(event, ProgressEvent):
+            log.append((f"step-{event.image_index}-{event.step}", threading.get_ident()))
 
     real, core._scanner = core.scanner, Recording(core.scanner)
     try:
@@ -187,13 +201,13 @@ def test_user_embedding_applies_to_one_request_only(env, core):
     save_file({"emb_params": torch.randn(2, width, generator=torch.Generator().manual_seed(3)) * 0.5}, str(path))
     env["registry"].publish(path, id="ti-style", kind="embedding", family="sd1", meta={"token": "<my-style>"})
     with one_torch_thread():
-        styled = core.generate(_request(prompt="a <my-style> cat", seeds=[4], embeddings=["ti-style"]))
-        plain = core.generate(_request(prompt="a <my-style> cat", seeds=[4]))
+        _, styled = _generate(core, _request(prompt="a <my-style> cat", seeds=[4], embeddings=["ti-style"]))
+        _, plain = _generate(core, _request(prompt="a <my-style> cat", seeds=[4]))
     import io
 
     from PIL import Image
 
-    a, b = (Image.open(io.BytesIO(r.images[0].png)) for r in (styled, plain))
+    a, b = (Image.open(io.BytesIO(pngs[0])) for pngs in (styled, plain))
     assert differ(a, b) > 0.5
     assert "<my-style>" not in loaded.pipe.tokenizer.get_vocab()
     core.check_health()  # the safety embeddings' rows survived the load and unload
@@ -300,11 +314,12 @@ def serve_worker(env, ray_session, lora):
 
 
 @pytest.mark.ray
-def test_serve_streams_progress_then_the_result(serve_worker):
+def test_serve_streams_progress_and_pngs_then_the_result(serve_worker):
     stream = serve_worker.options(multiplexed_model_id="tiny-sd1", stream=True).generate.remote(
         _request(loras=[LoraSpec(resource_id="lora-a", strength=0.5)]))
     items = list(stream)
-    assert all(isinstance(i, ProgressEvent) for i in items[:-1]) and len(items) == 5
+    assert [type(i) for i in items[:-1]] == [ProgressEvent, ProgressEvent, EncodedImage] * 2
+    assert read_png_infotext(items[2].png).params["Seed"] == "5"
     result = items[-1]
     assert isinstance(result, WorkerResult) and [i.index for i in result.images] == [0, 1]
     assert all(i.deliverable for i in result.images) and "lora-a" in result.lora_hashes
@@ -353,7 +368,8 @@ def test_cancel_event_from_another_thread(core):
     events = []
 
     def progress(event):
-        events.append(event)
+        if isinstance(event, ProgressEvent):
+            events.append(event)
         if len(events) == 4:  # image 1, step 1
             cancel.set()
 

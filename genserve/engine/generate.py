@@ -207,11 +207,13 @@ def generate(
     on_progress: ProgressCallback | None = None,
     cancel: threading.Event | None = None,
     on_image: Callable[[int, Image.Image], None] | None = None,
+    on_encoded: Callable[[GeneratedImage], None] | None = None,
 ) -> GenerationOutcome:
     """Generate `len(request.seeds)` images on `pipe`; the caller holds the pipeline's lock.
 
     `on_image(index, image)` sees each finished image as soon as it is decoded, before its PNG is
-    encoded and the next image starts (the worker scans it meanwhile)."""
+    encoded and the next image starts (the worker scans it meanwhile); `on_encoded` sees it once its
+    PNG is ready (the worker streams it out, to be stored while the scan runs)."""
     sampler_spec(request.sampler)  # an unknown sampler is refused before any work
     cancel = cancel or threading.Event()
     timings: dict[str, float] = {}
@@ -259,6 +261,8 @@ def generate(
         )
         images.append(GeneratedImage(index=index, seed=seed, image=image, png=encode_png(image, info)))
         timings["encode_ms"] = timings.get("encode_ms", 0.0) + (time.perf_counter() - t1) * 1000
+        if on_encoded is not None:
+            on_encoded(images[-1])
     timings["denoise_ms"] = denoise_ms
     timings["generate_ms"] = (time.perf_counter() - started) * 1000
     return GenerationOutcome(images=images, canceled=canceled, final_prompt=prompt,

@@ -70,7 +70,7 @@ def test_safety_tokens_always_lead_the_negative_prompt(sd1):
     out = _run(pipe, safety, sneaky)
     assert out.final_negative_prompt == "<gs-safe-neg> <gs-safe-minor>, blurry"
     assert "gs-safe" not in out.final_prompt.lower() and "cat" in out.final_prompt
-    info = read_png_infotext(out.images[0].png)
+    info = read_png_infotext(out.images[0].encode())
     assert info.negative_prompt == out.final_negative_prompt and info.prompt == out.final_prompt
     # not mature: only the general token, still first; an empty user negative adds nothing after it
     plain = _run(pipe, safety, _request(negative_prompt="", mature=False))
@@ -88,7 +88,7 @@ def test_safety_tokens_always_lead_the_negative_prompt(sd1):
 def test_infotext_records_the_image(sd1):
     pipe, safety = sd1
     out = _run(pipe, safety, _request(seeds=[11, 12], clip_skip=2, cfg_scale=6.5))
-    info = read_png_infotext(out.images[1].png)
+    info = read_png_infotext(out.images[1].encode())
     assert info.params["Seed"] == "12" and info.params["Steps"] == "2" and info.params["Sampler"] == "Euler a"
     assert info.params["CFG scale"] == "6.5" and info.params["Clip skip"] == "2" and info.params["Size"] == "64x64"
     assert info.params["Model hash"] == "0123456789" and info.params["Model"] == "tiny-sd1"
@@ -110,7 +110,7 @@ def test_hires_fix_upscales_with_a_second_pass(pipes, family, upscaler):
     out = _run(pipe, safety, request, on_progress=lambda *e: events.append(e))
     assert out.images[0].image.size == (96, 96)
     assert [s for _, s, _ in events] == [1, 2, 3, 4] and events[-1] == (0, 4, 4)
-    info = read_png_infotext(out.images[0].png)
+    info = read_png_infotext(out.images[0].encode())
     assert info.params["Hires upscale"] == "1.5" and info.params["Hires steps"] == "2"
     assert info.params["Denoising strength"] == "0.5" and info.params["Size"] == "64x64"
     again = _run(pipe, safety, request)

@@ -80,9 +80,11 @@ def test_generates_with_lora_progress_hashes_and_scans(core, lora):
     with one_torch_thread():
         result = core.generate(_request(loras=[LoraSpec(resource_id="lora-a", strength=0.8)]), events.append)
         plain, plain_pngs = _generate(core, _request())
-    # each image's PNG streams out as soon as it is encoded, before the next image's first step
-    assert [(e.image_index, e.step, e.total_steps, e.image_count) if isinstance(e, ProgressEvent) else ("png", e.index)
-            for e in events] == [(0, 1, 2, 2), (0, 2, 2, 2), ("png", 0), (1, 1, 2, 2), (1, 2, 2, 2), ("png", 1)]
+    assert [(e.image_index, e.step, e.total_steps, e.image_count) for e in events if isinstance(e, ProgressEvent)] == [
+        (0, 1, 2, 2), (0, 2, 2, 2), (1, 1, 2, 2), (1, 2, 2, 2)]
+    # each image's PNG streams out once it is encoded (beside the next image's steps), in order
+    assert [e.index for e in events if isinstance(e, EncodedImage)] == [0, 1]
+    assert events.index(next(e for e in events if isinstance(e, EncodedImage))) > 1, "image 0 is encoded after its steps"
     pngs = _pngs(events)
     assert all(e.job_id == "job-1" for e in events) and [e.seed for e in events if isinstance(e, EncodedImage)] == [5, 6]
     assert not result.canceled and [i.seed for i in result.images] == [5, 6]
@@ -318,8 +320,8 @@ def test_serve_streams_progress_and_pngs_then_the_result(serve_worker):
     stream = serve_worker.options(multiplexed_model_id="tiny-sd1", stream=True).generate.remote(
         _request(loras=[LoraSpec(resource_id="lora-a", strength=0.5)]))
     items = list(stream)
-    assert [type(i) for i in items[:-1]] == [ProgressEvent, ProgressEvent, EncodedImage] * 2
-    assert read_png_infotext(items[2].png).params["Seed"] == "5"
+    assert sorted(type(i).__name__ for i in items[:-1]) == ["EncodedImage"] * 2 + ["ProgressEvent"] * 4
+    assert [read_png_infotext(i.png).params["Seed"] for i in items if isinstance(i, EncodedImage)] == ["5", "6"]
     result = items[-1]
     assert isinstance(result, WorkerResult) and [i.index for i in result.images] == [0, 1]
     assert all(i.deliverable for i in result.images) and "lora-a" in result.lora_hashes
@@ -361,6 +363,36 @@ def test_serve_cancellation_stops_the_denoising_loop(serve_worker):
     result = list(serve_worker.options(multiplexed_model_id="tiny-sd1", stream=True).generate.remote(
         _request(seeds=[9])))[-1]
     assert isinstance(result, WorkerResult) and len(result.images) == 1
+
+
+def test_the_pipeline_is_free_while_an_image_is_encoded(core, monkeypatch):
+    """PNGs are encoded off the generation thread: the checkpoint's lock (on a GPU host, the GPU) is
+    free for the next image or request meanwhile."""
+    import genserve.engine.generate as engine
+
+    encoding, release = threading.Event(), threading.Event()
+    real = engine.encode_png
+
+    def held_encode(image, info):
+        encoding.set()
+        assert release.wait(60)
+        return real(image, info)
+
+    monkeypatch.setattr(engine, "encode_png", held_encode)
+    loaded = core.checkpoint("tiny-sd1")
+    results = []
+    worker = threading.Thread(target=lambda: results.append(_generate(core, _request(seeds=[1]))))
+    with one_torch_thread():
+        worker.start()
+        try:
+            assert encoding.wait(60), "no PNG was encoded"
+            assert loaded.lock.acquire(timeout=10), "the PNG encode held the pipeline's lock"
+            loaded.lock.release()
+        finally:
+            release.set()
+            worker.join(60)
+    result, pngs = results[0]
+    assert [i.index for i in result.images] == [0] and read_png_infotext(pngs[0]).params["Seed"] == "1"
 
 
 def test_cancel_event_from_another_thread(core):

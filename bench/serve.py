@@ -4,7 +4,10 @@ CPU path (default): the tiny SDXL pipeline at 128x128 with the step count calibr
 call takes about `--target-s` seconds. The same request then goes through the whole service on a
 local Ray Serve application (auth, precheck, quote, hold, worker, NudeNet scan, PNG, store, capture)
 and the ratio of the medians is reported (target <= 1.05), with the median of the paired ratios
-beside it. `--transport` picks the HTTP ingress: HAProxy (the default here: what the RayService in
+beside it. The direct `pipe()` call runs in the worker replica itself, on the pipeline the service
+uses, so both sides of the ratio share one process: on a shared host two processes making the same
+call differ by up to 2 % for the whole run (memory placement). The same call in this process is
+timed too and its ratio printed beside (`e2e_over_driver_direct_ratio`). `--transport` picks the HTTP ingress: HAProxy (the default here: what the RayService in
 deploy/ serves production traffic through) or Serve's proxy (what `genserve serve` uses on a shared
 host, see RUNBOOK section 10). The LoRA switch cost is the median time
 to re-activate between two adapters already resident in the worker's LoRA cache (target <= 5 ms).
@@ -122,7 +125,7 @@ def cpu_bench(args) -> dict:
 
     with _service(settings) as http_call:
         http_call(steps, width, height)  # warm-up: loads the checkpoint in the replica
-        direct_runs, e2e_runs, job_ids = [], [], []
+        direct_runs, driver_runs, e2e_runs, job_ids = [], [], [], []
 
         def over_http() -> None:
             started = time.perf_counter()
@@ -130,7 +133,8 @@ def cpu_bench(args) -> dict:
             e2e_runs.append(time.perf_counter() - started)
 
         def bare() -> None:
-            direct_runs.append(_median_s(direct(steps), 1)[0])
+            direct_runs.append(http_call.bare_pipe(prompt, negative, steps, width, height))
+            driver_runs.append(_median_s(direct(steps), 1)[0])
 
         # interleaved in pairs, the order swapped every pair (ABBA): a shared machine's speed drifts
         # over seconds, and each pair then sees it from both sides
@@ -156,11 +160,13 @@ def cpu_bench(args) -> dict:
     core.close()
 
     direct_s, e2e_s = statistics.median(direct_runs), statistics.median(e2e_runs)
+    driver_s = statistics.median(driver_runs)
     worker = {k: round(statistics.median(t.get(k, 0.0) for t in stages), 1) for k in stages[0]}
     ratio = e2e_s / direct_s
     pair_ratio = statistics.median(e / d for e, d in zip(e2e_runs, direct_runs, strict=True))
-    print(f"direct pipe(): tiny SDXL {width}x{height}, {steps} steps, {args.threads} thread(s): "
-          f"median {direct_s * 1000:.0f} ms over {args.runs} runs")
+    print(f"direct pipe() in the worker replica: tiny SDXL {width}x{height}, {steps} steps, {args.threads} "
+          f"thread(s): median {direct_s * 1000:.0f} ms over {args.runs} runs (in this process: "
+          f"{driver_s * 1000:.0f} ms, ratio {e2e_s / driver_s:.3f})")
     print(f"end to end over HTTP (Ray Serve, {args.transport} ingress, wait=true): median {e2e_s * 1000:.0f} ms, of which the worker "
           f"(fetch, generate, NudeNet scan, PNG) {worker['total_ms']:.0f} ms; HTTP no-op round trip "
           f"{noop_s * 1000:.1f} ms; ratio to direct {ratio:.3f} (target <= 1.05); median of the {args.runs} "
@@ -170,10 +176,12 @@ def cpu_bench(args) -> dict:
         "device": "cpu", "family": "sdxl", "width": width, "height": height, "steps": steps,
         "threads": args.threads, "scan_threads": args.scan_threads, "transport": args.transport, "runs": args.runs,
         "direct_median_ms": round(direct_s * 1000, 1), "e2e_median_ms": round(e2e_s * 1000, 1),
+        "driver_direct_median_ms": round(driver_s * 1000, 1), "e2e_over_driver_direct_ratio": round(e2e_s / driver_s, 4),
         "e2e_over_direct_ratio": round(ratio, 4), "paired_ratio_median": round(pair_ratio, 4), "overhead_ms": round((e2e_s - direct_s) * 1000, 1),
         "ingress_overhead_ms": round(e2e_s * 1000 - worker["total_ms"], 1),
         "lora_switch_ms": round(switch_ms, 3), "http_noop_ms": round(noop_s * 1000, 2), "worker_stages_ms": worker,
         "direct_runs_ms": [round(t * 1000, 1) for t in direct_runs],
+        "driver_direct_runs_ms": [round(t * 1000, 1) for t in driver_runs],
         "e2e_runs_ms": [round(t * 1000, 1) for t in e2e_runs],
     }
 
@@ -184,6 +192,31 @@ def _lora_kind():
     return ResourceKind.lora
 
 
+def _timed_worker():
+    """The worker deployment plus the one call this benchmark adds: a bare `pipe()` on the replica's
+    own loaded pipeline (under its lock, in a thread as a generation runs), timed in the replica."""
+    import asyncio
+
+    import torch
+
+    from genserve.worker import FamilyWorker
+
+    class TimedWorker(FamilyWorker.func_or_class):
+        async def bare_pipe_s(self, checkpoint_id, prompt, negative, steps, width, height) -> float:
+            loaded = await self.get_checkpoint(checkpoint_id)
+
+            def call() -> float:
+                with loaded.lock:
+                    started = time.perf_counter()
+                    loaded.pipe(prompt, negative_prompt=negative, num_inference_steps=steps, width=width,
+                                height=height, guidance_scale=7.0, generator=torch.Generator().manual_seed(42))
+                    return time.perf_counter() - started
+
+            return await asyncio.to_thread(call)
+
+    return FamilyWorker.options(func_or_class=TimedWorker)
+
+
 @contextlib.contextmanager
 def _service(settings):
     """The service on a local Ray Serve application; yields a call that runs one generation over HTTP."""
@@ -191,7 +224,7 @@ def _service(settings):
     import ray
     from ray import serve
 
-    from genserve.app import APP_NAME, build_app, ingress_environment, load_serve_config
+    from genserve.app import APP_NAME, build_app, ingress_environment, load_serve_config, worker_name
 
     config = load_serve_config(settings.config_path(settings.server.serve_config))
     for deployment in config["applications"][0]["deployments"]:
@@ -206,7 +239,8 @@ def _service(settings):
                "X-User-Id": settings.generation.demo_user}
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": settings.server.port})
-        serve.run(build_app(settings, config), name=APP_NAME, route_prefix="/")
+        serve.run(build_app(settings, config, worker=_timed_worker()), name=APP_NAME, route_prefix="/")
+        worker = serve.get_deployment_handle(worker_name("sdxl"), app_name=APP_NAME)
         with httpx.Client(base_url=f"http://127.0.0.1:{settings.server.port}", timeout=600) as client:
             def call(steps: int, width: int, height: int) -> str:
                 body = {"prompt": "a red fox in the snow", "negative_prompt": "blurry", "checkpoint": "tiny-sdxl",
@@ -219,6 +253,7 @@ def _service(settings):
                 return r.json()["id"]
 
             call.noop = lambda: _median_s(lambda: client.get("/v1/healthz").raise_for_status(), 20)[0]
+            call.bare_pipe = lambda *a: worker.bare_pipe_s.remote("tiny-sdxl", *a).result()
             yield call
     finally:
         serve.shutdown()

@@ -113,14 +113,16 @@ def required_cpus(serve_config: dict[str, Any], families: list[str]) -> float:
     return total
 
 
-def build_app(settings: Settings, serve_config: dict[str, Any] | None = None) -> serve.Application:
-    """Ingress + one worker per family in `configs/models.yaml`, with the Serve config's options."""
+def build_app(settings: Settings, serve_config: dict[str, Any] | None = None, *,
+              worker: serve.Deployment = FamilyWorker) -> serve.Application:
+    """Ingress + one `worker` per family in `configs/models.yaml`, with the Serve config's options
+    (`worker` is `FamilyWorker` or a deployment of a subclass, such as the benchmark's)."""
     if serve_config is None:
         serve_config = load_serve_config(settings.config_path(settings.server.serve_config))
     options = deployment_options(serve_config)
     dumped = settings_dump(settings)
     workers = {
-        family: FamilyWorker.options(name=worker_name(family), **options.get(worker_name(family), {})).bind(
+        family: worker.options(name=worker_name(family), **options.get(worker_name(family), {})).bind(
             family, dumped
         )
         for family in load_model_catalog(settings.config_path("models.yaml")).families

@@ -85,25 +85,28 @@ class WorkerRequest(_Frozen):
         return self
 
 
-class ProgressEvent(_Frozen):
+class _StreamItem(_Frozen):
+    """What every item of a generation stream carries; `kind` (a literal per subclass) tells them apart."""
+
+    schema_version: int = SCHEMA_VERSION
+    job_id: str
+
+
+class ProgressEvent(_StreamItem):
     """One finished denoising step. `step` counts 1..`total_steps` over both passes of image `image_index`."""
 
     kind: Literal["progress"] = "progress"
-    schema_version: int = SCHEMA_VERSION
-    job_id: str
     image_index: int
     image_count: int
     step: int
     total_steps: int
 
 
-class EncodedImage(_Frozen):
+class EncodedImage(_StreamItem):
     """A finished image's PNG, streamed as soon as it is encoded: the caller stores it while the
     worker still scans it. Its verdict comes with the `WorkerResult`; until then it is not delivered."""
 
     kind: Literal["image"] = "image"
-    schema_version: int = SCHEMA_VERSION
-    job_id: str
     index: int
     seed: int
     png: bytes
@@ -135,13 +138,11 @@ class ImageResult(_Frozen):
     deliverable: bool
 
 
-class WorkerResult(_Frozen):
+class WorkerResult(_StreamItem):
     """The last item of a generation stream (after one `EncodedImage` per finished image). A
     canceled run holds only the images that finished."""
 
     kind: Literal["result"] = "result"
-    schema_version: int = SCHEMA_VERSION
-    job_id: str
     checkpoint_id: str
     images: list[ImageResult]
     canceled: bool = False

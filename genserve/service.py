@@ -164,7 +164,7 @@ class _ThreadStream:
 
     def __aiter__(self) -> AsyncIterator[WorkerStreamItem]:
         core, request, cancel = self._core, self._request, self._cancel
-        return stream_from_thread(lambda on_progress: core.generate(request, on_progress, cancel), cancel)
+        return stream_from_thread(lambda on_event: core.generate(request, on_event, cancel), cancel)
 
 
 @dataclass
@@ -638,8 +638,8 @@ class GenerationService:
                         raise JobCanceled
                 if isinstance(item, WorkerResult):
                     return item
-                if isinstance(item, EncodedImage):
-                    self._stage(job_id, plan, item)
+                if isinstance(item, EncodedImage):  # hashed off the loop: a 1024² PNG is megabytes
+                    self._stage(job_id, plan, item, await asyncio.to_thread(_sha256, item.png))
                     continue
                 data = {"step": item.step, "total": item.total_steps, "image": item.image_index,
                         "images": item.image_count}
@@ -649,10 +649,9 @@ class GenerationService:
         finally:
             watcher.cancel()
 
-    def _stage(self, job_id: str, plan: _Plan, item: EncodedImage) -> None:
-        """Start storing a finished image while the worker scans it. Its key names its digest, so no
+    def _stage(self, job_id: str, plan: _Plan, item: EncodedImage, digest: str) -> None:
+        """Start storing a finished image while the worker scans it. Its key names its `digest`, so no
         one can ask for it before the job lists it; `_deliver` lists it or leaves it to be deleted."""
-        digest = _sha256(item.png)
         key = image_key(plan.caller.user_id, job_id, item.index, digest)
         family = plan.resources.family
 

@@ -776,21 +776,22 @@ class GenerationService:
         return self._view(self.jobs.get(job_id, caller.user_id))
 
     async def wait(self, caller: Caller, job_id: str, timeout_s: float) -> JobView:
-        """The job once it is finished, or as it is after `timeout_s`. A job this process runs is
-        read again only when it ends (not at each step); one run elsewhere is polled."""
-        deadline = asyncio.get_running_loop().time() + min(timeout_s, self.config.wait_timeout_s)
+        """The job once it is finished, or as it is after `timeout_s`. A job this process runs for
+        the caller is read once, when it ends (its runner says so); one run elsewhere is polled."""
+        timeout_s = min(timeout_s, self.config.wait_timeout_s)
+        plan = self._plans.get(job_id)
+        if plan is not None and plan.caller.user_id == caller.user_id:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(plan.finished.wait(), timeout_s)
+            return self._view(await asyncio.to_thread(self.jobs.get, job_id, caller.user_id))
+        deadline = asyncio.get_running_loop().time() + timeout_s
         while True:
-            # both taken before the read, so an end or a change in between is not missed
-            plan, wakeup = self._plans.get(job_id), self._notify.get(job_id)
+            wakeup = self._notify.get(job_id)  # taken before the read, so a change in between is not missed
             job = await asyncio.to_thread(self.jobs.get, job_id, caller.user_id)
             remaining = deadline - asyncio.get_running_loop().time()
             if job.status.terminal or remaining <= 0:
                 return self._view(job)
-            if plan is not None:
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(plan.finished.wait(), remaining)
-            else:
-                await self._sleep_until(wakeup, min(remaining, self.config.sse_poll_s))
+            await self._sleep_until(wakeup, min(remaining, self.config.sse_poll_s))
 
     @staticmethod
     async def _sleep_until(wakeup: asyncio.Event | None, timeout_s: float) -> None:

@@ -23,7 +23,7 @@ from genserve.config import load_settings
 from genserve.db import Database
 from genserve.engine.infotext import parse_infotext
 from genserve.errors import Conflict, Forbidden, InsufficientFunds, InvalidRequest, QueueFull, SafetyBlocked
-from genserve.jobs import GenerationJob, JobStatus, JobStore, image_prefix, new_job_id
+from genserve.jobs import GenerationJob, JobNotFound, JobStatus, JobStore, image_prefix, new_job_id
 from genserve.reaper import Reaper
 from genserve.schemas import GenerationRequest, Limits, NsfwLevel, TierLimits
 from genserve.service import Caller, GenerationService, in_process_service
@@ -143,7 +143,22 @@ def test_waiting_on_a_local_job_reads_it_only_when_it_ends(env, monkeypatch):
     job = _run(_finish(env.service, caller, _request()))
     progress = [e for e in env.service.jobs.events_after(job.id) if e.kind == "progress"]
     assert job.status.value == "succeeded" and len(progress) == STEPS
-    assert len(reads) <= 2  # before it ended and once after, not once per step
+    assert reads == [job.id]  # once, when it ended: not before, not once per step
+
+
+def test_waiting_on_another_users_local_job_is_not_found_at_once(env):
+    owner, other = env.user(tier="gold"), env.user()
+
+    async def wait_as_other():
+        view, _ = await env.service.submit(owner, _request(steps=60))
+        with pytest.raises(JobNotFound):
+            await env.service.wait(other, view.id, 60)
+        running = not env.service.jobs.get(view.id).status.terminal  # refused before the job ended
+        await env.service.cancel(owner, view.id)
+        await env.service.wait(owner, view.id, 30)
+        return running
+
+    assert _run(wait_as_other())
 
 
 def test_waiting_on_a_job_run_elsewhere_polls_it_to_its_end(env):

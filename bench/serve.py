@@ -40,6 +40,21 @@ SDXL_CFG_STEP_TFLOP = 13.522  # SDXL UNet at 1024x1024, batch 2 (one CFG step), 
 PEAK_TFLOPS = {"H100": 989.5, "H200": 989.5, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
 
 
+def _ratio_ci(e2e: list[float], direct: list[float], level: float = 0.95, resamples: int = 4000) -> tuple[float, float]:
+    """Bootstrap interval of the ratio of medians, resampling whole ABBA pairs: on a shared host
+    one run's estimate moves by a few percent, and the interval says how far."""
+    import random
+
+    rng = random.Random(0)
+    pairs = list(zip(e2e, direct, strict=True))
+    ratios = sorted(
+        statistics.median(e for e, _ in sample) / statistics.median(d for _, d in sample)
+        for sample in ([rng.choice(pairs) for _ in pairs] for _ in range(resamples))
+    )
+    tail = (1 - level) / 2
+    return ratios[int(tail * resamples)], ratios[int((1 - tail) * resamples) - 1]
+
+
 def _median_s(fn, runs: int) -> tuple[float, list[float]]:
     times = []
     for _ in range(runs):
@@ -164,20 +179,21 @@ def cpu_bench(args) -> dict:
     worker = {k: round(statistics.median(t.get(k, 0.0) for t in stages), 1) for k in stages[0]}
     ratio = e2e_s / direct_s
     pair_ratio = statistics.median(e / d for e, d in zip(e2e_runs, direct_runs, strict=True))
+    ci_low, ci_high = _ratio_ci(e2e_runs, direct_runs)
     print(f"direct pipe() in the worker replica: tiny SDXL {width}x{height}, {steps} steps, {args.threads} "
           f"thread(s): median {direct_s * 1000:.0f} ms over {args.runs} runs (in this process: "
           f"{driver_s * 1000:.0f} ms, ratio {e2e_s / driver_s:.3f})")
     print(f"end to end over HTTP (Ray Serve, {args.transport} ingress, wait=true): median {e2e_s * 1000:.0f} ms, of which the worker "
           f"(fetch, generate, NudeNet scan, PNG) {worker['total_ms']:.0f} ms; HTTP no-op round trip "
-          f"{noop_s * 1000:.1f} ms; ratio to direct {ratio:.3f} (target <= 1.05); median of the {args.runs} "
-          f"paired ratios {pair_ratio:.3f}")
+          f"{noop_s * 1000:.1f} ms; ratio to direct {ratio:.3f} (95% bootstrap interval {ci_low:.3f}-{ci_high:.3f}; "
+          f"target <= 1.05); median of the {args.runs} paired ratios {pair_ratio:.3f}")
     print("worker stages (median ms): " + ", ".join(f"{k} {v}" for k, v in worker.items()))
     return {
         "device": "cpu", "family": "sdxl", "width": width, "height": height, "steps": steps,
         "threads": args.threads, "scan_threads": args.scan_threads, "transport": args.transport, "runs": args.runs,
         "direct_median_ms": round(direct_s * 1000, 1), "e2e_median_ms": round(e2e_s * 1000, 1),
         "driver_direct_median_ms": round(driver_s * 1000, 1), "e2e_over_driver_direct_ratio": round(e2e_s / driver_s, 4),
-        "e2e_over_direct_ratio": round(ratio, 4), "paired_ratio_median": round(pair_ratio, 4), "overhead_ms": round((e2e_s - direct_s) * 1000, 1),
+        "e2e_over_direct_ratio": round(ratio, 4), "ratio_ci95": [round(ci_low, 4), round(ci_high, 4)], "paired_ratio_median": round(pair_ratio, 4), "overhead_ms": round((e2e_s - direct_s) * 1000, 1),
         "ingress_overhead_ms": round(e2e_s * 1000 - worker["total_ms"], 1),
         "lora_switch_ms": round(switch_ms, 3), "http_noop_ms": round(noop_s * 1000, 2), "worker_stages_ms": worker,
         "direct_runs_ms": [round(t * 1000, 1) for t in direct_runs],

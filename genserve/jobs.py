@@ -71,13 +71,6 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
-def as_utc(value: dt.datetime | None) -> dt.datetime | None:
-    """SQLite hands back naive datetimes; everything in the service compares aware UTC ones."""
-    if value is None:
-        return None
-    return value.replace(tzinfo=dt.timezone.utc) if value.tzinfo is None else value.astimezone(dt.timezone.utc)
-
-
 def new_job_id() -> str:
     return uuid.uuid4().hex
 
@@ -340,10 +333,6 @@ class JobStore:
                 job.cancel_requested = True
                 job.updated_at = utcnow()
             return job
-
-    def set_hold(self, job_id: str, hold_id: str) -> None:
-        with self.db.transaction() as s:
-            s.execute(update(GenerationJob).where(GenerationJob.id == job_id).values(hold_id=hold_id))
 
     def finish(
         self,

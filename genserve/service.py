@@ -38,6 +38,7 @@ from genserve.billing.ledger import REVENUE_GENERATION, Ledger, user_account
 from genserve.billing.pricing import HiresParams, Pricing, Quote
 from genserve.config import Settings
 from genserve.db import Database
+from genserve.engine.infotext import PNG_TEXT_KEY
 from genserve.engine.streaming import stream_from_thread
 from genserve.errors import (
     Conflict,
@@ -101,9 +102,6 @@ from safety.takedowns import TakedownRecord, Takedowns
 from safety.verdict import Verdict
 
 logger = logging.getLogger(__name__)
-
-INFOTEXT_KEY = "parameters"
-
 
 # --------------------------------------------------------------------------------------------- parts
 
@@ -913,7 +911,7 @@ def _sha256(data: bytes) -> str:
 def _infotext(png: bytes) -> str | None:
     """The A1111 infotext the worker wrote into a PNG."""
     with Image.open(io.BytesIO(png)) as img:
-        return img.info.get(INFOTEXT_KEY)
+        return img.info.get(PNG_TEXT_KEY)  # read before the pixels: a text chunk ahead of the image data
 
 
 def _scan_result(scan: Any) -> ScanResult:

@@ -195,9 +195,11 @@ def _build_sd1() -> StableDiffusionPipeline:
     )
 
 
-def _build_sdxl() -> StableDiffusionXLPipeline:
+def tiny_sdxl_unet_config() -> dict:
+    """The tiny SDXL pipeline's UNet: SDXL's layout (text-time conditioning, cross-attention in the
+    lower block) at toy width."""
     hidden_l, hidden_g = SDXL_TEXT_HIDDEN
-    unet = UNet2DConditionModel(
+    return dict(
         sample_size=32,
         in_channels=4,
         out_channels=4,
@@ -215,6 +217,11 @@ def _build_sdxl() -> StableDiffusionXLPipeline:
         projection_class_embeddings_input_dim=6 * SDXL_TIME_EMBED_DIM + SDXL_PROJECTION_DIM,
         norm_num_groups=32,
     )
+
+
+def _build_sdxl() -> StableDiffusionXLPipeline:
+    hidden_l, hidden_g = SDXL_TEXT_HIDDEN
+    unet = UNet2DConditionModel(**tiny_sdxl_unet_config())
     return StableDiffusionXLPipeline(
         vae=_vae(),
         text_encoder=CLIPTextModel(_text_config(hidden_l)),

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from genserve.tinymodels import tiny_sdxl_unet_config
+
 SERVE = Path(__file__).resolve().parents[1] / "bench" / "serve.py"
 
 
@@ -21,17 +23,6 @@ def bench():
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
-
-
-def _tiny_sdxl_unet_config() -> dict:
-    """The SDXL UNet's layout (text-time conditioning, cross-attention in the lower blocks) at toy width."""
-    return dict(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=(1, 1), attention_head_dim=(2, 4), cross_attention_dim=32,
-        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=80, norm_num_groups=8,
-    )
 
 
 def test_ratio_interval_is_a_point_for_a_constant_ratio_and_brackets_a_noisy_one(bench):
@@ -53,14 +44,15 @@ def test_one_sdxl_cfg_step_at_1024_counts_about_13_5_tflop(bench):
 
         params = sum(p.numel() for p in UNet2DConditionModel(**config).parameters())
     assert params == pytest.approx(2.567e9, rel=0.005)  # SDXL base's UNet
-    assert bench.cfg_step_flops(config) / 1e12 == pytest.approx(13.52, rel=0.01)
-    assert bench.cfg_step_flops(config, side=512) < bench.cfg_step_flops(config) / 3
+    flops = bench.cfg_step_flops(config)
+    assert flops / 1e12 == pytest.approx(13.52, rel=0.01)
+    assert bench.cfg_step_flops(config, side=512) < flops / 3
 
 
 def test_denoiser_runs_one_batched_cfg_call_per_step_and_is_seeded(bench):
     from diffusers import UNet2DConditionModel
 
-    config = _tiny_sdxl_unet_config()
+    config = tiny_sdxl_unet_config()
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**config).eval()
     batches = []

@@ -129,8 +129,7 @@ def cpu_bench(args) -> dict:
     prompt, negative = loaded.safety.inject("blurry", "a red fox in the snow", False)
 
     def direct(steps: int):
-        return lambda: pipe(prompt, negative_prompt=negative, num_inference_steps=steps, width=width, height=height,
-                            guidance_scale=7.0, generator=torch.Generator().manual_seed(42))
+        return lambda: bare_pipe(pipe, prompt, negative, steps, width, height)
 
     direct(1)()  # warm-up
     one, _ = _median_s(direct(1), 3)
@@ -202,6 +201,15 @@ def cpu_bench(args) -> dict:
     }
 
 
+def bare_pipe(pipe, prompt: str, negative: str, steps: int, width: int, height: int):
+    """The direct call the ratio divides by (timed in the replica and in this process): the pipeline
+    alone, seeded."""
+    import torch
+
+    return pipe(prompt, negative_prompt=negative, num_inference_steps=steps, width=width, height=height,
+                guidance_scale=7.0, generator=torch.Generator().manual_seed(42))
+
+
 def _lora_kind():
     from genserve.resources import ResourceKind
 
@@ -213,8 +221,6 @@ def _timed_worker():
     own loaded pipeline (under its lock, in a thread as a generation runs), timed in the replica."""
     import asyncio
 
-    import torch
-
     from genserve.worker import FamilyWorker
 
     class TimedWorker(FamilyWorker.func_or_class):
@@ -224,8 +230,7 @@ def _timed_worker():
             def call() -> float:
                 with loaded.lock:
                     started = time.perf_counter()
-                    loaded.pipe(prompt, negative_prompt=negative, num_inference_steps=steps, width=width,
-                                height=height, guidance_scale=7.0, generator=torch.Generator().manual_seed(42))
+                    bare_pipe(loaded.pipe, prompt, negative, steps, width, height)
                     return time.perf_counter() - started
 
             return await asyncio.to_thread(call)

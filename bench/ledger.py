@@ -23,10 +23,12 @@ from pathlib import Path
 # would shadow the project's packages: import the project from the repository root instead.
 _ROOT = Path(__file__).resolve().parents[1]
 sys.path[:] = [str(_ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != _ROOT / "bench"]
+sys.path.insert(1, str(_ROOT / "tests"))  # the load generator the ledger tests share
+
+from ledger_loadgen import hold_capture_cycles  # noqa: E402
 
 from genserve.billing.ledger import Ledger  # noqa: E402
-from genserve.billing.loadgen import hold_capture_cycles  # noqa: E402
-from genserve.db import Database  # noqa: E402
+from genserve.core.db import Database  # noqa: E402
 
 DEFAULT_PG = os.environ.get("GENSERVE_TEST_POSTGRES_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
 

@@ -106,7 +106,7 @@ def _random_lora(path: Path, family: str, seed: int) -> Path:
 
 
 def publish_loras(settings, db, store, work: Path, count: int = 2) -> list[str]:  # noqa: ANN001
-    from genserve.registry import ResourceRegistry
+    from genserve.resources.registry import ResourceRegistry
 
     registry = ResourceRegistry(db, store)
     ids = []
@@ -120,9 +120,9 @@ def publish_loras(settings, db, store, work: Path, count: int = 2) -> list[str]:
 def prepare_data_dir(data: Path, models_dir: Path | None):  # noqa: ANN201 - Settings
     """Embedded defaults in `data`: migrated SQLite, tiny models (built, or linked from `models_dir`), registered."""
     from genserve.bootstrap import bootstrap
-    from genserve.config import load_settings
-    from genserve.db import Database
-    from genserve.storage import object_store_from_settings
+    from genserve.core.config import load_settings
+    from genserve.core.db import Database
+    from genserve.core.storage import object_store_from_settings
 
     if models_dir is not None:
         (data / "models").mkdir(parents=True, exist_ok=True)
@@ -308,7 +308,7 @@ async def settle_and_check(client: LoadClient, report: Report, settings, user: s
                            drain_s: float) -> dict[str, Any]:
     """Nothing lost: every accepted job terminal, exact charges, the balance moved by their sum, ledger ok."""
     from genserve.billing.ledger import Ledger, user_account
-    from genserve.db import Database
+    from genserve.core.db import Database
 
     for o in report.outcomes:
         if o.job_id and (o.final is None or o.final["status"] not in TERMINAL):
@@ -361,9 +361,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--url must be a loopback address: this is a load test")
 
     from genserve.billing.ledger import Ledger, user_account
-    from genserve.config import load_settings
-    from genserve.db import Database
-    from genserve.storage import object_store_from_settings
+    from genserve.core.config import load_settings
+    from genserve.core.db import Database
+    from genserve.core.storage import object_store_from_settings
 
     tmp = tempfile.TemporaryDirectory(prefix="genserve-load-")
     service = None

@@ -32,7 +32,7 @@ sys.path[:] = [str(_HERE.parent)] + [p for p in sys.path if Path(p or ".").resol
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from genserve.db import Database  # noqa: E402
+from genserve.core.db import Database  # noqa: E402
 from safety.likeness import BUCKETS, DIM, FINGERPRINT_VERSION, LikenessBlocklist, fingerprint_lora  # noqa: E402
 from safety.prompt_audit import PromptAuditor  # noqa: E402
 from safety.store import LikenessEntry  # noqa: E402

@@ -69,9 +69,9 @@ def _median_s(fn, runs: int) -> tuple[float, list[float]]:
 
 def _environment(data: Path, threads: int, scan_threads: int, transport: str):
     from genserve.bootstrap import bootstrap
-    from genserve.config import load_settings
-    from genserve.db import Database
-    from genserve.storage import object_store_from_settings
+    from genserve.core.config import load_settings
+    from genserve.core.db import Database
+    from genserve.core.storage import object_store_from_settings
 
     settings = load_settings(env={"GENSERVE_DATA_DIR": str(data)}, overrides={
         "server": {"port": _free_port(), "http_ingress": transport},
@@ -97,7 +97,7 @@ def _publish_loras(settings, db, store, pipe) -> list[str]:
     sys.path.insert(0, str(REPO / "tests"))
     from engine_loras import make_lora, write_lora
 
-    from genserve.registry import ResourceRegistry
+    from genserve.resources.registry import ResourceRegistry
 
     registry = ResourceRegistry(db, store)
     ids = []
@@ -112,9 +112,9 @@ def _publish_loras(settings, db, store, pipe) -> list[str]:
 def cpu_bench(args) -> dict:
     import torch
 
-    from genserve.jobs import JobStore
-    from genserve.worker import WorkerCore
-    from genserve.worker_types import WorkerRequest
+    from genserve.generation.jobs import JobStore
+    from genserve.generation.worker.core import WorkerCore
+    from genserve.generation.worker.wire import WorkerRequest
 
     torch.set_num_threads(args.threads)
     data = Path(tempfile.mkdtemp(prefix="genserve-bench-"))
@@ -126,7 +126,7 @@ def cpu_bench(args) -> dict:
     lora_ids = _publish_loras(settings, db, store, pipe)
 
     # the prompts as the worker builds them (safety embedding first in the negative prompt)
-    prompt, negative = loaded.safety.inject("blurry", "a red fox in the snow", False)
+    prompt, negative = loaded.safety.inject(prompt="a red fox in the snow", negative_prompt="blurry", mature=False)
 
     def direct(steps: int):
         return lambda: bare_pipe(pipe, prompt, negative, steps, width, height)
@@ -211,7 +211,7 @@ def bare_pipe(pipe, prompt: str, negative: str, steps: int, width: int, height: 
 
 
 def _lora_kind():
-    from genserve.resources import ResourceKind
+    from genserve.resources.models import ResourceKind
 
     return ResourceKind.lora
 
@@ -221,7 +221,7 @@ def _timed_worker():
     own loaded pipeline (under its lock, in a thread as a generation runs), timed in the replica."""
     import asyncio
 
-    from genserve.worker import FamilyWorker
+    from genserve.generation.worker.deployment import FamilyWorker
 
     class TimedWorker(FamilyWorker.func_or_class):
         async def bare_pipe_s(self, checkpoint_id, prompt, negative, steps, width, height) -> float:

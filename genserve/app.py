@@ -19,17 +19,16 @@ from typing import Any
 
 import yaml
 from ray import serve
-from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
-from genserve.config import Settings, load_settings, settings_dump
-from genserve.errors import ConfigError, Unavailable
+from genserve.core.config import Settings, load_settings, settings_dump
+from genserve.core.errors import ConfigError
+from genserve.core.log import configure_logging
+from genserve.generation.service import GenerationService
+from genserve.generation.worker.deployment import FamilyWorker, ServeWorkers
 from genserve.ingress import create_api
-from genserve.log import configure_logging
-from genserve.model_catalog import load_model_catalog
-from genserve.service import GenerationService
-from genserve.worker import FamilyWorker
-from genserve.worker_types import WorkerRequest
+from genserve.moderation import Moderation
+from genserve.resources.catalog import load_model_catalog
 from training.api import build_router as build_training_router
 from training.service import TrainingService
 
@@ -43,23 +42,6 @@ def worker_name(family: str) -> str:
     return f"worker-{family}"
 
 
-class ServeWorkers:
-    """`WorkerBackend` over the family workers' handles: routed by checkpoint id (multiplexing)."""
-
-    def __init__(self, handles: dict[str, DeploymentHandle]):
-        self.handles = handles
-
-    def generate(self, family: str, request: WorkerRequest):  # noqa: ANN201 - a DeploymentResponseGenerator
-        handle = self.handles.get(family)
-        if handle is None:
-            raise Unavailable(f"no worker deployment serves the {family} family", code="family_unavailable")
-        return handle.options(multiplexed_model_id=request.checkpoint_id, stream=True).generate.remote(request)
-
-    @staticmethod
-    def is_backpressure(exc: BaseException) -> bool:
-        return isinstance(exc, BackPressureError)
-
-
 @serve.deployment(name=INGRESS_NAME)
 @serve.ingress()
 class Ingress:
@@ -69,11 +51,13 @@ class Ingress:
         self.settings = Settings.model_validate(settings)
         configure_logging(self.settings.logging.level, self.settings.logging.json_lines)
         self.service = GenerationService.from_settings(self.settings, ServeWorkers(workers))
+        self.moderation = Moderation(self.service.registry, self.service.resource_cache, self.service.safety)
         self.trainings = TrainingService.from_settings(self.settings, db=self.service.db)
         self.trainings.start_background()
 
     def __serve_build_asgi_app__(self):  # noqa: ANN204 - the ASGI app
-        return create_api(self.service, routers=[functools.partial(build_training_router, self.trainings)])
+        return create_api(self.service, self.moderation,
+                          routers=[functools.partial(build_training_router, self.trainings)])
 
     def __del__(self) -> None:
         self.trainings.close()
@@ -83,7 +67,7 @@ class Ingress:
         self.service.reconfigure(config or {})
 
     def check_health(self) -> None:
-        self.service.jobs.count_active()
+        self.service.count_active()
 
 
 def load_serve_config(path: Path) -> dict[str, Any]:
@@ -125,7 +109,7 @@ def build_app(settings: Settings, serve_config: dict[str, Any] | None = None, *,
         family: worker.options(name=worker_name(family), **options.get(worker_name(family), {})).bind(
             family, dumped
         )
-        for family in load_model_catalog(settings.config_path("models.yaml")).families
+        for family in load_model_catalog(settings.models_file).families
     }
     return Ingress.options(**options.get(INGRESS_NAME, {})).bind(dumped, workers)
 

@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from genserve.billing.ledger import Ledger, user_account
-from genserve.config import Settings
-from genserve.db import Database
-from genserve.model_catalog import load_model_catalog
-from genserve.registry import RESOURCE_PREFIX, ResourceRegistry
-from genserve.resource_cache import publish_folder
-from genserve.storage import ObjectStore
+from genserve.core.config import Settings
+from genserve.core.db import Database
+from genserve.core.storage import ObjectStore
+from genserve.resources.cache import publish_folder
+from genserve.resources.catalog import load_model_catalog
+from genserve.resources.registry import RESOURCE_PREFIX, ResourceRegistry
 from genserve.tinymodels import build_tiny_models
 
 # keyed by the amount too: raising the configured starting balance tops the demo user up once more
@@ -45,7 +45,7 @@ def register_checkpoints(settings: Settings, registry: ResourceRegistry) -> list
     and recorded in the resource's `meta` so a worker can rebuild the pipeline offline.
     """
     registered = []
-    for entry in load_model_catalog(settings.config_path("models.yaml")).checkpoints:
+    for entry in load_model_catalog(settings.models_file).checkpoints:
         path = settings.models_dir / entry.path
         if not path.exists():
             continue

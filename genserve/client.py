@@ -13,8 +13,8 @@ from typing import Any
 
 import httpx
 
-from genserve.config import Settings
-from genserve.errors import GenserveError, QueueFull, SafetyBlocked, Unavailable
+from genserve.core.config import Settings
+from genserve.core.errors import GenserveError, QueueFull, SafetyBlocked, Unavailable
 
 
 @dataclass(frozen=True)

@@ -30,21 +30,23 @@ from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse,
 from pydantic import BaseModel, Field, SecretStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from genserve import metrics
-from genserve.config import Settings
-from genserve.errors import Forbidden, GenserveError, InvalidRequest, QueueFull, Unauthenticated
-from genserve.log import log_context
-from genserve.schemas import (
+from genserve.core import metrics
+from genserve.core.config import Settings
+from genserve.core.errors import Forbidden, GenserveError, InvalidRequest, QueueFull, Unauthenticated
+from genserve.core.log import log_context
+from genserve.generation.admission import Caller
+from genserve.generation.protocol import (
     API_VERSION,
     BalanceView,
     GenerationRequest,
     JobView,
-    NsfwLevel,
     QuoteRequest,
     QuoteView,
 )
-from genserve.service import Caller, GenerationService
+from genserve.generation.service import GenerationService
+from genserve.moderation import Moderation
 from safety.errors import NotSafetensors, SafetyError
+from safety.levels import NsfwLevel
 from safety.lora_format import LoraFormatError
 from safety.takedowns import TakedownNotFound, TakedownNotPending
 
@@ -128,9 +130,9 @@ class Auth:
         if not user_id or not USER_ID_PATTERN.match(user_id):
             raise Unauthenticated("X-User-Id must name the user (1-64 of A-Z a-z 0-9 . _ : @ -)", code="user_missing")
         try:
-            level = NsfwLevel(nsfw.lower()) if nsfw else NsfwLevel.pg13
+            level = NsfwLevel.from_wire(nsfw) if nsfw else NsfwLevel.PG13
         except ValueError:
-            raise InvalidRequest(f"X-Max-Nsfw-Level must be one of {[lv.value for lv in NsfwLevel]}",
+            raise InvalidRequest(f"X-Max-Nsfw-Level must be one of {[lv.to_wire() for lv in NsfwLevel]}",
                                  code="invalid_nsfw_level") from None
         return Caller(user_id=user_id, tier=tier or None, max_nsfw_level=level, request_id=request_id)
 
@@ -244,10 +246,11 @@ class RequestContext:
 RouterBuilder = Callable[[Callable[..., Any], Callable[..., Any]], APIRouter]
 
 
-def create_api(service: GenerationService, *, routers: Sequence[RouterBuilder] = (),
+def create_api(service: GenerationService, moderation: Moderation, *, routers: Sequence[RouterBuilder] = (),
                start_background: bool = True) -> FastAPI:
-    """The FastAPI app around `service`. Each of `routers` is called with this app's caller and admin
-    dependencies and mounted (the training API), so every route shares one auth and one error mapping."""
+    """The FastAPI app around `service` (generation routes) and `moderation` (admin routes). Each of
+    `routers` is called with this app's caller and admin dependencies and mounted (the training API),
+    so every route shares one auth and one error mapping."""
     settings = service.settings
     auth = Auth(settings)
     counters = HttpCounters()
@@ -354,35 +357,35 @@ def create_api(service: GenerationService, *, routers: Sequence[RouterBuilder] =
     @app.post(f"{PREFIX}/admin/likeness", status_code=201, tags=["admin"])
     async def add_likeness(_: AdminDep, body: LikenessAdd) -> dict[str, Any]:
         """Blocklist a registered LoRA/embedding as a real person's likeness (and its copies)."""
-        entry_id = await asyncio.to_thread(service.add_likeness, body.resource_id, body.person, body.reason, body.source)
+        entry_id = await asyncio.to_thread(moderation.add_likeness, body.resource_id, body.person, body.reason, body.source)
         return {"entry_id": entry_id, "resource_id": body.resource_id}
 
     @app.post(f"{PREFIX}/admin/takedowns", status_code=201, tags=["admin"])
     async def request_takedown(_: AdminDep, body: TakedownCreate) -> dict[str, Any]:
-        record = await asyncio.to_thread(service.takedowns.request, body.person, contact=body.contact,
+        record = await asyncio.to_thread(moderation.request_takedown, body.person, contact=body.contact,
                                          resource_ids=body.resource_ids, reason=body.reason, requested_by="admin-api")
         return record.to_dict()
 
     @app.post(f"{PREFIX}/admin/takedowns/{{takedown_id}}/approve", tags=["admin"])
     async def approve_takedown(_: AdminDep, takedown_id: str, body: Annotated[TakedownDecision, Body()]) -> dict:
         """Blocklist the named resources and the person's name; the resources stop being generated with."""
-        return (await asyncio.to_thread(service.approve_takedown, takedown_id, body.moderator, body.note)).to_dict()
+        return (await asyncio.to_thread(moderation.approve_takedown, takedown_id, body.moderator, body.note)).to_dict()
 
     @app.post(f"{PREFIX}/admin/takedowns/{{takedown_id}}/deny", tags=["admin"])
     async def deny_takedown(_: AdminDep, takedown_id: str, body: Annotated[TakedownDecision, Body()]) -> dict:
-        return (await asyncio.to_thread(service.takedowns.deny, takedown_id, body.moderator, body.note)).to_dict()
+        return (await asyncio.to_thread(moderation.deny_takedown, takedown_id, body.moderator, body.note)).to_dict()
 
     # -- operations -----------------------------------------------------------------------------
 
     @app.get(f"{PREFIX}/healthz", tags=["operations"])
     async def healthz() -> dict[str, Any]:
         started = time.perf_counter()
-        active = await asyncio.to_thread(service.jobs.count_active)
+        active = await asyncio.to_thread(service.count_active)
         return {"status": "ok", "active_jobs": active, "db_ms": round((time.perf_counter() - started) * 1000, 2)}
 
     @app.get(f"{PREFIX}/metrics", response_class=PlainTextResponse, tags=["operations"])
     async def metrics_text() -> PlainTextResponse:
-        return PlainTextResponse(counters.prometheus(await asyncio.to_thread(service.jobs.count_by_status)),
+        return PlainTextResponse(counters.prometheus(await asyncio.to_thread(service.count_by_status)),
                                  media_type="text/plain; version=0.0.4")
 
     for build in routers:

@@ -41,8 +41,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from genserve.pipelines.loading import disable_progress_bars
-from genserve.pipelines.single_file import pipeline_to_ldm
+from genserve.engine.loading import disable_progress_bars
+from genserve.engine.single_file import pipeline_to_ldm
 
 FAMILIES = ("sd1", "sdxl")
 MANIFEST_VERSION = 1

@@ -21,7 +21,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from safety.errors import EmbeddingUnavailable, NotSafetensors
 from safety.normalize import normalize
@@ -52,6 +52,22 @@ def token_ids(tokenizer: Any, tokens: Sequence[str]) -> list[int | None]:
     ids = tokenizer.convert_tokens_to_ids(list(tokens))
     unknown = tokenizer.unk_token_id
     return [None if i is None or (i == unknown and t != tokenizer.unk_token) else int(i) for t, i in zip(tokens, ids, strict=True)]
+
+
+class InjectedPrompts(NamedTuple):
+    """What the pipeline is given: the user's prompt without reserved tokens, and the negative prompt
+    that starts with the safety tokens."""
+
+    prompt: str
+    negative_prompt: str
+
+
+def uses_reserved_token(token: str, reserved: Sequence[str]) -> bool:
+    """Whether a user embedding's `token` contains a mandatory safety token, with or without its
+    angle brackets, in any case: such an embedding could stand in for the safety embedding.
+    The one rule the ingress (at admission) and the worker (before loading) both apply."""
+    token = token.lower()
+    return any(r.lower() in token or r.lower().strip("<>") in token for r in reserved if r.strip("<>"))
 
 
 class SafetyEmbeddings:
@@ -180,12 +196,13 @@ class SafetyEmbeddings:
                 break
         return ", ".join(p.strip() for p in out.split(",") if p.strip())
 
-    def inject(self, negative_prompt: str, prompt: str, mature: bool) -> tuple[str, str]:
-        """(sanitised prompt, final negative prompt): the safety tokens first, then the user's negative."""
+    def inject(self, *, prompt: str, negative_prompt: str, mature: bool) -> InjectedPrompts:
+        """The sanitised prompt and the final negative prompt: the safety tokens first, then the user's
+        negative (keyword-only: the two prompts are both strings and must never trade places)."""
         tokens = [self.general.token] + ([self.minor.token] if mature else [])
         user_negative = self.strip_reserved(negative_prompt)
         negative = " ".join(tokens) + (", " + user_negative if user_negative else "")
-        return self.strip_reserved(prompt), negative
+        return InjectedPrompts(prompt=self.strip_reserved(prompt), negative_prompt=negative)
 
 
 def _lookalike_pattern(token: str) -> str:

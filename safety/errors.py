@@ -19,10 +19,6 @@ class RulesInvalid(SafetyError):
     code = "safety_rules_invalid"
 
 
-class ScannerFailed(SafetyError):
-    code = "image_scan_failed"
-
-
 class EmbeddingUnavailable(SafetyError):
     code = "safety_embedding_unavailable"
 

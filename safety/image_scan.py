@@ -21,7 +21,6 @@ either. Every scanner runs with a timeout; an exception or timeout FAILS CLOSED:
 
 from __future__ import annotations
 
-import enum
 import importlib
 import os
 import queue
@@ -39,33 +38,9 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from safety.errors import RulesInvalid
+from safety.levels import NsfwLevel
 
 CONFIG_FILE = "image_scan.yaml"
-
-
-class NsfwLevel(enum.IntEnum):
-    """Civitai's browsing levels (bit values kept so they can be OR-ed into level sets)."""
-
-    PG = 1
-    PG13 = 2
-    R = 4
-    X = 8
-
-    @classmethod
-    def parse(cls, value: str | int | NsfwLevel) -> NsfwLevel:
-        if isinstance(value, cls):
-            return value
-        if isinstance(value, int):
-            return cls(value)
-        key = str(value).strip().upper().replace("-", "")
-        try:
-            return cls[key]
-        except KeyError:
-            raise ValueError(f"unknown NSFW level {value!r}; use one of {[lvl.name for lvl in cls]}") from None
-
-    @property
-    def mature(self) -> bool:
-        return self >= NsfwLevel.R
 
 
 @dataclass(frozen=True)

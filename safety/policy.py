@@ -23,7 +23,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from safety.image_scan import NsfwLevel, ScanResult
+from safety.image_scan import ScanResult
+from safety.levels import NsfwLevel
 from safety.prompt_audit import PromptAuditor
 from safety.verdict import Action, Reason, Verdict
 

@@ -72,7 +72,7 @@ def postgres_url(postgres_server_url: str):
 @pytest.fixture
 def settings(tmp_path: Path):
     """Settings on a fresh data dir, repository configs, SQLite."""
-    from genserve.config import load_settings
+    from genserve.core.config import load_settings
 
     return load_settings(env={"GENSERVE_DATA_DIR": str(tmp_path / "data")})
 
@@ -80,7 +80,7 @@ def settings(tmp_path: Path):
 @pytest.fixture
 def db(settings):
     """A migrated SQLite database for one test."""
-    from genserve.db import Database
+    from genserve.core.db import Database
 
     database = Database.from_settings(settings)
     database.migrate()
@@ -91,7 +91,7 @@ def db(settings):
 @pytest.fixture
 def pg_db(postgres_url: str):
     """A migrated PostgreSQL database for one test."""
-    from genserve.db import Database
+    from genserve.core.db import Database
 
     database = Database(postgres_url)
     database.migrate()
@@ -130,7 +130,7 @@ def ray_session(tmp_path_factory):
     import ray
 
     from genserve.app import ingress_environment
-    from genserve.config import load_settings
+    from genserve.core.config import load_settings
 
     if not ray.is_initialized():
         os.environ.update(ingress_environment(load_settings()))

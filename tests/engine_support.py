@@ -33,9 +33,9 @@ def safety_embeddings(tiny_model):
 
 def load_tiny(tiny_model):
     """(pipeline on CPU with the safety embeddings loaded, SafetyEmbeddings)."""
-    from genserve.engine.config import WorkerConfig
+    from genserve.core.config.worker import WorkerConfig
     from genserve.engine.generate import prepare_pipeline
-    from genserve.pipelines.loading import load_pipeline
+    from genserve.engine.loading import load_pipeline
 
     pipe = prepare_pipeline(load_pipeline(tiny_model.family, tiny_model.diffusers_dir, "diffusers", device="cpu"),
                             WorkerConfig())

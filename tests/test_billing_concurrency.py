@@ -14,11 +14,11 @@ import threading
 import time
 
 import pytest
+from ledger_loadgen import random_mix, replay_call
 from sqlalchemy import text
 
 from genserve.billing.ledger import REVENUE_GENERATION, Ledger
-from genserve.billing.loadgen import random_mix, replay_call
-from genserve.db import Database
+from genserve.core.db import Database
 
 HOT = [f"user:hot{i}" for i in range(3)]
 SEED_BUZZ = 400
@@ -101,7 +101,7 @@ PAUSED_CHILD = textwrap.dedent(
     """
     import sys, time
     from genserve.billing import ledger as L
-    from genserve.db import Database
+    from genserve.core.db import Database
 
     ledger = L.Ledger(Database(sys.argv[1]))
     ledger.grant("user:k", 100, "seed")
@@ -126,7 +126,7 @@ LOOP_CHILD = textwrap.dedent(
     """
     import sys
     from genserve.billing import ledger as L
-    from genserve.db import Database
+    from genserve.core.db import Database
 
     ledger = L.Ledger(Database(sys.argv[1]))
     ledger.grant("user:loop", 10**6, "seed")

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from genserve.billing.pricing import HiresParams, Pricing, Quote
-from genserve.errors import ConfigError, InvalidRequest
+from genserve.core.errors import ConfigError, InvalidRequest
 
 PRICING = Path(__file__).resolve().parents[1] / "configs" / "pricing.yaml"
 pricing = Pricing.load(PRICING)

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from genserve.config import DEFAULT_CONFIG_DIR, Settings, load_settings, settings_dump
-from genserve.errors import ConfigError
+from genserve.core.config import DEFAULT_CONFIG_DIR, Settings, load_settings, settings_dump
+from genserve.core.errors import ConfigError
 
 
 def write_config(dir_: Path, text: str) -> Path:
@@ -47,7 +47,7 @@ def test_repository_yaml_loads_with_embedded_defaults(tmp_path: Path):
 def test_default_database_is_sqlite_in_the_data_dir(tmp_path: Path):
     s = load_settings(env={"GENSERVE_DATA_DIR": str(tmp_path / "d")})
     assert s.database.url is None
-    assert s.database_url == f"sqlite:///{(tmp_path / 'd' / 'genserve.db').resolve()}"
+    assert s.database_url == f"sqlite:///{(tmp_path / 'd' / 'genserve.core.db').resolve()}"
 
 
 def test_yaml_values_are_read(config_dir: Path, tmp_path: Path):
@@ -244,7 +244,7 @@ def test_haproxy_folder_is_removed_when_the_process_exits(tmp_path: Path):
     import subprocess
     import sys
 
-    code = ("import sys; from genserve.app import ingress_environment; from genserve.config import load_settings; "
+    code = ("import sys; from genserve.app import ingress_environment; from genserve.core.config import load_settings; "
             "print(ingress_environment(load_settings(env={'GENSERVE_DATA_DIR': sys.argv[1], "
             "'GENSERVE_SERVER__HTTP_INGRESS': 'haproxy'}))['RAY_SERVE_HAPROXY_SERVER_STATE_BASE'])")
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True)

@@ -19,9 +19,9 @@ import yaml
 from ray.serve.schema import ServeDeploySchema
 
 from genserve.app import INGRESS_NAME, serve_http_port, worker_name
-from genserve.config import DEFAULT_CONFIG_DIR
-from genserve.metrics import DEFINITIONS
-from genserve.model_catalog import load_model_catalog
+from genserve.core.config import DEFAULT_CONFIG_DIR
+from genserve.core.metrics import DEFINITIONS
+from genserve.resources.catalog import load_model_catalog
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -109,9 +109,9 @@ def wait_running(name: str, timeout_s: float) -> None:
 def prepared_data_dir(tmp_path_factory, tiny_models) -> Path:
     """A data dir as `genserve serve` leaves it: migrated database, tiny checkpoints registered."""
     from genserve.bootstrap import bootstrap
-    from genserve.config import load_settings
-    from genserve.db import Database
-    from genserve.storage import object_store_from_settings
+    from genserve.core.config import load_settings
+    from genserve.core.db import Database
+    from genserve.core.storage import object_store_from_settings
 
     data = tmp_path_factory.mktemp("deploy") / "data"
     models = data / "models"
@@ -215,7 +215,7 @@ def test_rayservice_takes_database_s3_and_tokens_from_secrets():
             assert env["RAY_SERVE_ENABLE_HA_PROXY"]["value"] == "1", "every node runs the HAProxy ingress"
             assert env["RAY_SERVE_THROUGHPUT_OPTIMIZED"]["value"] == "1", "and Serve's throughput mode with it"
     # every variable name is one the settings loader knows
-    from genserve.config import ENV_ALIASES, load_settings
+    from genserve.core.config import ENV_ALIASES, load_settings
 
     env = _containers(cluster["headGroupSpec"])[0]["env"]
     names = {e["name"] for e in env}
@@ -323,7 +323,7 @@ def test_dashboard_panels_read_only_metrics_that_exist():
                 if name in SERVE_BUILTINS or name.removesuffix("_bucket") in SERVE_BUILTINS:
                     continue
                 resolved = _resolve(name)
-                assert resolved is not None, f"{panel['title']!r} reads {name}, which genserve.metrics does not define"
+                assert resolved is not None, f"{panel['title']!r} reads {name}, which genserve.core.metrics does not define"
                 used.add(resolved[0])
                 if "histogram_quantile" in target["expr"] and name.endswith("_bucket"):
                     assert resolved[1] == "histogram"

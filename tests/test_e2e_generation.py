@@ -19,13 +19,13 @@ from PIL import Image
 from genserve.app import APP_NAME, build_app, load_serve_config, serve_http_port, worker_name
 from genserve.billing.ledger import Ledger, user_account
 from genserve.bootstrap import bootstrap
-from genserve.config import load_settings
-from genserve.db import Database
+from genserve.core.config import load_settings
+from genserve.core.db import Database
+from genserve.core.storage import object_store_from_settings
 from genserve.engine.infotext import parse_infotext
-from genserve.registry import ResourceRegistry
-from genserve.storage import object_store_from_settings
+from genserve.generation.worker.wire import LoraSpec, WorkerRequest
+from genserve.resources.registry import ResourceRegistry
 from genserve.tinymodels import build_tiny_pipeline
-from genserve.worker_types import LoraSpec, WorkerRequest
 
 pytestmark = pytest.mark.ray
 
@@ -184,7 +184,7 @@ def test_safety_embedding_cannot_be_displaced(site):
 def test_blocklisted_lora_refused_at_ingress_and_at_worker(site):
     from ray import serve
 
-    from genserve.errors import SafetyBlocked
+    from genserve.core.errors import SafetyBlocked
 
     user = site.user()
     original = site.lora("sd1", 101, "kohya", rid="e2e-celebrity")

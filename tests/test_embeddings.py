@@ -75,7 +75,7 @@ def test_tokens_and_rows_match_the_files_in_every_encoder(loaded):
 
 def test_injected_tokens_reach_every_text_encoder(loaded):
     family, pipe, emb = loaded
-    prompt, negative = emb.inject(HOSTILE_NEGATIVE, HOSTILE_PROMPT, mature=True)
+    prompt, negative = emb.inject(prompt=HOSTILE_PROMPT, negative_prompt=HOSTILE_NEGATIVE, mature=True)
     assert negative.startswith(f"{GENERAL} {MINOR}, ")
     for tokenizer, _ in _encoders(pipe):
         vocab = tokenizer.get_vocab()
@@ -119,13 +119,13 @@ def test_injected_tokens_reach_every_text_encoder(loaded):
 
 def test_minor_embedding_only_when_mature(loaded):
     _, _, emb = loaded
-    assert emb.inject("blurry", "a cat", mature=False) == ("a cat", f"{GENERAL}, blurry")
-    assert emb.inject("", "a cat", mature=True) == ("a cat", f"{GENERAL} {MINOR}")
+    assert emb.inject(prompt="a cat", negative_prompt="blurry", mature=False) == ("a cat", f"{GENERAL}, blurry")
+    assert emb.inject(prompt="a cat", negative_prompt="", mature=True) == ("a cat", f"{GENERAL} {MINOR}")
 
 
 def test_long_user_negative_cannot_push_the_tokens_out(loaded):
     _, pipe, emb = loaded
-    _, negative = emb.inject("blurry, " * 200, "a cat", mature=True)
+    _, negative = emb.inject(prompt="a cat", negative_prompt="blurry, " * 200, mature=True)
     ids = pipe.tokenizer(pipe.maybe_convert_prompt(negative, pipe.tokenizer), truncation=True,
                          max_length=pipe.tokenizer.model_max_length).input_ids
     assert pipe.tokenizer.convert_tokens_to_ids(GENERAL) in ids and pipe.tokenizer.convert_tokens_to_ids(MINOR) in ids

@@ -9,7 +9,7 @@ from engine_support import differ, load_tiny, one_torch_thread
 
 from genserve.engine.generate import ModelInfo, generate
 from genserve.engine.infotext import parse_hash_list, read_png_infotext
-from genserve.worker_types import HiresSpec, WorkerRequest
+from genserve.generation.worker.wire import HiresSpec, WorkerRequest
 
 MODEL = ModelInfo(name="tiny-sd1", model_hash="0123456789", lora_hashes={"style": "abcdefabcdef"})
 

@@ -19,7 +19,7 @@ from genserve.engine.lora_cache import (
     LoraInvalid,
     adapter_name,
 )
-from genserve.worker_types import WorkerRequest
+from genserve.generation.worker.wire import WorkerRequest
 
 
 class NoMatches:

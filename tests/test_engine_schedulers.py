@@ -7,7 +7,7 @@ from engine_support import load_tiny, one_torch_thread
 
 from genserve.engine.generate import ModelInfo, generate
 from genserve.engine.schedulers import SAMPLERS, UnknownSampler, make_scheduler, sampler_names
-from genserve.worker_types import WorkerRequest
+from genserve.generation.worker.wire import WorkerRequest
 
 REQUIRED = ["Euler", "Euler a", "DPM++ 2M", "DPM++ 2M Karras", "DDIM", "LCM", "Heun", "DPM++ SDE Karras"]
 
@@ -19,7 +19,7 @@ def sd1(tiny_models):
 
 
 def test_required_names_and_the_service_samplers_are_known():
-    from genserve.schemas import Sampler
+    from genserve.generation.protocol import Sampler
 
     assert set(REQUIRED) <= set(sampler_names())
     assert {s.value for s in Sampler} <= set(sampler_names())

@@ -116,7 +116,8 @@ def test_extra_scanner_raises_level_and_adds_minor_signal():
 
 def test_extra_scanner_from_config_by_import_path(tmp_path, monkeypatch):
     (tmp_path / "gs_extra_scanner.py").write_text(textwrap.dedent("""
-        from safety.image_scan import NsfwLevel, ScannerOutput
+        from safety.image_scan import ScannerOutput
+        from safety.levels import NsfwLevel
 
         class Flagger:
             name = "flagger"

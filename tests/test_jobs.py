@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from genserve.jobs import (
+from genserve.generation.jobs import (
     GenerationJob,
     JobNotFound,
     JobStatus,
@@ -129,7 +129,7 @@ def test_migration_matches_models(db):
     from alembic.autogenerate import compare_metadata
     from alembic.migration import MigrationContext
 
-    from genserve.db import Base
+    from genserve.core.db import Base
 
     with db.engine.connect() as conn:
         ctx = MigrationContext.configure(conn, opts={"compare_type": True})

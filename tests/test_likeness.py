@@ -129,7 +129,7 @@ def test_unrelated_loras_are_not_caught(blocklist, tmp_path, family):
 
 
 def test_additions_visible_to_a_running_instance(db, tmp_path):
-    from genserve.db import Database
+    from genserve.core.db import Database
 
     checker = LikenessBlocklist(db.session)  # e.g. a worker replica, created before the entry exists
     lora = write(tmp_path / "x.safetensors", to_kohya(random_lora(sd1_modules(), seed=5)))

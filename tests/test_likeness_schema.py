@@ -7,7 +7,7 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
-from genserve.db import all_metadata
+from genserve.core.db import all_metadata
 
 
 def _safety_diffs(database) -> list:
@@ -26,7 +26,7 @@ def test_migration_matches_models(request, which):
 
 
 def test_downgrade_removes_safety_tables(db):
-    from genserve.db import downgrade
+    from genserve.core.db import downgrade
 
     downgrade(db.engine, "0002_ledger")
     assert not [t for t in sa.inspect(db.engine).get_table_names() if t.startswith("safety_")]

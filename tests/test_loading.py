@@ -6,14 +6,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from genserve.errors import ConfigError, GenserveError, InvalidRequest, NotFound
-from genserve.pipelines import (
+from genserve.core.errors import ConfigError, GenserveError, InvalidRequest, NotFound
+from genserve.engine.loading import (
     CheckpointLoadError,
     default_dtype,
     load_pipeline,
     pipeline_class,
-    pipeline_to_ldm,
 )
+from genserve.engine.single_file import pipeline_to_ldm
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +96,7 @@ def test_unet_export_inverts_diffusers_converter_for_sd15_block_order():
     from diffusers import UNet2DConditionModel
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
-    from genserve.pipelines.single_file import unet_to_ldm
+    from genserve.engine.single_file import unet_to_ldm
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(

@@ -11,7 +11,7 @@ import threading
 
 import pytest
 
-from genserve.log import configure_logging, log_context
+from genserve.core.log import configure_logging, log_context
 
 log = logging.getLogger("genserve.test")
 

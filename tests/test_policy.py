@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from safety.image_scan import Detection, ImageScanner, NsfwLevel, ScanResult
+from safety.image_scan import Detection, ImageScanner, ScanResult
+from safety.levels import NsfwLevel
 from safety.policy import (
     ImageDecision,
     LikenessHit,

@@ -6,12 +6,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from genserve.errors import Conflict, InvalidRequest
-from genserve.registry import ResourceNotFound, ResourceRegistry, ResourceUnavailable
-from genserve.resource_cache import ResourceCache
-from genserve.resources import ResourceKind
-from genserve.schemas import ResourceRef
-from genserve.storage import LocalObjectStore
+from genserve.core.errors import Conflict, InvalidRequest
+from genserve.core.storage import LocalObjectStore
+from genserve.generation.protocol import ResourceRef
+from genserve.resources.cache import ResourceCache
+from genserve.resources.models import ResourceKind
+from genserve.resources.registry import ResourceNotFound, ResourceRegistry, ResourceUnavailable
 from safety.hashing import file_hashes
 
 

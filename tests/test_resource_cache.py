@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from genserve.resource_cache import (
+from genserve.core.storage import LocalObjectStore
+from genserve.resources.cache import (
     MANIFEST_NAME,
     ResourceCache,
     ResourceIntegrityError,
     publish_file,
     publish_folder,
 )
-from genserve.storage import LocalObjectStore
 
 
 @pytest.fixture

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from genserve.errors import ConfigError, InvalidRequest
-from genserve.schemas import (
+from genserve.core.errors import ConfigError, InvalidRequest
+from genserve.generation.protocol import (
     DEFAULT_TIERS,
     GenerationRequest,
     Limits,
@@ -86,9 +86,9 @@ def test_fingerprint_ignores_only_the_idempotency_key():
 
 
 def test_nsfw_level_lowest_wins():
-    assert NsfwLevel.lowest(NsfwLevel.x, NsfwLevel.r) is NsfwLevel.r
-    assert NsfwLevel.lowest(None, NsfwLevel.x) is NsfwLevel.x
-    assert NsfwLevel.lowest(None) is NsfwLevel.pg13
+    assert NsfwLevel.lowest(NsfwLevel.X, NsfwLevel.R) is NsfwLevel.R
+    assert NsfwLevel.lowest(None, NsfwLevel.X) is NsfwLevel.X
+    assert NsfwLevel.lowest(None) is NsfwLevel.PG13
 
 
 def test_limits_file_in_repository_matches_defaults():

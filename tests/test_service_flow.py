@@ -15,23 +15,33 @@ from dataclasses import dataclass, field
 
 import pytest
 from engine_loras import make_lora, write_lora
+from generation_support import in_process_service
 from PIL import Image
 
 from genserve.billing.ledger import Ledger, user_account
 from genserve.bootstrap import bootstrap
-from genserve.config import load_settings
-from genserve.db import Database
+from genserve.core.config import load_settings
+from genserve.core.db import Database
+from genserve.core.errors import (
+    Conflict,
+    Forbidden,
+    InsufficientFunds,
+    InvalidRequest,
+    QueueFull,
+    SafetyBlocked,
+)
+from genserve.core.storage import object_store_from_settings
 from genserve.engine.infotext import parse_infotext
-from genserve.errors import Conflict, Forbidden, InsufficientFunds, InvalidRequest, QueueFull, SafetyBlocked
-from genserve.jobs import GenerationJob, JobNotFound, JobStatus, JobStore, image_prefix, new_job_id
-from genserve.reaper import Reaper
-from genserve.schemas import GenerationRequest, Limits, NsfwLevel, TierLimits
-from genserve.service import Caller, GenerationService, in_process_service
-from genserve.storage import object_store_from_settings
+from genserve.generation.admission import Caller
+from genserve.generation.jobs import GenerationJob, JobNotFound, JobStatus, JobStore, image_prefix, new_job_id
+from genserve.generation.protocol import GenerationRequest, Limits, NsfwLevel, TierLimits
+from genserve.generation.reaper import Reaper
+from genserve.generation.service import GenerationService
+from genserve.moderation import Moderation
 from genserve.tinymodels import build_tiny_pipeline
 from safety.audit_log import AuditLog
 from safety.image_scan import ImageScanner, ScanResult
-from safety.image_scan import NsfwLevel as ScanLevel
+from safety.levels import NsfwLevel as ScanLevel
 
 STEPS = 4
 GRANT = 1000
@@ -46,7 +56,7 @@ class Env:
     lora_dir: object
     users: list[str] = field(default_factory=list)
 
-    def user(self, grant: int = GRANT, tier: str | None = None, level: NsfwLevel = NsfwLevel.pg13) -> Caller:
+    def user(self, grant: int = GRANT, tier: str | None = None, level: NsfwLevel = NsfwLevel.PG13) -> Caller:
         uid = f"u{uuid.uuid4().hex[:10]}"
         if grant:
             self.ledger.grant(user_account(uid), grant, f"test-grant:{uid}")
@@ -74,6 +84,10 @@ def env(tmp_path_factory, tiny_models):
     service = in_process_service(settings, db=db, store=store, scanner=scanner)
     yield Env(service, settings, db, Ledger(db, settings.billing), root / "loras")
     db.dispose()
+
+
+def _moderation(env) -> Moderation:  # noqa: ANN001
+    return Moderation(env.service.registry, env.service.resource_cache, env.service.safety)
 
 
 def _request(**kw) -> GenerationRequest:
@@ -244,7 +258,7 @@ def test_blocklisted_lora_and_its_reexported_copy_are_refused_before_any_charge(
     original = _lora(env, "sd1", 11, fmt="kohya", rid="celebrity-kohya")
     copy = _lora(env, "sd1", 11, fmt="diffusers", rid="celebrity-copy")  # same weights, other layout and file
     assert env.service.registry.get(original).sha256 != env.service.registry.get(copy).sha256
-    env.service.add_likeness(original, "A. Person", reason="takedown request")
+    _moderation(env).add_likeness(original, "A. Person", reason="takedown request")
     for rid in (original, copy):
         with pytest.raises(SafetyBlocked) as info:
             _run(env.service.submit(caller, _request(resources=[{"id": rid}])))
@@ -256,8 +270,8 @@ def test_worker_refuses_a_blocklisted_lora_the_ingress_missed(env, monkeypatch):
     """Defence in depth: with the ingress check bypassed, the worker still refuses; nothing is charged."""
     caller = env.user()
     rid = _lora(env, "sd1", 21, rid="missed-by-ingress")
-    env.service.add_likeness(rid, "B. Person")
-    monkeypatch.setattr(env.service, "_likeness", lambda resources: [])
+    _moderation(env).add_likeness(rid, "B. Person")
+    monkeypatch.setattr(env.service.admission, "_likeness", lambda resources: [])
     job = _run(_finish(env.service, caller, _request(resources=[{"id": rid}])))
     assert job.status.value == "blocked" and job.error.code == "likeness_blocked" and job.charged == 0
     assert env.available(caller) == GRANT
@@ -331,7 +345,7 @@ def test_worker_death_fails_the_job_and_returns_the_buzz(env, monkeypatch):
 
 
 def test_a_worker_dying_after_an_image_was_stored_leaves_no_image_behind(env, monkeypatch):
-    from genserve.worker_types import EncodedImage
+    from genserve.generation.worker.wire import EncodedImage
 
     caller = env.user()
     real = env.service.workers.generate
@@ -409,7 +423,7 @@ def test_a_job_whose_images_are_all_withheld_is_blocked_charges_nothing_and_stor
 
 def test_timeout_fails_the_job_and_releases_the_hold(env, monkeypatch):
     caller = env.user(tier="gold")
-    monkeypatch.setattr(env.service, "config", env.service.config.model_copy(update={"job_timeout_s": 0.3}))
+    monkeypatch.setattr(env.service.admission, "config", env.service.admission.config.model_copy(update={"job_timeout_s": 0.3}))
     job = _run(_finish(env.service, caller, _request(steps=60)))
     assert job.status.value == "failed" and job.error.code == "timeout"
     assert env.available(caller) == GRANT
@@ -526,6 +540,7 @@ def test_reconfigure_rolls_out_a_new_prompt_rule_list(env, monkeypatch, tmp_path
     monkeypatch.setattr(service, "safety", service.safety)  # the gate's auditor is restored after the test
     monkeypatch.setattr(service.safety, "auditor", service.safety.auditor)
     monkeypatch.setattr(service.safety, "policy", service.safety.policy)
+    monkeypatch.setattr(service.safety, "rules_dir", rules)  # the gate reads its rules from the copy
     monkeypatch.setattr(service, "limits", service.limits)
     request = _request(prompt="a glorbix on a hill")
     service.quote(env.user(), request)  # allowed under the shipped rules

@@ -11,6 +11,7 @@ from PIL import Image
 from test_service_flow import GRANT, _lora, env  # noqa: F401 - `env` is the shared module fixture
 
 from genserve.ingress import create_api
+from genserve.moderation import Moderation
 
 SERVICE = {"Authorization": "Bearer local-service-token"}
 ADMIN = {"Authorization": "Bearer local-admin-token"}
@@ -23,7 +24,8 @@ def _headers(user: str, **extra: str) -> dict[str, str]:
 
 def _call(env, *requests):  # noqa: F811 - the fixture
     """Run (method, url, kwargs) requests against the app in one event loop; returns the responses."""
-    app = create_api(env.service, start_background=False)
+    moderation = Moderation(env.service.registry, env.service.resource_cache, env.service.safety)
+    app = create_api(env.service, moderation, start_background=False)
 
     async def go():
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
@@ -136,7 +138,7 @@ def test_malformed_requests_get_422_with_field_errors(env):  # noqa: F811
 
 
 def test_safety_refusal_quote_and_queue_full_mapping(env, monkeypatch):  # noqa: F811
-    from genserve.errors import QueueFull
+    from genserve.core.errors import QueueFull
 
     caller = env.user()
     user = caller.user_id
@@ -200,7 +202,7 @@ def test_nsfw_level_header_is_recorded(env, level):  # noqa: F811
 
 
 def test_previous_token_is_accepted_during_rotation(env):  # noqa: F811
-    from genserve.config import load_settings
+    from genserve.core.config import load_settings
     from genserve.ingress import Auth
 
     settings = load_settings(env={"GENSERVE_DATA_DIR": str(env.settings.data_dir),

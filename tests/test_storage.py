@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from genserve.config import load_settings
-from genserve.errors import InvalidKey, InvalidRequest, NotFound, StorageError
-from genserve.storage import (
+from genserve.core.config import load_settings
+from genserve.core.errors import InvalidKey, InvalidRequest, NotFound, StorageError
+from genserve.core.storage import (
     LocalObjectStore,
     ObjectNotFound,
     ObjectStore,

@@ -55,7 +55,7 @@ def test_unknown_family_is_refused():
 def test_layout_matches_models_yaml(tiny_models):
     import yaml
 
-    from genserve.config import load_settings
+    from genserve.core.config import load_settings
 
     models_yaml = yaml.safe_load(load_settings().config_path("models.yaml").read_text())
     models_dir = tiny_models["sd1"].root.parent

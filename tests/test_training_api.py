@@ -18,14 +18,20 @@ import uvicorn
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from safetensors.torch import load_file
-from training_support import available, fund, register_base_models, toy_zip, training_settings
+from training_support import (
+    available,
+    build_router_with_ingress_auth,
+    fund,
+    register_base_models,
+    toy_zip,
+    training_settings,
+)
 from typer.testing import CliRunner
 
 from genserve.cli import app as cli_app
-from genserve.db import Database
-from genserve.errors import GenserveError
+from genserve.core.db import Database
+from genserve.core.errors import GenserveError
 from genserve.ingress import map_error
-from training.api import build_router_with_ingress_auth
 from training.client import TrainingClient
 from training.deps import TrainingDeps
 from training.ray_jobs import JobState

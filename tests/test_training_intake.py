@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from genserve.errors import InvalidRequest
+from genserve.core.errors import InvalidRequest
 from training.config import IntakeLimits
 from training.intake import dhash, load_manifest, run_intake
 

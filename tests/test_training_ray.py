@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load
 from training_support import available, fund, register_base_models, toy_zip, training_settings
 
-from genserve.db import Database
+from genserve.core.db import Database
 from training.config import IntakeLimits
 from training.deps import TrainingDeps
 from training.export import kohya_state_dict

@@ -20,9 +20,10 @@ from safetensors.torch import load
 from training_support import available, fund, register_base_models, toy_zip, training_settings
 
 from genserve.billing.errors import InsufficientBuzz
-from genserve.db import Database
-from genserve.errors import Conflict, InvalidRequest, SafetyBlocked
-from safety.image_scan import ImageScanner, NsfwLevel, ScannerOutput
+from genserve.core.db import Database
+from genserve.core.errors import Conflict, InvalidRequest, SafetyBlocked
+from safety.image_scan import ImageScanner, ScannerOutput
+from safety.levels import NsfwLevel
 from safety.store import AuditRow
 from training.deps import TrainingDeps
 from training.ray_jobs import JobState

@@ -11,19 +11,19 @@ from engine_loras import make_lora, write_lora
 from engine_support import differ, one_torch_thread
 from safetensors.torch import save_file
 
+from genserve.core.errors import GenserveError
 from genserve.engine.infotext import parse_hash_list, read_png_infotext
-from genserve.errors import GenserveError
-from genserve.worker_types import EncodedImage, LoraSpec, ProgressEvent, WorkerRequest, WorkerResult
+from genserve.generation.worker.wire import EncodedImage, LoraSpec, ProgressEvent, WorkerRequest, WorkerResult
 
 
 @pytest.fixture(scope="module")
 def env(tiny_models, tmp_path_factory):
     """Settings on a fresh data dir, a migrated SQLite registry, a local object store holding the tiny
     SD1 checkpoint (published content-addressed), the safety embeddings under the models dir."""
-    from genserve.config import load_settings
-    from genserve.db import Database
-    from genserve.registry import ResourceRegistry
-    from genserve.storage import object_store_from_settings
+    from genserve.core.config import load_settings
+    from genserve.core.db import Database
+    from genserve.core.storage import object_store_from_settings
+    from genserve.resources.registry import ResourceRegistry
 
     root = tmp_path_factory.mktemp("worker")
     settings = load_settings(env={"GENSERVE_DATA_DIR": str(root / "data")}, overrides={"worker": {"cpu_threads": 1}})
@@ -40,7 +40,7 @@ def env(tiny_models, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def core(env):
-    from genserve.worker import WorkerCore
+    from genserve.generation.worker.core import WorkerCore
 
     with one_torch_thread():
         core = WorkerCore("sd1", env["settings"], db=env["db"], store=env["store"])
@@ -157,8 +157,8 @@ def test_failed_scan_makes_the_image_undeliverable(core):
 
 
 def test_resources_are_checked_by_the_worker(env, core, lora):
-    from genserve.resources import Resource
-    from genserve.worker import ResourceRefused
+    from genserve.resources.registry import ResourceRefused
+    from genserve.resources.models import Resource
 
     with pytest.raises(ResourceRefused) as err:
         core.generate(_request(loras=[LoraSpec(resource_id="nope")]))
@@ -243,7 +243,7 @@ def test_check_health_does_not_wait_for_a_generation(core):
 
 
 def test_wedged_generation_fails_health(env):
-    from genserve.worker import WorkerCore
+    from genserve.generation.worker.core import WorkerCore
 
     core = WorkerCore("sd1", env["settings"].model_copy(update={"worker": env["settings"].worker.model_copy(
         update={"wedge_timeout_s": 0.05})}), db=env["db"], store=env["store"])
@@ -258,7 +258,8 @@ def test_wedged_generation_fails_health(env):
 def test_evicted_checkpoint_is_freed_after_its_last_request(core):
     from types import SimpleNamespace
 
-    from genserve.worker import CheckpointEvicted, LoadedCheckpoint
+    from genserve.generation.worker.checkpoint import LoadedCheckpoint
+    from genserve.generation.worker.errors import CheckpointEvicted
 
     class Loras:
         cleared = 0
@@ -284,7 +285,7 @@ def test_evicted_checkpoint_is_freed_after_its_last_request(core):
 
 def test_worker_limits_and_unknown_sampler(env, core):
     from genserve.engine.schedulers import UnknownSampler
-    from genserve.worker import WorkerCore
+    from genserve.generation.worker.core import WorkerCore
 
     with pytest.raises(UnknownSampler):
         core.generate(_request(sampler="Euler z"))
@@ -306,8 +307,8 @@ def test_worker_limits_and_unknown_sampler(env, core):
 def serve_worker(env, ray_session, lora):
     from ray import serve
 
-    from genserve.config import settings_dump
-    from genserve.worker import FamilyWorker
+    from genserve.core.config import settings_dump
+    from genserve.generation.worker.deployment import FamilyWorker
 
     app = FamilyWorker.options(name="worker-sd1", max_ongoing_requests=4).bind("sd1", settings_dump(env["settings"]))
     handle = serve.run(app, name="worker-test", route_prefix=None)
@@ -411,7 +412,7 @@ def test_cancel_event_from_another_thread(core):
 
 
 def test_reconfigure_changes_hot_settings_only(core):
-    from genserve.worker import ConfigNotHot
+    from genserve.generation.worker.errors import ConfigNotHot
 
     loaded = core.checkpoint("tiny-sd1")
     saved = core.config
@@ -426,7 +427,7 @@ def test_reconfigure_changes_hot_settings_only(core):
 
 
 def test_scanner_threads_come_from_scan_threads(env):
-    from genserve.worker import WorkerCore
+    from genserve.generation.worker.core import WorkerCore
 
     settings = env["settings"]
     settings = settings.model_copy(update={"worker": settings.worker.model_copy(update={"scan_threads": 2})})

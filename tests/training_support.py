@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 
 from genserve.billing.ledger import user_account
-from genserve.config import Settings, load_settings
+from genserve.core.config import Settings, load_settings
 
 COLOURS = [(220, 40, 40), (40, 40, 220), (40, 200, 60), (230, 210, 30)]
 
@@ -64,3 +64,12 @@ def fund(deps, user: str, amount: int) -> None:  # noqa: ANN001
 
 def available(deps, user: str) -> int:  # noqa: ANN001
     return deps.ledger.balance(user_account(user)).available
+
+
+def build_router_with_ingress_auth(service):  # noqa: ANN001, ANN201 - a TrainingService -> APIRouter
+    """The training router guarded by the ingress's own token checks (`genserve.ingress.Auth` on the
+    service's settings): `Authorization: Bearer <service token>` + `X-User-Id`, and the admin token."""
+    from genserve.ingress import Auth, auth_dependencies
+    from training.api import build_router
+
+    return build_router(service, *auth_dependencies(Auth(service.deps.settings)))

@@ -16,9 +16,9 @@ from fastapi import APIRouter, Body, Depends, File, Form, Path, Query, UploadFil
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
-from genserve.errors import InvalidRequest
-from genserve.trainings import Training
+from genserve.core.errors import InvalidRequest
 from training.service import Submission, TrainingService
+from training.table import Training
 
 PREFIX = "/v1"
 TrainingId = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$")]
@@ -168,11 +168,3 @@ def build_router(service: TrainingService, auth_dependency: Callable[..., Any],
         return TrainingView.of(service.deny(training_id, reason=(body or DenyBody()).reason))
 
     return router
-
-
-def build_router_with_ingress_auth(service: TrainingService) -> APIRouter:
-    """The router guarded by the ingress's own token checks (`genserve.ingress.Auth` on the service's
-    settings): `Authorization: Bearer <service token>` + `X-User-Id`, and the admin token for /admin."""
-    from genserve.ingress import Auth, auth_dependencies
-
-    return build_router(service, *auth_dependencies(Auth(service.deps.settings)))

@@ -12,7 +12,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from genserve.errors import ConfigError
+from genserve.core.errors import ConfigError
 
 
 class _Strict(BaseModel):

@@ -7,10 +7,10 @@ from pathlib import Path
 
 from genserve.billing.ledger import Ledger
 from genserve.billing.pricing import Pricing
-from genserve.config import Settings
-from genserve.db import Database
-from genserve.registry import ResourceRegistry
-from genserve.storage import ObjectStore, object_store_from_settings
+from genserve.core.config import Settings
+from genserve.core.db import Database
+from genserve.core.storage import ObjectStore, object_store_from_settings
+from genserve.resources.registry import ResourceRegistry
 from safety.audit_log import AuditLog
 from safety.image_scan import ImageScanner
 from safety.likeness import LikenessBlocklist, LikenessConfig

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import genserve
-from genserve.errors import GenserveError
+from genserve.core.errors import GenserveError
 
 # (family, PEFT prefix) -> kohya prefix
 KOHYA_PREFIXES = {
@@ -50,7 +50,7 @@ ALLOWED_METADATA = frozenset({
     "modelspec.resolution",
     "modelspec.trigger_phrase",
     "modelspec.date",
-    "genserve.service",
+    "genserve.generation.service",
     "genserve.version",
     "genserve.family",
     "genserve.base_model",
@@ -119,7 +119,7 @@ def export_metadata(info: ExportInfo) -> dict[str, str]:
         "modelspec.resolution": res,
         "modelspec.trigger_phrase": ", ".join(info.trigger_words),
         "modelspec.date": dt.datetime.now(dt.timezone.utc).date().isoformat(),
-        "genserve.service": genserve.SERVICE_NAME,
+        "genserve.generation.service": genserve.SERVICE_NAME,
         "genserve.version": genserve.__version__,
         "genserve.family": info.family,
         "genserve.base_model": info.base_model,

@@ -24,7 +24,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from safety.image_scan import ImageScanner, NsfwLevel
+from safety.image_scan import ImageScanner
+from safety.levels import NsfwLevel
 from safety.prompt_audit import PromptAuditor
 from safety.verdict import Action, Reason
 from training.intake import IntakeReport

@@ -21,7 +21,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from PIL import Image, ImageOps
 
-from genserve.errors import InvalidRequest
+from genserve.core.errors import InvalidRequest
 from training.config import IntakeLimits
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp"})

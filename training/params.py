@@ -14,7 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from genserve.errors import InvalidRequest
+from genserve.core.errors import InvalidRequest
 from training.config import TrainingLimits
 
 Scheduler = Literal["constant", "cosine", "cosine_with_restarts"]

@@ -14,10 +14,10 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
-from genserve.errors import Unavailable
+from genserve.core.errors import Unavailable
 
 if TYPE_CHECKING:
-    from genserve.config import Settings
+    from genserve.core.config import Settings
 
 log = logging.getLogger(__name__)
 

@@ -18,9 +18,9 @@ from sqlalchemy import select, update
 from genserve.billing.errors import HoldClosed, HoldNotFound
 from genserve.billing.ledger import Ledger
 from genserve.billing.pricing import QuoteItem, TrainingQuote
-from genserve.db import Database
-from genserve.errors import Conflict, NotFound
-from genserve.trainings import TERMINAL_STATUSES, Training, TrainingStatus
+from genserve.core.db import Database
+from genserve.core.errors import Conflict, NotFound
+from training.table import TERMINAL_STATUSES, Training, TrainingStatus
 
 log = logging.getLogger(__name__)
 

@@ -21,14 +21,13 @@ import time
 import zipfile
 from pathlib import Path
 
-from genserve.config import load_settings
-from genserve.errors import GenserveError
-from genserve.log import configure_logging, log_context
-from genserve.model_catalog import load_model_catalog
-from genserve.resource_cache import ResourceCache
-from genserve.trainings import Training, TrainingStatus
+from genserve.core.config import load_settings
+from genserve.core.errors import GenserveError
+from genserve.core.log import configure_logging, log_context
+from genserve.resources.cache import ResourceCache
+from genserve.resources.catalog import load_model_catalog
 from safety.embeddings import SafetyEmbeddings
-from safety.image_scan import NsfwLevel
+from safety.levels import NsfwLevel
 from safety.policy import ResourceFlags
 from training.checkpoint import FILES as CHECKPOINT_FILES
 from training.deps import TrainingDeps
@@ -36,6 +35,7 @@ from training.export import ExportInfo, verify_export, write_lora
 from training.params import ResolvedParams
 from training.ray_jobs import ATTEMPT_ENV
 from training.records import Superseded, utcnow
+from training.table import Training, TrainingStatus
 from training.trainer import BaseModelRef, LoraTrainer, Progress, TrainHooks
 
 log = logging.getLogger("training.run")
@@ -189,7 +189,7 @@ class JobRunner:
     def _safety_embeddings(self, family: str) -> SafetyEmbeddings:
         """The family's mandatory embeddings, exactly as the generator's workers load them."""
         settings = self.deps.settings
-        entry = load_model_catalog(settings.config_path("models.yaml")).family(family)
+        entry = load_model_catalog(settings.models_file).family(family)
         return SafetyEmbeddings.from_config(family, entry.safety_embeddings_config(), settings.models_dir)
 
     def _train(self, row: Training, work: Path) -> int:

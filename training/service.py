@@ -20,9 +20,8 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from genserve.billing.ledger import REVENUE_TRAINING, user_account
-from genserve.errors import Conflict, InvalidRequest, NotFound, SafetyBlocked
-from genserve.trainings import TERMINAL_STATUSES, Training, TrainingStatus
-from safety.image_scan import NsfwLevel
+from genserve.core.errors import Conflict, InvalidRequest, NotFound, SafetyBlocked
+from safety.levels import NsfwLevel
 from safety.verdict import Action
 from training.deps import TrainingDeps
 from training.gate import DatasetGate
@@ -31,6 +30,7 @@ from training.params import check_trigger_words, parse_request, resolve
 from training.ray_jobs import RayJobLauncher
 from training.records import ACTIVE_STATUSES, TrainingNotFound, quote_to_dict, utcnow
 from training.run import DATASET_FILE, object_prefix
+from training.table import TERMINAL_STATUSES, Training, TrainingStatus
 from training.trainer import plan_steps
 
 log = logging.getLogger(__name__)

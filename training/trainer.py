@@ -27,9 +27,9 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from PIL import Image
 
-from genserve import metrics
-from genserve.errors import GenserveError
-from genserve.pipelines.loading import load_pipeline
+from genserve.core import metrics
+from genserve.core.errors import GenserveError
+from genserve.engine.loading import load_pipeline
 from safety.embeddings import SafetyEmbeddings
 from training.buckets import assign_bucket, epoch_batches, fit_to_bucket, make_buckets, steps_per_epoch
 from training.checkpoint import CheckpointState, load_checkpoint, save_checkpoint
@@ -52,7 +52,7 @@ class TrainingDiverged(GenserveError):
 
 @dataclass(frozen=True)
 class BaseModelRef:
-    """Where the base checkpoint is (see genserve.pipelines.loading.load_pipeline)."""
+    """Where the base checkpoint is (see genserve.engine.loading.load_pipeline)."""
 
     family: str
     path: Path
@@ -460,7 +460,7 @@ class LoraTrainer:
         negatives = None
         if self.safety is not None:
             # as the generator does, with the minor-protection embedding always on for previews
-            pairs = [self.safety.inject("", p, mature=True) for p in prompts]
+            pairs = [self.safety.inject(prompt=p, negative_prompt="", mature=True) for p in prompts]
             prompts, negatives = [p for p, _ in pairs], [n for _, n in pairs]
         for module in self.trained_modules.values():
             module.eval()

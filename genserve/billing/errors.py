@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from genserve.errors import Conflict, InsufficientFunds, InvalidRequest, NotFound
+from genserve.core.errors import Conflict, InsufficientFunds, InvalidRequest, NotFound
 
 
 class InvalidAmount(InvalidRequest):

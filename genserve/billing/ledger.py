@@ -32,9 +32,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy import create_engine, event, func, select
 
-from genserve import metrics
 from genserve.billing import models
-from genserve.billing.config import BillingConfig
 from genserve.billing.errors import (
     AccountNotFound,
     CaptureExceedsHold,
@@ -46,8 +44,10 @@ from genserve.billing.errors import (
     InvalidAmount,
     InvalidIdempotencyKey,
 )
-from genserve.db import Database, ThreadConnections
-from genserve.errors import ConfigError, InvalidRequest
+from genserve.core import metrics
+from genserve.core.config.billing import BillingConfig
+from genserve.core.db import Database, ThreadConnections
+from genserve.core.errors import ConfigError, InvalidRequest
 
 MINT = "mint"
 PROMO = "promo"

@@ -29,7 +29,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
-from genserve.db import Base
+from genserve.core.db import Base
 
 ACCOUNT_ID = String(100)
 HOLD_ID = String(32)

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 
-from genserve.errors import ConfigError, InvalidRequest
+from genserve.core.errors import ConfigError, InvalidRequest
 
 MILLI = 1000
 

@@ -23,7 +23,7 @@ def _root(
 @handle_errors
 def migrate(ctx: typer.Context, revision: str = typer.Argument("head"), as_json: bool = JsonOption) -> None:
     """Upgrade the database schema (SQLite or PostgreSQL) to REVISION."""
-    from genserve.db import Database, current_revision
+    from genserve.core.db import Database, current_revision
 
     settings = get_settings(ctx)
     db = Database.from_settings(settings)

@@ -15,7 +15,7 @@ from pathlib import Path
 import typer
 
 from genserve.cli.common import EXIT_ERROR, EXIT_REFUSED, JsonOption, emit, get_settings, handle_errors
-from genserve.errors import ConfigError, InvalidRequest
+from genserve.core.errors import ConfigError, InvalidRequest
 from safety.errors import RulesInvalid
 from safety.prompt_audit import PromptAuditor
 from safety.verdict import Action, Verdict

@@ -22,7 +22,7 @@ def _ledger(ctx: typer.Context):  # noqa: ANN202 - Ledger, imported lazily to ke
     from sqlalchemy import inspect
 
     from genserve.billing.ledger import Ledger
-    from genserve.db import Database
+    from genserve.core.db import Database
 
     settings = get_settings(ctx)
     db = Database.from_settings(settings)

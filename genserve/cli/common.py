@@ -11,8 +11,8 @@ from typing import Any, TypeVar
 import typer
 from rich.console import Console
 
-from genserve.config import Settings, load_settings
-from genserve.errors import GenserveError, SafetyBlocked
+from genserve.core.config import Settings, load_settings
+from genserve.core.errors import GenserveError, SafetyBlocked
 
 EXIT_ERROR = 1
 EXIT_REFUSED = 3  # a safety refusal or a blocklist match

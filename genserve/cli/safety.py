@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 
 from genserve.cli.common import EXIT_ERROR, EXIT_REFUSED, JsonOption, emit, get_settings, handle_errors
-from genserve.errors import Conflict, InvalidRequest, NotFound
+from genserve.core.errors import Conflict, InvalidRequest, NotFound
 
 likeness_app = typer.Typer(no_args_is_help=True, help="The likeness blocklist: LoRAs of real people that never load.")
 audit_app = typer.Typer(no_args_is_help=True, help="The tamper-evident safety audit log.")
@@ -41,7 +41,7 @@ def _safety_errors() -> Iterator[None]:
 @contextlib.contextmanager
 def _components(ctx: typer.Context) -> Iterator[dict]:
     """The database and the safety components built on it, for one command."""
-    from genserve.db import Database
+    from genserve.core.db import Database
     from safety.audit_log import AuditLog
     from safety.likeness import LikenessBlocklist, LikenessConfig
     from safety.takedowns import Takedowns

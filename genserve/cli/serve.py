@@ -33,10 +33,10 @@ def serve_command(
 
     from genserve.app import APP_NAME, build_app, ingress_environment, load_serve_config, required_cpus
     from genserve.bootstrap import bootstrap
-    from genserve.db import Database
-    from genserve.log import configure_logging
-    from genserve.model_catalog import load_model_catalog
-    from genserve.storage import object_store_from_settings
+    from genserve.core.db import Database
+    from genserve.core.log import configure_logging
+    from genserve.core.storage import object_store_from_settings
+    from genserve.resources.catalog import load_model_catalog
     from training.ray_jobs import local_ray_init_kwargs
 
     settings = get_settings(ctx)
@@ -55,7 +55,7 @@ def serve_command(
     num_cpus = settings.server.num_cpus
     if num_cpus is None and settings.server.ray_address is None:
         # Ray's CPUs are scheduling units: a small machine still gets room for every replica
-        families = list(load_model_catalog(settings.config_path("models.yaml")).families)
+        families = list(load_model_catalog(settings.models_file).families)
         num_cpus = max(os.cpu_count() or 1, math.ceil(required_cpus(serve_config, families)))
     if not ray.is_initialized():
         if settings.server.ray_address is None:  # a cluster chose its HTTP ingress when it started

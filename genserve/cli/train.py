@@ -9,7 +9,7 @@ from typing import Any
 import typer
 
 from genserve.cli.common import JsonOption, console, emit, get_settings, handle_errors
-from genserve.errors import GenserveError
+from genserve.core.errors import GenserveError
 
 TERMINAL = {"succeeded", "failed", "canceled", "denied"}
 

@@ -31,10 +31,11 @@ from diffusers import (
 )
 from PIL import Image
 
-from genserve.engine.config import WorkerConfig
+from genserve.core.config.worker import WorkerConfig
 from genserve.engine.infotext import build_infotext, encode_png
 from genserve.engine.schedulers import make_scheduler, sampler_spec
-from genserve.worker_types import WorkerRequest
+from genserve.generation.worker.wire import WorkerRequest
+from safety.embeddings import InjectedPrompts
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ _UPSCALER_NAMES = {"latent": "Latent", "lanczos": "Lanczos"}
 class PromptInjector(Protocol):
     """The safety embeddings' prompt rewrite (`safety.embeddings.SafetyEmbeddings.inject`)."""
 
-    def inject(self, negative_prompt: str, prompt: str, mature: bool) -> tuple[str, str]: ...
+    def inject(self, *, prompt: str, negative_prompt: str, mature: bool) -> InjectedPrompts: ...
 
 
 @dataclass(frozen=True)
@@ -222,7 +223,8 @@ def generate(
     timings: dict[str, float] = {}
     started = time.perf_counter()
 
-    prompt, negative = safety.inject(request.negative_prompt, request.prompt, request.mature)
+    prompt, negative = safety.inject(prompt=request.prompt, negative_prompt=request.negative_prompt,
+                                     mature=request.mature)
     base_config = pipe.scheduler.config
     txt2img = pipeline_view(pipe, type(pipe))
     img2img = None

@@ -27,9 +27,9 @@ from peft.tuners.lora.layer import LoraLayer
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-from genserve import metrics
-from genserve.errors import InvalidRequest, SafetyBlocked, Unavailable
-from genserve.pipelines.loading import MODEL_BUILD_LOCK
+from genserve.core import metrics
+from genserve.core.errors import InvalidRequest, SafetyBlocked, Unavailable
+from genserve.engine.loading import MODEL_BUILD_LOCK
 from safety.errors import SafetyError
 
 logger = logging.getLogger(__name__)

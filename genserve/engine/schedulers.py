@@ -25,7 +25,7 @@ from diffusers import (
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from genserve.errors import InvalidRequest
+from genserve.core.errors import InvalidRequest
 
 
 class UnknownSampler(InvalidRequest):

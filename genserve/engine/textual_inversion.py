@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from genserve.errors import InvalidRequest
+from genserve.core.errors import InvalidRequest
 from safety.embeddings import token_ids
 
 _SDXL_KEYS = (("clip_l", "text_encoder", "tokenizer"), ("clip_g", "text_encoder_2", "tokenizer_2"))

@@ -1,11 +1,11 @@
-"""Alembic environment: runs against the engine handed in by `genserve.db.migrate`, or the URL in the config."""
+"""Alembic environment: runs against the engine handed in by `genserve.core.db.migrate`, or the URL in the config."""
 
 from __future__ import annotations
 
 from alembic import context
 from sqlalchemy import create_engine
 
-from genserve.db import all_metadata
+from genserve.core.db import all_metadata
 
 config = context.config
 target_metadata = all_metadata()

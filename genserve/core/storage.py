@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from genserve.errors import InvalidKey, InvalidRequest, NotFound, StorageError
+from genserve.core.errors import InvalidKey, InvalidRequest, NotFound, StorageError
 
 if TYPE_CHECKING:
-    from genserve.config import Settings, StorageConfig
+    from genserve.core.config import Settings, StorageConfig
 
 MAX_KEY_BYTES = 1024
 MAX_METADATA_BYTES = 2048  # S3's limit on user metadata (names + values)

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Literal
 
-from genserve.errors import GenserveError, InvalidRequest
-from genserve.storage import ObjectStore, sha256_file
+from genserve.core.errors import GenserveError, InvalidRequest
+from genserve.core.storage import ObjectStore, sha256_file
 
 logger = logging.getLogger(__name__)
 

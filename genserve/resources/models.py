@@ -8,7 +8,7 @@ import enum
 from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Enum, String, func
 from sqlalchemy.orm import Mapped, mapped_column
 
-from genserve.db import Base
+from genserve.core.db import Base
 
 
 class ResourceKind(str, enum.Enum):

@@ -17,7 +17,7 @@ from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
 from safety.db import NAMING_CONVENTION
 
-MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+MIGRATIONS_DIR = Path(__file__).resolve().parents[1] / "migrations"
 
 
 class Base(DeclarativeBase):
@@ -26,11 +26,11 @@ class Base(DeclarativeBase):
 
 # Modules whose tables belong to the schema; imported before create_all / autogenerate.
 MODEL_MODULES = (
-    "genserve.resources",
+    "genserve.resources.models",
     "genserve.billing.models",
     "safety.store",
-    "genserve.jobs",
-    "genserve.trainings",
+    "genserve.generation.jobs",
+    "training.table",
 )
 
 

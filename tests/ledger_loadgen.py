@@ -11,8 +11,8 @@ import time
 from dataclasses import dataclass, field
 
 from genserve.billing.ledger import REVENUE_GENERATION, Ledger
-from genserve.db import Database
-from genserve.errors import Conflict, InsufficientFunds
+from genserve.core.db import Database
+from genserve.core.errors import Conflict, InsufficientFunds
 
 
 @dataclass

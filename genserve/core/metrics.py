@@ -7,7 +7,6 @@ Outside a Ray worker (plain scripts, unit tests) recording is a no-op, so caller
 
 from __future__ import annotations
 
-import functools
 import threading
 import time
 from collections.abc import Iterator
@@ -104,9 +103,3 @@ def stage_timer(stage: str, family: str = "") -> Iterator[None]:
         yield
     finally:
         observe("genserve_stage_latency_ms", (time.perf_counter() - start) * 1000.0, stage=stage, family=family)
-
-
-@functools.lru_cache(maxsize=1)
-def metric_names() -> tuple[str, ...]:
-    """Exported names as Prometheus shows them (Ray adds the `ray_` prefix)."""
-    return tuple("ray_" + n for n in DEFINITIONS)

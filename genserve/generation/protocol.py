@@ -13,13 +13,23 @@ import enum
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
-from genserve.errors import ConfigError, InvalidRequest
-from genserve.jobs import JobStatus
+from genserve.core.errors import ConfigError, InvalidRequest
+from genserve.generation.jobs import JobStatus
+from safety.levels import NsfwLevel
 
 API_VERSION = "v1"
 MAX_PROMPT_CHARS = 4000
@@ -46,26 +56,17 @@ class Sampler(str, enum.Enum):
     lcm = "LCM"
 
 
-class NsfwLevel(str, enum.Enum):
-    """Content ratings in increasing order (the image scanner's levels); a request allows every level
-    up to its own."""
-
-    pg = "pg"
-    pg13 = "pg13"
-    r = "r"
-    x = "x"
-
-    @property
-    def rank(self) -> int:
-        return _NSFW_ORDER.index(self)
-
-    @classmethod
-    def lowest(cls, *levels: NsfwLevel | None) -> NsfwLevel:
-        present = [lv for lv in levels if lv is not None]
-        return min(present, key=lambda lv: lv.rank) if present else cls.pg13
+def _level_from_wire(value: object) -> NsfwLevel:
+    return value if isinstance(value, NsfwLevel) else NsfwLevel.from_wire(value)  # type: ignore[arg-type]
 
 
-_NSFW_ORDER = [NsfwLevel.pg, NsfwLevel.pg13, NsfwLevel.r, NsfwLevel.x]
+# safety's one level type, named on the wire ("pg13"), never by its number
+WireNsfwLevel = Annotated[
+    NsfwLevel,
+    BeforeValidator(_level_from_wire),
+    PlainSerializer(NsfwLevel.to_wire, return_type=str),
+    WithJsonSchema({"type": "string", "enum": [lvl.to_wire() for lvl in NsfwLevel]}),
+]
 
 
 class Priority(str, enum.Enum):
@@ -114,7 +115,7 @@ class GenerationRequest(_Strict):
     height: int | None = Field(None, ge=8, le=4096)
     quantity: int = Field(1, ge=1, le=20)
     hires: HiresFix | None = None
-    nsfw_level: NsfwLevel | None = Field(
+    nsfw_level: WireNsfwLevel | None = Field(
         None, description="lowers, never raises, the level the site's back end allows this user"
     )
     priority: Priority = Priority.normal
@@ -281,20 +282,3 @@ class Limits(_Strict):
             return cls.model_validate(data)
         except (yaml.YAMLError, ValueError) as exc:
             raise ConfigError(f"invalid limits file {path}: {exc}", code="limits_invalid") from exc
-
-
-class GenerationConfig(_Strict):
-    """The `generation:` section of the settings tree."""
-
-    limits_file: str = "limits.yaml"
-    job_timeout_s: float = Field(1200.0, gt=0, description="a job's run time before it is failed")
-    timeout_per_resource_s: float = Field(60.0, ge=0, description="added to job_timeout_s per LoRA/embedding")
-    hold_margin_s: float = Field(600.0, ge=0, description="a hold outlives its job's timeout by this much")
-    wait_timeout_s: float = Field(120.0, gt=0, description="longest `?wait=true` blocks")
-    heartbeat_interval_s: float = Field(5.0, gt=0)
-    stale_after_s: float = Field(60.0, gt=0, description="a running job whose heartbeat is older is orphaned")
-    reaper_interval_s: float = Field(15.0, gt=0)
-    sse_poll_s: float = Field(0.5, gt=0, description="how often an event stream looks for events from other replicas")
-    store_threads: int = Field(4, ge=1, description="images stored at once per ingress replica (while they are scanned)")
-    demo_user: str = "demo"
-    demo_balance: int = Field(10_000, ge=0, description="buzz granted once to the demo user by `genserve serve`")

@@ -20,9 +20,9 @@ import socket
 from dataclasses import dataclass
 
 from genserve.billing.ledger import Ledger
-from genserve.errors import GenserveError
-from genserve.jobs import GenerationJob, JobStatus, JobStore, image_prefix, utcnow
-from genserve.storage import ObjectStore
+from genserve.core.errors import GenserveError
+from genserve.core.storage import ObjectStore
+from genserve.generation.jobs import GenerationJob, JobStatus, JobStore, image_prefix, utcnow
 
 logger = logging.getLogger(__name__)
 

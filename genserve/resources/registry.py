@@ -1,7 +1,7 @@
 """The resource registry: which checkpoints, LoRAs and embeddings exist, where their bytes are, what
 they may be used for.
 
-Files are published content-addressed into the object store (`genserve.resource_cache`), and the
+Files are published content-addressed into the object store (`genserve.resources.cache`), and the
 row records the SHA-256 every download is verified against, the tensor-payload hash the likeness
 blocklist matches, and the flags the safety policy reads (minor, poi, sfw_only). A takedown turns a
 resource off with `disable`; the row stays, so past jobs still name what they used.
@@ -16,22 +16,26 @@ from typing import Any
 
 from sqlalchemy import or_, select
 
-from genserve.db import Database
-from genserve.errors import Conflict, InvalidRequest, NotFound
-from genserve.resource_cache import publish_file, publish_folder
-from genserve.resources import ModelFamily, Resource, ResourceKind
-from genserve.schemas import MAX_EXTRA_RESOURCES, ResourceRef
-from genserve.storage import ObjectStore
+from genserve.core.db import Database
+from genserve.core.errors import Conflict, GenserveError, InvalidRequest, NotFound
+from genserve.core.storage import ObjectStore
+from genserve.generation.protocol import MAX_EXTRA_RESOURCES, ResourceRef
+from genserve.resources.cache import publish_file, publish_folder
+from genserve.resources.models import ModelFamily, Resource, ResourceKind
 from safety.hashing import file_hashes
 
 RESOURCE_PREFIX = "resources"
 
 
-class ResourceNotFound(NotFound):
+class ResourceRefused(GenserveError):
+    """Any refusal of a resource id (the worker and the ingress catch them as one)."""
+
+
+class ResourceNotFound(ResourceRefused, NotFound):
     code = "resource_not_found"
 
 
-class ResourceUnavailable(InvalidRequest):
+class ResourceUnavailable(ResourceRefused, InvalidRequest):
     """The resource exists but cannot be used for this generation (disabled, wrong kind or family)."""
 
     code = "resource_unavailable"
@@ -213,6 +217,19 @@ class ResourceRegistry:
         with self.db.session() as s:
             return self._row(s, resource_id)
 
+    def usable(self, resource_id: str, kind: ResourceKind | str, family: str, user_id: str | None = None) -> Resource:
+        """The row of a resource a generation of `family` may use as a `kind`, or the refusal: the
+        one question the ingress (per request) and the worker (per resource, again) both ask."""
+        kind = _kind(kind)
+        with self.db.session() as s:
+            row = s.get(Resource, resource_id)
+        _check_usable(resource_id, row, user_id)
+        if ResourceKind(row.kind) is not kind or ModelFamily(row.family).value != family:
+            raise ResourceUnavailable(
+                f"resource {resource_id} is a {ModelFamily(row.family).value} {ResourceKind(row.kind).value}, "
+                f"not a {family} {kind.value}", code="resource_unusable", details={"id": resource_id})
+        return row
+
     def list(self, kind: ResourceKind | str | None = None, family: ModelFamily | str | None = None) -> list[Resource]:
         query = select(Resource).order_by(Resource.id)
         if kind is not None:
@@ -237,14 +254,7 @@ class ResourceRegistry:
         with self.db.session() as s:
             rows = {row.id: row for row in s.scalars(select(Resource).where(Resource.id.in_(ids)))}
         for rid in ids:
-            row = rows.get(rid)
-            # a private resource of someone else is reported exactly like a missing one
-            if row is None or (row.owner_user_id is not None and user_id is not None and row.owner_user_id != user_id):
-                raise ResourceNotFound(f"no resource {rid}", details={"id": rid})
-            if not row.generation_enabled:
-                raise ResourceUnavailable(
-                    f"resource {rid} is not available for generation", code="resource_disabled", details={"id": rid}
-                )
+            _check_usable(rid, rows.get(rid), user_id)
         checkpoint = rows[checkpoint_id]
         if ResourceKind(checkpoint.kind) is not ResourceKind.checkpoint:
             raise ResourceUnavailable(f"{checkpoint_id} is not a checkpoint", code="not_a_checkpoint",
@@ -264,6 +274,16 @@ class ResourceRegistry:
                 )
             (loras if kind is ResourceKind.lora else embeddings).append(ResolvedResource.from_row(row, ref.strength))
         return ResolvedResources(ResolvedResource.from_row(checkpoint), tuple(loras), tuple(embeddings))
+
+
+def _check_usable(resource_id: str, row: Resource | None, user_id: str | None) -> None:
+    """Exists, visible to `user_id`, enabled for generation."""
+    # a private resource of someone else is reported exactly like a missing one
+    if row is None or (row.owner_user_id is not None and user_id is not None and row.owner_user_id != user_id):
+        raise ResourceNotFound(f"no resource {resource_id}", details={"id": resource_id})
+    if not row.generation_enabled:
+        raise ResourceUnavailable(f"resource {resource_id} is not available for generation", code="resource_disabled",
+                                  details={"id": resource_id})
 
 
 def _kind(value: ResourceKind | str) -> ResourceKind:

@@ -18,16 +18,17 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
-from genserve.billing.config import BillingConfig
-from genserve.engine.config import WorkerConfig
-from genserve.errors import ConfigError
-from genserve.schemas import GenerationConfig
-from genserve.trainings import TrainingConfig
+from genserve.core.config.billing import BillingConfig
+from genserve.core.config.generation import GenerationConfig
+from genserve.core.config.training import TrainingConfig
+from genserve.core.config.worker import WorkerConfig
+from genserve.core.errors import ConfigError
 from safety.config import SafetyConfig
 
-PACKAGE_ROOT = Path(__file__).resolve().parent
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG_DIR = PACKAGE_ROOT.parent / "configs"
 SETTINGS_FILE = "genserve.yaml"
+MODELS_FILE = "models.yaml"
 
 # Flat, documented environment names -> dotted paths in the tree.
 ENV_ALIASES: dict[str, str] = {
@@ -119,7 +120,7 @@ class Settings(_Section):
 
     @property
     def database_url(self) -> str:
-        return self.database.url or f"sqlite:///{(self.data_dir / 'genserve.db').resolve()}"
+        return self.database.url or f"sqlite:///{(self.data_dir / 'genserve.core.db').resolve()}"
 
     @property
     def objects_dir(self) -> Path:
@@ -129,6 +130,11 @@ class Settings(_Section):
     def models_dir(self) -> Path:
         """Where tiny models are built and downloaded resources are cached."""
         return (self.data_dir / "models").resolve()
+
+    @property
+    def models_file(self) -> Path:
+        """The model catalog: families, their safety embeddings, checkpoints."""
+        return self.config_path(MODELS_FILE)
 
     def config_path(self, name: str) -> Path:
         """A file under the config dir (pricing.yaml, models.yaml, safety/*.yaml ...)."""

@@ -12,6 +12,9 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from safety.image_scan import ScanResult
+from safety.levels import NsfwLevel
+
 SCHEMA_VERSION = 2
 MAX_SEED = 2**63 - 1
 MAX_PROMPT_CHARS = 4000
@@ -124,6 +127,24 @@ class ImageScan(_Frozen):
     @property
     def ok(self) -> bool:
         return self.level is not None and not self.errors
+
+    @classmethod
+    def of(cls, result: ScanResult) -> ImageScan:
+        return cls(level=result.level.to_wire(), detections=[d.to_dict() for d in result.detections],
+                   minor_signal=result.minor_signal, errors=list(result.scanner_errors))
+
+    @classmethod
+    def unfinished(cls, error: str) -> ImageScan:
+        return cls(level=None, errors=[error])
+
+    def to_scan_result(self) -> ScanResult:
+        """The report as the policy reads it; a scan that did not finish is a failed scan."""
+        errors = tuple(self.errors) or (() if self.level is not None else ("the image scan did not finish",))
+        try:
+            level = NsfwLevel.X if self.level is None else NsfwLevel.from_wire(self.level)
+        except ValueError as exc:
+            level, errors = NsfwLevel.X, (*errors, str(exc))
+        return ScanResult(level=level, minor_signal=self.minor_signal, scanner_errors=errors)
 
 
 class ImageResult(_Frozen):

@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from genserve.errors import ConfigError
+from genserve.core.errors import ConfigError
 
 CATALOG_FILE = "models.yaml"
 

@@ -42,8 +42,8 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from genserve.db import Base, Database
-from genserve.errors import NotFound
+from genserve.core.db import Base, Database
+from genserve.core.errors import NotFound
 
 
 class JobStatus(str, enum.Enum):

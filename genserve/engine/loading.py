@@ -15,7 +15,7 @@ from diffusers.utils import logging as diffusers_logging
 from safetensors import SafetensorError
 from transformers.utils import logging as transformers_logging
 
-from genserve.errors import ConfigError, GenserveError, InvalidRequest, NotFound
+from genserve.core.errors import ConfigError, GenserveError, InvalidRequest, NotFound
 
 # Loading with low_cpu_mem_usage builds modules under accelerate's `init_empty_weights`, which patches
 # torch.nn.Module globally for the whole process: any module built in another thread meanwhile (a

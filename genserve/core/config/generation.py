@@ -1,0 +1,24 @@
+"""The `generation:` section of the settings tree: how the ingress runs and settles generation jobs."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class GenerationConfig(BaseModel):
+    """The `generation:` section of the settings tree."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    limits_file: str = "limits.yaml"
+    job_timeout_s: float = Field(1200.0, gt=0, description="a job's run time before it is failed")
+    timeout_per_resource_s: float = Field(60.0, ge=0, description="added to job_timeout_s per LoRA/embedding")
+    hold_margin_s: float = Field(600.0, ge=0, description="a hold outlives its job's timeout by this much")
+    wait_timeout_s: float = Field(120.0, gt=0, description="longest `?wait=true` blocks")
+    heartbeat_interval_s: float = Field(5.0, gt=0)
+    stale_after_s: float = Field(60.0, gt=0, description="a running job whose heartbeat is older is orphaned")
+    reaper_interval_s: float = Field(15.0, gt=0)
+    sse_poll_s: float = Field(0.5, gt=0, description="how often an event stream looks for events from other replicas")
+    store_threads: int = Field(4, ge=1, description="images stored at once per ingress replica (while they are scanned)")
+    demo_user: str = "demo"
+    demo_balance: int = Field(10_000, ge=0, description="buzz granted once to the demo user by `genserve serve`")

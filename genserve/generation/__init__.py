@@ -1,0 +1,1 @@
+"""Generation jobs: admission, running, settlement, the reaper and the GPU worker."""

@@ -19,7 +19,6 @@ import re
 import secrets
 import time
 import uuid
-from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
@@ -27,7 +26,9 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Depends, FastAPI, Header, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, Field, SecretStr
+from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from genserve.core import metrics
@@ -188,32 +189,15 @@ class TakedownDecision(BaseModel):
 # --------------------------------------------------------------------------------------------- app
 
 
-class HttpCounters:
-    """Request counters by route and status, exposed on /v1/metrics in Prometheus text format."""
-
-    def __init__(self) -> None:
-        self.requests: Counter[tuple[str, int]] = Counter()
-
-    def prometheus(self, jobs_by_status: dict[str, int]) -> str:
-        lines = ["# HELP genserve_http_requests_total HTTP requests by route and status code",
-                 "# TYPE genserve_http_requests_total counter"]
-        lines += [f'genserve_http_requests_total{{route="{route}",status="{status}"}} {n}'
-                  for (route, status), n in sorted(self.requests.items())]
-        lines += ["# HELP genserve_generation_jobs Generation jobs in the database by status",
-                  "# TYPE genserve_generation_jobs gauge"]
-        lines += [f'genserve_generation_jobs{{status="{s}"}} {n}' for s, n in sorted(jobs_by_status.items())]
-        return "\n".join(lines) + "\n"
-
-
 class RequestContext:
     """Every request gets an id (the caller's `X-Request-Id` or a new one) that tags its logs and
     comes back in the response; errors not mapped by a handler are mapped here; requests are
     counted by route and status. Plain ASGI: `@app.middleware` would wrap every call in an extra
     task and response stream."""
 
-    def __init__(self, app: Callable[..., Any], counters: HttpCounters):
+    def __init__(self, app: Callable[..., Any], page: metrics.ServicePage):
         self.app = app
-        self.counters = counters
+        self.page = page
 
     async def __call__(self, scope: dict, receive: Callable[..., Any], send: Callable[..., Any]) -> None:
         if scope["type"] != "http":
@@ -239,7 +223,7 @@ class RequestContext:
                 await map_error(exc)(scope, receive, send_with_id)
         path = getattr(scope.get("route"), "path", "unmatched")
         code = status[0] if status else 500
-        self.counters.requests[(path, code)] += 1
+        self.page.count_request(path, code)
         metrics.inc("genserve_requests_total", route=path, status=str(code))
 
 
@@ -253,7 +237,7 @@ def create_api(service: GenerationService, moderation: Moderation, *, routers: S
     so every route shares one auth and one error mapping."""
     settings = service.settings
     auth = Auth(settings)
-    counters = HttpCounters()
+    page = metrics.ServicePage(service.job_figures)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -269,7 +253,7 @@ def create_api(service: GenerationService, moderation: Moderation, *, routers: S
     for exc_type in (GenserveError, SafetyError, RequestValidationError, StarletteHTTPException):
         app.add_exception_handler(exc_type, lambda _req, exc: map_error(exc))
 
-    app.add_middleware(RequestContext, counters=counters)
+    app.add_middleware(RequestContext, page=page)
 
     caller, admin = auth_dependencies(auth)
     CallerDep = Annotated[Caller, Depends(caller)]
@@ -313,20 +297,21 @@ def create_api(service: GenerationService, moderation: Moderation, *, routers: S
              response_class=StreamingResponse, responses={200: {"content": {"text/event-stream": {}}}})
     async def generation_events(
         who: CallerDep, job_id: JobId, last_event_id: Annotated[str | None, Header()] = None
-    ) -> StreamingResponse:
+    ) -> EventSourceResponse:
         """Server-sent events: `status` and `progress`, ending with the terminal status. Resumable."""
         after = int(last_event_id) if last_event_id and last_event_id.isdigit() else 0
         events = service.events(who, job_id, after)
         first = await anext(events, None)  # an unknown job is a 404 before the stream starts
 
-        async def stream() -> AsyncIterator[str]:
+        async def stream() -> AsyncIterator[ServerSentEvent]:
             event = first
             while event is not None:
-                yield f"id: {event.seq}\nevent: {event.kind}\ndata: {json.dumps(event.data, sort_keys=True)}\n\n"
+                yield ServerSentEvent(id=str(event.seq), event=event.kind, data=json.dumps(event.data, sort_keys=True))
                 event = await anext(events, None)
 
-        return StreamingResponse(stream(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        # a comment line every `sse_ping_s` keeps a job queued for long past a load balancer's idle timeout
+        return EventSourceResponse(stream(), ping=settings.generation.sse_ping_s, sep="\n",
+                                   headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @app.get(f"{PREFIX}/generations/{{job_id}}/images/{{index}}", tags=["generations"],
              response_class=Response, responses={200: {"content": {"image/png": {}}}})
@@ -385,8 +370,7 @@ def create_api(service: GenerationService, moderation: Moderation, *, routers: S
 
     @app.get(f"{PREFIX}/metrics", response_class=PlainTextResponse, tags=["operations"])
     async def metrics_text() -> PlainTextResponse:
-        return PlainTextResponse(counters.prometheus(await asyncio.to_thread(service.count_by_status)),
-                                 media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(await asyncio.to_thread(page.render), media_type=CONTENT_TYPE_LATEST)
 
     for build in routers:
         app.include_router(build(caller, admin))

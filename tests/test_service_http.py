@@ -155,7 +155,7 @@ def test_safety_refusal_quote_and_queue_full_mapping(env, monkeypatch):  # noqa:
     def full(*_a, **_k):
         raise QueueFull("busy", retry_after_s=7)
 
-    monkeypatch.setattr(env.service, "_admit", full)
+    monkeypatch.setattr(env.service.admission, "check_queue", full)
     (busy,) = _call(env, ("POST", "/v1/generations", {"json": BODY, "headers": _headers(user)}))
     assert busy.status_code == 429 and busy.headers["retry-after"] == "7" and busy.json()["code"] == "queue_full"
     assert env.available(caller) == GRANT

@@ -157,8 +157,8 @@ def test_failed_scan_makes_the_image_undeliverable(core):
 
 
 def test_resources_are_checked_by_the_worker(env, core, lora):
-    from genserve.resources.registry import ResourceRefused
     from genserve.resources.models import Resource
+    from genserve.resources.registry import ResourceRefused
 
     with pytest.raises(ResourceRefused) as err:
         core.generate(_request(loras=[LoraSpec(resource_id="nope")]))

@@ -12,11 +12,9 @@ from genserve.core.db import Database
 from genserve.core.storage import ObjectStore, object_store_from_settings
 from genserve.resources.registry import ResourceRegistry
 from safety.audit_log import AuditLog
+from safety.gate import SafetyGate
 from safety.image_scan import ImageScanner
-from safety.likeness import LikenessBlocklist, LikenessConfig
-from safety.policy import SafetyPolicy
-from safety.prompt_audit import PromptAuditor
-from safety.store import person_names
+from safety.likeness import LikenessBlocklist
 from training.config import TrainingLimits
 from training.records import TrainingRecords
 
@@ -31,11 +29,8 @@ class TrainingDeps:
     limits: TrainingLimits
     registry: ResourceRegistry
     records: TrainingRecords
-    auditor: PromptAuditor
+    safety: SafetyGate
     scanner: ImageScanner
-    policy: SafetyPolicy
-    blocklist: LikenessBlocklist
-    audit: AuditLog
 
     @classmethod
     def from_settings(cls, settings: Settings, db: Database | None = None, *,
@@ -44,11 +39,7 @@ class TrainingDeps:
         db = db or Database.from_settings(settings)
         store = object_store_from_settings(settings)
         store.ensure_bucket()
-        rules_dir = settings.config_path(settings.safety.rules_dir)
-        with db.session() as s:
-            names = person_names(s)
-        auditor = PromptAuditor.from_dir(rules_dir, extra_person_names=names)
-        audit = AuditLog(db.session)
+        safety = SafetyGate.build(settings.safety, settings.config_dir, db.session)
         return cls(
             settings=settings,
             db=db,
@@ -58,13 +49,17 @@ class TrainingDeps:
             limits=TrainingLimits.from_settings(settings),
             registry=ResourceRegistry(db, store),
             records=TrainingRecords(db),
-            auditor=auditor,
-            scanner=scanner or ImageScanner.from_config(rules_dir / settings.safety.image_scan_file),
-            policy=SafetyPolicy(auditor),
-            blocklist=LikenessBlocklist(db.session, LikenessConfig.load(rules_dir / settings.safety.likeness_file),
-                                        audit_log=audit),
-            audit=audit,
+            safety=safety,
+            scanner=scanner or safety.image_scanner(),
         )
+
+    @property
+    def blocklist(self) -> LikenessBlocklist:
+        return self.safety.blocklist
+
+    @property
+    def audit(self) -> AuditLog:
+        return self.safety.audit
 
     @property
     def work_dir(self) -> Path:

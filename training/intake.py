@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 
+import imagehash
 import numpy as np
 from PIL import Image, ImageOps
 
@@ -253,11 +254,9 @@ def decode_image(data: bytes, limits: IntakeLimits) -> tuple[Image.Image, bool, 
     return img, rotated, downscaled
 
 
-def dhash(img: Image.Image, size: int = 8) -> int:
-    """Difference hash: one bit per horizontally adjacent pair of a (size+1) x size grey thumbnail."""
-    grey = np.asarray(img.convert("L").resize((size + 1, size), Image.Resampling.BILINEAR), dtype=np.int16)
-    bits = (grey[:, 1:] > grey[:, :-1]).flatten()
-    return int("".join("1" if b else "0" for b in bits), 2)
+def dhash(img: Image.Image, size: int = 8) -> imagehash.ImageHash:
+    """Difference hash (`imagehash.dhash`); two hashes subtract to their Hamming distance."""
+    return imagehash.dhash(img, hash_size=size)
 
 
 def color_thumbnail(img: Image.Image) -> np.ndarray:
@@ -273,7 +272,7 @@ class _Candidate:
     file: str
     width: int
     height: int
-    hash: int
+    hash: imagehash.ImageHash
     thumb: np.ndarray
 
 
@@ -391,8 +390,9 @@ def _process(members: list[_Member], out_dir: Path, limits: IntakeLimits, report
     return report
 
 
-def _near_duplicate(hash_a: int, thumb_a: np.ndarray, hash_b: int, thumb_b: np.ndarray, limits: IntakeLimits) -> bool:
-    if bin(hash_a ^ hash_b).count("1") > limits.duplicate_hash_bits:
+def _near_duplicate(hash_a: imagehash.ImageHash, thumb_a: np.ndarray, hash_b: imagehash.ImageHash,
+                    thumb_b: np.ndarray, limits: IntakeLimits) -> bool:
+    if hash_a - hash_b > limits.duplicate_hash_bits:
         return False
     return float(np.abs(thumb_a - thumb_b).mean()) <= limits.duplicate_color_delta
 

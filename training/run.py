@@ -121,20 +121,19 @@ class JobRunner:
         samples = list(row.samples or [])
 
         def on_sample(epoch: int, index: int, prompt: str, image) -> None:  # noqa: ANN001 - PIL image
-            precheck = self.deps.policy.precheck(prompt, "", flags, [], allowed)
-            decision = self.deps.policy.postcheck(self.deps.scanner.scan(image), precheck, allowed)
-            entry = {"epoch": epoch, "index": index, "level": decision.level.name, "delivered": decision.deliver}
-            if decision.deliver:
+            precheck = self.deps.safety.policy.precheck(prompt, "", flags, [], allowed)
+            judged = self.deps.safety.judge_image(self.deps.scanner.scan(image), precheck, allowed,
+                                                  kind="training_sample", job_id=self.id, user_id=row.user_id,
+                                                  details={"epoch": epoch, "index": index})
+            entry = {"epoch": epoch, "index": index, "level": judged.level.name, "delivered": judged.deliver}
+            if judged.deliver:
                 buf = io.BytesIO()
                 image.save(buf, format="PNG")
                 key = f"{object_prefix(self.id)}/samples/epoch-{epoch:06d}-{index}.png"
                 self.deps.store.put_bytes(key, buf.getvalue(), content_type="image/png")
                 entry["key"] = key
             else:
-                entry["rules"] = decision.rule_ids
-            self.deps.audit.append("training_sample", decision.action.value, rules=decision.rule_ids,
-                                   job_id=self.id, user_id=row.user_id,
-                                   details={"epoch": epoch, "index": index, "level": decision.level.name})
+                entry["rules"] = list(judged.reasons)
             samples[:] = [s for s in samples if (s["epoch"], s["index"]) != (epoch, index)] + [entry]
             self._write(samples=list(samples))
 

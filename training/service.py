@@ -21,10 +21,10 @@ from typing import Any, BinaryIO
 
 from genserve.billing.ledger import REVENUE_TRAINING, user_account
 from genserve.core.errors import Conflict, InvalidRequest, NotFound, SafetyBlocked
+from safety.dataset_policy import DatasetPolicy
 from safety.levels import NsfwLevel
 from safety.verdict import Action
 from training.deps import TrainingDeps
-from training.gate import DatasetGate
 from training.intake import MANIFEST_NAME, IntakeReport, run_intake
 from training.params import check_trigger_words, parse_request, resolve
 from training.ray_jobs import RayJobLauncher
@@ -56,7 +56,7 @@ class TrainingService:
         self.deps = deps
         self.records = deps.records
         self.launcher = launcher or RayJobLauncher(deps.settings)
-        self.gate = DatasetGate(deps.auditor, deps.scanner)
+        self.dataset_policy = DatasetPolicy(deps.safety.auditor, deps.scanner)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -103,7 +103,7 @@ class TrainingService:
             if total > limits.limits.max_steps:
                 raise InvalidRequest(f"this run needs {total} steps; at most {limits.limits.max_steps} are allowed",
                                      code="invalid_training_params", details={"field": "epochs", "steps": total})
-            verdict = self.gate.check(staging, report, triggers, sub.real_person)
+            verdict = self.dataset_policy.check(staging, report, triggers, sub.real_person)
             self.deps.audit.append("training_dataset", verdict.action.value, rules=verdict.rule_ids,
                                    job_id=training_id, user_id=user_id,
                                    details={"images": len(report.images), "mature": verdict.mature,

@@ -42,19 +42,16 @@ def _safety_errors() -> Iterator[None]:
 def _components(ctx: typer.Context) -> Iterator[dict]:
     """The database and the safety components built on it, for one command."""
     from genserve.core.db import Database
-    from safety.audit_log import AuditLog
-    from safety.likeness import LikenessBlocklist, LikenessConfig
+    from safety.gate import SafetyGate
     from safety.takedowns import Takedowns
 
     settings = get_settings(ctx)
-    config_file = settings.config_path(settings.safety.rules_dir) / settings.safety.likeness_file
-    config = LikenessConfig.load(config_file) if config_file.exists() else LikenessConfig()
     db = Database.from_settings(settings)
     try:
-        audit = AuditLog(db.session)
-        blocklist = LikenessBlocklist(db.session, config, audit_log=audit)
         with _safety_errors():
-            yield {"audit": audit, "blocklist": blocklist, "takedowns": Takedowns(db.session, blocklist, audit)}
+            gate = SafetyGate.build(settings.safety, settings.config_dir, db.session)
+            yield {"audit": gate.audit, "blocklist": gate.blocklist,
+                   "takedowns": Takedowns(db.session, gate.blocklist, gate.audit)}
     finally:
         db.dispose()
 

@@ -1,4 +1,4 @@
-"""Service metrics on Ray's Prometheus endpoint (`ray.util.metrics`; exported with a `ray_` prefix).
+"""Service metrics: Ray's Prometheus endpoint for every process, and the ingress's own page.
 
 Every process (ingress, worker replicas, training jobs) records into the same names; Ray's
 per-node metrics agent serves them, and `/v1/metrics` on the ingress relays that page.
@@ -9,8 +9,13 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import Counter as PromCounter
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 LATENCY_BOUNDARIES_MS = [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 120000, 300000]
 STAGES = ("audit", "queue", "diffusion", "scan", "store")
@@ -103,3 +108,43 @@ def stage_timer(stage: str, family: str = "") -> Iterator[None]:
         yield
     finally:
         observe("genserve_stage_latency_ms", (time.perf_counter() - start) * 1000.0, stage=stage, family=family)
+
+
+class ServicePage:
+    """The ingress's `/v1/metrics` page, written by `prometheus_client`.
+
+    The job figures are read from the database when the page is scraped, so every replica shows the
+    whole service's jobs by status and its queue depth by family (a gauge that falls as jobs end).
+    The HTTP request counters are the answering replica's own; Ray's metrics endpoint
+    (`ray_genserve_requests_total`) sums them over replicas.
+    """
+
+    def __init__(self, read_jobs: Callable[[], tuple[dict[str, int], dict[str, int]]]):
+        self.registry = CollectorRegistry(auto_describe=False)
+        self._requests = PromCounter("genserve_http_requests", "HTTP requests by route and status code",
+                                     ["route", "status"], registry=self.registry)
+        self.registry.register(_JobFigures(read_jobs))
+
+    def count_request(self, route: str, status: int) -> None:
+        self._requests.labels(route=route, status=str(status)).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _JobFigures(Collector):
+    def __init__(self, read_jobs: Callable[[], tuple[dict[str, int], dict[str, int]]]):
+        self._read = read_jobs
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        by_status, active_by_family = self._read()
+        jobs = GaugeMetricFamily("genserve_generation_jobs", "Generation jobs in the database by status",
+                                 labels=["status"])
+        for status, n in sorted(by_status.items()):
+            jobs.add_metric([status], n)
+        depth = GaugeMetricFamily("genserve_generation_queue_depth",
+                                  "Generation jobs queued or running, by family", labels=["family"])
+        for family, n in sorted(active_by_family.items()):
+            depth.add_metric([family], n)
+        yield jobs
+        yield depth

@@ -230,6 +230,12 @@ class JobStore:
             rows = s.execute(select(GenerationJob.status, func.count()).group_by(GenerationJob.status)).all()
         return {JobStatus(status).value: int(n) for status, n in rows}
 
+    def count_active_by_family(self) -> dict[str, int]:
+        with self.db.session() as s:
+            rows = s.execute(select(GenerationJob.family, func.count())
+                             .where(GenerationJob.status.in_(ACTIVE)).group_by(GenerationJob.family)).all()
+        return {str(family): int(n) for family, n in rows}
+
     def active(self, owner: str | None = None) -> list[GenerationJob]:
         query = select(GenerationJob).where(GenerationJob.status.in_(ACTIVE))
         if owner is not None:

@@ -28,12 +28,13 @@ from pydantic import (
 )
 
 from genserve.core.errors import ConfigError, InvalidRequest
+from genserve.engine.schedulers import sampler_names
 from genserve.generation.jobs import JobStatus
+from genserve.resources.registry import MAX_EXTRA_RESOURCES
 from safety.levels import NsfwLevel
 
 API_VERSION = "v1"
 MAX_PROMPT_CHARS = 4000
-MAX_EXTRA_RESOURCES = 12
 MAX_SEED = 4_294_967_295
 # Seeds picked by the service stay below 2^31 - 1: some engines take Int32 seeds.
 MAX_RANDOM_SEED = 2_147_483_646
@@ -41,19 +42,14 @@ MAX_HIRES_SIDE = 4096
 IDEMPOTENCY_KEY_PATTERN = r"^[A-Za-z0-9._:\-]{1,128}$"
 
 
-class Sampler(str, enum.Enum):
-    """A1111 sampler names, as the site's users know them."""
+def _sampler_member(name: str) -> str:
+    """"DPM++ 2M Karras" -> dpmpp_2m_karras."""
+    return name.lower().replace("++", "pp").replace(" ", "_").replace("-", "_")
 
-    euler = "Euler"
-    euler_a = "Euler a"
-    heun = "Heun"
-    lms = "LMS"
-    ddim = "DDIM"
-    dpmpp_2m = "DPM++ 2M"
-    dpmpp_2m_karras = "DPM++ 2M Karras"
-    dpmpp_sde = "DPM++ SDE"
-    unipc = "UniPC"
-    lcm = "LCM"
+
+# The engine's samplers, under their A1111 names: the API accepts exactly what the engine implements.
+Sampler = enum.Enum("Sampler", {_sampler_member(n): n for n in sampler_names()}, type=str)
+Sampler.__doc__ = "A1111 sampler names, as the site's users know them (the engine's list)."
 
 
 def _level_from_wire(value: object) -> NsfwLevel:

@@ -126,6 +126,9 @@ class GenerationService:
 
     def _heartbeat(self) -> None:
         self.jobs.heartbeat(self.owner)
+        active = self.jobs.count_active_by_family()
+        for family in self.admission.catalog.families:  # the gauge falls as well as rises
+            metrics.set_gauge("genserve_queue_depth", active.get(family, 0), family=family)
         # cancellations asked through another replica reach this runner here
         for job in self.jobs.active(owner=self.owner):
             running = self._running.get(job.id)
@@ -268,8 +271,9 @@ class GenerationService:
     def count_active(self) -> int:
         return self.jobs.count_active()
 
-    def count_by_status(self) -> dict[str, int]:
-        return self.jobs.count_by_status()
+    def job_figures(self) -> tuple[dict[str, int], dict[str, int]]:
+        """Jobs by status, and active jobs by family, of the whole service (the database's)."""
+        return self.jobs.count_by_status(), self.jobs.count_active_by_family()
 
     def image_url(self, caller: Caller, job_id: str, index: int) -> str:
         key, _ = self.image(caller, job_id, index)

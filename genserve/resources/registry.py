@@ -12,19 +12,26 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import or_, select
 
 from genserve.core.db import Database
 from genserve.core.errors import Conflict, GenserveError, InvalidRequest, NotFound
 from genserve.core.storage import ObjectStore
-from genserve.generation.protocol import MAX_EXTRA_RESOURCES, ResourceRef
 from genserve.resources.cache import publish_file, publish_folder
 from genserve.resources.models import ModelFamily, Resource, ResourceKind
 from safety.hashing import file_hashes
 
 RESOURCE_PREFIX = "resources"
+MAX_EXTRA_RESOURCES = 12  # LoRAs and embeddings in one request
+
+
+class ResourceUse(Protocol):
+    """A request's use of a resource: which one, and (for a LoRA) at what strength."""
+
+    id: str
+    strength: float
 
 
 class ResourceRefused(GenserveError):
@@ -244,7 +251,7 @@ class ResourceRegistry:
         with self.db.session() as s:
             return list(s.scalars(select(Resource).where(or_(Resource.sha256 == digest, Resource.tensor_sha256 == digest))))
 
-    def resolve(self, checkpoint_id: str, refs: Iterable[ResourceRef], user_id: str | None = None) -> ResolvedResources:
+    def resolve(self, checkpoint_id: str, refs: Iterable[ResourceUse], user_id: str | None = None) -> ResolvedResources:
         """Look up a request's resources and check they can run together: a checkpoint first, LoRAs
         and embeddings after, one family, all enabled, private ones only for their owner."""
         refs = list(refs)

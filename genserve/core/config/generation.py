@@ -18,6 +18,7 @@ class GenerationConfig(BaseModel):
     heartbeat_interval_s: float = Field(5.0, gt=0)
     stale_after_s: float = Field(60.0, gt=0, description="a running job whose heartbeat is older is orphaned")
     reaper_interval_s: float = Field(15.0, gt=0)
+    sse_ping_s: float = Field(15.0, gt=0, description="keep-alive comment interval of an idle event stream")
     sse_poll_s: float = Field(0.5, gt=0, description="how often an event stream looks for events from other replicas")
     store_threads: int = Field(4, ge=1, description="images stored at once per ingress replica (while they are scanned)")
     demo_user: str = "demo"

@@ -1,4 +1,4 @@
-"""The safety gate a dataset passes before any training and before any buzz is captured.
+"""The dataset policy: the check a training dataset passes before any training and any capture.
 
 Every image goes through the image scan, every caption and the trigger words through the prompt
 audit; then the dataset is judged as a whole, because a LoRA learns from all of it at once:
@@ -21,14 +21,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from PIL import Image
 
 from safety.image_scan import ImageScanner
 from safety.levels import NsfwLevel
 from safety.prompt_audit import PromptAuditor
-from safety.verdict import Action, Reason
-from training.intake import IntakeReport
+from safety.verdict import Action, Reason, Verdict
 
 PERSON_NAME_RULE = "person.name"
 
@@ -49,34 +49,34 @@ class FileFinding:
 
 
 @dataclass(frozen=True)
-class DatasetVerdict:
-    action: Action
-    reasons: tuple[Reason, ...]
-    mature: bool
-    minor_signal: bool
+class DatasetVerdict(Verdict):
+    """A `Verdict` on a whole dataset, with what fired on which file."""
+
     findings: tuple[FileFinding, ...] = field(default_factory=tuple)
 
-    @property
-    def rule_ids(self) -> list[str]:
-        return [r.rule_id for r in self.reasons]
-
     def to_dict(self) -> dict:
-        return {
-            "action": self.action.value,
-            "rules": self.rule_ids,
-            "reasons": [r.to_dict() for r in self.reasons],
-            "mature": self.mature,
-            "minor_signal": self.minor_signal,
-            "findings": [f.to_dict() for f in self.findings],
-        }
+        return {**super().to_dict(), "findings": [f.to_dict() for f in self.findings]}
 
 
-class DatasetGate:
+class DatasetImage(Protocol):
+    """One image of an unpacked dataset, as intake reports it."""
+
+    file: str  # relative to the dataset folder
+    name: str
+    caption: str
+    caption_file: str | None
+
+
+class DatasetReport(Protocol):
+    images: Sequence[DatasetImage]
+
+
+class DatasetPolicy:
     def __init__(self, auditor: PromptAuditor, scanner: ImageScanner):
         self.auditor = auditor
         self.scanner = scanner
 
-    def check(self, dataset_dir: str | Path, report: IntakeReport, trigger_words: Sequence[str],
+    def check(self, dataset_dir: str | Path, report: DatasetReport, trigger_words: Sequence[str],
               real_person: bool) -> DatasetVerdict:
         findings: list[FileFinding] = []
         mature = minor = scan_failed = caption_blocked = caption_review = named_person = False
@@ -123,4 +123,4 @@ class DatasetGate:
         reasons = tuple(Reason(rule, message, "dataset") for fired, _, rule, message in checks if fired)
         actions = [action for fired, action, _, _ in checks if fired]
         action = max(actions, key=lambda a: a.rank) if actions else Action.allow
-        return DatasetVerdict(action, reasons, mature, minor, tuple(findings))
+        return DatasetVerdict(action, reasons, mature=mature, minor_signal=minor, findings=tuple(findings))

@@ -18,7 +18,7 @@ from genserve.billing.pricing import HiresParams, Pricing, Quote
 from genserve.core import metrics
 from genserve.core.config import Settings
 from genserve.core.errors import Forbidden, InvalidRequest, QueueFull, SafetyBlocked, Unavailable
-from genserve.generation.jobs import JobStore
+from genserve.generation.jobs import GenerationJob, JobStore
 from genserve.generation.protocol import MAX_HIRES_SIDE, GenerationRequest, Limits
 from genserve.generation.worker.errors import ReservedToken
 from genserve.generation.worker.wire import HiresSpec, LoraSpec, WorkerRequest
@@ -73,6 +73,24 @@ class AdmissionPlan:
             clip_skip=r.clip_skip, width=self.size[0], height=self.size[1], seeds=seeds,
             loras=[LoraSpec(resource_id=x.id, strength=x.strength) for x in res.loras],
             embeddings=[x.id for x in res.embeddings], hires=self.hires,
+        )
+
+
+    def job_row(self, job_id: str, worker_request: WorkerRequest, fingerprint: str, hold_id: str,
+                owner: str) -> GenerationJob:
+        """The job row of the plan once its buzz is held."""
+        request, verdict = self.request, self.verdict
+        return GenerationJob(
+            id=job_id, user_id=self.caller.user_id, family=self.family, checkpoint_id=self.resources.checkpoint.id,
+            priority=request.priority.value, quantity=request.quantity, idempotency_key=request.idempotency_key,
+            request_hash=fingerprint, quote={"total": self.quote.total, "per_image": self.quote.per_image},
+            quote_total=self.quote.total, hold_id=hold_id, owner=owner,
+            request={
+                **worker_request.model_dump(mode="json", exclude={"schema_version"}),
+                "allowed_nsfw_level": self.allowed.to_wire(), "tier": self.caller.tier,
+                "resources": [r.to_dict() for r in self.resources.all],
+                "precheck": {"action": verdict.action.value, "rules": verdict.rule_ids, "mature": verdict.mature},
+            },
         )
 
 

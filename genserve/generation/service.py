@@ -31,7 +31,7 @@ from genserve.core.config import Settings
 from genserve.core.db import Database
 from genserve.core.errors import Conflict, NotFound
 from genserve.core.storage import ObjectStore, object_store_from_settings
-from genserve.generation.admission import Admission, AdmissionPlan, Caller
+from genserve.generation.admission import Admission, Caller
 from genserve.generation.jobs import (
     GenerationJob,
     JobEvent,
@@ -189,8 +189,7 @@ class GenerationService:
         hold = self.ledger.hold(user_account(caller.user_id), plan.quote.total, hold_key(job_id),
                                 destination=REVENUE_GENERATION, expires_at=expires, reason=f"generation {job_id}")
         try:
-            job, created = self.jobs.create(_job_row(plan, job_id, worker_request.model_dump(
-                mode="json", exclude={"schema_version"}), fingerprint, hold.id, self.owner))
+            job, created = self.jobs.create(plan.job_row(job_id, worker_request, fingerprint, hold.id, self.owner))
         except Exception:
             self.runner.settlement.release(job_id, hold.id)
             raise
@@ -278,22 +277,6 @@ class GenerationService:
     def image_url(self, caller: Caller, job_id: str, index: int) -> str:
         key, _ = self.image(caller, job_id, index)
         return self.store.presigned_get_url(key, self.settings.storage.presign_expiry_s)
-
-
-def _job_row(plan: AdmissionPlan, job_id: str, worker_request: dict, fingerprint: str, hold_id: str,
-             owner: str) -> GenerationJob:
-    request, verdict = plan.request, plan.verdict
-    return GenerationJob(
-        id=job_id, user_id=plan.caller.user_id, family=plan.family, checkpoint_id=plan.resources.checkpoint.id,
-        priority=request.priority.value, quantity=request.quantity, idempotency_key=request.idempotency_key,
-        request_hash=fingerprint, quote={"total": plan.quote.total, "per_image": plan.quote.per_image},
-        quote_total=plan.quote.total, hold_id=hold_id, owner=owner,
-        request={
-            **worker_request, "allowed_nsfw_level": plan.allowed.to_wire(), "tier": plan.caller.tier,
-            "resources": [r.to_dict() for r in plan.resources.all],
-            "precheck": {"action": verdict.action.value, "rules": verdict.rule_ids, "mature": verdict.mature},
-        },
-    )
 
 
 def _same_request(job: GenerationJob, fingerprint: str) -> GenerationJob:

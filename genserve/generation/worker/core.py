@@ -18,7 +18,6 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,23 +28,21 @@ from genserve.core.config.worker import WorkerConfig
 from genserve.core.db import Database
 from genserve.core.storage import ObjectStore, object_store_from_settings
 from genserve.engine.generate import GeneratedImage, ModelInfo, generate, hires_size, prepare_pipeline
-from genserve.engine.infotext import autov3
 from genserve.engine.loading import default_device, load_pipeline
-from genserve.engine.lora_cache import LoraCache, LoraInvalid
+from genserve.engine.lora_cache import LoraCache
 from genserve.engine.schedulers import sampler_spec
 from genserve.engine.textual_inversion import user_embeddings
-from genserve.generation.worker.checkpoint import LoadedCheckpoint, ResolvedLora
+from genserve.generation.worker.checkpoint import LoadedCheckpoint
 from genserve.generation.worker.errors import (
-    CheckpointConfigMissing,
     CheckpointMismatch,
     ConfigNotHot,
     ImageTooLarge,
-    ReservedToken,
     ScannerUnavailable,
     TooManyImages,
     TooManySteps,
     WorkerWedged,
 )
+from genserve.generation.worker.files import WorkerFiles
 from genserve.generation.worker.wire import (
     EncodedImage,
     ImageResult,
@@ -58,9 +55,8 @@ from genserve.resources.cache import ResourceCache
 from genserve.resources.catalog import load_model_catalog
 from genserve.resources.models import Resource, ResourceKind
 from genserve.resources.registry import ResourceRegistry
-from safety.embeddings import SafetyEmbeddings, uses_reserved_token
+from safety.embeddings import SafetyEmbeddings
 from safety.gate import SafetyGate
-from safety.hashing import file_hashes
 
 logger = logging.getLogger(__name__)
 
@@ -85,10 +81,10 @@ class WorkerCore:
         self.catalog = load_model_catalog(settings.config_path("models.yaml"))
         self.family_entry = self.catalog.family(family)
         self.db = db or Database.from_settings(settings)
-        self.registry = ResourceRegistry(self.db)
         self.store = store or object_store_from_settings(settings)
         self.cache = ResourceCache(self.store, self.config.cache_dir(settings.models_dir),
                                    self.config.resource_cache_max_bytes)
+        self.files = WorkerFiles(family, ResourceRegistry(self.db), self.cache, self.catalog, settings.models_dir)
         # the same rule files as the ingress: the likeness thresholds above all (defence in depth)
         self.safety = SafetyGate.build(settings.safety, settings.config_dir, self.db.session)
         self.blocklist = blocklist if blocklist is not None else self.safety.blocklist
@@ -134,22 +130,7 @@ class WorkerCore:
 
     # ---- resources ------------------------------------------------------------------------------
     def resource(self, resource_id: str, kind: ResourceKind) -> Resource:
-        """The registry's own check, asked again here: the ingress's answer may be stale."""
-        return self.registry.usable(resource_id, kind, self.family)
-
-    @staticmethod
-    def _fmt(row: Resource) -> str:
-        return "folder" if row.format == "diffusers" else "file"
-
-    def _single_file_config(self, row: Resource) -> tuple[str, str] | Path:
-        """The diffusers config folder of a single-file checkpoint: published (meta) or local (catalog)."""
-        meta = (row.meta or {}).get("config")
-        if isinstance(meta, dict) and meta.get("storage_key") and meta.get("sha256"):
-            return (meta["storage_key"], meta["sha256"])
-        entry = self.catalog.checkpoint(row.id)
-        if entry is not None and entry.config:
-            return self.settings.models_dir / entry.config
-        raise CheckpointConfigMissing(f"single-file checkpoint {row.id} has no config folder")
+        return self.files.resource(resource_id, kind)
 
     # ---- checkpoints ----------------------------------------------------------------------------
     def load_checkpoint(self, checkpoint_id: str) -> LoadedCheckpoint:
@@ -157,12 +138,7 @@ class WorkerCore:
         row = self.resource(checkpoint_id, ResourceKind.checkpoint)
         started = time.perf_counter()
         with contextlib.ExitStack() as stack:
-            path = stack.enter_context(self.cache.use(row.storage_key, row.sha256, self._fmt(row)))
-            config_dir = None
-            if row.format != "diffusers":
-                config = self._single_file_config(row)
-                config_dir = config if isinstance(config, Path) else stack.enter_context(
-                    self.cache.use(config[0], config[1], "folder"))
+            path, config_dir = self.files.checkpoint(row, stack)
             pipe = load_pipeline(self.family, path, row.format, config_dir=config_dir, device=self.device)
         prepare_pipeline(pipe, self.config)
         safety = self.safety_embeddings()
@@ -213,30 +189,6 @@ class WorkerCore:
             width, height = hires_size(width, height, request.hires.scale)
         if width * height > cfg.max_pixels:
             raise ImageTooLarge(f"{width}x{height} is over {cfg.max_pixels} pixels")
-
-    def _fetch_loras(self, request: WorkerRequest, stack: contextlib.ExitStack) -> list[ResolvedLora]:
-        out = []
-        for spec in request.loras:
-            row = self.resource(spec.resource_id, ResourceKind.lora)
-            if row.format != "safetensors":
-                raise LoraInvalid(f"LoRA {row.id} is not a safetensors file")
-            path = stack.enter_context(self.cache.use(row.storage_key, row.sha256, "file"))
-            tensor_sha = row.tensor_sha256 or file_hashes(path).tensor_sha256
-            out.append(ResolvedLora(row.id, row.name, row.sha256, path, autov3(tensor_sha), spec.strength))
-        return out
-
-    def _fetch_embeddings(self, request: WorkerRequest, stack: contextlib.ExitStack,
-                          reserved: Sequence[str]) -> list[tuple[Resource, Path, str]]:
-        out = []
-        for resource_id in request.embeddings:
-            row = self.resource(resource_id, ResourceKind.embedding)
-            token = str((row.meta or {}).get("token") or row.name)
-            if uses_reserved_token(token, reserved):
-                raise ReservedToken(f"embedding {row.id} uses a reserved safety token",
-                                      details={"resource_id": row.id})
-            path = stack.enter_context(self.cache.use(row.storage_key, row.sha256, "file"))
-            out.append((row, path, token))
-        return out
 
     def stats(self) -> dict[str, int]:
         with self._heartbeat_lock:
@@ -298,8 +250,8 @@ class WorkerCore:
             encodes[image.index] = self._encoding.submit(encode, image)
 
         with loaded.in_use(), contextlib.ExitStack() as files:
-            loras = self._fetch_loras(request, files)
-            embeddings = self._fetch_embeddings(request, files, loaded.safety.reserved_tokens)
+            loras = self.files.loras(request, files)
+            embeddings = self.files.embeddings(request, files, loaded.safety.reserved_tokens)
             timings["fetch_ms"] = (time.perf_counter() - started) * 1000
             t_wait = time.perf_counter()
             with loaded.lock, self._busy_marker():

@@ -20,7 +20,7 @@ def cli(tmp_path):
     def run(*args: str):
         return runner.invoke(app, ["buzz", *args], env={"GENSERVE_DATA_DIR": str(data_dir)})
 
-    run.database_url = f"sqlite:///{(data_dir / 'genserve.core.db').resolve()}"
+    run.database_url = f"sqlite:///{(data_dir / 'genserve.db').resolve()}"
     return run
 
 

@@ -22,7 +22,7 @@ REV = "revenue:generation"
 @pytest.fixture(scope="module")
 def migrated_sqlite(tmp_path_factory) -> Path:
     """One migrated SQLite file per module; each test gets a copy (much faster than migrating)."""
-    path = tmp_path_factory.mktemp("ledger-template") / "genserve.core.db"
+    path = tmp_path_factory.mktemp("ledger-template") / "genserve.db"
     database = Database(f"sqlite:///{path}")
     database.migrate()
     Ledger(database).ensure_account("mint")
@@ -32,7 +32,7 @@ def migrated_sqlite(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def sqlite_db(migrated_sqlite, tmp_path):
-    path = tmp_path / "genserve.core.db"
+    path = tmp_path / "genserve.db"
     shutil.copy(migrated_sqlite, path)
     database = Database(f"sqlite:///{path}")
     yield database
@@ -341,7 +341,7 @@ def test_sqlite_ledger_runs_on_one_connection_per_thread_closed_with_the_databas
     for conn in seen:
         with pytest.raises(sqlite3.ProgrammingError):
             conn.execute("SELECT 1")
-    path = tmp_path / "genserve.core.db"
+    path = tmp_path / "genserve.db"
     copy = tmp_path / "copy.db"
     shutil.copy(path, copy)
     with sqlite3.connect(copy) as raw:

@@ -47,7 +47,7 @@ def test_repository_yaml_loads_with_embedded_defaults(tmp_path: Path):
 def test_default_database_is_sqlite_in_the_data_dir(tmp_path: Path):
     s = load_settings(env={"GENSERVE_DATA_DIR": str(tmp_path / "d")})
     assert s.database.url is None
-    assert s.database_url == f"sqlite:///{(tmp_path / 'd' / 'genserve.core.db').resolve()}"
+    assert s.database_url == f"sqlite:///{(tmp_path / 'd' / 'genserve.db').resolve()}"
 
 
 def test_yaml_values_are_read(config_dir: Path, tmp_path: Path):

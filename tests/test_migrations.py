@@ -148,7 +148,7 @@ def test_sqlite_runs_in_wal_mode(db, settings):
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == settings.database.sqlite_busy_timeout_ms
     # WAL is a property of the file: a plain connection that sets nothing sees it too.
-    path = settings.data_dir / "genserve.core.db"
+    path = settings.data_dir / "genserve.db"
     with sqlite3.connect(path) as raw:
         assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
@@ -184,8 +184,8 @@ def test_cli_migrate_json_on_sqlite(tmp_path):
     env = {"GENSERVE_DATA_DIR": str(data_dir), "GENSERVE_DATABASE_URL": None}
     out = run_cli_migrate(env)
     assert out["revision"] == HEAD
-    assert out["database"] == f"sqlite:///{(data_dir / 'genserve.core.db').resolve()}"
-    with sqlite3.connect(data_dir / "genserve.core.db") as raw:
+    assert out["database"] == f"sqlite:///{(data_dir / 'genserve.db').resolve()}"
+    with sqlite3.connect(data_dir / "genserve.db") as raw:
         tables = {r[0] for r in raw.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     assert {"alembic_version", "resources"} <= tables
     assert run_cli_migrate(env)["revision"] == HEAD  # a second run is a no-op

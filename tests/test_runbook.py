@@ -182,10 +182,10 @@ def test_other_tools_name_files_and_resources_that_exist():
             for flag in (a for a in args[1:] if a.startswith("--")):
                 assert f'"{flag}"' in source, f"{script.name} has no {flag} option"
         if tool in ("sqlite3", "cp", "rm"):
-            assert any(".genserve/genserve.core.db" in a for a in args), "the default SQLite file of the data dir"
+            assert any(".genserve/genserve.db" in a for a in args), "the default SQLite file of the data dir"
     assert checked >= 8
     # the SQLite paths in the runbook are the embedded default's
     from genserve.core.config import load_settings
 
     default = load_settings(env={}).database_url
-    assert default.endswith(".genserve/genserve.core.db")
+    assert default.endswith(".genserve/genserve.db")

@@ -114,7 +114,7 @@ def test_kohya_export_loads_in_diffusers_and_changes_generation(family: str, tmp
         meta = f.metadata()
         keys = list(f.keys())
     assert set(meta) <= ALLOWED_METADATA
-    assert meta["genserve.generation.service"] == "genserve" and meta["ss_network_alpha"] == "2" and meta["ss_network_dim"] == "4"
+    assert meta["genserve.service"] == "genserve" and meta["ss_network_alpha"] == "2" and meta["ss_network_dim"] == "4"
     assert json.loads(meta["genserve.trigger_words"]) == ["tqz"] and meta["ss_num_train_images"] == "4"
     assert not any(str(tmp_path) in v or "img0" in v for v in meta.values())  # no dataset paths or names
     prefixes = {"sd1": {"lora_unet", "lora_te"}, "sdxl": {"lora_unet", "lora_te1", "lora_te2"}}[family]

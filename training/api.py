@@ -17,6 +17,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
 from genserve.core.errors import InvalidRequest
+from safety.levels import NsfwLevel
 from training.service import Submission, TrainingService
 from training.table import Training
 
@@ -89,8 +90,9 @@ def _stream(body: BinaryIO) -> Iterator[bytes]:
 
 
 def _allowed_level(caller: Any) -> str:
+    """The most mature samples the caller may see (the ingress's `Caller.max_nsfw_level`), on the wire."""
     level = getattr(caller, "max_nsfw_level", None)
-    return str(getattr(level, "value", level) or "PG13")
+    return (level if isinstance(level, NsfwLevel) else NsfwLevel.PG13).to_wire()
 
 
 def build_router(service: TrainingService, auth_dependency: Callable[..., Any],

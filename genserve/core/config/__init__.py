@@ -120,7 +120,7 @@ class Settings(_Section):
 
     @property
     def database_url(self) -> str:
-        return self.database.url or f"sqlite:///{(self.data_dir / 'genserve.core.db').resolve()}"
+        return self.database.url or f"sqlite:///{(self.data_dir / 'genserve.db').resolve()}"
 
     @property
     def objects_dir(self) -> Path:

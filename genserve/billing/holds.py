@@ -1,0 +1,245 @@
+"""Two-phase transfers (TigerBeetle's pending/post/void): a hold, then its capture, release or expiry.
+
+A hold moves buzz from the user's available balance into `held` without posting it anywhere.
+Capture and release lock the hold's row before any account row and act only on an open hold, so
+a hold is closed once. Capture posts at most the held amount to the hold's destination and gives
+the rest back; release and expiry post nothing. Every hold expires: past its expiry a capture is
+refused and the reaper (`reap_expired`) gives the buzz back, so a caller that dies never strands a
+user's buzz.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from dataclasses import replace
+from typing import Any
+
+from genserve.billing.accounts import (
+    check_account,
+    check_amount,
+    check_key,
+    check_reason,
+    check_user_account,
+    is_system_account,
+)
+from genserve.billing.errors import (
+    CaptureExceedsHold,
+    HoldClosed,
+    HoldNotFound,
+    InsufficientBuzz,
+    InvalidAccount,
+)
+from genserve.billing.ledger_base import LedgerBase
+from genserve.billing.records import HoldInfo, as_utc, read_ts
+from genserve.billing.transactions import Tx
+from genserve.core import metrics
+from genserve.core.errors import InvalidRequest
+
+
+class HoldOps(LedgerBase):
+    """Holds on user accounts: reserve, capture, release, read, and reap the expired ones."""
+
+    @staticmethod
+    def _hold_from_row(row: Any) -> HoldInfo:
+        hold_id, account, destination, amount, captured, status, key, reason, expires_at, created_at, closed_at = row
+        return HoldInfo(
+            id=hold_id, account=account, destination=destination, amount=amount, captured=captured, status=status,
+            expires_at=read_ts(expires_at), key=key, reason=reason, created_at=read_ts(created_at),
+            closed_at=read_ts(closed_at),
+        )
+
+    def _locked_open_hold(self, tx: Tx, hold_id: str, key: str, operation: str, request: str) -> HoldInfo | dict:
+        """The open hold, locked; or the stored result when `key` was used before (a retry)."""
+        row = tx.run("lock_hold_recall", {"id": hold_id, "key": key}).fetchone()
+        if row is None:
+            raise HoldNotFound(f"no hold {hold_id!r}")
+        if row[11] is not None:
+            return self._check_prior(key, operation, request, *row[11:])
+        hold = self._hold_from_row(row[:11])
+        if not hold.is_open:
+            raise HoldClosed(
+                f"hold {hold_id} is already {hold.status}", code=f"hold_{hold.status}", details={"hold": hold.to_dict()}
+            )
+        return hold
+
+    def _close(self, tx: Tx, hold: HoldInfo, captured: int, now: dt.datetime) -> HoldInfo:
+        """Unreserve the hold, post `captured` of it to its destination, and mark it closed."""
+        deltas = {hold.account: (-captured, -hold.amount)}
+        if captured:
+            deltas[hold.destination] = (captured, 0)
+        self._move(tx, deltas)
+        if captured:
+            self._write_transfer(
+                tx, source=hold.account, destination=hold.destination, amount=captured, kind="capture",
+                key=hold.key, reason=hold.reason, now=now, hold_id=hold.id, need_entry=False,
+            )
+        status = "captured" if captured else "released"
+        tx.write("close_hold", {"id": hold.id, "captured": captured, "status": status, "now": tx.ts(now)})
+        return replace(hold, captured=captured, status=status, closed_at=now)
+
+    def hold(
+        self,
+        account: str,
+        amount: int,
+        key: str,
+        *,
+        destination: str,
+        expires_at: dt.datetime | None = None,
+        reason: str = "",
+    ) -> HoldInfo:
+        """Reserve `amount` of the user's available buzz for `destination` until `expires_at`.
+
+        Raises InsufficientBuzz (402, `insufficient_funds`) when the available balance is short.
+        """
+        account = check_user_account(account)
+        destination = check_account(destination)
+        if destination == account:
+            raise InvalidAccount("a hold cannot pay its own account", code="same_account")
+        amount = check_amount(amount, self.config.max_amount)
+        key = check_key(key)
+        reason = check_reason(reason)
+        if expires_at is not None and not isinstance(expires_at, dt.datetime):
+            raise InvalidRequest("expires_at must be a datetime", code="invalid_expiry")
+        request = self._request(account=account, destination=destination, amount=amount)
+        fresh: list[bool] = []
+
+        def tx_hold(tx: Tx) -> HoldInfo:
+            fresh.clear()
+            now = self._now()
+            expires = now + dt.timedelta(seconds=self.config.default_hold_ttl_s) if expires_at is None else as_utc(expires_at)
+            if not now < expires <= now + dt.timedelta(seconds=self.config.max_hold_ttl_s):
+                prior = self._recall(tx, key, "hold", request)
+                if prior is not None:
+                    return HoldInfo.from_dict(prior)
+                raise InvalidRequest(
+                    f"expires_at must be in the future and within {self.config.max_hold_ttl_s} s",
+                    code="invalid_expiry",
+                )
+            if not is_system_account(destination):
+                self._insert_account(tx, destination, now)
+            if tx.run("reserve_new", {"account": account, "amount": amount, "key": key}).rowcount != 1:
+                prior = self._recall(tx, key, "hold", request)
+                if prior is not None:
+                    return HoldInfo.from_dict(prior)
+                row = tx.run("balance", {"account": account}).fetchone()
+                available = row[0] - row[1] if row else 0
+                raise InsufficientBuzz(
+                    f"{account} has {available} buzz available, {amount} needed",
+                    details={"account": account, "available": available, "needed": amount},
+                )
+            hold = HoldInfo(
+                id=uuid.uuid4().hex, account=account, destination=destination, amount=amount, captured=0,
+                status="open", expires_at=expires, key=key, reason=reason, created_at=now,
+            )
+            tx.write(
+                "insert_hold",
+                {"id": hold.id, "account": account, "destination": destination, "amount": amount, "key": key,
+                 "reason": reason, "expires_at": tx.ts(expires), "now": tx.ts(now)},
+            )
+            self._remember(tx, key, "hold", request, hold.to_dict(), now)
+            fresh.append(True)
+            return hold
+
+        hold = self._run(tx_hold)
+        if fresh:
+            metrics.inc("genserve_buzz_total", amount, operation="held", destination=destination)
+        return hold
+
+    def capture(self, hold_id: str, amount: int, key: str) -> HoldInfo:
+        """Post `amount` (<= the hold) to the hold's destination and void the rest; 0 is a release."""
+        if not isinstance(hold_id, str):
+            raise HoldNotFound(f"no hold {hold_id!r}")
+        amount = check_amount(amount, self.config.max_amount, allow_zero=True)
+        key = check_key(key)
+        request = self._request(hold_id=hold_id, amount=amount)
+        fresh: list[bool] = []
+
+        def tx_capture(tx: Tx) -> HoldInfo:
+            fresh.clear()
+            hold = self._locked_open_hold(tx, hold_id, key, "capture", request)
+            if isinstance(hold, dict):
+                return HoldInfo.from_dict(hold)
+            now = self._now()
+            if now >= hold.expires_at:
+                raise HoldClosed(
+                    f"hold {hold_id} expired at {hold.expires_at.isoformat()}; its buzz goes back to the user",
+                    code="hold_expired",
+                    details={"hold": hold.to_dict()},
+                )
+            if amount > hold.amount:
+                raise CaptureExceedsHold(
+                    f"capture of {amount} exceeds hold {hold_id} of {hold.amount}",
+                    details={"hold_id": hold_id, "held": hold.amount, "requested": amount},
+                )
+            done = self._close(tx, hold, amount, now)
+            self._remember(tx, key, "capture", request, done.to_dict(), now)
+            fresh.append(True)
+            return done
+
+        done = self._run(tx_capture)
+        if fresh:
+            _record_close(done)
+        return done
+
+    def release(self, hold_id: str, key: str) -> HoldInfo:
+        """Void an open hold (also allowed past its expiry time, before the reaper gets to it)."""
+        if not isinstance(hold_id, str):
+            raise HoldNotFound(f"no hold {hold_id!r}")
+        key = check_key(key)
+        request = self._request(hold_id=hold_id)
+        fresh: list[bool] = []
+
+        def tx_release(tx: Tx) -> HoldInfo:
+            fresh.clear()
+            hold = self._locked_open_hold(tx, hold_id, key, "release", request)
+            if isinstance(hold, dict):
+                return HoldInfo.from_dict(hold)
+            now = self._now()
+            done = self._close(tx, hold, 0, now)
+            self._remember(tx, key, "release", request, done.to_dict(), now)
+            fresh.append(True)
+            return done
+
+        done = self._run(tx_release)
+        if fresh:
+            _record_close(done)
+        return done
+
+    def get_hold(self, hold_id: str) -> HoldInfo:
+        if not isinstance(hold_id, str):
+            raise HoldNotFound(f"no hold {hold_id!r}")
+        if not self._system_ready:
+            self._create_system_accounts()
+        rows = self._read("get_hold", {"id": hold_id})
+        if not rows:
+            raise HoldNotFound(f"no hold {hold_id!r}")
+        return self._hold_from_row(rows[0])
+
+    def reap_expired(self, now: dt.datetime | None = None, *, batch: int = 500) -> int:
+        """Void every open hold whose expiry has passed; returns how many. Safe to run anywhere, any time."""
+        now = as_utc(now) if now is not None else self._now()
+
+        def tx_reap(tx: Tx) -> int:
+            rows = tx.run("expired_holds", {"now": tx.ts(now), "batch": batch}).fetchall()
+            per_account: dict[str, int] = {}
+            for _hold_id, account, amount in rows:
+                per_account[account] = per_account.get(account, 0) + amount
+            self._move(tx, {account: (0, -held) for account, held in per_account.items()})
+            if rows:
+                for r in rows:
+                    tx.write("expire_hold", {"id": r[0], "now": tx.ts(now)})
+            return len(rows)
+
+        total = 0
+        while True:
+            n = self._run(tx_reap)
+            total += n
+            if n < batch:
+                return total
+
+
+def _record_close(hold: HoldInfo) -> None:
+    """Metrics for a hold this call closed: what was posted and what went back to the user."""
+    metrics.inc("genserve_buzz_total", hold.captured, operation="captured", destination=hold.destination)
+    metrics.inc("genserve_buzz_total", hold.amount - hold.captured, operation="released", destination=hold.destination)

@@ -9,39 +9,38 @@ checkpoint, never inferred from file names.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from diffusers import DDPMScheduler
-from diffusers.optimization import get_scheduler
-from diffusers.training_utils import cast_training_params
-from peft import LoraConfig
-from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from PIL import Image
 
 from genserve.core import metrics
 from genserve.core.errors import GenserveError
 from genserve.engine.loading import load_pipeline
 from safety.embeddings import SafetyEmbeddings
-from training.buckets import assign_bucket, epoch_batches, fit_to_bucket, make_buckets, steps_per_epoch
+from training.adapters import TEXT_ENCODER_TARGETS as TEXT_ENCODER_TARGETS  # re-exported: bench/ imports
+from training.adapters import UNET_TARGETS as UNET_TARGETS  # the targets from here
+from training.adapters import adapter_weights, add_lora_adapters, load_adapter_weights
+from training.buckets import assign_bucket, epoch_batches, make_buckets, steps_per_epoch
 from training.checkpoint import CheckpointState, load_checkpoint, save_checkpoint
+from training.conditioning import encode_prompts, sdxl_added_conditioning, sdxl_time_ids
 from training.config import SampleSettings
 from training.intake import KeptImage, load_manifest
+from training.latents import bucket_pixels, vae_latents
+from training.objective import denoising_loss, draw_noise, draw_timesteps
+from training.optimizers import build_lr_scheduler, build_optimizer, param_groups
 from training.params import ResolvedParams
+from training.previews import preview_prompts, render_previews
+from training.rng_state import capture_rng_state, restore_rng_state
 
 log = logging.getLogger(__name__)
 
-# kohya's default targets: the Linear / 1x1 conv layers of the transformer blocks, and CLIP attention + MLP
-UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
-TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 MAX_GRAD_NORM = 1.0
 
 
@@ -171,26 +170,12 @@ class LoraTrainer:
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         self.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(torch.float32)
 
-        self.unet.add_adapter(LoraConfig(r=p.network_dim, lora_alpha=p.network_alpha,
-                                         init_lora_weights="gaussian", target_modules=UNET_TARGETS))
-        trained = [self.unet]
-        if p.train_text_encoder:
-            for te in self.text_encoders:
-                te.add_adapter(LoraConfig(r=p.network_dim, lora_alpha=p.network_alpha,
-                                          init_lora_weights="gaussian", target_modules=TEXT_ENCODER_TARGETS))
-                trained.append(te)
-        if self.weight_dtype != torch.float32:
-            cast_training_params(trained, dtype=torch.float32)
+        self.trained_modules = add_lora_adapters(self.unet, self.text_encoders, p, self.weight_dtype)
         if p.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
             if p.train_text_encoder:
                 for te in self.text_encoders:
                     te.gradient_checkpointing_enable()
-        self.trained_modules = {"unet": self.unet}
-        if p.train_text_encoder:
-            self.trained_modules["text_encoder"] = self.text_encoders[0]
-            if self.is_sdxl:
-                self.trained_modules["text_encoder_2"] = self.text_encoders[1]
 
     def _load_dataset(self) -> None:
         p = self.params
@@ -205,24 +190,9 @@ class LoraTrainer:
                 self.latent_cache = [(m[0].cpu(), s[0].cpu()) for m, s in self.latent_cache]
 
     def _build_optimizer(self) -> None:
-        p = self.params
-        groups = [{"params": [q for q in self.unet.parameters() if q.requires_grad], "lr": p.unet_lr}]
-        if p.train_text_encoder:
-            te_params = [q for te in self.text_encoders for q in te.parameters() if q.requires_grad]
-            groups.append({"params": te_params, "lr": p.text_encoder_lr})
-        if p.optimizer == "adamw8bit":
-            import bitsandbytes as bnb
-
-            optimizer = bnb.optim.AdamW8bit(groups, weight_decay=0.1)
-        elif p.optimizer == "prodigy":
-            from prodigyopt import Prodigy
-
-            optimizer = Prodigy(groups, weight_decay=0.5, decouple=True, betas=(0.9, 0.99), use_bias_correction=False)
-        else:
-            optimizer = torch.optim.AdamW(groups, weight_decay=1e-2)
-        extra = {"num_cycles": p.lr_scheduler_num_cycles} if p.lr_scheduler == "cosine_with_restarts" else {}
-        self.lr_scheduler = get_scheduler(p.lr_scheduler, optimizer=optimizer, num_warmup_steps=p.lr_warmup_steps,
-                                          num_training_steps=self.total_steps, **extra)
+        groups = param_groups(self.unet, self.text_encoders, self.params)
+        optimizer = build_optimizer(groups, self.params)
+        self.lr_scheduler = build_lr_scheduler(optimizer, self.params, self.total_steps)
         prepared = self.accelerator.prepare(*self.trained_modules.values(), optimizer)
         self.optimizer = prepared[-1]
         self.trainable = [q for group in groups for q in group["params"]]
@@ -232,19 +202,12 @@ class LoraTrainer:
     def _pixels(self, index: int) -> torch.Tensor:
         """Pixels in [-1, 1], fitted to the item's bucket."""
         item = self.items[index]
-        with Image.open(self.dataset_dir / item.image.file) as img:
-            fitted = fit_to_bucket(img.convert("RGB"), item.bucket)
-        arr = np.asarray(fitted.image, dtype=np.float32) / 127.5 - 1.0
-        return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+        return bucket_pixels(self.dataset_dir / item.image.file, item.bucket)
 
     def _time_ids(self, index: int) -> list[int]:
         """SDXL micro-conditioning (original h, w, crop top, left, target h, w), as `fit_to_bucket` crops."""
         item = self.items[index]
-        bw, bh = item.bucket
-        w, h = item.image.width, item.image.height
-        scale = max(bw / w, bh / h)
-        rw, rh = max(bw, round(w * scale)), max(bh, round(h * scale))
-        return [h, w, (rh - bh) // 2, (rw - bw) // 2, bh, bw]
+        return sdxl_time_ids(item.image.width, item.image.height, item.bucket)
 
     def _encode_dist(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         dist = self.vae.encode(pixels.to(self.device, torch.float32)).latent_dist
@@ -261,9 +224,7 @@ class LoraTrainer:
             mean = torch.cat([m for m, _ in dists]).cpu()
             std = torch.cat([s for _, s in dists]).cpu()
         sample = mean + std * torch.randn(mean.shape, generator=self.generator)
-        cfg = self.vae.config
-        shift = getattr(cfg, "shift_factor", None) or 0.0
-        return ((sample - shift) * cfg.scaling_factor).to(self.device, self.weight_dtype)
+        return vae_latents(sample, self.vae.config).to(self.device, self.weight_dtype)
 
     def caption_for(self, image: KeptImage, *, augment: bool = True) -> str:
         """Trigger words first, then the caption's tags (shuffled after `keep_tokens`, or dropped)."""
@@ -277,63 +238,29 @@ class LoraTrainer:
                 return ""
         return ", ".join(self.trigger_words + tags)
 
-    def _encode_text(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(prompt embeddings, SDXL pooled embedding); with gradients when the encoders train."""
-        ctx = contextlib.nullcontext() if self.params.train_text_encoder else torch.no_grad()
-        with ctx:
-            ids = [
-                tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids.to(self.device)
-                for tok in self.tokenizers
-            ]
-            if not self.is_sdxl:
-                return self.text_encoders[0](ids[0])[0], None
-            out1 = self.text_encoders[0](ids[0], output_hidden_states=True)
-            out2 = self.text_encoders[1](ids[1], output_hidden_states=True)
-            embeds = torch.cat([out1.hidden_states[-2], out2.hidden_states[-2]], dim=-1)
-            return embeds, out2.text_embeds
-
     # ------------------------------------------------------------------------------------ one step
 
     def _loss(self, indices: list[int], *, augment: bool = True) -> torch.Tensor:
         p = self.params
         captions = [self.caption_for(self.items[i].image, augment=augment) for i in indices]
         latents = self._latents(indices)
-        noise = torch.randn(latents.shape, generator=self.generator)
-        if p.noise_offset and augment:
-            noise = noise + p.noise_offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1),
-                                                         generator=self.generator)
-        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
-                                  generator=self.generator)
+        noise = draw_noise(latents.shape, self.generator, p.noise_offset if augment else 0.0)
+        timesteps = draw_timesteps(self.noise_scheduler, latents.shape[0], self.generator)
         noise = noise.to(self.device, latents.dtype)
         timesteps = timesteps.to(self.device)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
 
         with self.accelerator.autocast():
-            embeds, pooled = self._encode_text(captions)
+            embeds, pooled = encode_prompts(captions, self.tokenizers, self.text_encoders, self.device,
+                                            sdxl=self.is_sdxl, with_grad=p.train_text_encoder)
         kwargs = {}
         if self.is_sdxl:
-            time_ids = [self._time_ids(i) for i in indices]
-            kwargs["added_cond_kwargs"] = {
-                "text_embeds": pooled.to(self.weight_dtype),
-                "time_ids": torch.tensor(time_ids, device=self.device, dtype=self.weight_dtype),
-            }
+            kwargs["added_cond_kwargs"] = sdxl_added_conditioning(
+                pooled, [self._time_ids(i) for i in indices], self.device, self.weight_dtype)
         with self.accelerator.autocast():
             pred = self.unet(noisy, timesteps, embeds.to(self.weight_dtype), **kwargs).sample
-
-        if self.noise_scheduler.config.prediction_type == "v_prediction":
-            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
-        else:
-            target = noise
-        loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-        if p.min_snr_gamma > 0:
-            ac = self.alphas_cumprod.to(self.device)[timesteps]
-            snr = ac / (1 - ac)
-            weight = torch.clamp(snr, max=p.min_snr_gamma) / snr
-            if self.noise_scheduler.config.prediction_type == "v_prediction":
-                weight = torch.clamp(snr, max=p.min_snr_gamma) / (snr + 1)
-            loss = loss * weight
-        return loss.mean()
+        return denoising_loss(self.noise_scheduler, self.alphas_cumprod, pred, latents, noise, timesteps,
+                              p.min_snr_gamma)
 
     def train_step(self, indices: list[int]) -> float:
         for module in self.trained_modules.values():
@@ -387,17 +314,7 @@ class LoraTrainer:
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         """The LoRA weights in PEFT names, prefixed by the module they belong to (unet., text_encoder., ...)."""
-        out = {}
-        for prefix, module in self.trained_modules.items():
-            state = get_peft_model_state_dict(self.accelerator.unwrap_model(module))
-            out.update({f"{prefix}.{k}": v.detach().float().cpu() for k, v in state.items()})
-        return out
-
-    def _rng_state(self) -> dict[str, torch.Tensor]:
-        rng = {"generator": self.generator.get_state(), "torch_cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-        return rng
+        return adapter_weights(self.trained_modules, self.accelerator.unwrap_model)
 
     def save_checkpoint(self, folder: Path) -> Path:
         scaler = self.accelerator.scaler.state_dict() if self.accelerator.scaler is not None else None
@@ -408,7 +325,7 @@ class LoraTrainer:
             optimizer=self.optimizer.state_dict(),
             scheduler=self.lr_scheduler.state_dict(),
             scaler=scaler,
-            rng=self._rng_state(),
+            rng=capture_rng_state(self.generator),
             extra={"params": self.params.model_dump()},
         ))
 
@@ -417,20 +334,12 @@ class LoraTrainer:
         state = load_checkpoint(folder)
         if state.extra.get("params") != self.params.model_dump():
             raise ValueError(f"checkpoint {folder} was written with different parameters")
-        for prefix, module in self.trained_modules.items():
-            sub = {k[len(prefix) + 1 :]: v for k, v in state.adapter.items() if k.startswith(prefix + ".")}
-            loaded = set_peft_model_state_dict(self.accelerator.unwrap_model(module), sub)
-            if getattr(loaded, "unexpected_keys", None):
-                raise ValueError(f"checkpoint {folder} has unexpected {prefix} keys: {loaded.unexpected_keys[:3]}")
+        load_adapter_weights(self.trained_modules, self.accelerator.unwrap_model, state.adapter, folder)
         self.optimizer.load_state_dict(state.optimizer)
         self.lr_scheduler.load_state_dict(state.scheduler)
         if state.scaler is not None and self.accelerator.scaler is not None:
             self.accelerator.scaler.load_state_dict(state.scaler)
-        self.generator.set_state(state.rng["generator"])
-        torch.set_rng_state(state.rng["torch_cpu"])
-        cuda = [state.rng[k] for k in sorted(state.rng) if k.startswith("cuda.")]
-        if cuda and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(cuda)
+        restore_rng_state(self.generator, state.rng)
         self.step, self.epoch = state.step, state.epoch
 
     # ------------------------------------------------------------------------------------ evaluation
@@ -454,27 +363,11 @@ class LoraTrainer:
         cfg = self.samples
         if cfg is None or cfg.count == 0:
             return []
-        captions = [i.image for i in self.items[: cfg.count]]
-        prompts = [self.caption_for(img, augment=False) for img in captions]
-        prompts += [prompts[-1]] * (cfg.count - len(prompts))
-        negatives = None
-        if self.safety is not None:
-            # as the generator does, with the minor-protection embedding always on for previews
-            pairs = [self.safety.inject(prompt=p, negative_prompt="", mature=True) for p in prompts]
-            prompts, negatives = [p for p, _ in pairs], [n for _, n in pairs]
+        captions = [self.caption_for(item.image, augment=False) for item in self.items[: cfg.count]]
+        prompts, negatives = preview_prompts(captions, cfg.count, self.safety)
         for module in self.trained_modules.values():
             module.eval()
-        generator = torch.Generator().manual_seed(self.params.seed + self.epoch)
-        with self.accelerator.autocast():
-            latents = self.pipe(prompt=prompts, negative_prompt=negatives, num_inference_steps=cfg.steps,
-                                guidance_scale=cfg.guidance_scale,
-                                height=self.params.resolution, width=self.params.resolution, generator=generator,
-                                output_type="latent").images
-        # decoded here by the full-precision VAE the trainer keeps (the pipeline's own decode assumes
-        # the VAE has the UNet's half precision)
-        vae_cfg = self.vae.config
-        shift = getattr(vae_cfg, "shift_factor", None) or 0.0
-        pixels = self.vae.decode(latents.to(torch.float32) / vae_cfg.scaling_factor + shift).sample
-        images = self.pipe.image_processor.postprocess(pixels, output_type="pil")
+        images = render_previews(self.pipe, self.vae, prompts, negatives, cfg, resolution=self.params.resolution,
+                                 seed=self.params.seed + self.epoch, autocast=self.accelerator.autocast)
         return list(zip(prompts, images, strict=True))
 

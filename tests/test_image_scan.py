@@ -332,3 +332,16 @@ def test_a_dropped_scanner_ends_its_threads():
     gc.collect()
     thread.join(5)
     assert not thread.is_alive()
+
+
+@pytest.mark.parametrize("change", ["misspelt", "dropped"])
+def test_a_config_that_would_weaken_the_scan_is_refused(tmp_path, change):
+    data = yaml.safe_load((RULES_DIR / "image_scan.yaml").read_text(encoding="utf-8"))
+    if change == "misspelt":
+        data["nudenet"]["FEMALE_GENITALIA_EXPOSD"] = data["nudenet"].pop("FEMALE_GENITALIA_EXPOSED")
+    else:
+        del data["nudenet"]["ANUS_EXPOSED"]
+    cfg = tmp_path / "image_scan.yaml"
+    cfg.write_text(yaml.safe_dump(data), encoding="utf-8")
+    with pytest.raises(RulesInvalid):
+        ImageScanConfig.load(cfg)

@@ -118,6 +118,18 @@ class ImageScanConfig(_Config):
     nudenet: dict[str, list[Threshold]]
     extra_scanners: list[ExtraScanner] = []
 
+    @field_validator("nudenet")
+    @classmethod
+    def _known_classes(cls, value: dict[str, list[Threshold]]) -> dict[str, list[Threshold]]:
+        """A misspelt class would silently never raise a level: refuse it at start."""
+        unknown = sorted(set(value) - set(NUDENET_LABELS))
+        if unknown:
+            raise ValueError(f"unknown NudeNet classes {unknown}; known: {list(NUDENET_LABELS)}")
+        exposed = {"FEMALE_GENITALIA_EXPOSED", "MALE_GENITALIA_EXPOSED", "ANUS_EXPOSED", "FEMALE_BREAST_EXPOSED"}
+        if missing := sorted(exposed - set(value)):
+            raise ValueError(f"the exposure classes {missing} must have thresholds")
+        return value
+
     @classmethod
     def load(cls, path: str | Path) -> ImageScanConfig:
         try:

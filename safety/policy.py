@@ -175,10 +175,12 @@ class SafetyPolicy:
         from_prompt = precheck.minor_signal and ("minor" in precheck.tags or not from_resource)
         minor_sources = [name for name, on in (("prompt", from_prompt), ("resource", from_resource),
                                                ("scanner", scan.minor_signal)) if on]
-        if level.mature and minor_sources:
-            severity = Severity.critical if level >= NsfwLevel.X else Severity.high
-            reasons = tuple(Reason("mature_image_with_minor_signal", f"{level.name} image with a minor signal from {src}",
-                                   "image", matched=src) for src in minor_sources)
+        if level > NsfwLevel.PG and minor_sources:
+            # any exposure the scanner reports, not only mature levels: PG13 with a minor signal is withheld too
+            rule = "mature_image_with_minor_signal" if level.mature else "exposure_with_minor_signal"
+            severity = {NsfwLevel.X: Severity.critical, NsfwLevel.R: Severity.high}.get(level, Severity.medium)
+            reasons = tuple(Reason(rule, f"{level.name} image with a minor signal from {src}", "image", matched=src)
+                            for src in minor_sources)
             return ImageDecision(False, level, Action.review, reasons, severity)
         if level.mature and TAG_POI_RESOURCE in precheck.tags:
             return ImageDecision(False, level, Action.review,

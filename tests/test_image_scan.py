@@ -332,3 +332,60 @@ def test_a_dropped_scanner_ends_its_threads():
     gc.collect()
     thread.join(5)
     assert not thread.is_alive()
+
+
+@pytest.mark.parametrize("change", ["misspelt", "dropped"])
+def test_a_config_that_would_weaken_the_scan_is_refused(tmp_path, change):
+    data = yaml.safe_load((RULES_DIR / "image_scan.yaml").read_text(encoding="utf-8"))
+    if change == "misspelt":
+        data["nudenet"]["FEMALE_GENITALIA_EXPOSD"] = data["nudenet"].pop("FEMALE_GENITALIA_EXPOSED")
+    else:
+        del data["nudenet"]["ANUS_EXPOSED"]
+    cfg = tmp_path / "image_scan.yaml"
+    cfg.write_text(yaml.safe_dump(data), encoding="utf-8")
+    with pytest.raises(RulesInvalid):
+        ImageScanConfig.load(cfg)
+
+
+def _age_scanner(tmp_path, detections):  # noqa: ANN001, ANN202
+    from age_model import build_age_model
+
+    model = build_age_model(tmp_path / "age.onnx")
+    data = yaml.safe_load((RULES_DIR / "image_scan.yaml").read_text(encoding="utf-8"))
+    data["extra_scanners"] = [{"path": "safety.age_scan:AgeEstimator",
+                               "options": {"model_path": str(model), "size": 8, "mean": [0, 0, 0], "std": [1, 1, 1]}}]
+    cfg = tmp_path / "image_scan.yaml"
+    cfg.write_text(yaml.safe_dump(data), encoding="utf-8")
+    return ImageScanner.from_config(cfg, detector=FakeDetector(detections))
+
+
+def test_the_age_scanner_slot_reports_a_minor_from_its_model(tmp_path):
+    """The tiny offline model stands in for an operator's age model (its contract is real)."""
+    scanner = _age_scanner(tmp_path, [])
+    child, adult = scanner.scan(image((0, 0, 0))), scanner.scan(image((255, 255, 255)))
+    assert child.minor_signal and not adult.minor_signal
+    assert child.level is NsfwLevel.PG and adult.level is NsfwLevel.PG
+    assert [d.label for d in child.detections if d.source == "age"] == ["age_estimate"]
+
+
+def test_an_age_minor_signal_withholds_exposure_for_review(tmp_path):
+    from safety.policy import SafetyPolicy
+    from safety.verdict import Action
+
+    scanner = _age_scanner(tmp_path, [det("FEMALE_BREAST_EXPOSED", 0.3)])  # PG13 exposure
+    policy = SafetyPolicy.from_dir(RULES_DIR)
+    pre = policy.precheck("a portrait on a beach", "", [], [], "X")
+    child = policy.postcheck(scanner.scan(image((0, 0, 0))), pre, "X")
+    adult = policy.postcheck(scanner.scan(image((255, 255, 255))), pre, "X")
+    assert not child.deliver and child.action is Action.review
+    assert adult.deliver
+
+
+def test_an_age_model_that_cannot_load_makes_the_config_invalid(tmp_path):
+    data = yaml.safe_load((RULES_DIR / "image_scan.yaml").read_text(encoding="utf-8"))
+    data["extra_scanners"] = [{"path": "safety.age_scan:AgeEstimator",
+                               "options": {"model_path": str(tmp_path / "missing.onnx")}}]
+    cfg = tmp_path / "image_scan.yaml"
+    cfg.write_text(yaml.safe_dump(data), encoding="utf-8")
+    with pytest.raises(RulesInvalid):
+        ImageScanner.from_config(cfg, detector=FakeDetector([]))

@@ -181,3 +181,13 @@ def test_end_to_end_with_the_scanner(policy):
     d = policy.postcheck(scanner.scan(Image.new("RGB", (16, 16))), pre, "X")
     assert d.level is NsfwLevel.X and d.action is Action.review and d.severity is Severity.critical
     assert d.to_dict()["rules"] == ["mature_image_with_minor_signal"]
+
+
+@pytest.mark.parametrize("source", ["prompt", "scanner"])
+def test_any_exposure_with_a_minor_signal_is_withheld_for_review(policy, source):
+    """PG13 exposure (not only R/X) with a minor signal from the prompt or a scanner is withheld."""
+    prompt = "a child flying a kite" if source == "prompt" else "a portrait"
+    pre = policy.precheck(prompt, "", [CKPT], [], "X")
+    d = policy.postcheck(scan(NsfwLevel.PG13, minor=source == "scanner"), pre, "X")
+    assert not d.deliver and d.action is Action.review and d.rule_ids == ["exposure_with_minor_signal"]
+    assert source in [r.matched for r in d.reasons]

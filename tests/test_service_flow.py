@@ -33,8 +33,20 @@ from genserve.core.errors import (
 from genserve.core.storage import object_store_from_settings
 from genserve.engine.infotext import parse_infotext
 from genserve.generation.admission import Caller
-from genserve.generation.jobs import GenerationJob, JobNotFound, JobStatus, JobStore, image_prefix, new_job_id
-from genserve.generation.protocol import GenerationRequest, Limits, NsfwLevel, TierLimits
+from genserve.generation.jobs import (
+    GenerationJob,
+    JobNotFound,
+    JobStatus,
+    JobStore,
+    image_prefix,
+    new_job_id,
+)
+from genserve.generation.protocol import (
+    GenerationRequest,
+    Limits,
+    NsfwLevel,
+    TierLimits,
+)
 from genserve.generation.reaper import Reaper
 from genserve.generation.service import GenerationService
 from genserve.moderation import Moderation
@@ -558,3 +570,46 @@ def test_reconfigure_rolls_out_a_new_prompt_rule_list(env, monkeypatch, tmp_path
         service.reconfigure({"revision": 4})
     with pytest.raises(SafetyBlocked):
         service.quote(env.user(), request)
+
+
+# ------------------------------------------------------------------------------ safety v2 policy
+
+
+def test_a_review_verdict_is_refused_before_anything_is_held(env):
+    """A prompt the audit sends to review is not run: refused with its own code, nothing charged."""
+    caller = env.user(level=NsfwLevel.X)
+    with pytest.raises(SafetyBlocked) as info:
+        _run(env.service.submit(caller, _request(prompt="petite woman in a school uniform, nude")))
+    assert info.value.code in ("safety_review", "safety_blocked")
+    assert info.value.details["rules"]
+    assert env.available(caller) == GRANT
+    row = AuditLog(env.db.session).query(kind="precheck", request_id=caller.request_id)[0]
+    assert row.action in ("review", "block")
+
+
+@pytest.mark.parametrize(("level", "protected"), [(NsfwLevel.PG13, False), (NsfwLevel.R, True), (NsfwLevel.X, True)])
+def test_minor_protection_embedding_follows_the_level_a_request_may_see(env, level, protected):
+    """A plain prompt whose user may see R or X gets the minor-protection embedding too (asserted on the
+    negative prompt the worker received), not only a prompt the audit reads as mature."""
+    caller = env.user(level=level)
+    job = _run(_finish(env.service, caller, _request(prompt="a lighthouse at dusk")))
+    final = env.service.jobs.get(job.id).result["final_negative_prompt"]
+    assert final.startswith("<gs-safe-neg>")
+    assert ("<gs-safe-minor>" in final) is protected
+
+
+def test_takedown_names_reach_a_second_service_on_its_next_heartbeat(env):
+    """Two ingress replicas on one database: a name approved through one blocks on the other within one
+    heartbeat (5 s by default, under the 10 s the site promises)."""
+    other = GenerationService(env.settings, env.db, env.service.store, env.service.workers)
+    person = f"Zorvana Quillfeather {uuid.uuid4().hex[:4]}"
+    caller = env.user(level=NsfwLevel.X)
+    request = _request(prompt=f"{person}, nude")
+    env.service.quote(caller, _request(prompt=f"{person}, portrait"))  # unknown name: allowed
+    takedown = _moderation(env).request_takedown(person, contact="lawyer@example.com")
+    _moderation(env).approve_takedown(takedown.id, "mod-1")
+    other._heartbeat()
+    with pytest.raises(SafetyBlocked) as info:
+        other.quote(caller, request)
+    assert any(rule.startswith("person") or "person" in rule for rule in info.value.details["rules"])
+    assert env.settings.generation.heartbeat_interval_s <= 10

@@ -17,7 +17,13 @@ from dataclasses import dataclass
 from genserve.billing.pricing import HiresParams, Pricing, Quote
 from genserve.core import metrics
 from genserve.core.config import Settings
-from genserve.core.errors import Forbidden, InvalidRequest, QueueFull, SafetyBlocked, Unavailable
+from genserve.core.errors import (
+    Forbidden,
+    InvalidRequest,
+    QueueFull,
+    SafetyBlocked,
+    Unavailable,
+)
 from genserve.generation.jobs import GenerationJob, JobStore
 from genserve.generation.protocol import MAX_HIRES_SIDE, GenerationRequest, Limits
 from genserve.generation.worker.errors import ReservedToken
@@ -25,14 +31,18 @@ from genserve.generation.worker.wire import HiresSpec, LoraSpec, WorkerRequest
 from genserve.resources.cache import ResourceCache
 from genserve.resources.catalog import FamilyEntry, ModelCatalog
 from genserve.resources.models import ResourceKind
-from genserve.resources.registry import ResolvedResource, ResolvedResources, ResourceRegistry
+from genserve.resources.registry import (
+    ResolvedResource,
+    ResolvedResources,
+    ResourceRegistry,
+)
 from safety.embeddings import uses_reserved_token
 from safety.gate import SafetyGate
 from safety.hashing import load_tensors
 from safety.levels import NsfwLevel
 from safety.likeness import Fingerprint, LikenessMatch, fingerprint_lora
 from safety.policy import LikenessHit, ResourceFlags
-from safety.verdict import Verdict
+from safety.verdict import Action, Verdict
 
 FINGERPRINT_CACHE_ENTRIES = 4096
 
@@ -65,11 +75,18 @@ class AdmissionPlan:
     def family(self) -> str:
         return self.resources.family
 
+    @property
+    def protect_minors(self) -> bool:
+        """Whether the worker adds the minor-protection embedding: whenever a delivered image could be
+        above PG13 (a mature prompt in any language, or a level that allows R or X), not only when the
+        prompt says so."""
+        return self.verdict.mature or self.allowed.mature
+
     def worker_request(self, job_id: str, seeds: list[int]) -> WorkerRequest:
         r, res = self.request, self.resources
         return WorkerRequest(
             job_id=job_id, checkpoint_id=res.checkpoint.id, prompt=r.prompt, negative_prompt=r.negative_prompt,
-            mature=self.verdict.mature, sampler=r.sampler.value, steps=r.steps, cfg_scale=r.cfg_scale,
+            mature=self.protect_minors, sampler=r.sampler.value, steps=r.steps, cfg_scale=r.cfg_scale,
             clip_skip=r.clip_skip, width=self.size[0], height=self.size[1], seeds=seeds,
             loras=[LoraSpec(resource_id=x.id, strength=x.strength) for x in res.loras],
             embeddings=[x.id for x in res.embeddings], hires=self.hires,
@@ -208,11 +225,16 @@ class Admission:
             user_id=caller.user_id, details={"resources": [r.id for r in resources.all],
                                              "likeness": [{"resource": r.id, **h.to_dict()} for r, h in hits]},
         )
-        if verdict.blocked:
+        if verdict.action is not Action.allow:
             for rule in verdict.rule_ids:
                 metrics.inc("genserve_prompts_blocked_total", rule=rule)
-            raise SafetyBlocked("the request was refused by the safety policy",
-                                details={"rules": verdict.rule_ids, "reasons": [r.to_dict() for r in verdict.reasons]})
+            details = {"rules": verdict.rule_ids, "reasons": [r.to_dict() for r in verdict.reasons]}
+            if verdict.blocked:
+                raise SafetyBlocked("the request was refused by the safety policy", details=details)
+            # a review verdict is enforced: refused before anything is charged, its audit row is the
+            # moderators' queue (README, Safety)
+            raise SafetyBlocked("the request needs a moderator's review and was not run", code="safety_review",
+                                details=details)
         return verdict
 
     def _likeness(self, resources: ResolvedResources) -> list[tuple[ResolvedResource, LikenessMatch]]:

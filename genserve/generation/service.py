@@ -126,6 +126,8 @@ class GenerationService:
 
     def _heartbeat(self) -> None:
         self.jobs.heartbeat(self.owner)
+        # takedown names approved through any replica block here within one heartbeat
+        self.safety.refresh_person_names()
         active = self.jobs.count_active_by_family()
         for family in self.admission.catalog.families:  # the gauge falls as well as rises
             metrics.set_gauge("genserve_queue_depth", active.get(family, 0), family=family)

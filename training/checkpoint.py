@@ -6,6 +6,10 @@ A checkpoint is a folder:
 - `rng.safetensors`: the trainer's generator and torch's CPU/CUDA RNG states (uint8 tensors)
 - `state.json`: step and epoch (counted by the job), the optimizer's scalars and param groups, the
   LR scheduler and the loss scaler; written last, so a folder without it is incomplete.
+
+Hand-written rather than accelerate's `save_state`/`load_state`: those pickle the optimizer, scheduler
+and RNG states and load them with `torch.load`, which the house rules forbid for anything a job reads
+back (a resume must never execute code).
 """
 
 from __future__ import annotations

@@ -8,6 +8,9 @@ The format is the one AUTOMATIC1111 writes and the site, A1111's "PNG Info" and 
 
 Values holding a comma, colon or newline are JSON-quoted (as A1111 does), so the last line always
 splits back into the same pairs.
+
+Hand-written: no maintained package writes or parses this format (A1111 keeps its own parser inside
+the web UI), and it is small enough that a parser here is cheaper than a dependency on the UI.
 """
 
 from __future__ import annotations

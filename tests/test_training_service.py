@@ -272,3 +272,31 @@ def test_sample_images_go_through_the_safety_policy(tmp_path: Path, make_service
     with pytest.raises(SafetyBlocked):
         service.sample(row.id, "alice", 1, 0)
     assert list(deps.store.list(f"trainings/{row.id}/samples/")) == []
+
+
+def test_a_real_person_lora_is_enabled_only_with_its_blocklist_entry(tmp_path: Path, make_service, monkeypatch) -> None:
+    """The LoRA is registered out of generation; a failure before its blocklist entry commits leaves it
+    disabled, with no entry and nothing usable (the enable and the entry share one transaction)."""
+    from genserve.resources.models import Resource
+    from safety.likeness import LikenessBlocklist
+    from training.run import lora_resource_id
+
+    service = make_service()
+    deps = service.deps
+    row = service.submit("alice", toy_zip(tmp_path / "p.zip"),
+                         Submission("sd1", real_person=True, name="p-lora", person="Pat Example", params=SMALL))
+    seen = []
+    real_enable = deps.registry.enable
+
+    def enable(resource_id, *, session=None):  # noqa: ANN001, ANN202
+        seen.append(session.get(Resource, resource_id).generation_enabled)
+        real_enable(resource_id, session=session)
+        raise RuntimeError("the database went away before the commit")
+
+    monkeypatch.setattr(deps.registry, "enable", enable)
+    JobRunner(deps, row.id, row.ray_job_id).run()
+    assert seen == [False]  # published disabled
+    resource = deps.registry.get(lora_resource_id(row.id))
+    assert not resource.generation_enabled
+    assert deps.blocklist.list() == []  # the entry rolled back with the enable
+    assert isinstance(deps.blocklist, LikenessBlocklist)

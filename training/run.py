@@ -114,6 +114,21 @@ class JobRunner:
         self._write(checkpoint_key=prefix, checkpoint_step=step, checkpoint_epoch=epoch, step=step, epoch=epoch,
                     progress_at=utcnow())
 
+    def _enable(self, row: Training, resource_id: str, path: Path) -> None:
+        """Enable the trained LoRA; a declared real person's goes on the blocklist in the same transaction
+        (the owner may still download it; the generator will never load it)."""
+        blocklist = self.deps.blocklist
+        prepared = blocklist.prepare(path) if row.real_person else None
+        with self.deps.db.transaction() as s:
+            if prepared is not None:
+                entry = blocklist.insert(s, prepared, person=row.safety.get("person") or row.name,
+                                         reason="real-person LoRA trained on this service (declared by its owner)",
+                                         source=f"training:{self.id}", created_by="training", resource_id=resource_id)
+                self.deps.audit.append("likeness", "add", subject=[entry.sha256], user_id="training", session=s,
+                                       details={"entry_id": entry.id, "person": entry.person,
+                                                "source": f"training:{self.id}", "resource_id": resource_id})
+            self.deps.registry.enable(resource_id, session=s)
+
     def _sample_hook(self, row: Training):  # noqa: ANN202
         """Samples pass the generator's checks: prompt precheck, image scan, then the postcheck."""
         allowed = NsfwLevel.parse(row.safety.get("allowed_level", "PG13"))
@@ -219,18 +234,20 @@ class JobRunner:
             epochs=result.epoch, resolution=params.resolution, num_images=row.dataset_images, title=row.name))
         verify_export(trainer.pipe, path, row.family, prompt=", ".join(row.trigger_words) or "a photo",
                       resolution=params.resolution)
+        # registered out of generation, and enabled only in the transaction that also commits its blocklist
+        # entry (a real person): no moment exists, and no failure leaves one, where the LoRA is usable unlisted
         resource = self.deps.registry.publish(
             path, id=lora_resource_id(self.id), kind="lora", family=row.family, name=row.name,
             owner_user_id=row.user_id, poi=row.real_person, trigger_words=list(row.trigger_words),
-            meta={"training_id": self.id, "base_model": row.base_model})
-        if row.real_person:
-            # the owner may still download it; the generator will never load it
-            self.deps.blocklist.add(path, person=row.safety.get("person") or row.name,
-                                    reason="real-person LoRA trained on this service (declared by its owner)",
-                                    source=f"training:{self.id}", created_by="training", resource_id=resource.id)
-        self.records.transition(self.id, [TrainingStatus.running.value], TrainingStatus.succeeded.value,
-                                resource_id=resource.id, output_key=resource.storage_key,
-                                output_sha256=resource.sha256)
+            meta={"training_id": self.id, "base_model": row.base_model}, generation_enabled=False)
+        try:
+            self._enable(row, resource.id, path)
+            self.records.transition(self.id, [TrainingStatus.running.value], TrainingStatus.succeeded.value,
+                                    resource_id=resource.id, output_key=resource.storage_key,
+                                    output_sha256=resource.sha256)
+        except BaseException:
+            self.deps.registry.disable(resource.id, f"training {self.id} did not finish")
+            raise
         self.records.settle(self.deps.ledger, self.id)
         log.info("training %s succeeded: %s", self.id, resource.id)
         return 0

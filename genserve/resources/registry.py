@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from sqlalchemy import or_, select
+from sqlalchemy.orm import Session
 
 from genserve.core.db import Database
 from genserve.core.errors import Conflict, GenserveError, InvalidRequest, NotFound
@@ -132,14 +133,17 @@ class ResourceRegistry:
         sfw_only: bool = False,
         trigger_words: Sequence[str] = (),
         meta: dict[str, Any] | None = None,
+        generation_enabled: bool = True,
     ) -> Resource:
         """Add a resource. Registering the same id with the same content again is a no-op (so
-        bootstrap can run on every start); the same id with other content is a conflict."""
+        bootstrap can run on every start); the same id with other content is a conflict. A resource
+        registered with `generation_enabled=False` exists (and can be downloaded by its owner) but
+        no generation loads it until `enable`."""
         kind, family = _kind(kind), _family(family)
         row = Resource(
             id=id, kind=kind, family=family, name=name or id, format=format, storage_key=storage_key,
             sha256=sha256, tensor_sha256=tensor_sha256, size_bytes=size_bytes, owner_user_id=owner_user_id,
-            minor=minor, poi=poi, sfw_only=sfw_only, generation_enabled=True,
+            minor=minor, poi=poi, sfw_only=sfw_only, generation_enabled=generation_enabled,
             trigger_words=list(trigger_words), meta=dict(meta or {}),
         )
         with self.db.transaction() as s:
@@ -204,12 +208,19 @@ class ResourceRegistry:
             row.meta = {**(row.meta or {}), "disabled_reason": reason}
             return row
 
-    def enable(self, resource_id: str) -> Resource:
+    def enable(self, resource_id: str, *, session: Session | None = None) -> Resource:
+        """Put a resource (back) into generation; with `session`, inside the caller's transaction, so
+        whatever must be true first (a blocklist entry) commits with it or not at all."""
+        if session is not None:
+            return self._enable(session, resource_id)
         with self.db.transaction() as s:
-            row = self._row(s, resource_id)
-            row.generation_enabled = True
-            row.meta = {k: v for k, v in (row.meta or {}).items() if k != "disabled_reason"}
-            return row
+            return self._enable(s, resource_id)
+
+    def _enable(self, session: Session, resource_id: str) -> Resource:
+        row = self._row(session, resource_id)
+        row.generation_enabled = True
+        row.meta = {k: v for k, v in (row.meta or {}).items() if k != "disabled_reason"}
+        return row
 
     # -- reads --------------------------------------------------------------------------------
 

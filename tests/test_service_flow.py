@@ -613,3 +613,32 @@ def test_takedown_names_reach_a_second_service_on_its_next_heartbeat(env):
         other.quote(caller, request)
     assert any(rule.startswith("person") or "person" in rule for rule in info.value.details["rules"])
     assert env.settings.generation.heartbeat_interval_s <= 10
+
+
+def test_a_blocklisted_checkpoint_cannot_be_used(env, tmp_path):
+    """A checkpoint put on the likeness blocklist is refused at admission and by the worker itself."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from genserve.resources.models import ResourceKind
+
+    single = env.service.registry.get("tiny-sd1-single")
+    with env.service.resource_cache.use(single.storage_key, single.sha256, "file") as path:
+        tensors = load_file(str(path))
+    name = next(iter(tensors))
+    tensors[name] = tensors[name] + torch.full_like(tensors[name], 1e-3)  # other hashes than the shared one
+    copy = tmp_path / "lookalike.safetensors"
+    save_file(tensors, str(copy))
+    rid = f"ckpt-{uuid.uuid4().hex[:6]}"
+    env.service.registry.publish(copy, id=rid, kind="checkpoint", family="sd1", meta=dict(single.meta or {}))
+    caller = env.user()
+    env.service.quote(caller, _request(checkpoint=rid))  # usable before
+    _moderation(env).add_likeness(rid, "C. Person", reason="a checkpoint fine-tuned on one person")
+    with pytest.raises(SafetyBlocked) as info:
+        env.service.quote(caller, _request(checkpoint=rid))
+    assert any(rule.startswith("likeness.") for rule in info.value.details["rules"])
+    core = env.service.workers.cores["sd1"]
+    with pytest.raises(SafetyBlocked) as refused:
+        core.load_checkpoint(rid)
+    assert refused.value.code == "likeness_blocked"
+    assert core.resource(rid, ResourceKind.checkpoint).id == rid  # still registered: refused, not deleted

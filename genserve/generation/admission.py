@@ -238,10 +238,11 @@ class Admission:
         return verdict
 
     def _likeness(self, resources: ResolvedResources) -> list[tuple[ResolvedResource, LikenessMatch]]:
-        """Every LoRA and embedding against the likeness blocklist: hashes for all, weights for LoRAs
-        (so a renamed or re-exported copy still matches). A file that cannot be read fails closed."""
+        """The checkpoint, every LoRA and every embedding against the likeness blocklist: hashes for all,
+        weights for LoRAs (so a renamed or re-exported copy still matches). A file that cannot be read
+        fails closed."""
         hits = []
-        for res in resources.extras:
+        for res in resources.all:
             hit = self.safety.blocklist.check_hashes(res.sha256, res.tensor_sha256)
             if hit is None and res.kind is ResourceKind.lora:
                 hit = self.safety.blocklist.match_fingerprint(self._fingerprint(res))

@@ -29,7 +29,7 @@ from genserve.core.db import Database
 from genserve.core.storage import ObjectStore, object_store_from_settings
 from genserve.engine.generate import GeneratedImage, ModelInfo, generate, hires_size, prepare_pipeline
 from genserve.engine.loading import default_device, load_pipeline
-from genserve.engine.lora_cache import LoraCache
+from genserve.engine.lora_cache import LikenessBlocked, LoraCache
 from genserve.engine.schedulers import sampler_spec
 from genserve.engine.textual_inversion import user_embeddings
 from genserve.generation.worker.checkpoint import LoadedCheckpoint
@@ -134,8 +134,13 @@ class WorkerCore:
 
     # ---- checkpoints ----------------------------------------------------------------------------
     def load_checkpoint(self, checkpoint_id: str) -> LoadedCheckpoint:
-        """Load a checkpoint with its safety embeddings (verified) and an empty LoRA cache."""
+        """Load a checkpoint with its safety embeddings (verified) and an empty LoRA cache; a checkpoint on
+        the likeness blocklist (by file or tensor hash) is never loaded."""
         row = self.resource(checkpoint_id, ResourceKind.checkpoint)
+        match = self.blocklist.check_hashes(row.sha256, row.tensor_sha256)
+        if match is not None:
+            raise LikenessBlocked("this checkpoint reproduces a real person's likeness and cannot be used",
+                                  details={"sha256": row.sha256, **match.to_dict()})
         started = time.perf_counter()
         with contextlib.ExitStack() as stack:
             path, config_dir = self.files.checkpoint(row, stack)

@@ -579,6 +579,10 @@ SERVE_BUILTINS = {
     "ray_serve_deployment_replica_healthy",
     "ray_serve_autoscaling_target_replicas",
     "ray_serve_deployment_queued_queries",
+    # Ray's node metrics (each node's reporter agent): GPU use per node
+    "ray_node_gpus_utilization",
+    "ray_node_gram_used",
+    "ray_node_gram_available",
 }
 
 
@@ -626,8 +630,11 @@ def test_dashboard_panels_read_only_metrics_that_exist():
                     assert resolved[1] == "histogram"
     assert used == set(DEFINITIONS), f"metrics no panel shows: {sorted(set(DEFINITIONS) - used)}"
     titles = " ".join(p["title"].lower() for p in panels)
-    for topic in ("status", "queue", "p99", "stage", "withheld", "blocked", "hit ratio", "buzz", "training", "replicas"):
+    for topic in ("status", "queue", "p99", "stage", "withheld", "blocked", "hit ratio", "buzz", "training", "replicas",
+                  "gpu utilization", "gpu memory", "429"):
         assert topic in titles, topic
+    exprs = " ".join(t["expr"] for p in panels for t in p["targets"])
+    assert 'status_code="429"' in exprs, "429s as the ingress answered them, Serve's back-pressure included"
 
 
 def test_metric_name_parser_sees_through_functions_and_labels():

@@ -342,6 +342,16 @@ def test_grace_periods_outlast_serves_graceful_shutdown():
             d = deployments[deployment]
             needed = d["graceful_shutdown_timeout_s"] + d["graceful_shutdown_wait_loop_s"]
             assert grace >= needed + 10, f"{name}: {grace} s < {deployment}'s {needed} s graceful shutdown + margin"
+            # a deleted pod first drains its Ray node (Serve moves the replicas), and waits that long
+            (container,) = _containers(group)
+            script = container["lifecycle"]["preStop"]["exec"]["command"][-1]
+            assert "ray drain-node" in script and "--reason DRAIN_NODE_REASON_PREEMPTION" in script
+            deadline = int(re.search(r"--deadline-remaining-seconds (\d+)", script).group(1))
+            wait = int(re.search(r"sleep (\d+)", script).group(1))
+            assert deadline >= needed and wait >= needed, f"{name}: preStop shorter than the graceful shutdown"
+            assert grace >= wait + 20, f"{name}: the grace period ends before the preStop wait and the stop after it"
+            words = {w.rsplit("/", 1)[-1] for w in re.split(r"[\s;|&]+", " ".join(container["lifecycle"]["preStop"]["exec"]["command"])) if w}
+            assert {"sh", "ray", "sleep", "true"} & words <= _image_tools() | {"true"}
     assert {d for g in _groups() for d in _hosts(g)} == set(deployments), "every deployment has a group"
 
 

@@ -4,12 +4,12 @@ back down after it, and nothing is lost on the way.
 Starts the service here (embedded defaults: tiny models, SQLite, local object store, the local Serve
 config) with `worker-sd1` autoscaling between 1 and 2 replicas on short delays (the production delays
 are minutes), the other deployments fixed at one replica. Then `--concurrency` clients generate sd1
-images for `--load-s` seconds (`wait=true`, retrying a 429 after its Retry-After), while a sampler reads
+images for `--load-s` seconds, one user each (`wait=true`, retrying a 429 after its Retry-After), while a sampler reads
 `worker-sd1`'s running replicas from `serve.status()` every half second. After the load it waits up to
 `--settle-s` for the deployment to return to one replica, and checks:
 
   * every accepted job ended `succeeded` (else it counts in `lost_jobs` or `failed_jobs`);
-  * the ledger verifies (`genserve buzz verify`: balanced, no open hold of the user).
+  * the ledger verifies (`genserve buzz verify`: balanced, no open hold of the users).
 
     .venv/bin/python bench/autoscale.py [--load-s 40] [--concurrency 6] [--steps 8]
 
@@ -50,8 +50,8 @@ def autoscaling_overrides(config: dict[str, Any], upscale_s: float, downscale_s:
         for d in app.get("deployments", []):
             auto = d.setdefault("autoscaling_config", {})
             if d["name"] == WORKER:
-                auto.update(min_replicas=1, max_replicas=2, target_ongoing_requests=1,
-                            upscale_delay_s=upscale_s, downscale_delay_s=downscale_s, look_back_period_s=2.0)
+                auto.update(min_replicas=1, max_replicas=2, target_ongoing_requests=1, metrics_interval_s=1.0,
+                            look_back_period_s=4.0, upscale_delay_s=upscale_s, downscale_delay_s=downscale_s)
             else:
                 auto.update(min_replicas=1, max_replicas=1)
     return config
@@ -80,19 +80,20 @@ class ReplicaSampler(threading.Thread):
         return next((t for t, n in self.samples if t >= after and predicate(n)), None)
 
 
-async def drive(url: str, token: str, user: str, load_s: float, concurrency: int, steps: int) -> dict[str, Any]:
-    headers = {"Authorization": f"Bearer {token}", "X-User-Id": user}
+async def drive(url: str, token: str, users: list[str], load_s: float, steps: int) -> dict[str, Any]:
+    """One client per user (so the per-user queue limit of the tier does not cap the load)."""
     out: dict[str, Any] = {"jobs": [], "http_429": 0, "errors": []}
     end = time.monotonic() + load_s
 
     async def client(i: int, http: httpx.AsyncClient) -> None:
-        n = 0
+        n, user = 0, {"X-User-Id": users[i]}
         while time.monotonic() < end:
             body = {"prompt": f"a lighthouse at dusk {i}-{n}", "checkpoint": "tiny-sd1", "steps": steps,
                     "width": 64, "height": 64, "quantity": 1 + (n % 2), "seed": i * 10_000 + n}
             n += 1
             try:
-                r = await http.post("/v1/generations", json=body, params={"wait": "true", "timeout": "120"}, timeout=180)
+                r = await http.post("/v1/generations", json=body, params={"wait": "true", "timeout": "120"},
+                                    headers=user, timeout=180)
             except httpx.TransportError as exc:
                 out["errors"].append(f"{type(exc).__name__}: {exc}")
                 continue
@@ -103,25 +104,25 @@ async def drive(url: str, token: str, user: str, load_s: float, concurrency: int
             if r.status_code not in (200, 202):
                 out["errors"].append(f"{r.status_code}: {r.text[:200]}")
                 continue
-            out["jobs"].append(r.json())
+            out["jobs"].append({**r.json(), "_user": users[i]})
 
-    async with httpx.AsyncClient(base_url=url.rstrip("/"), headers=headers) as http:
-        await asyncio.gather(*(client(i, http) for i in range(concurrency)))
+    async with httpx.AsyncClient(base_url=url.rstrip("/"), headers={"Authorization": f"Bearer {token}"}) as http:
+        await asyncio.gather(*(client(i, http) for i in range(len(users))))
         # anything not yet terminal (a wait that timed out) is followed to its end
         for k, job in enumerate(out["jobs"]):
             deadline = time.monotonic() + 120
             while job["status"] not in TERMINAL and time.monotonic() < deadline:
                 await asyncio.sleep(0.2)
-                job = (await http.get(f"/v1/generations/{job['id']}")).json()
+                job = {**(await http.get(f"/v1/generations/{job['id']}", headers={"X-User-Id": job["_user"]})).json(),
+                       "_user": job["_user"]}
             out["jobs"][k] = job
-        out["balance"] = (await http.get(f"/v1/accounts/{user}/balance")).json()
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--load-s", type=float, default=40.0, help="how long the clients generate")
-    parser.add_argument("--concurrency", type=int, default=6, help="clients, each with one request in flight")
+    parser.add_argument("--concurrency", type=int, default=6, help="clients (one user each), each with one request in flight")
     parser.add_argument("--steps", type=int, default=8, help="denoising steps per image (sets the work per job)")
     parser.add_argument("--upscale-delay-s", type=float, default=2.0)
     parser.add_argument("--downscale-delay-s", type=float, default=10.0)
@@ -144,10 +145,12 @@ def main(argv: list[str] | None = None) -> int:
         settings = prepare_data_dir(Path(tmp.name) / "data", args.models_dir)
         service = LocalService(settings, args.replica_cpus)
         url = service.start(args.start_timeout_s)
-        user = f"autoscale-{uuid.uuid4().hex[:8]}"
+        run = uuid.uuid4().hex[:8]
+        users = [f"autoscale-{run}-{i}" for i in range(args.concurrency)]
         db = Database.from_settings(settings)
-        Ledger(db, settings.billing).grant(user_account(user), STARTING_BALANCE, f"bench-autoscale:{user}",
-                                          reason="autoscale bench starting balance")
+        for user in users:
+            Ledger(db, settings.billing).grant(user_account(user), STARTING_BALANCE, f"bench-autoscale:{user}",
+                                              reason="autoscale bench starting balance")
         db.dispose()
         sampler = ReplicaSampler(service.name)
         sampler.start()
@@ -156,8 +159,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{WORKER} autoscales 1..2 (upscale {args.upscale_delay_s:.0f} s, downscale {args.downscale_delay_s:.0f} s)",
               flush=True)
         load_start = time.monotonic()
-        result = asyncio.run(drive(url, settings.auth.service_token.get_secret_value(), user, args.load_s,
-                                   args.concurrency, args.steps))
+        result = asyncio.run(drive(url, settings.auth.service_token.get_secret_value(), users, args.load_s, args.steps))
         load_end = time.monotonic()
         down = None
         while time.monotonic() < load_end + args.settle_s:
@@ -170,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             ledger = Ledger(db, settings.billing)
             verify = ledger.verify()
-            held = ledger.balance(user_account(user)).held
+            held = sum(ledger.balance(user_account(user)).held for user in users)
         finally:
             db.dispose()
     finally:

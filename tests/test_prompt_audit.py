@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -192,10 +193,13 @@ def test_hostile_20k_prompt_is_fast(auditor, hostile):
 
 
 def _write_rules(tmp_path: Path, mutate) -> Path:
+    """A copy of the shipped rules folder (lexicons, person list) with the main file mutated."""
+    rules = tmp_path / "rules"
+    shutil.copytree(RULES_DIR, rules)
     data = yaml.safe_load((RULES_DIR / "prompt_audit.yaml").read_text(encoding="utf-8"))
     mutate(data)
-    (tmp_path / "prompt_audit.yaml").write_text(yaml.safe_dump(data), encoding="utf-8")
-    return tmp_path
+    (rules / "prompt_audit.yaml").write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
+    return rules
 
 
 @pytest.mark.parametrize(

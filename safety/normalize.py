@@ -63,8 +63,9 @@ _EMOJI_WORDS = {
 # Italic look-alikes TR39 does not list (see the module docstring).
 _EXTRA = {"п": "n", "ω": "w", "ς": "c", "ø": "o", "ð": "d", "ɩ": "i", "ʀ": "r"}
 
-# Ligatures and letters NFKD keeps whole, spelled out in both forms.
-_EXPAND = {"ß": "ss", "æ": "ae", "œ": "oe", "þ": "th", "ĳ": "ij", "ﬀ": "ff", "ﬁ": "fi", "ﬂ": "fl"}
+# Ligatures and letters NFKD keeps whole, spelled out in both forms. "ñ" is a letter of its own in
+# Spanish, not an accented n: "niña" (girl) must not fold into the given name "Nina".
+_EXPAND = {"ß": "ss", "æ": "ae", "œ": "oe", "þ": "th", "ĳ": "ij", "ﬀ": "ff", "ﬁ": "fi", "ﬂ": "fl", "ñ": "ny"}
 
 # Letters that NFKC does not decompose but whose Unicode name says which Latin letter they draw.
 _NAMED_LETTER = re.compile(
@@ -79,6 +80,10 @@ _LEET = str.maketrans({"0": "o", "1": "i", "l": "i", "3": "e", "4": "a", "5": "s
 
 # Symbols that stand for letters ("t@ylor", "$ex"); folded during normalisation so they join words.
 _WORD_SYMBOLS = str.maketrans({"@": "a", "$": "s"})
+# Symbols that stand for a letter only between two letters ("ch!ld", "nud€"; "wow!" keeps its "!").
+# Replaced one for one, so spans stay exact. "|" is left alone: it is A1111's alternation ("[a|b]").
+_INNER_SYMBOL_RE = re.compile(r"(?<=[^\W\d_])[!¡€](?=[^\W\d_])|(?<=[^\W\d_])€")
+_INNER_SYMBOLS = {"!": "i", "¡": "i", "€": "e"}
 
 # Words: runs of letters/digits, a digit prefix glued to letters cut off as its own word ("15yo" ->
 # 15, yo). The ASCII pattern gives the same words on ASCII text, only faster.
@@ -146,7 +151,11 @@ def _fold_char(ch: str) -> tuple[str, str]:
     skel_table = _skeleton_table()
     native: list[str] = []
     skel: list[str] = []
-    for c in unicodedata.normalize("NFKD", unicodedata.normalize("NFKC", ch)):
+    composed = unicodedata.normalize("NFKC", ch)
+    low = composed.lower()
+    if low in _EXPAND:
+        return _EXPAND[low], _EXPAND[low]
+    for c in unicodedata.normalize("NFKD", composed):
         if c in _INVISIBLE or unicodedata.category(c) in _DROPPED_CATEGORIES:
             continue
         low = c.lower()
@@ -207,11 +216,17 @@ class Normalized:
         return origin[start], origin[end - 1] + 1
 
 
+def _inner_symbols(text: str) -> str:
+    if "!" in text or "¡" in text or "€" in text:
+        return _INNER_SYMBOL_RE.sub(lambda m: _INNER_SYMBOLS[m.group()], text)
+    return text
+
+
 def normalize(text: str) -> Normalized:
     if text.isascii():
-        return Normalized(text, text.lower().translate(_WORD_SYMBOLS), None, identity=True)
-    skel = text.translate(_FOLD)
-    native = text.translate(_NATIVE)
+        return Normalized(text, _inner_symbols(text.lower().translate(_WORD_SYMBOLS)), None, identity=True)
+    skel = _inner_symbols(text.translate(_FOLD))
+    native = _inner_symbols(text.translate(_NATIVE))
     return Normalized(text, skel, native if native != skel else None, identity=False)
 
 
@@ -308,7 +323,9 @@ def tokenize(norm: Normalized) -> Tokens:
                 while i is not None and i < n and offsets[2 * i + 1] < b:
                     weights.add(i)
                     i += 1
-        runs = [list(range(index_at[m.start()], index_at[m.end() - 1] + 1)) for m in runs_re.finditer(text)]
+        # "1.3" (a weight, a version) is two digits, not a spaced-out word; longer digit runs may be leet.
+        runs = [list(range(index_at[m.start()], index_at[m.end() - 1] + 1)) for m in runs_re.finditer(text)
+                if len(m.group()) > 3 or not m.group()[::2].isdecimal()]
     native: dict[int, str] = {}
     cjk: list[int] = []
     if not ascii_text:

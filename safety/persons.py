@@ -11,11 +11,11 @@ Matching is on normalised, leet-folded tokens (see `safety.normalize`), and tole
 write names:
 - token order: "taylor swift", "swift taylor", "swift, taylor";
 - middle names and initials between first and last name: "taylor alison swift", "jane q. example"
-  (the tokens in between must look like names: not ordinary English words, so "taylor, a swift
-  runner" does not match);
+  (up to two; a short function word such as "a" or "the" ends the name, and so does punctuation,
+  so "taylor, a swift runner" does not match);
 - written together: "taylorswift";
 - one typo (edit distance 1, transpositions included) in a token of 5+ letters, when the other token
-  is exact and the whole name has 10+ letters: "scarlet johansson", "taylor swfit".
+  is exact and the whole name has 8+ letters: "scarlet johansson", "taylor swfit", "gal gadott".
 A first name or a surname alone never matches, and a one-word name (a mononym such as "zendaya")
 matches only if it is 6+ letters long and not an ordinary English word ("madonna" is left out,
 because of "madonna and child" paintings).
@@ -37,8 +37,10 @@ from safety.wordlist import ordinary_words
 _MIDDLE_MAX = 2  # middle names / initials allowed between first and last name
 _BARRIERS = frozenset(",;:()[]{}<>|/\n")  # a name never spans these (except "surname, first")
 _FUZZY_MIN_TOKEN = 5
-_FUZZY_MIN_NAME = 10
+_FUZZY_MIN_NAME = 8
+_FUZZY_MIN_WHOLE = 10  # a name written together, with one typo ("taylorswfit")
 _MONONYM_MIN = 6
+_FUNCTION_WORD_MAX = 3  # an ordinary word this short ("a", "the", "and") ends a name; longer ones may be middle names
 _CACHE_LIMIT = 50_000
 
 
@@ -106,11 +108,13 @@ class PersonIndex:
             together = {"".join(toks), last + first, first + last}  # "taylorswift", "swifttaylor"
             for tok in together:
                 self._whole[tok] = pid
-                if len(tok) >= _FUZZY_MIN_NAME:
+                if len(tok) >= _FUZZY_MIN_WHOLE:
                     for d in (tok, *_deletes(tok)):
                         self._deletes.setdefault(d, set()).add(tok)
             self._pairs.setdefault(first, []).append((pid, last, True))
             self._pairs.setdefault(last, []).append((pid, first, False))
+        # every word that can anchor a match here (name parts of one letter cannot)
+        self.keys = frozenset(self._whole) | frozenset(w for w in self._pairs if len(w) > 1)
         self._longest = max(map(len, self._whole), default=0)  # longer words cannot be a name with one typo
         self.count = len(self.names) + (base.count if base else 0)
 
@@ -140,20 +144,27 @@ class PersonIndex:
             self._cache[word] = cached
         return (self._whole[cached[0]], cached[0]) if cached else None
 
-    def scan(self, tokens: Tokens, ordinary: frozenset[str]) -> list[tuple[int, int, str]]:
+    def scan(self, tokens: Tokens, ordinary: frozenset[str], base_parts: list[int] | None = None
+             ) -> list[tuple[int, int, str]]:
         """(first word, last word, name) of every protected name in the text.
 
         Every match is anchored on one exactly spelled word (a whole name, a first name or a
-        surname), so only the few words that are name parts are looked at closely."""
+        surname), so only the few words that are name parts are looked at closely. `base_parts`
+        lists where the words of the bottom layer's `keys` are, when the caller already knows."""
         canon, offsets, text, n = tokens.canon, tokens.offsets, tokens.text, len(tokens.canon)
         hits: list[tuple[int, int, str]] = []
         reach = _MIDDLE_MAX + 1
         for layer in self._layers():
+            if not layer.names:
+                continue
             whole, pairs = layer._whole, layer._pairs
+            keys = layer.keys
+            parts = base_parts if layer.base is None and base_parts is not None else [
+                i for i, w in enumerate(canon) if w in keys]
             # A name part repeated all over a hostile prompt is looked at once per distinct
             # neighbourhood: the result depends only on the text around it.
             seen: dict[tuple[str, str], list[tuple[int, int]]] = {}
-            for i in [i for i, w in enumerate(canon) if w in whole or (w in pairs and len(w) > 1)]:
+            for i in parts:
                 word = canon[i]
                 pid = whole.get(word)
                 if pid is not None:
@@ -170,8 +181,12 @@ class PersonIndex:
                 for pid, offset in found:
                     hits.append((min(i, i + offset), max(i, i + offset), layer.names[pid]))
             if not hits and layer._whole:
-                for i, w in enumerate(canon):
-                    if _FUZZY_MIN_NAME <= len(w) <= layer._longest + 1 and w not in ordinary:
+                # Names have no digits once leetspeak is folded ("t4ylorsw1ft"), so words with digits left
+                # ("w26x89") are skipped without a lookup.
+                longest = layer._longest + 1
+                for i in [i for i, w in enumerate(canon) if _FUZZY_MIN_WHOLE <= len(w) <= longest and w.isalpha()]:
+                    w = canon[i]
+                    if w not in ordinary:
                         found = layer._similar_whole(w)
                         if found is not None:
                             hits.append((i, i, layer.names[found[0]]))
@@ -205,7 +220,7 @@ def _find_partner(tokens: Tokens, i: int, other: str, is_first: bool, ordinary: 
                 break
             if same(canon[j]):
                 return j
-            if canon[j] in ordinary and len(canon[j]) > 1:
+            if canon[j] in ordinary and 1 < len(canon[j]) <= _FUNCTION_WORD_MAX:
                 break
         return None
     # i is a surname: "swift taylor", "swift, taylor" (first name right after) ...
@@ -217,6 +232,6 @@ def _find_partner(tokens: Tokens, i: int, other: str, is_first: bool, ordinary: 
             break
         if canon[j] != other and same(canon[j]):
             return j
-        if canon[j] in ordinary and len(canon[j]) > 1:
+        if canon[j] in ordinary and 1 < len(canon[j]) <= _FUNCTION_WORD_MAX:
             break
     return None

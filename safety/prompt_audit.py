@@ -347,7 +347,14 @@ class _AhoCorasick:
 
 _EMPTY: tuple = ()
 _NO_PHRASES: dict = {}
-_NOTHING: tuple = ((), _NO_PHRASES)  # lookup result of a word that matches nothing
+_NOTHING: tuple = ((), _NO_PHRASES, 0)  # lookup result of a word that matches nothing
+
+# What else a word is, besides a term: looked up once per distinct word together with the terms, so
+# the other layers visit only the few words that concern them.
+JOIN_START = 1  # the beginning of a one-word term ("nu" of "nude"): pieces may be joined from here
+AGE_CUE = 2  # a word that says a nearby number is an age ("years", "aged", "歳")
+NUMBER_WORD = 4  # "thirteen", "treize", "열세"
+NAME_PART = 8  # a first name, surname or whole name on the protected-persons list
 _CACHE_LIMIT = 50_000
 _JOIN_MAX_PIECES = 4
 _JOIN_GAPS = frozenset({" ", ".", "-", "_", "·", "'", "*", "~", "+", "|", "/"})
@@ -357,7 +364,7 @@ class _TermIndex:
     """Canonical token -> groups, phrases by first token, prefixes by length, the run automaton,
     the split-word join table and the automaton for scripts written without spaces."""
 
-    def __init__(self, entries: Sequence[tuple[int, str, bool]]):
+    def __init__(self, entries: Sequence[tuple[int, str, bool]], flags: dict[str, int]):
         single: dict[str, list[int]] = {}
         phrases: dict[str, list[tuple[tuple[str, ...], int]]] = {}
         prefixes: dict[str, list[int]] = {}
@@ -390,10 +397,13 @@ class _TermIndex:
         self.cjk = _AhoCorasick({k: tuple(dict.fromkeys(v)) for k, v in cjk.items()}) if cjk else None
         # Every beginning of a one-word term, so joining pieces stops as soon as it cannot succeed.
         self.join_starts = frozenset(k[:i] for k in (*self.single, *self.prefixes) for i in range(2, len(k) + 1))
-        self._cache: dict[str, tuple[tuple[int, ...], dict]] = {}
+        self.flags = dict(flags)
+        for start in self.join_starts:
+            self.flags[start] = self.flags.get(start, 0) | JOIN_START
+        self._cache: dict[str, tuple[tuple[int, ...], dict, int]] = {}
 
-    def lookup(self, canon: str) -> tuple[tuple[int, ...], dict[str, tuple[tuple[tuple[str, ...], int], ...]]]:
-        """Groups matched by one token on its own, and phrases that may start with it."""
+    def lookup(self, canon: str) -> tuple[tuple[int, ...], dict[str, tuple[tuple[tuple[str, ...], int], ...]], int]:
+        """Groups matched by one token on its own, phrases that may start with it, and its flags."""
         hit = self._cache.get(canon)
         if hit is not None:
             return hit
@@ -412,21 +422,25 @@ class _TermIndex:
         if stem and stem in self.phrases:
             phrases = {k: phrases.get(k, ()) + v for k, v in self.phrases[stem].items()} | {
                 k: v for k, v in phrases.items() if k not in self.phrases[stem]}
-        result = (tuple(dict.fromkeys(groups)), phrases) if groups or phrases else _NOTHING
+        flags = self.flags.get(canon, 0)
+        result = (tuple(dict.fromkeys(groups)), phrases, flags) if groups or phrases or flags else _NOTHING
         if len(self._cache) >= _CACHE_LIMIT:
             self._cache.clear()
         self._cache[canon] = result
         return result
 
-    def scan(self, tokens: Tokens, ordinary: frozenset[str]) -> list[tuple[int, int, int]]:
-        """(group, first word, last word) of every term occurrence."""
+    def scan(self, tokens: Tokens, ordinary: frozenset[str]) -> tuple[list[tuple[int, int, int]], dict[int, int]]:
+        """(group, first word, last word) of every term occurrence, and word index -> flags of the
+        words that have any."""
         hits: list[tuple[int, int, int]] = []
         canon = tokens.canon
         n = len(canon)
         cache_get, lookup = self._cache.get, self.lookup
         found = [cache_get(w) or lookup(w) for w in canon]
-        for i in [i for i, r in enumerate(found) if r is not _NOTHING]:
-            groups, phrases = found[i]
+        special = [i for i, r in enumerate(found) if r is not _NOTHING]
+        flagged = {i: found[i][2] for i in special if found[i][2]}
+        for i in special:
+            groups, phrases, _ = found[i]
             for g in groups:
                 hits.append((g, i, i))
             if phrases and i + 1 < n:
@@ -450,17 +464,18 @@ class _TermIndex:
                 for _, _, groups in self.cjk.finditer(canon[i]):
                     for g in groups:
                         hits.append((g, i, i))
-        hits.extend(self._joins(tokens, found, ordinary))
-        return hits
+        hits.extend(self._joins(tokens, found, flagged, ordinary))
+        return hits, flagged
 
-    def _joins(self, tokens: Tokens, found: list, ordinary: frozenset[str]) -> list[tuple[int, int, int]]:
+    def _joins(self, tokens: Tokens, found: list, flagged: dict[int, int],
+               ordinary: frozenset[str]) -> list[tuple[int, int, int]]:
         """Words split into multi-letter pieces ("nu de", "ch-ild", "lo_li"): the joined form counts when
         it is a term and not every piece is an ordinary word ("an al fresco" stays apart)."""
         canon, starts, out = tokens.canon, self.join_starts, []
         n = len(canon)
-        for i in [i for i, w in enumerate(canon) if w in starts]:
+        for i in [i for i, f in flagged.items() if f & JOIN_START]:
             joined = canon[i]
-            if found[i] is not _NOTHING or i + 1 >= n or len(out) >= _HITS_PER_GROUP:
+            if found[i][0] or i + 1 >= n or len(out) >= _HITS_PER_GROUP:  # already a term on its own
                 continue
             for j in range(i + 1, min(n, i + _JOIN_MAX_PIECES)):
                 gap = tokens.gap(j - 1)
@@ -470,7 +485,8 @@ class _TermIndex:
                 if joined not in starts:
                     break
                 pieces = canon[i:j + 1]
-                if max(map(len, pieces)) < 2 or all(p in ordinary for p in pieces):
+                # A lone letter is not a word ("se x"), except "a" and "i" (also the leet form of "l").
+                if max(map(len, pieces)) < 2 or all(p in ordinary and (len(p) > 1 or p in "ai") for p in pieces):
                     continue
                 for g in self.lookup(joined)[0]:
                     out.append((g, i, j))
@@ -549,12 +565,12 @@ class _AgeMatcher:
                      | self.person_nouns | self.copulas | self.birth | self.birth_joiners | self.birth_after
                      | self.class_of | self.grade_nouns)
 
-    def _values(self, tokens: Tokens) -> dict[int, tuple[int, int]]:
+    def _values(self, tokens: Tokens, number_words: list[int]) -> dict[int, tuple[int, int]]:
         """Word index -> (number, its last word) for digits, number words and "twenty one"."""
         canon, words, tens = tokens.canon, self.words, self.tens
         values = {i: (v, i) for i, v in tokens.numbers.items()}
         n = len(canon)
-        for i in [i for i, w in enumerate(canon) if w in words or w in tens]:
+        for i in number_words:
             w = canon[i]
             if w in tens and i + 1 < n and canon[i + 1] in words and 0 < words[canon[i + 1]] < 10:
                 values[i] = (tens[w] + words[canon[i + 1]], i + 1)
@@ -562,15 +578,17 @@ class _AgeMatcher:
                 values[i] = (words[w], i)
         return values
 
-    def scan(self, tokens: Tokens) -> _Ages:
+    def scan(self, tokens: Tokens, flagged: dict[int, int]) -> _Ages:
+        """Ages in the text; `flagged` holds the word flags from the term index (AGE_CUE, NUMBER_WORD)."""
         canon = tokens.canon
         ages = _Ages([], [])
         numbers = tokens.numbers  # a digit's leet form ("5" -> "s") is never a cue word
-        cue_at = {i for i, w in enumerate(canon) if w in self.cues and i not in numbers}
+        cue_at = {i for i, f in flagged.items() if f & AGE_CUE and i not in numbers}
         if cue_at or tokens.weights or tokens.cjk:
-            values = self._values(tokens)
+            values = self._values(tokens, sorted(i for i, f in flagged.items() if f & NUMBER_WORD))
+            reach = 6 if tokens.weights else 1  # cues may sit past an attention weight: "(15:1.0) yo"
             for i, (v, j) in sorted(values.items()):
-                if not tokens.weights and j + 1 not in cue_at and i - 1 not in cue_at and "+" not in tokens.gap(j)[:1]:
+                if "+" not in tokens.gap(j)[:1] and not any(k in cue_at for k in range(i - reach, j + reach + 1)):
                     continue  # the common case, decided without looking further
                 found = self._read(tokens, i, j, v)
                 if found is None:
@@ -618,7 +636,7 @@ class _AgeMatcher:
                 return (v, i, third) if at(third) in self.before else None  # "of age" / "of marriage"
             if at(after) in self.not_after or at(prev) in self.not_before:
                 return None
-            return (v, i, nxt) if is_digits or at(prev) in self.before else None
+            return v, i, nxt
         if at(nxt) in self.birth_after and v > 1900:
             return self.year - v, i, nxt
         if at(nxt) in self.ordinals and at(after) in self.ordinal_nouns:
@@ -733,7 +751,6 @@ class PromptAuditor:
         self._c_negative_adult = next((gr for gr in groups if gr.id == neg_id), None)
         pn = rules.person_names
         self._c_person_group = _Group(pn.id, pn.message, ("person",), None, frozenset(), frozenset(pn.fields))
-        self._c_index = _TermIndex(entries)
         animals = _canon_set(t for r in rules.ages.animal_groups for t in terms_of[r])
         self._c_ages = _AgeMatcher(rules.ages, datetime.date.today().year, animals)
         names = list(pn.names)
@@ -742,6 +759,12 @@ class PromptAuditor:
                 raise RulesInvalid("person_names.file needs the rules folder: use PromptAuditor.from_dir")
             names += load_names(Path(rules_dir) / pn.file)
         self._c_base_persons = PersonIndex(names)
+        flags: dict[str, int] = {}
+        for words, flag in ((self._c_ages.cues, AGE_CUE), ((*self._c_ages.words, *self._c_ages.tens), NUMBER_WORD),
+                            (self._c_base_persons.keys, NAME_PART)):
+            for w in words:
+                flags[w] = flags.get(w, 0) | flag
+        self._c_index = _TermIndex(entries, flags)
         self._c_classifier = None
         if rules.text_classifier is not None:
             self._c_classifier = TextClassifier.load(rules.text_classifier, rules_dir)
@@ -769,7 +792,7 @@ class PromptAuditor:
         if not tokens.canon:
             return [], []
         groups = self._c_groups
-        raw = self._c_index.scan(tokens, self._c_ordinary)
+        raw, flagged = self._c_index.scan(tokens, self._c_ordinary)
         covered: set[int] = set()
         for g, first, last in raw:
             if groups[g].role == "benign":
@@ -803,7 +826,7 @@ class PromptAuditor:
                 adj = next((first - k for k in range(1, window + 1) if first - k in adjectives), None)
                 if adj is not None:
                     out.append((self._c_young, field, adj, last, norm, tokens))
-        ages = self._c_ages.scan(tokens)
+        ages = self._c_ages.scan(tokens, flagged)
         if field in self._c_age_group.fields:
             out.extend((self._c_age_group, field, first, last, norm, tokens)
                        for first, last in ages.minors[:_HITS_PER_GROUP])
@@ -811,7 +834,8 @@ class PromptAuditor:
             out.extend((self._c_negative_adult, field, first, last, norm, tokens)
                        for first, last in ages.adults[:_HITS_PER_GROUP])
         if field in self._c_person_group.fields:
-            for first, last, _ in self._persons.scan(tokens, self._c_ordinary)[:_HITS_PER_GROUP]:
+            base_parts = [i for i, f in flagged.items() if f & NAME_PART]
+            for first, last, _ in self._persons.scan(tokens, self._c_ordinary, base_parts)[:_HITS_PER_GROUP]:
                 out.append((self._c_person_group, field, first, last, norm, tokens))
         return out, ages.adults
 

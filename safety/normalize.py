@@ -42,6 +42,7 @@ import unicodedata
 from dataclasses import dataclass
 from functools import cache
 from importlib.resources import files
+from bisect import bisect_left
 from itertools import accumulate, chain, count, repeat
 
 # Characters that render as nothing (or as blank space) and are used to split words invisibly.
@@ -89,9 +90,6 @@ _INNER_SYMBOLS = {"!": "i", "¡": "i", "€": "e"}
 # 15, yo). The ASCII pattern gives the same words on ASCII text, only faster.
 _WORD_RE = re.compile(r"(\d+(?=[^\W\d_])|[^\W_]+)")
 _ASCII_WORD_RE = re.compile(r"([0-9]+(?=[a-z])|[a-z0-9]+)")
-# Runs of single-character words a few separators apart ("t.e.e.n"); bounded repeats, no backtracking.
-_RUN_RE = re.compile(r"(?<![^\W_])[^\W_](?:[\W_]{1,3}[^\W_](?![^\W_]))+")
-_ASCII_RUN_RE = re.compile(r"(?<![a-z0-9])[a-z0-9](?:[^a-z0-9]{1,3}[a-z0-9](?![a-z0-9]))+")
 # Attention weights and schedule steps: "(x:1.3)", "<lora:name:0.8>", "[a:b:0.5]".
 _WEIGHT_RE = re.compile(r":[ \t]*[-+]?(\d+(?:\.\d+)?)[ \t]*(?=[)\]>:]|$)")
 _REPEAT_RE = re.compile(r"(.)\1+")
@@ -310,22 +308,28 @@ def tokenize(norm: Normalized) -> Tokens:
             before in (".", ",") and i > 0 and words[i - 1][-1:].isdecimal())
         if len(words[i]) <= 4 and not decimal:
             numbers[i] = int(words[i])
-    index_at: dict[int, int] = {}
-    runs_re = _ASCII_RUN_RE if ascii_text else _RUN_RE
     weights: set[int] = set()
+    if ":" in text:
+        for m in _WEIGHT_RE.finditer(text):
+            a, b = m.span(1)
+            k = bisect_left(offsets, a)  # word i starts at offsets[2i + 1]
+            i = (k - 1) // 2 if k % 2 == 1 and offsets[k] == a else None
+            while i is not None and i < n and offsets[2 * i + 1] < b:
+                weights.add(i)
+                i += 1
+    # Runs of single-character words with short separators ("t.e.e.n"). "1.3" (a weight, a version)
+    # is two digits, not a spaced-out word; longer digit runs may be leet.
     runs: list[list[int]] = []
-    if ":" in text or runs_re.search(text):
-        index_at = dict(zip(offsets[1:-1:2], range(n), strict=True))  # word start -> word index
-        if ":" in text:
-            for m in _WEIGHT_RE.finditer(text):
-                a, b = m.span(1)
-                i = index_at.get(a)
-                while i is not None and i < n and offsets[2 * i + 1] < b:
-                    weights.add(i)
-                    i += 1
-        # "1.3" (a weight, a version) is two digits, not a spaced-out word; longer digit runs may be leet.
-        runs = [list(range(index_at[m.start()], index_at[m.end() - 1] + 1)) for m in runs_re.finditer(text)
-                if len(m.group()) > 3 or not m.group()[::2].isdecimal()]
+    run: list[int] = []
+    for i in [i for i, w in enumerate(words) if len(w) == 1]:
+        if run and run[-1] == i - 1 and 0 < len(parts[2 * i]) <= 3:
+            run.append(i)
+            continue
+        if len(run) > 2 or (len(run) == 2 and not (words[run[0]] + words[run[1]]).isdecimal()):
+            runs.append(run)
+        run = [i]
+    if len(run) > 2 or (len(run) == 2 and not (words[run[0]] + words[run[1]]).isdecimal()):
+        runs.append(run)
     native: dict[int, str] = {}
     cjk: list[int] = []
     if not ascii_text:

@@ -144,13 +144,14 @@ class PersonIndex:
             self._cache[word] = cached
         return (self._whole[cached[0]], cached[0]) if cached else None
 
-    def scan(self, tokens: Tokens, ordinary: frozenset[str], base_parts: list[int] | None = None
-             ) -> list[tuple[int, int, str]]:
+    def scan(self, tokens: Tokens, ordinary: frozenset[str], base_parts: list[int] | None = None,
+             base_typos: list[int] | None = None) -> list[tuple[int, int, str]]:
         """(first word, last word, name) of every protected name in the text.
 
         Every match is anchored on one exactly spelled word (a whole name, a first name or a
-        surname), so only the few words that are name parts are looked at closely. `base_parts`
-        lists where the words of the bottom layer's `keys` are, when the caller already knows."""
+        surname), so only the few words that are name parts are looked at closely. `base_parts` and
+        `base_typos` list where the bottom layer's `keys` and `may_be_typo` words are, when the caller
+        already knows (it looks each distinct word up once and caches the answer)."""
         canon, offsets, text, n = tokens.canon, tokens.offsets, tokens.text, len(tokens.canon)
         hits: list[tuple[int, int, str]] = []
         reach = _MIDDLE_MAX + 1
@@ -181,16 +182,19 @@ class PersonIndex:
                 for pid, offset in found:
                     hits.append((min(i, i + offset), max(i, i + offset), layer.names[pid]))
             if not hits and layer._whole:
-                # Names have no digits once leetspeak is folded ("t4ylorsw1ft"), so words with digits left
-                # ("w26x89") are skipped without a lookup.
-                longest = layer._longest + 1
-                for i in [i for i, w in enumerate(canon) if _FUZZY_MIN_WHOLE <= len(w) <= longest and w.isalpha()]:
-                    w = canon[i]
-                    if w not in ordinary:
-                        found = layer._similar_whole(w)
-                        if found is not None:
-                            hits.append((i, i, layer.names[found[0]]))
+                typos = base_typos if layer.base is None and base_typos is not None else [
+                    i for i, w in enumerate(canon) if layer.may_be_typo(w, ordinary)]
+                for i in typos:
+                    found = layer._similar_whole(canon[i])
+                    if found is not None:
+                        hits.append((i, i, layer.names[found[0]]))
         return hits
+
+    def may_be_typo(self, word: str, ordinary: frozenset[str]) -> bool:
+        """Whether `word` is worth a typo lookup as a name written together. Names have no digits
+        once leetspeak is folded ("t4ylorsw1ft"), so words with digits left ("w26x89") are not."""
+        return (_FUZZY_MIN_WHOLE <= len(word) <= self._longest + 1 and word.isalpha() and word not in ordinary
+                and self._similar_whole(word) is not None)
 
 
 def _partner(tokens: Tokens, i: int, other: str, is_first: bool, ordinary: frozenset[str]) -> int | None:

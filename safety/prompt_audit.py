@@ -31,7 +31,7 @@ import dataclasses
 import datetime
 import functools
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -355,6 +355,7 @@ JOIN_START = 1  # the beginning of a one-word term ("nu" of "nude"): pieces may 
 AGE_CUE = 2  # a word that says a nearby number is an age ("years", "aged", "歳")
 NUMBER_WORD = 4  # "thirteen", "treize", "열세"
 NAME_PART = 8  # a first name, surname or whole name on the protected-persons list
+NAME_TYPO = 16  # a protected name written together with one typo ("taylorswfit")
 _CACHE_LIMIT = 50_000
 _JOIN_MAX_PIECES = 4
 _JOIN_GAPS = frozenset({" ", ".", "-", "_", "·", "'", "*", "~", "+", "|", "/"})
@@ -364,7 +365,8 @@ class _TermIndex:
     """Canonical token -> groups, phrases by first token, prefixes by length, the run automaton,
     the split-word join table and the automaton for scripts written without spaces."""
 
-    def __init__(self, entries: Sequence[tuple[int, str, bool]], flags: dict[str, int]):
+    def __init__(self, entries: Sequence[tuple[int, str, bool]], flags: dict[str, int],
+                 classify: Callable[[str], int] = lambda word: 0):
         single: dict[str, list[int]] = {}
         phrases: dict[str, list[tuple[tuple[str, ...], int]]] = {}
         prefixes: dict[str, list[int]] = {}
@@ -398,6 +400,7 @@ class _TermIndex:
         # Every beginning of a one-word term, so joining pieces stops as soon as it cannot succeed.
         self.join_starts = frozenset(k[:i] for k in (*self.single, *self.prefixes) for i in range(2, len(k) + 1))
         self.flags = dict(flags)
+        self.classify = classify  # flags that need a computation, done once per distinct word
         for start in self.join_starts:
             self.flags[start] = self.flags.get(start, 0) | JOIN_START
         self._cache: dict[str, tuple[tuple[int, ...], dict, int]] = {}
@@ -422,7 +425,7 @@ class _TermIndex:
         if stem and stem in self.phrases:
             phrases = {k: phrases.get(k, ()) + v for k, v in self.phrases[stem].items()} | {
                 k: v for k, v in phrases.items() if k not in self.phrases[stem]}
-        flags = self.flags.get(canon, 0)
+        flags = self.flags.get(canon, 0) | self.classify(canon)
         result = (tuple(dict.fromkeys(groups)), phrases, flags) if groups or phrases or flags else _NOTHING
         if len(self._cache) >= _CACHE_LIMIT:
             self._cache.clear()
@@ -561,9 +564,10 @@ class _AgeMatcher:
         cjk_units = [u for u in (*rule.years_old, *rule.years) if _is_cjk(u)]
         self.cjk_age = re.compile(_CJK_NUMBER_RE.pattern + "(" + "|".join(
             re.escape("".join(_phrase_tokens(u))) for u in cjk_units) + ")") if cjk_units else None
-        self.cues = (self.years | self.years_old | self.ordinals | self.before | self.of | self.turned | self.approx
-                     | self.person_nouns | self.copulas | self.birth | self.birth_joiners | self.birth_after
-                     | self.class_of | self.grade_nouns)
+        # Words that make a number nearby (two words at most) someone's age; "of", "is", "in" count
+        # only next to one of these ("age of 15", "she is 15", "born in 2012").
+        self.cues = (self.years | self.years_old | self.ordinals | self.before | self.turned | self.approx
+                     | self.person_nouns | self.birth | self.birth_after | self.class_of | self.grade_nouns)
 
     def _values(self, tokens: Tokens, number_words: list[int]) -> dict[int, tuple[int, int]]:
         """Word index -> (number, its last word) for digits, number words and "twenty one"."""
@@ -584,9 +588,9 @@ class _AgeMatcher:
         ages = _Ages([], [])
         numbers = tokens.numbers  # a digit's leet form ("5" -> "s") is never a cue word
         cue_at = {i for i, f in flagged.items() if f & AGE_CUE and i not in numbers}
-        if cue_at or tokens.weights or tokens.cjk:
+        if cue_at or tokens.cjk:
             values = self._values(tokens, sorted(i for i, f in flagged.items() if f & NUMBER_WORD))
-            reach = 6 if tokens.weights else 1  # cues may sit past an attention weight: "(15:1.0) yo"
+            reach = 6 if tokens.weights else 2  # cues may sit past an attention weight: "(15:1.0) yo"
             for i, (v, j) in sorted(values.items()):
                 if "+" not in tokens.gap(j)[:1] and not any(k in cue_at for k in range(i - reach, j + reach + 1)):
                     continue  # the common case, decided without looking further
@@ -700,6 +704,13 @@ def _neighbours(tokens: Tokens, i: int, step: int) -> tuple[int | None, int | No
 # ---------------------------------------------------------------------------------------------
 # The auditor
 
+
+def _reason(hit: tuple) -> Reason:
+    """The reason for one hit, with its span in the ORIGINAL text (computed only when reported)."""
+    group, field, first, last, norm, tokens = hit
+    start, end = norm.span(tokens.span(first)[0], tokens.span(last)[1])
+    return Reason(group.id, group.message, field, (start, end), norm.source[start:end])
+
 _Hit = tuple  # (group, field, first word, last word, Normalized, Tokens)
 
 
@@ -764,7 +775,8 @@ class PromptAuditor:
                             (self._c_base_persons.keys, NAME_PART)):
             for w in words:
                 flags[w] = flags.get(w, 0) | flag
-        self._c_index = _TermIndex(entries, flags)
+        base_persons, ordinary = self._c_base_persons, self._c_ordinary
+        self._c_index = _TermIndex(entries, flags, lambda w: NAME_TYPO if base_persons.may_be_typo(w, ordinary) else 0)
         self._c_classifier = None
         if rules.text_classifier is not None:
             self._c_classifier = TextClassifier.load(rules.text_classifier, rules_dir)
@@ -835,7 +847,9 @@ class PromptAuditor:
                        for first, last in ages.adults[:_HITS_PER_GROUP])
         if field in self._c_person_group.fields:
             base_parts = [i for i, f in flagged.items() if f & NAME_PART]
-            for first, last, _ in self._persons.scan(tokens, self._c_ordinary, base_parts)[:_HITS_PER_GROUP]:
+            base_typos = [i for i, f in flagged.items() if f & NAME_TYPO]
+            for first, last, _ in self._persons.scan(tokens, self._c_ordinary, base_parts,
+                                                     base_typos)[:_HITS_PER_GROUP]:
                 out.append((self._c_person_group, field, first, last, norm, tokens))
         return out, ages.adults
 
@@ -885,26 +899,20 @@ class PromptAuditor:
         reasons: list[Reason] = []
         seen: set[tuple[str, str, int, int]] = set()
         per_rule: dict[str, int] = {}
-        first_by_signal: dict[str, Reason] = {}
+        first_by_signal: dict[str, _Hit | Reason] = {}  # the evidence a combination cites
         action = Action.allow
-        for group, field, first, last, norm, tokens in hits:
+        for hit in hits:
+            group, field, first, last = hit[:4]
             key = (group.id, field, first, last)
             if key in seen:
                 continue
             seen.add(key)
-            needed = not group.quiet and per_rule.get(group.id, 0) < MAX_REASONS_PER_RULE
-            if not needed and all(s in first_by_signal for s in group.signals):
-                continue
-            start, end = norm.span(tokens.span(first)[0], tokens.span(last)[1])
-            reason = Reason(group.id, group.message, field, (start, end), norm.source[start:end])
             for s in group.signals:
-                first_by_signal.setdefault(s, reason)
-            if group.quiet:
+                first_by_signal.setdefault(s, hit)
+            if group.quiet or per_rule.get(group.id, 0) >= MAX_REASONS_PER_RULE:
                 continue
             per_rule[group.id] = per_rule.get(group.id, 0) + 1
-            if per_rule[group.id] > MAX_REASONS_PER_RULE:
-                continue
-            reasons.append(reason)
+            reasons.append(_reason(hit))
         for f in flagged:
             label = f.label
             reason = Reason(f"classifier.{label.name}", label.message or f"text classifier: {label.name} "
@@ -922,5 +930,6 @@ class PromptAuditor:
             if set(combo.all) <= signals and not signals.intersection(combo.unless):
                 action = max(action, Action(combo.action), key=lambda a: a.rank)
                 cue = first_by_signal[combo.all[0]]
+                cue = cue if isinstance(cue, Reason) else _reason(cue)
                 reasons.append(Reason(combo.id, combo.message, cue.field, cue.span, cue.matched))
         return Verdict(action, tuple(reasons), mature="mature" in signals, minor_signal="minor" in signals, tags=signals)

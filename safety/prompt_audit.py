@@ -591,10 +591,19 @@ class _AgeMatcher:
         if cue_at or tokens.cjk:
             values = self._values(tokens, sorted(i for i, f in flagged.items() if f & NUMBER_WORD))
             reach = 6 if tokens.weights else 2  # cues may sit past an attention weight: "(15:1.0) yo"
+            offsets, text, n = tokens.offsets, tokens.text, len(canon)
+            memo: dict[str, tuple[int, int, int] | None] = {}  # a hostile prompt repeats its ages
             for i, (v, j) in sorted(values.items()):
                 if "+" not in tokens.gap(j)[:1] and not any(k in cue_at for k in range(i - reach, j + reach + 1)):
                     continue  # the common case, decided without looking further
-                found = self._read(tokens, i, j, v)
+                lo, hi = max(0, i - 4), min(n - 1, j + 4)
+                key = text[offsets[2 * lo + 1]:offsets[2 * hi + 2]] + f"|{i - lo}|{j - lo}"
+                if key in memo:
+                    cached = memo[key]
+                    found = None if cached is None else (cached[0], cached[1] + i, cached[2] + i)
+                else:
+                    found = self._read(tokens, i, j, v)
+                    memo[key] = None if found is None else (found[0], found[1] - i, found[2] - i)
                 if found is None:
                     continue
                 age, first, last = found
@@ -691,8 +700,12 @@ def _barrier(tokens: Tokens, a: int, b: int, allow: str) -> bool:
 def _neighbours(tokens: Tokens, i: int, step: int) -> tuple[int | None, int | None]:
     """The next two words from i in direction `step`, looking past attention weights
     ("(15:1.0) yo" reads as "15 yo"); a weight has at most two digit words, so the search is bounded."""
+    n = len(tokens.canon)
+    if not tokens.weights:
+        a, b = i + step, i + 2 * step
+        return (a if 0 <= a < n else None), (b if 0 <= b < n else None)
     out: list[int] = []
-    j, n = i + step, len(tokens.canon)
+    j = i + step
     while 0 <= j < n and len(out) < 2 and abs(j - i) <= 6:
         if j not in tokens.weights:
             out.append(j)

@@ -227,8 +227,11 @@ def _find_partner(tokens: Tokens, i: int, other: str, is_first: bool, ordinary: 
             if canon[j] in ordinary and 1 < len(canon[j]) <= _FUNCTION_WORD_MAX:
                 break
         return None
-    # i is a surname: "swift taylor", "swift, taylor" (first name right after) ...
-    if i + 1 < n and same(canon[i + 1]) and not (_BARRIERS - {","}).intersection(tokens.gap(i)):
+    # i is a surname: "swift taylor", "swift, taylor" (first name right after); without the comma
+    # two everyday words ("a smith will ...") are not read backwards as a name ...
+    gap = tokens.gap(i) if i + 1 < n else ""
+    if i + 1 < n and same(canon[i + 1]) and not (_BARRIERS - {","}).intersection(gap) and (
+            "," in gap or canon[i] not in ordinary or canon[i + 1] not in ordinary):
         return i + 1
     # ... or "tayler [alison] swift" (a typo in the first name, read from the surname)
     for j in range(i - 1, max(-1, i - 2 - _MIDDLE_MAX), -1):

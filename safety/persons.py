@@ -17,8 +17,9 @@ write names:
 - one typo (edit distance 1, transpositions included) in a token of 5+ letters, when the other token
   is exact and the whole name has 8+ letters: "scarlet johansson", "taylor swfit", "gal gadott".
 A first name or a surname alone never matches, and a one-word name (a mononym such as "zendaya")
-matches only if it is 6+ letters long and not an ordinary English word ("madonna" is left out,
-because of "madonna and child" paintings).
+matches only if it is 6+ letters long and not an ordinary English word (a mononym such as "Prince"
+would match every prince; such people are listed under their full names). Read backwards without a
+comma, two ordinary words are not a name ("a smith will ..." is not "Will Smith").
 
 Cost: each prompt word is looked up in two dictionaries, and only the words that are name parts are
 looked at closely; typos of names written together are found through a deletion neighbourhood

@@ -295,6 +295,10 @@ class _Group:
     near_window: int = 3
 
     @functools.cached_property
+    def cancellable(self) -> bool:
+        return bool(self.except_near or self.except_before)
+
+    @functools.cached_property
     def except_before_by_last(self) -> dict[str, list[tuple[str, ...]]]:
         """`except_before` phrases by their last word: one lookup per word before a hit."""
         out: dict[str, list[tuple[str, ...]]] = {}
@@ -404,6 +408,7 @@ class _TermIndex:
         for start in self.join_starts:
             self.flags[start] = self.flags.get(start, 0) | JOIN_START
         self._cache: dict[str, tuple[tuple[int, ...], dict, int]] = {}
+        self._cjk_cache: dict[str, list[int]] = {}
 
     def lookup(self, canon: str) -> tuple[tuple[int, ...], dict[str, tuple[tuple[tuple[str, ...], int], ...]], int]:
         """Groups matched by one token on its own, phrases that may start with it, and its flags."""
@@ -464,11 +469,20 @@ class _TermIndex:
                         hits.append((g, run[start], run[end - 1]))
         if self.cjk is not None:
             for i in tokens.cjk:
-                for _, _, groups in self.cjk.finditer(canon[i]):
-                    for g in groups:
-                        hits.append((g, i, i))
+                for g in self._cjk_groups(canon[i]):
+                    hits.append((g, i, i))
         hits.extend(self._joins(tokens, found, flagged, ordinary))
         return hits, flagged
+
+    def _cjk_groups(self, word: str) -> list[int]:
+        """Groups whose terms occur inside a word written without spaces (cached per word)."""
+        groups = self._cjk_cache.get(word)
+        if groups is None:
+            groups = [g for _, _, gs in self.cjk.finditer(word) for g in gs]
+            if len(self._cjk_cache) >= _CACHE_LIMIT:
+                self._cjk_cache.clear()
+            self._cjk_cache[word] = groups
+        return groups
 
     def _joins(self, tokens: Tokens, found: list, flagged: dict[int, int],
                ordinary: frozenset[str]) -> list[tuple[int, int, int]]:
@@ -582,8 +596,11 @@ class _AgeMatcher:
                 values[i] = (words[w], i)
         return values
 
-    def scan(self, tokens: Tokens, flagged: dict[int, int]) -> _Ages:
-        """Ages in the text; `flagged` holds the word flags from the term index (AGE_CUE, NUMBER_WORD)."""
+    def scan(self, tokens: Tokens, flagged: dict[int, int], minors_needed: bool = True) -> _Ages:
+        """Ages in the text; `flagged` holds the word flags from the term index (AGE_CUE, NUMBER_WORD).
+        Stops once it has enough evidence: `_HITS_PER_GROUP` minor ages (when `minors_needed`) and
+        adult ages (one is enough where minors count, since an adult age only cancels weak words)."""
+        adults_needed = 1 if minors_needed else _HITS_PER_GROUP
         canon = tokens.canon
         ages = _Ages([], [])
         numbers = tokens.numbers  # a digit's leet form ("5" -> "s") is never a cue word
@@ -594,6 +611,8 @@ class _AgeMatcher:
             offsets, text, n = tokens.offsets, tokens.text, len(canon)
             memo: dict[str, tuple[int, int, int] | None] = {}  # a hostile prompt repeats its ages
             for i, (v, j) in sorted(values.items()):
+                if (not minors_needed or len(ages.minors) >= _HITS_PER_GROUP) and len(ages.adults) >= adults_needed:
+                    break
                 if "+" not in tokens.gap(j)[:1] and not any(k in cue_at for k in range(i - reach, j + reach + 1)):
                     continue  # the common case, decided without looking further
                 lo, hi = max(0, i - 4), min(n - 1, j + 4)
@@ -622,13 +641,17 @@ class _AgeMatcher:
             if i > 0 and canon[i] in self.grade_nouns and canon[i - 1] in self.ordinal_words:
                 ages.minors.append((i - 1, i))  # "seventh grader"
         if self.cjk_age is not None:
+            memo: dict[str, list[int]] = {}
             for i in tokens.cjk:
-                for m in self.cjk_age.finditer(canon[i]):
-                    age = _cjk_number(m.group(1))
-                    if age is not None and age <= self.max_age:
-                        ages.minors.append((i, i))
-                    elif age is not None:
-                        ages.adults.append((i, i))
+                word = canon[i]
+                found_ages = memo.get(word)
+                if found_ages is None:
+                    found_ages = memo[word] = [a for m in self.cjk_age.finditer(word)
+                                               if (a := _cjk_number(m.group(1))) is not None]
+                for age in found_ages:
+                    (ages.minors if age <= self.max_age else ages.adults).append((i, i))
+                if len(ages.minors) >= _HITS_PER_GROUP and len(ages.adults) >= adults_needed:
+                    break
         return ages
 
     def _read(self, tokens: Tokens, i: int, j: int, v: int) -> tuple[int, int, int] | None:
@@ -838,7 +861,8 @@ class PromptAuditor:
                 kept = by_group.setdefault(g, [])
                 # Enough evidence per rule: a hostile prompt repeating a word must not cost a context
                 # check per repetition. Cancelled hits do not count towards the cap.
-                if len(kept) < _HITS_PER_GROUP and not self._cancelled(group, tokens, first, last):
+                if len(kept) < _HITS_PER_GROUP and not (
+                        group.cancellable and self._cancelled(group, tokens, first, last)):
                     kept.append((first, last))
         for g, spans in by_group.items():
             group = groups[g]
@@ -851,7 +875,7 @@ class PromptAuditor:
                 adj = next((first - k for k in range(1, window + 1) if first - k in adjectives), None)
                 if adj is not None:
                     out.append((self._c_young, field, adj, last, norm, tokens))
-        ages = self._c_ages.scan(tokens, flagged)
+        ages = self._c_ages.scan(tokens, flagged, minors_needed=field in self._c_age_group.fields)
         if field in self._c_age_group.fields:
             out.extend((self._c_age_group, field, first, last, norm, tokens)
                        for first, last in ages.minors[:_HITS_PER_GROUP])

@@ -39,7 +39,6 @@ from __future__ import annotations
 import json
 import re
 import unicodedata
-from dataclasses import dataclass
 from functools import cache
 from importlib.resources import files
 from bisect import bisect_left
@@ -91,6 +90,7 @@ _INNER_SYMBOLS = {"!": "i", "¡": "i", "€": "e"}
 _WORD_RE = re.compile(r"(\d+(?=[^\W\d_])|[^\W_]+)")
 _ASCII_WORD_RE = re.compile(r"([0-9]+(?=[a-z])|[a-z0-9]+)")
 # Attention weights and schedule steps: "(x:1.3)", "<lora:name:0.8>", "[a:b:0.5]".
+_GLUED_RE = re.compile(r"(?<![^\W\d_])\d+(?=[^\W\d_])")  # whole digit word followed by letters
 _WEIGHT_RE = re.compile(r":[ \t]*[-+]?(\d+(?:\.\d+)?)[ \t]*(?=[)\]>:]|$)")
 _REPEAT_RE = re.compile(r"(.)\1+")
 _LONG_REPEAT_RE = re.compile(r"(.)\1\1+")
@@ -258,7 +258,6 @@ def is_cjk(word: str) -> bool:
     return _CJK_RE.search(word) is not None
 
 
-@dataclass(slots=True)
 class Tokens:
     """The words of a normalised text, as parallel lists (cheap to build: no object per word).
 
@@ -270,17 +269,23 @@ class Tokens:
     words of A1111 attention weights, which matchers may look past ("(15:1.0) yo" is "15 yo").
     `runs` lists runs (2+ long) of single-character words close together ("t.e.e.n"), as word
     indexes. `cjk` lists words in scripts written without spaces, matched by substring.
+    `numbers` and `weights` are worked out on first use: only prompts with an age cue need them.
     """
 
-    canon: list[str]
-    offsets: list[int]  # offsets[2i+1], offsets[2i+2]: start and end of word i
-    numbers: dict[int, int]
-    joined: dict[int, str]
-    runs: list[list[int]]
-    weights: frozenset[int]  # digit words of attention weights / schedules: "(x:1.3)", "[a:b:0.5]"
-    native: dict[int, str]
-    cjk: list[int]
-    text: str
+    __slots__ = ("canon", "offsets", "joined", "runs", "native", "cjk", "text", "_parts", "_numbers", "_weights")
+
+    def __init__(self, canon: list[str], offsets: list[int], joined: dict[int, str], runs: list[list[int]],
+                 native: dict[int, str], cjk: list[int], text: str, parts: list[str]):
+        self.canon = canon
+        self.offsets = offsets  # offsets[2i+1], offsets[2i+2]: start and end of word i
+        self.joined = joined
+        self.runs = runs
+        self.native = native
+        self.cjk = cjk
+        self.text = text
+        self._parts = parts  # sep, word, sep, ..., word, sep
+        self._numbers: dict[int, int] | None = None
+        self._weights: frozenset[int] | None = None
 
     def span(self, i: int) -> tuple[int, int]:
         return self.offsets[2 * i + 1], self.offsets[2 * i + 2]
@@ -288,6 +293,39 @@ class Tokens:
     def gap(self, i: int) -> str:
         """The separator text between word i and word i + 1."""
         return self.text[self.offsets[2 * i + 2]:self.offsets[2 * i + 3]]
+
+    @property
+    def numbers(self) -> dict[int, int]:
+        if self._numbers is None:
+            parts = self._parts
+            words = parts[1::2]
+            n = len(words)
+            numbers: dict[int, int] = {}
+            for i in [i for i, w in enumerate(words) if w.isdecimal()]:  # digit words are whole words
+                before, after = parts[2 * i], parts[2 * i + 2]
+                decimal = (after in (".", ",") and i + 1 < n and words[i + 1][:1].isdecimal()) or (
+                    before in (".", ",") and i > 0 and words[i - 1][-1:].isdecimal())
+                if len(words[i]) <= 4 and not decimal:
+                    numbers[i] = int(words[i])
+            self._numbers = numbers
+        return self._numbers
+
+    @property
+    def weights(self) -> frozenset[int]:
+        """Digit words of attention weights / schedules: "(x:1.3)", "[a:b:0.5]"."""
+        if self._weights is None:
+            weights: set[int] = set()
+            offsets, n = self.offsets, len(self.canon)
+            if ":" in self.text:
+                for m in _WEIGHT_RE.finditer(self.text):
+                    a, b = m.span(1)
+                    k = bisect_left(offsets, a)  # word i starts at offsets[2i + 1]
+                    i = (k - 1) // 2 if k % 2 == 1 and offsets[k] == a else None
+                    while i is not None and i < n and offsets[2 * i + 1] < b:
+                        weights.add(i)
+                        i += 1
+            self._weights = frozenset(weights)
+        return self._weights
 
 
 def tokenize(norm: Normalized) -> Tokens:
@@ -298,25 +336,12 @@ def tokenize(norm: Normalized) -> Tokens:
     n = len(words)
     offsets = list(accumulate(map(len, parts), initial=0))
     canon = "\0".join(words).translate(_LEET).split("\0") if words else []
-    numbers: dict[int, int] = {}
     joined: dict[int, str] = {}
-    for i in [i for i, w in enumerate(words) if w.isdecimal()]:  # digit words are whole words
-        before, after = parts[2 * i], parts[2 * i + 2]
-        if not after and i + 1 < n:  # glued to the next word ("7een", "15yo")
+    for m in _GLUED_RE.finditer(text):  # a digit word glued to the next word ("7een", "15yo")
+        k = bisect_left(offsets, m.end())
+        if k % 2 == 0 and offsets[k] == m.end() and k // 2 < n:  # word k/2 - 1 ends where word k/2 starts
+            i = k // 2 - 1
             joined[i] = canon[i] + canon[i + 1]
-        decimal = (after in (".", ",") and i + 1 < n and words[i + 1][:1].isdecimal()) or (
-            before in (".", ",") and i > 0 and words[i - 1][-1:].isdecimal())
-        if len(words[i]) <= 4 and not decimal:
-            numbers[i] = int(words[i])
-    weights: set[int] = set()
-    if ":" in text:
-        for m in _WEIGHT_RE.finditer(text):
-            a, b = m.span(1)
-            k = bisect_left(offsets, a)  # word i starts at offsets[2i + 1]
-            i = (k - 1) // 2 if k % 2 == 1 and offsets[k] == a else None
-            while i is not None and i < n and offsets[2 * i + 1] < b:
-                weights.add(i)
-                i += 1
     # Runs of single-character words with short separators ("t.e.e.n"). "1.3" (a weight, a version)
     # is two digits, not a spaced-out word; longer digit runs may be leet.
     runs: list[list[int]] = []
@@ -334,12 +359,10 @@ def tokenize(norm: Normalized) -> Tokens:
     cjk: list[int] = []
     if not ascii_text:
         source = norm.native or text
-        for i, word in enumerate(words):
-            if word.isascii():
-                continue
+        for i in [i for i, w in enumerate(words) if not w.isascii()]:
             own = source[offsets[2 * i + 1]:offsets[2 * i + 2]]
-            if own != word:
+            if own != words[i]:
                 native[i] = own
             if _CJK_RE.search(own):
                 cjk.append(i)
-    return Tokens(canon, offsets, numbers, joined, runs, frozenset(weights), native, cjk, text)
+    return Tokens(canon, offsets, joined, runs, native, cjk, text, parts)

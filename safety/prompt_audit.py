@@ -603,8 +603,9 @@ class _AgeMatcher:
         adults_needed = 1 if minors_needed else _HITS_PER_GROUP
         canon = tokens.canon
         ages = _Ages([], [])
-        numbers = tokens.numbers  # a digit's leet form ("5" -> "s") is never a cue word
-        cue_at = {i for i, f in flagged.items() if f & AGE_CUE and i not in numbers}
+        cue_at = {i for i, f in flagged.items() if f & AGE_CUE}
+        if cue_at:  # a digit's leet form ("5" -> "s") is never a cue word
+            cue_at.difference_update(tokens.numbers)
         if cue_at or tokens.cjk:
             values = self._values(tokens, sorted(i for i, f in flagged.items() if f & NUMBER_WORD))
             reach = 6 if tokens.weights else 2  # cues may sit past an attention weight: "(15:1.0) yo"
@@ -633,7 +634,7 @@ class _AgeMatcher:
                         ages.minors.append((first, last))
                 elif age < 130:
                     ages.adults.append((first, last))
-        elif tokens.numbers:
+        elif "+" in tokens.text:
             for i, v in tokens.numbers.items():  # "18+" needs no cue word
                 if v < 130 and "+" in tokens.gap(i)[:1] and self._read(tokens, i, i, v) is not None and v > self.max_age:
                     ages.adults.append((i, i))

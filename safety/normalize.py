@@ -41,8 +41,8 @@ import re
 import unicodedata
 from functools import cache
 from importlib.resources import files
-from bisect import bisect_left
-from itertools import accumulate, chain, count, repeat
+from bisect import bisect_left, bisect_right
+from itertools import accumulate
 
 # Characters that render as nothing (or as blank space) and are used to split words invisibly.
 _INVISIBLE = frozenset(
@@ -189,29 +189,35 @@ _FOLD = _FoldTable(1)
 class Normalized:
     """Normalised text (skeleton form), its native-script twin, and the way back to the original."""
 
-    __slots__ = ("source", "text", "native", "_origin")
+    __slots__ = ("source", "text", "native", "_ends")
 
     def __init__(self, source: str, text: str, native: str | None, identity: bool):
         self.source = source
         self.text = text
         self.native = native  # None when it equals `text`
-        self._origin: tuple[int, ...] | None = () if not identity else None
+        self._ends: list[int] | None = None if identity else []
+
+    def _char_ends(self) -> list[int]:
+        """Per original character, where its normalised form ends (computed on first use: only texts
+        with a match need it)."""
+        if self._ends == []:
+            self._ends = list(accumulate(map(len, map(_FOLD.__getitem__, map(ord, self.source)))))
+        return self._ends
 
     @property
     def origin(self) -> tuple[int, ...] | None:
-        """Per normalised character, the index of its original character (None: the same index).
-        Computed on first use: only texts with a match need it."""
-        if self._origin == ():
-            sizes = map(len, map(_FOLD.__getitem__, map(ord, self.source)))
-            self._origin = tuple(chain.from_iterable(map(repeat, count(), sizes)))
-        return self._origin
+        """Per normalised character, the index of its original character (None: the same index)."""
+        if self._ends is None:
+            return None
+        ends = self._char_ends()
+        return tuple(bisect_right(ends, k) for k in range(len(self.text)))
 
     def span(self, start: int, end: int) -> tuple[int, int]:
         """The original-text span `[a, b)` covering normalised characters `[start, end)`."""
-        origin = self.origin
-        if origin is None:
+        if self._ends is None:
             return start, end
-        return origin[start], origin[end - 1] + 1
+        ends = self._char_ends()
+        return bisect_right(ends, start), bisect_right(ends, end - 1) + 1
 
 
 def _inner_symbols(text: str) -> str:

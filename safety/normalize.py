@@ -39,9 +39,9 @@ from __future__ import annotations
 import json
 import re
 import unicodedata
+from bisect import bisect_left, bisect_right
 from functools import cache
 from importlib.resources import files
-from bisect import bisect_left, bisect_right
 from itertools import accumulate
 
 # Characters that render as nothing (or as blank space) and are used to split words invisibly.

@@ -41,9 +41,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from safety.errors import RulesInvalid, SafetyError
 from safety.normalize import (
-    Normalized,
     Tokens,
     has_long_repeat,
+    is_cjk,
     normalize,
     shorten_repeats,
     squeeze,
@@ -378,7 +378,7 @@ class _TermIndex:
         for group, term, is_prefix in entries:
             words = _phrase_tokens(term)
             joined = "".join(words)
-            if any(_is_cjk(w) for w in words):
+            if any(is_cjk(w) for w in words):
                 cjk.setdefault(joined, []).append(group)  # matched as a substring: no word breaks
             if is_prefix:
                 prefixes.setdefault(joined, []).append(group)
@@ -510,12 +510,6 @@ class _TermIndex:
         return out
 
 
-def _is_cjk(word: str) -> bool:
-    from safety.normalize import is_cjk
-
-    return is_cjk(word)
-
-
 def _same(token: str, word: str) -> bool:
     return token == word or (len(token) > 3 and token[-1] == "s" and token[:-1] == word)
 
@@ -575,7 +569,7 @@ class _AgeMatcher:
         self.birth_after = _canon_set(rule.birth_after)
         self.class_of = _canon_set(rule.class_of)
         self.animals = animals
-        cjk_units = [u for u in (*rule.years_old, *rule.years) if _is_cjk(u)]
+        cjk_units = [u for u in (*rule.years_old, *rule.years) if is_cjk(u)]
         self.cjk_age = re.compile(_CJK_NUMBER_RE.pattern + "(" + "|".join(
             re.escape("".join(_phrase_tokens(u))) for u in cjk_units) + ")") if cjk_units else None
         # Words that make a number nearby (two words at most) someone's age; "of", "is", "in" count

@@ -58,7 +58,7 @@ def hashed_features(text: str, dim: int) -> np.ndarray:
     """The model input for `text` (see the module docstring); shape [1, dim], float32."""
     words = tokenize(normalize(text)).canon
     vec = np.zeros((1, dim), dtype=np.float32)
-    for feature in (*words, *(f"{a} {b}" for a, b in zip(words, words[1:]))):
+    for feature in (*words, *(f"{a} {b}" for a, b in zip(words, words[1:], strict=False))):
         vec[0, zlib.crc32(feature.encode("utf-8")) % dim] += 1.0
     norm = float(np.linalg.norm(vec))
     return vec / norm if norm else vec

@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from tiny_text_classifier import build
 
 from safety.errors import RulesInvalid, SafetyError
 from safety.prompt_audit import PromptAuditor
 from safety.text_classifier import ClassifierConfig, TextClassifier, hashed_features
 from safety.verdict import Action
-from tiny_text_classifier import build
 
 RULES_DIR = Path(__file__).resolve().parents[1] / "configs" / "safety"
 LABELS = [{"name": "minor_paraphrase", "threshold": 0.5, "signals": ["minor"]},

@@ -42,6 +42,10 @@ _FUZZY_MIN_NAME = 8
 _FUZZY_MIN_WHOLE = 10  # a name written together, with one typo ("taylorswfit")
 _MONONYM_MIN = 6
 _FUNCTION_WORD_MAX = 3  # an ordinary word this short ("a", "the", "and") ends a name; longer ones may be middle names
+# Particles that sit inside names ("Ana de Armas", "Ursula von der Leyen") although they are short
+# everyday words in some language; hand-listed because they are a property of names, not of a lexicon.
+_PARTICLES = frozenset({"de", "da", "di", "do", "dos", "das", "del", "della", "van", "von", "der", "den", "la", "le",
+                        "du", "bin", "ibn", "al", "el", "ter", "ten", "st", "mc", "y"})
 _CACHE_LIMIT = 50_000
 
 
@@ -225,7 +229,7 @@ def _find_partner(tokens: Tokens, i: int, other: str, is_first: bool, ordinary: 
                 break
             if same(canon[j]):
                 return j
-            if canon[j] in ordinary and 1 < len(canon[j]) <= _FUNCTION_WORD_MAX:
+            if canon[j] in ordinary and 1 < len(canon[j]) <= _FUNCTION_WORD_MAX and canon[j] not in _PARTICLES:
                 break
         return None
     # i is a surname: "swift taylor", "swift, taylor" (first name right after); without the comma
@@ -240,6 +244,6 @@ def _find_partner(tokens: Tokens, i: int, other: str, is_first: bool, ordinary: 
             break
         if canon[j] != other and same(canon[j]):
             return j
-        if canon[j] in ordinary and 1 < len(canon[j]) <= _FUNCTION_WORD_MAX:
+        if canon[j] in ordinary and 1 < len(canon[j]) <= _FUNCTION_WORD_MAX and canon[j] not in _PARTICLES:
             break
     return None

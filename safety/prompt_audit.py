@@ -125,6 +125,20 @@ class YoungNounRule(_Rule):
     _check_terms = field_validator("adjectives", "nouns", "noun_prefixes")(_words)
 
 
+class UncoveredRule(_Rule):
+    """Nudity said without a nudity word: a negation before a garment ("no clothes", "without a
+    stitch of clothing", "ohne Höschen") or a removal after it ("clothes removed", "panties off")."""
+
+    id: str
+    message: str = ""
+    window: int = Field(4, ge=1, le=8)  # words from the negation to the garment
+    negations: list[str]
+    garments: list[str]
+    removals: list[str] = []  # within two words after the garment
+
+    _check_terms = field_validator("negations", "garments", "removals")(_words)
+
+
 class AgeRule(_Rule):
     """The vocabulary of ages, merged over all languages (see `lexicon/*.yaml`)."""
 
@@ -186,6 +200,7 @@ class PromptRules(_Rule):
     term_groups: list[TermGroup]
     benign_phrases: list[str] = []
     young_nouns: YoungNounRule
+    uncovered: UncoveredRule
     ages: AgeRule
     person_names: PersonNames
     text_classifier: ClassifierConfig | None = None
@@ -193,7 +208,8 @@ class PromptRules(_Rule):
 
     @model_validator(mode="after")
     def _consistent(self) -> PromptRules:
-        ids = [g.id for g in self.term_groups] + [self.young_nouns.id, self.ages.id, self.person_names.id]
+        ids = [g.id for g in self.term_groups] + [self.young_nouns.id, self.uncovered.id, self.ages.id,
+                                                  self.person_names.id]
         ids += [c.id for c in self.combinations]
         dupes = {i for i in ids if ids.count(i) > 1}
         if dupes:
@@ -220,6 +236,9 @@ class LexiconFile(_Rule):
     benign_phrases: list[str] = []
     young_adjectives: list[str] = []
     young_nouns: list[str] = []
+    uncovered_negations: list[str] = []
+    uncovered_garments: list[str] = []
+    uncovered_removals: list[str] = []
     ages: dict[str, list[str] | dict[str, int]] = {}
 
 
@@ -239,6 +258,10 @@ def _merge_lexicons(raw: dict, rules_dir: Path) -> dict:
         young = raw.setdefault("young_nouns", {})
         young["adjectives"] = list(young.get("adjectives", [])) + lex.young_adjectives
         young["nouns"] = list(young.get("nouns", [])) + lex.young_nouns
+        uncovered = raw.setdefault("uncovered", {})
+        for key, words in (("negations", lex.uncovered_negations), ("garments", lex.uncovered_garments),
+                           ("removals", lex.uncovered_removals)):
+            uncovered[key] = list(uncovered.get(key, [])) + words
         ages = raw.setdefault("ages", {})
         for key, value in lex.ages.items():
             if key not in AgeRule.model_fields:
@@ -286,7 +309,7 @@ class _Group:
     action: Action | None
     when: frozenset[str]
     fields: frozenset[str]
-    role: Literal["term", "benign", "young_adj", "young_noun"] = "term"
+    role: Literal["term", "benign", "young_adj", "young_noun", "negation", "garment", "removal"] = "term"
     weak: bool = False
     quiet: bool = False
     min_hits: int = 1
@@ -784,8 +807,13 @@ class PromptAuditor:
         yn = rules.young_nouns
         add(_Group(yn.id, yn.message, (), None, frozenset(), frozenset(FIELDS), "young_adj"), yn.adjectives)
         add(_Group(yn.id, yn.message, (), None, frozenset(), frozenset(FIELDS), "young_noun"), yn.nouns, yn.noun_prefixes)
+        uc = rules.uncovered
+        for role, words in (("negation", uc.negations), ("garment", uc.garments), ("removal", uc.removals)):
+            add(_Group(uc.id, uc.message, (), None, frozenset(), frozenset({"prompt"}), role), words)
         add(_Group("benign", "", (), None, frozenset(), frozenset(FIELDS), "benign"), rules.benign_phrases)
         self._c_groups = groups
+        self._c_uncovered = _Group(uc.id, uc.message or "no clothing", ("mature",), None, frozenset(),
+                                   frozenset({"prompt"}))
         self._c_young = _Group(yn.id, yn.message or "young person", ("minor",), None, frozenset(), frozenset({"prompt"}), weak=True)
         self._c_age_group = _Group(rules.ages.id, rules.ages.message or "minor age", ("minor",), None, frozenset(),
                                    frozenset({"prompt"}))
@@ -843,6 +871,7 @@ class PromptAuditor:
         out: list[_Hit] = []
         adjectives: set[int] = set()
         nouns: list[tuple[int, int]] = []
+        pairs: dict[str, list[tuple[int, int]]] = {"negation": [], "garment": [], "removal": []}
         by_group: dict[int, list[tuple[int, int]]] = {}
         for g, first, last in raw:
             group = groups[g]
@@ -852,6 +881,8 @@ class PromptAuditor:
                 adjectives.add(last)
             elif group.role == "young_noun":
                 nouns.append((first, last))
+            elif group.role in pairs:
+                pairs[group.role].append((first, last))
             else:
                 kept = by_group.setdefault(g, [])
                 # Enough evidence per rule: a hostile prompt repeating a word must not cost a context
@@ -870,6 +901,9 @@ class PromptAuditor:
                 adj = next((first - k for k in range(1, window + 1) if first - k in adjectives), None)
                 if adj is not None:
                     out.append((self._c_young, field, adj, last, norm, tokens))
+        if pairs["garment"] and (pairs["negation"] or pairs["removal"]):
+            out.extend((self._c_uncovered, field, first, last, norm, tokens)
+                       for first, last in self._uncovered(tokens, pairs)[:_HITS_PER_GROUP])
         ages = self._c_ages.scan(tokens, flagged, minors_needed=field in self._c_age_group.fields)
         if field in self._c_age_group.fields:
             out.extend((self._c_age_group, field, first, last, norm, tokens)
@@ -884,6 +918,28 @@ class PromptAuditor:
                                                      base_typos)[:_HITS_PER_GROUP]:
                 out.append((self._c_person_group, field, first, last, norm, tokens))
         return out, ages.adults
+
+    def _uncovered(self, tokens: Tokens, pairs: dict[str, list[tuple[int, int]]]) -> list[tuple[int, int]]:
+        """(first, last) words of "no clothes" / "clothes removed": a negation up to `window` words before
+        a garment, or a removal right after it, with no comma or bracket in between."""
+        window = self.rules.uncovered.window
+        negation_ends = {last: first for first, last in pairs["negation"]}
+        removal_starts = {first: last for first, last in pairs["removal"]}
+        found = []
+        for first, last in pairs["garment"]:
+            hit = None
+            for k in range(first - 1, max(-1, first - 1 - window), -1):
+                if _barrier(tokens, k, first, allow=" -'"):
+                    break
+                if k in negation_ends:
+                    hit = (negation_ends[k], last)
+                    break
+            for k in range(last + 1, last + 3):
+                if hit is None and k in removal_starts and not _barrier(tokens, last, k, allow=" '"):  # not "off-white"
+                    hit = (first, removal_starts[k])
+            if hit is not None:
+                found.append(hit)
+        return found
 
     def _cancelled(self, group: _Group, tokens: Tokens, first: int, last: int) -> bool:
         """Context that says a hit is not what it seems ("college freshman", "baby elephant")."""

@@ -90,7 +90,6 @@ _INNER_SYMBOLS = {"!": "i", "¡": "i", "€": "e"}
 _WORD_RE = re.compile(r"(\d+(?=[^\W\d_])|[^\W_]+)")
 _ASCII_WORD_RE = re.compile(r"([0-9]+(?=[a-z])|[a-z0-9]+)")
 # Attention weights and schedule steps: "(x:1.3)", "<lora:name:0.8>", "[a:b:0.5]".
-_GLUED_RE = re.compile(r"(?<![^\W\d_])\d+(?=[^\W\d_])")  # whole digit word followed by letters
 _WEIGHT_RE = re.compile(r":[ \t]*[-+]?(\d+(?:\.\d+)?)[ \t]*(?=[)\]>:]|$)")
 _REPEAT_RE = re.compile(r"(.)\1+")
 _LONG_REPEAT_RE = re.compile(r"(.)\1\1+")
@@ -278,10 +277,11 @@ class Tokens:
     `numbers` and `weights` are worked out on first use: only prompts with an age cue need them.
     """
 
-    __slots__ = ("canon", "offsets", "joined", "runs", "native", "cjk", "text", "_parts", "_numbers", "_weights")
+    __slots__ = ("canon", "offsets", "joined", "runs", "native", "cjk", "text", "_parts", "_digits", "_numbers",
+                 "_weights")
 
     def __init__(self, canon: list[str], offsets: list[int], joined: dict[int, str], runs: list[list[int]],
-                 native: dict[int, str], cjk: list[int], text: str, parts: list[str]):
+                 native: dict[int, str], cjk: list[int], text: str, parts: list[str], digits: list[int]):
         self.canon = canon
         self.offsets = offsets  # offsets[2i+1], offsets[2i+2]: start and end of word i
         self.joined = joined
@@ -290,6 +290,7 @@ class Tokens:
         self.cjk = cjk
         self.text = text
         self._parts = parts  # sep, word, sep, ..., word, sep
+        self._digits = digits  # indexes of the words made of digits
         self._numbers: dict[int, int] | None = None
         self._weights: frozenset[int] | None = None
 
@@ -307,7 +308,7 @@ class Tokens:
             words = parts[1::2]
             n = len(words)
             numbers: dict[int, int] = {}
-            for i in [i for i, w in enumerate(words) if w.isdecimal()]:  # digit words are whole words
+            for i in self._digits:
                 before, after = parts[2 * i], parts[2 * i + 2]
                 decimal = (after in (".", ",") and i + 1 < n and words[i + 1][:1].isdecimal()) or (
                     before in (".", ",") and i > 0 and words[i - 1][-1:].isdecimal())
@@ -342,12 +343,9 @@ def tokenize(norm: Normalized) -> Tokens:
     n = len(words)
     offsets = list(accumulate(map(len, parts), initial=0))
     canon = "\0".join(words).translate(_LEET).split("\0") if words else []
-    joined: dict[int, str] = {}
-    for m in _GLUED_RE.finditer(text):  # a digit word glued to the next word ("7een", "15yo")
-        k = bisect_left(offsets, m.end())
-        if k % 2 == 0 and offsets[k] == m.end() and k // 2 < n:  # word k/2 - 1 ends where word k/2 starts
-            i = k // 2 - 1
-            joined[i] = canon[i] + canon[i + 1]
+    digits = [i for i, w in enumerate(words) if w.isdecimal()]  # digit words are whole words
+    # a digit word glued to the next word ("7een", "15yo"): no separator between them
+    joined = {i: canon[i] + canon[i + 1] for i in digits if i + 1 < n and not parts[2 * i + 2]}
     # Runs of single-character words with short separators ("t.e.e.n"). "1.3" (a weight, a version)
     # is two digits, not a spaced-out word; longer digit runs may be leet.
     runs: list[list[int]] = []
@@ -371,4 +369,4 @@ def tokenize(norm: Normalized) -> Tokens:
                 native[i] = own
             if _CJK_RE.search(own):
                 cjk.append(i)
-    return Tokens(canon, offsets, joined, runs, native, cjk, text, parts)
+    return Tokens(canon, offsets, joined, runs, native, cjk, text, parts, digits)

@@ -615,9 +615,9 @@ class _AgeMatcher:
 
     def scan(self, tokens: Tokens, flagged: dict[int, int], minors_needed: bool = True) -> _Ages:
         """Ages in the text; `flagged` holds the word flags from the term index (AGE_CUE, NUMBER_WORD).
-        Stops once it has enough evidence: `_HITS_PER_GROUP` minor ages (when `minors_needed`) and
-        adult ages (one is enough where minors count, since an adult age only cancels weak words)."""
-        adults_needed = 1 if minors_needed else _HITS_PER_GROUP
+        Stops once it has enough evidence: `_HITS_PER_GROUP` minor ages where minors count (an adult
+        age found later would only cancel weak words, and a minor age is not weak), else as many
+        adult ages (in the negative prompt, where they are what counts)."""
         canon = tokens.canon
         ages = _Ages([], [])
         cue_at = {i for i, f in flagged.items() if f & AGE_CUE}
@@ -629,7 +629,7 @@ class _AgeMatcher:
             offsets, text, n = tokens.offsets, tokens.text, len(canon)
             memo: dict[str, tuple[int, int, int] | None] = {}  # a hostile prompt repeats its ages
             for i, (v, j) in sorted(values.items()):
-                if (not minors_needed or len(ages.minors) >= _HITS_PER_GROUP) and len(ages.adults) >= adults_needed:
+                if len(ages.minors if minors_needed else ages.adults) >= _HITS_PER_GROUP:
                     break
                 if "+" not in tokens.gap(j)[:1] and not any(k in cue_at for k in range(i - reach, j + reach + 1)):
                     continue  # the common case, decided without looking further
@@ -668,7 +668,7 @@ class _AgeMatcher:
                                                if (a := _cjk_number(m.group(1))) is not None]
                 for age in found_ages:
                     (ages.minors if age <= self.max_age else ages.adults).append((i, i))
-                if len(ages.minors) >= _HITS_PER_GROUP and len(ages.adults) >= adults_needed:
+                if len(ages.minors if minors_needed else ages.adults) >= _HITS_PER_GROUP:
                     break
         return ages
 

@@ -42,7 +42,7 @@ import unicodedata
 from bisect import bisect_left, bisect_right
 from functools import cache
 from importlib.resources import files
-from itertools import accumulate
+from itertools import accumulate, islice
 
 # Characters that render as nothing (or as blank space) and are used to split words invisibly.
 _INVISIBLE = frozenset(
@@ -194,29 +194,37 @@ class Normalized:
         self.source = source
         self.text = text
         self.native = native  # None when it equals `text`
+        # Per original character, where its normalised form ends; filled only as far as a reported
+        # span needs (None: normalising kept every index).
         self._ends: list[int] | None = None if identity else []
 
-    def _char_ends(self) -> list[int]:
-        """Per original character, where its normalised form ends (computed on first use: only texts
-        with a match need it)."""
-        if self._ends == []:
-            self._ends = list(accumulate(map(len, map(_FOLD.__getitem__, map(ord, self.source)))))
-        return self._ends
+    def _ends_past(self, k: int) -> list[int]:
+        """The end offsets, filled at least until they pass normalised index k."""
+        ends = self._ends
+        source = self.source
+        while len(ends) < len(source) and (not ends or ends[-1] <= k):
+            chunk = source[len(ends):len(ends) + _SPAN_CHUNK]
+            sizes = map(len, map(_FOLD.__getitem__, map(ord, chunk)))
+            ends.extend(islice(accumulate(sizes, initial=ends[-1] if ends else 0), 1, None))
+        return ends
 
     @property
     def origin(self) -> tuple[int, ...] | None:
         """Per normalised character, the index of its original character (None: the same index)."""
         if self._ends is None:
             return None
-        ends = self._char_ends()
+        ends = self._ends_past(len(self.text))
         return tuple(bisect_right(ends, k) for k in range(len(self.text)))
 
     def span(self, start: int, end: int) -> tuple[int, int]:
         """The original-text span `[a, b)` covering normalised characters `[start, end)`."""
         if self._ends is None:
             return start, end
-        ends = self._char_ends()
+        ends = self._ends_past(end - 1)
         return bisect_right(ends, start), bisect_right(ends, end - 1) + 1
+
+
+_SPAN_CHUNK = 512
 
 
 def _inner_symbols(text: str) -> str:

@@ -119,3 +119,12 @@ def test_symbols_inside_words_read_as_letters_only_between_letters():
 def test_cjk_words_are_listed_for_substring_matching():
     toks = tokenize(normalize("十四歳の少女 and text"))
     assert toks.cjk == [0]
+
+
+def test_spans_far_into_a_long_folded_text_map_back_exactly():
+    text = "ﬁé\u200b" * 400 + " ｎｕｄｅ " + "ß" * 300 + " tееn"
+    norm = normalize(text)
+    toks = tokenize(norm)
+    for i in (toks.canon.index("nude"), toks.canon.index("teen")):
+        start, end = norm.span(*toks.span(i))
+        assert text[start:end] in ("ｎｕｄｅ", "tееn")

@@ -498,3 +498,8 @@ def test_a_lexicon_naming_an_unknown_group_fails_at_start(tmp_path):
     (rules / "lexicon" / "en.yaml").write_text("language: en\nterms:\n  minor.nouns: [kid]\n", encoding="utf-8")
     with pytest.raises(RulesInvalid, match="minor.nouns"):
         PromptAuditor.from_dir(rules)
+
+
+def test_a_possessive_does_not_hide_a_child(auditor):
+    assert auditor.audit("nude photo of my kid").action is Action.block
+    assert auditor.audit("sugar baby, sexy woman, luxury car").action is Action.allow

@@ -1,8 +1,13 @@
 """Safety figures.
 
-Prompt audit: 300-character prompts audited per second on one core (target ≥ 10,000/s), with and
-without a negative prompt, and the worst audit time of several hostile 20,000-character prompts
-(must stay in milliseconds: matching is linear, nothing backtracks).
+Prompt audit quality: recall (share of must-block prompts blocked) and false-positive ratio (share
+of must-allow prompts not allowed) on the labelled corpus (tests/data/prompt_audit_corpus.jsonl,
+target ≥ 0.97 and ≤ 0.01) and on the held-out set written after the rules
+(tests/data/prompt_heldout.jsonl, reported, not tuned for).
+
+Prompt audit speed: 300-character prompts audited per second on one core (target ≥ 10,000/s), with
+and without a negative prompt, and the worst audit time of several hostile 20,000-character prompts
+(target ≤ 5 ms: matching is linear, nothing backtracks).
 
 Likeness: weight-fingerprint time for an SDXL-sized rank-32 LoRA (~700 modules with SDXL's real
 attention/feed-forward shapes, fp16, kohya keys; target ≤ 2000 ms on one CPU thread), and the per-check match
@@ -38,14 +43,16 @@ from safety.prompt_audit import PromptAuditor  # noqa: E402
 from safety.store import LikenessEntry  # noqa: E402
 
 RULES_DIR = _HERE.parent / "configs" / "safety"
+CORPORA = {"prompt_corpus": _HERE.parent / "tests" / "data" / "prompt_audit_corpus.jsonl",
+           "prompt_heldout": _HERE.parent / "tests" / "data" / "prompt_heldout.jsonl"}
 
 
-def _median_ms(fn: Callable[[], object], repeats: int) -> float:
+def _median_ms(fn: Callable[[], object], repeats: int, clock: Callable[[], float] = time.perf_counter) -> float:
     times = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = clock()
         fn()
-        times.append((time.perf_counter() - t0) * 1000)
+        times.append((clock() - t0) * 1000)
     return statistics.median(times)
 
 
@@ -93,7 +100,34 @@ def _hostile_prompts(length: int = 20_000) -> dict[str, str]:
         "mixed_obfuscation": "ｎｕｄｅ tееn 15yo (little:1.3) girl, " * length,
         "adjectives": "young " * length,
         "weights": "(a:1.3)" * length,
+        "split_pieces": "nu de ch ild lo li " * length,
+        "cjk_no_spaces": "十四歳の少女裸 " * length,
+        "ages_and_years": "girl 13 years of age born in 2012 " * length,
+        "name_parts": "swift taylor alison " * length,
     }
+
+
+def corpus_figures() -> dict[str, float]:
+    """Recall and false-positive ratio of the audit on the labelled corpora."""
+    auditor = PromptAuditor.from_dir(RULES_DIR)
+    figures: dict[str, float] = {}
+    for name, path in CORPORA.items():
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
+        blocked = {"block": 0, "allow": 0}
+        totals = {"block": 0, "allow": 0}
+        for row in rows:
+            got = auditor.audit(row["prompt"], row.get("negative", "")).action.value
+            totals[row["expect"]] += 1
+            blocked[row["expect"]] += got == "block" if row["expect"] == "block" else got != "allow"
+        recall = blocked["block"] / totals["block"]
+        false_positive = blocked["allow"] / totals["allow"]
+        languages = len({r["lang"] for r in rows})
+        print(f"{path.name}: {len(rows)} prompts in {languages} languages; recall {recall:.1%} "
+              f"({blocked['block']}/{totals['block']} must-block blocked), false positives {false_positive:.1%} "
+              f"({blocked['allow']}/{totals['allow']} must-allow not allowed)")
+        figures[f"{name}_recall_ratio"] = round(recall, 4)
+        figures[f"{name}_false_positive_ratio"] = round(false_positive, 4)
+    return figures
 
 
 def _per_second(fn: Callable[[], object], seconds: float) -> tuple[float, float]:
@@ -145,10 +179,11 @@ def _prompt_audit_figures(seconds: float) -> dict[str, float]:
     for name, text in _hostile_prompts().items():
         text = text[:20_000]
         assert len(text) == 20_000
-        hostile[name] = _median_ms(lambda t=text: auditor.audit(t), 5)
+        # CPU time of this process, like the throughput figure: robust to other load on the machine
+        hostile[name] = _median_ms(lambda t=text: auditor.audit(t), 5, time.process_time)
     worst = max(hostile, key=hostile.get)
-    print("hostile 20,000-character prompts (median of 5): "
-          + ", ".join(f"{k} {v:.1f} ms" for k, v in hostile.items()) + f"; worst {worst}")
+    print("hostile 20,000-character prompts (median of 5, CPU time on one core): "
+          + ", ".join(f"{k} {v:.1f} ms" for k, v in hostile.items()) + f"; worst {worst} (target ≤ 5 ms)")
     return {
         "prompts_audited_per_s": round(per_s),
         "prompts_audited_wall_per_s": round(wall_per_s),
@@ -234,7 +269,7 @@ def likeness_figures(entries: int = 10_000) -> dict[str, float]:
     }
 
 
-FIGURES: list[Callable[[], dict[str, float]]] = [prompt_audit_figures, likeness_figures]
+FIGURES: list[Callable[[], dict[str, float]]] = [corpus_figures, prompt_audit_figures, likeness_figures]
 
 
 def main() -> None:

@@ -104,7 +104,7 @@ def test_every_evasion_is_caught_by_fingerprint(blocklist, tmp_path, family):
         if hit is None or hit.entry_id != entry_id or by_weights is None or by_weights.entry_id != entry_id:
             missed[name] = (hit, by_weights)
         else:
-            assert by_weights.similarity >= blocklist.config.fingerprint_threshold
+            assert by_weights.similarity >= blocklist.config.containment_threshold
     assert not missed, f"evasions not caught: {missed}"
 
 

@@ -67,7 +67,7 @@ class LikenessConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     containment_threshold: float = Field(
-        0.5, description="share of a blocked entry's energy a candidate must reproduce to be refused")
+        0.4, description="share of a blocked entry's energy a candidate must reproduce to be refused")
 
     @field_validator("containment_threshold")
     @classmethod

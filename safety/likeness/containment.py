@@ -2,9 +2,10 @@
 
 For a blocked fingerprint B (modules m, energies e_m, sketches b_m) and a candidate C (sketches c_m):
 
-    score(B, C) = max over σ ∈ {+1, −1} of  Σ_m w_m · max(0, σ·cos(b_m, c_m)),   w_m = e_m / Σ_m e_m
+    score(B, C) = max over σ ∈ {+1, −1} of  Σ_m w_m · max(0, σ·cos(b_m, c_m)),   w_m = ‖ΔB_m‖ / Σ_m ‖ΔB_m‖
 
-  - weighted by B's energies, so modules B hardly changes (decoys, padding) weigh nothing, and modules only
+  - weighted by the size of B's change to each module (‖ΔB_m‖_F = √e_m: one dominant module does not
+    decide alone, and copying only the largest modules is not enough), so modules B hardly changes (decoys, padding) weigh nothing, and modules only
     C changes (anything added on other layers) are ignored: C containing B plus other things still scores 1;
   - per-module cosines, so a file that is B rescaled (globally or per module, alpha games) or re-factorised
     scores 1, and a partial copy scores the share of B's energy it keeps (three quarters of the modules:
@@ -31,9 +32,10 @@ from safety.likeness.fingerprint import DIM, Fingerprint
 
 
 def _weighted_units(fp: Fingerprint) -> np.ndarray:
-    """Rows w_m · b_m/‖b_m‖ of a blocked fingerprint (w_m its share of the energy)."""
+    """Rows w_m · b_m/‖b_m‖ of a blocked fingerprint (w_m its module's share of the weight)."""
     norms = np.linalg.norm(fp.sketches.astype(np.float64), axis=1)
-    w = fp.energy / fp.energy.sum()
+    w = np.sqrt(fp.energy)
+    w /= w.sum()
     with np.errstate(divide="ignore", invalid="ignore"):
         rows = np.where(norms[:, None] > 0, fp.sketches * (w / norms)[:, None], 0.0)
     return rows.astype(np.float32)
@@ -61,7 +63,7 @@ class ContainmentIndex:
                 new_rows.setdefault(v, []).append(pos)
                 new_weights.setdefault(v, []).append(row)
         rows, weights = list(self.rows), list(self.weights)
-        for v in range(len(self.rows), len(vocab)):
+        for _ in range(len(self.rows), len(vocab)):
             rows.append(np.zeros(0, dtype=np.int64))
             weights.append(np.zeros((0, DIM), dtype=np.float32))
         for v, positions in new_rows.items():

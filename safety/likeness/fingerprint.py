@@ -26,7 +26,14 @@ import numpy as np
 import torch
 
 from safety.errors import SafetyError
-from safety.lora_format import _KEY, _UNKNOWN_ADAPTER, LoraFormatError, Module, canonical_module_name, read_lora
+from safety.lora_format import (
+    _KEY,
+    _UNKNOWN_ADAPTER,
+    LoraFormatError,
+    Module,
+    canonical_module_name,
+    read_lora,
+)
 
 FINGERPRINT_VERSION = "lfp2"
 SKETCH = 8  # each module's sketch is SKETCH×SKETCH
@@ -45,32 +52,33 @@ class FingerprintError(SafetyError):
 
 
 @functools.lru_cache(maxsize=512)
-def _projection(dim: int, side: str) -> torch.Tensor:
+def _projection(dim: int, side: str) -> np.ndarray:
     """A fixed dim×SKETCH ±1 matrix derived from SHAKE-256, so it never changes across hosts."""
     bits = np.unpackbits(np.frombuffer(hashlib.shake_256(f"{FINGERPRINT_VERSION}:{side}:{dim}".encode()).digest(
         (dim * SKETCH + 7) // 8), dtype=np.uint8))[: dim * SKETCH]
-    return torch.from_numpy(bits.astype(np.float32) * 2 - 1).reshape(dim, SKETCH)
+    return (bits.astype(np.float64) * 2 - 1).reshape(dim, SKETCH)
 
 
-def sketch_delta(delta: torch.Tensor) -> tuple[np.ndarray, float]:
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to("cpu", torch.float64).numpy()
+
+
+def sketch_delta(delta: torch.Tensor | np.ndarray) -> tuple[np.ndarray, float]:
     """(sketch, energy) of a full ΔW matrix (out, in)."""
-    d = delta.double()
-    p = _projection(d.shape[0], "out").double()
-    r = _projection(d.shape[1], "in").double()
-    return (p.T @ d @ r).reshape(-1).float().numpy(), float((d * d).sum())
+    d = delta if isinstance(delta, np.ndarray) else _numpy(delta)
+    sketch = _projection(d.shape[0], "out").T @ d @ _projection(d.shape[1], "in")
+    return sketch.reshape(-1).astype(np.float32), float(np.einsum("ij,ij->", d, d))
 
 
 def sketch_module(module: Module) -> tuple[np.ndarray, float]:
     """(sketch, energy) of one adapter module, without building ΔW when it is a low-rank pair."""
     if not module.factored:
         return sketch_delta(module.delta())
-    up, down = module.up_matrix().float(), module.down_matrix().float()
-    p = _projection(module.out_features, "out")
-    r = _projection(module.in_features, "in")
-    sketch = module.scale * ((p.T @ up).double() @ (down @ r).double())
-    u64, d64 = up.double(), down.double()
-    energy = module.scale**2 * float(((u64.T @ u64) * (d64 @ d64.T)).sum())
-    return sketch.reshape(-1).float().numpy(), energy
+    up, down = _numpy(module.up_matrix()), _numpy(module.down_matrix())
+    s = module.scale
+    sketch = s * ((_projection(module.out_features, "out").T @ up) @ (down @ _projection(module.in_features, "in")))
+    energy = s * s * float(np.einsum("ij,ij->", up.T @ up, down @ down.T))
+    return sketch.reshape(-1).astype(np.float32), energy
 
 
 @dataclass(frozen=True)
@@ -217,8 +225,8 @@ def fingerprint_checkpoint(tensors: Mapping[str, torch.Tensor], base: Mapping[st
             if w0.shape != w.shape:
                 continue
             matched += 1
-            delta = (w.double() - w0.double()).reshape(w.shape[0], -1)
-            if not torch.isfinite(delta).all():
+            delta = _numpy(w).reshape(w.shape[0], -1) - _numpy(w0).reshape(w.shape[0], -1)
+            if not np.isfinite(delta).all():
                 raise FingerprintError(f"checkpoint weight {ref!r} holds non-finite values")
             sketch, energy = sketch_delta(delta)
             out.append((name, sketch, energy))

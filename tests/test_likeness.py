@@ -252,3 +252,53 @@ def test_fingerprint_is_deterministic_and_serialisable():
     assert back.similarity(a) == pytest.approx(1.0, abs=1e-6)
     untrained = {k: (torch.zeros_like(v) if "lora_up" in k else v) for k, v in sd.items()}
     assert fingerprint_lora(untrained).empty
+
+
+def test_shipped_likeness_config_loads_and_weakening_values_are_refused(tmp_path):
+    from pathlib import Path
+
+    from safety.errors import RulesInvalid
+    from safety.likeness import LikenessConfig
+
+    shipped = LikenessConfig.load(Path(__file__).parents[1] / "configs" / "safety" / "likeness.yaml")
+    assert 0.2 <= shipped.containment_threshold <= 0.75
+    for text in ("containment_threshold: 1.0", "containment_threshold: 0", "containment_threshold: -0.5",
+                 "containment_threshold: 0.9", "containment_threshold: 0.05", "fingerprint_threshold: 0.9",
+                 "containment_threshold: [0.4]"):
+        path = tmp_path / "likeness.yaml"
+        path.write_text(text)
+        with pytest.raises(RulesInvalid):
+            LikenessConfig.load(path)
+    path.write_text("containment_threshold: 0.6")
+    assert LikenessConfig.load(path).containment_threshold == 0.6
+    with pytest.raises(RulesInvalid):
+        LikenessConfig.load(tmp_path / "missing.yaml")
+
+
+def test_entries_with_an_old_fingerprint_version_refuse_weight_checks_until_refingerprinted(db, blocklist, tmp_path):
+    from safety.errors import SafetyError
+    from safety.store import LikenessEntry
+
+    base = random_lora(sd1_modules(), seed=11)
+    old = write(tmp_path / "old.safetensors", to_kohya(base))
+    hashes = file_hashes(old)
+    with db.transaction() as s:  # as an earlier release stored it
+        s.add(LikenessEntry(sha256=hashes.sha256, tensor_sha256=hashes.tensor_sha256, fingerprint=b"\0" * 4096,
+                            fingerprint_meta={"version": "lfp1", "modules": 172, "buckets": 16},
+                            person="Jane Roe", reason="likeness"))
+    [entry] = blocklist.stale_entries()
+    assert entry.fingerprint_stale and entry.fingerprint_version == "lfp1"
+    assert blocklist.check(old).method == "sha256"  # hashes still match
+    variant = write(tmp_path / "variant.safetensors", to_diffusers(rescale(base, 2.0)))
+    with pytest.raises(SafetyError) as err:
+        blocklist.check(variant)
+    assert err.value.code == "likeness_fingerprint_stale"
+
+    with pytest.raises(SafetyError) as err:  # only the entry's own file may give it a fingerprint
+        blocklist.refingerprint(entry.id, variant)
+    assert err.value.code == "likeness_file_mismatch"
+    renewed = blocklist.refingerprint(entry.id, old)
+    assert not renewed.fingerprint_stale and renewed.fingerprint_modules == len(sd1_modules())
+    assert blocklist.stale_entries() == []
+    hit = blocklist.check(variant)
+    assert (hit.entry_id, hit.method) == (entry.id, "fingerprint")

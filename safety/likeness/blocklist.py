@@ -143,7 +143,7 @@ class PreparedResource:
     then reused by every request that names the file)."""
 
     hashes: FileHashes
-    fingerprint: Fingerprint | None
+    fingerprint: Fingerprint | None  # None: not a kind that can be fingerprinted (or no base registered)
     kind: str = "lora"  # "lora" | "checkpoint" | "embedding" | "unknown"
 
 
@@ -261,7 +261,7 @@ class LikenessBlocklist:
                 fp = self._fingerprint_checkpoint(tensors, family)
             else:
                 fp = None
-        return PreparedResource(hashes=hashes, fingerprint=None if fp is None or fp.empty else fp, kind=kind)
+        return PreparedResource(hashes=hashes, fingerprint=fp, kind=kind)
 
     @staticmethod
     def insert(session: Session, prepared: PreparedResource, *, person: str, reason: str, source: str = "",
@@ -279,7 +279,7 @@ class LikenessBlocklist:
             if prepared.kind == "unknown":
                 raise SafetyError("the blocklist cannot fingerprint this kind of file (neither an adapter, a "
                                   "checkpoint nor an embedding)", code="likeness_kind_unsupported")
-        stored = fp.significant() if fp is not None else None
+        stored = fp.significant() if fp is not None and not fp.empty else None
         row = LikenessEntry(
             sha256=prepared.hashes.sha256,
             tensor_sha256=prepared.hashes.tensor_sha256,
@@ -323,7 +323,7 @@ class LikenessBlocklist:
                 raise SafetyError(f"no likeness entry {entry_id}", code="likeness_entry_not_found")
             if prepared.hashes.sha256 != row.sha256 and prepared.hashes.tensor_sha256 != row.tensor_sha256:
                 raise SafetyError(f"the file is not entry {entry_id}'s (hashes differ)", code="likeness_file_mismatch")
-            fp = prepared.fingerprint.significant() if prepared.fingerprint else None
+            fp = prepared.fingerprint.significant() if prepared.fingerprint and not prepared.fingerprint.empty else None
             row.fingerprint = fp.to_bytes() if fp else None
             row.fingerprint_meta = fp.meta if fp else {"modules": 0, "kind": prepared.kind}
             s.flush()
@@ -431,7 +431,7 @@ class LikenessBlocklist:
                 if item.kind == "checkpoint" and item.fingerprint is None and idx.checkpoint_bases:
                     raise SafetyError("a checkpoint cannot be checked against the blocklist's checkpoint entries: "
                                       "no base is registered for its family", code="likeness_base_missing")
-                if item.fingerprint is not None:
+                if item.fingerprint is not None and not item.fingerprint.empty:
                     fps.append((i, item.fingerprint, strength))
             elif not item.empty:
                 fps.append((i, item, strength))

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from likeness_fixtures import drift, keep_modules, merge_into, random_lora, sd1_checkpoint, sd1_modules, to_kohya, write
+from likeness_fixtures import (
+    drift,
+    keep_modules,
+    merge_into,
+    random_lora,
+    sd1_checkpoint,
+    sd1_modules,
+    to_kohya,
+    write,
+)
 
 from safety.errors import SafetyError
 from safety.likeness import LikenessBlocklist, checkpoint_family

@@ -17,7 +17,7 @@ vae / ...); the original SD/SGM U-Net names that sd-scripts writes for SDXL (`in
 the single-file checkpoint prefixes are mapped to the diffusers names, so the same weights under another
 layout land on the same module.
 
-Fail closed: a module with a half pair, mismatched shapes, non-finite values, or keys of an adapter kind
+Fail closed: a module with a half pair, mismatched shapes, or keys of an adapter kind
 this reader does not know (OFT, BOFT, (IA)³, GLoRA, Tucker-form LoHa/LoKr, trained norms, ...) raises
 LoraFormatError (`lora_format_invalid`) or LoraFormatUnsupported (`lora_format_unsupported`): a file the
 blocklist cannot fingerprint must not be usable.
@@ -335,8 +335,6 @@ def read_lora(state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str
         seen = raw_names.setdefault(name, m["module"])
         if seen != m["module"] or slot in parts.get(name, {}):
             raise LoraFormatError(f"two keys name the same module {name!r}: {seen!r} and {m['module']!r}")
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise LoraFormatError(f"module {name!r} holds non-finite weights")
         parts.setdefault(name, {})[slot] = tensor
 
     header_alphas = _adapter_alphas(metadata)

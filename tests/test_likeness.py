@@ -302,3 +302,21 @@ def test_entries_with_an_old_fingerprint_version_refuse_weight_checks_until_refi
     assert blocklist.stale_entries() == []
     hit = blocklist.check(variant)
     assert (hit.entry_id, hit.method) == (entry.id, "fingerprint")
+
+
+def test_a_request_reuses_single_file_verdicts_only_for_the_same_weights(blocklist, tmp_path):
+    base = random_lora(sd1_modules(), seed=12)
+    blocklist.add(write(tmp_path / "b.safetensors", to_kohya(base)), "Jane Roe", "likeness")
+    noisy = add_noise(base, 0.05)
+    # the same tensor payload under names of no layer: no fingerprint match ...
+    shuffled = {k.replace("lora_unet_", "lora_unet_zz_").replace("lora_te_", "lora_te_zz_"): v
+                for k, v in to_kohya(noisy).items()}
+    first = blocklist.prepare(write(tmp_path / "x.safetensors", shuffled))
+    assert blocklist.check_combined([(first, 1.0)]) is None
+    # ... then the same payload under the right names: a verdict cached for the first must not answer
+    second = blocklist.prepare(write(tmp_path / "y.safetensors", to_kohya(noisy)))
+    assert second.hashes.tensor_sha256 == first.hashes.tensor_sha256
+    assert blocklist.check_combined([(second, 1.0)]).method == "fingerprint"
+    # a repeated request is answered the same from the cache
+    assert blocklist.check_combined([(second, 1.0)]).method == "fingerprint"
+    assert blocklist.check_combined([(first, 1.0)]) is None

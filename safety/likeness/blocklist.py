@@ -166,6 +166,10 @@ class _Index:
     fp: ContainmentIndex = field(default_factory=ContainmentIndex)
     checkpoint_bases: set[str] = field(default_factory=set)  # bases of checkpoint entries' fingerprints
     stale: list[int] = field(default_factory=list)
+    # Single-file verdicts against exactly these entries (a new _Index starts empty): fingerprint digest ->
+    # (entry position, best score) or None (keyed by the weights as read, never by a file hash: the same
+    # tensor payload under other names is another fingerprint). A request re-uses them and scores only its combined update afresh.
+    verdicts: dict[bytes, tuple[int, float] | None] = field(default_factory=dict)
 
     def extend(self, rows: Sequence[Row]) -> None:
         """Add rows selected with `_INDEX_COLUMNS`."""
@@ -191,6 +195,9 @@ class _Index:
         if self.stale:
             log.warning("likeness blocklist: %d entries hold fingerprints of an older version (ids %s); weight "
                         "checks refuse until they are re-fingerprinted", len(self.stale), self.stale[:20])
+
+
+_MAX_VERDICTS = 100_000
 
 
 def _state_dict_id(state_dict: Mapping[str, torch.Tensor]) -> str:
@@ -377,9 +384,12 @@ class LikenessBlocklist:
         if len(scores) == 0:
             return None
         best = int(np.argmax(scores))
-        if scores[best] < self.config.containment_threshold:
+        return self._best_of(idx, best, float(scores[best]), method, parts)
+
+    def _best_of(self, idx: _Index, pos: int, score: float, method: str, parts: tuple[int, ...]) -> LikenessMatch | None:
+        if score < self.config.containment_threshold:
             return None
-        return self._match(idx, idx.fp_ids[best], method, float(scores[best]), parts)
+        return self._match(idx, idx.fp_ids[pos], method, score, parts)
 
     def match_fingerprint(self, fp: Fingerprint, *, refresh: bool = True) -> LikenessMatch | None:
         """The entry `fp` reproduces most (containment at or above the threshold), or None."""
@@ -422,7 +432,7 @@ class LikenessBlocklist:
         if refresh:
             self.refresh()
         idx = self._index
-        fps: list[tuple[int, Fingerprint, float]] = []
+        fps: list[tuple[int, Fingerprint, float, bytes]] = []
         for i, (item, strength) in enumerate(items):
             if isinstance(item, PreparedResource):
                 hit = self._match_hashes(idx, item.hashes.sha256, item.hashes.tensor_sha256)
@@ -432,19 +442,28 @@ class LikenessBlocklist:
                     raise SafetyError("a checkpoint cannot be checked against the blocklist's checkpoint entries: "
                                       "no base is registered for its family", code="likeness_base_missing")
                 if item.fingerprint is not None and not item.fingerprint.empty:
-                    fps.append((i, item.fingerprint, strength))
+                    fps.append((i, item.fingerprint, strength, item.fingerprint.digest))
             elif not item.empty:
-                fps.append((i, item, strength))
+                fps.append((i, item, strength, item.digest))
         if not fps:
             return None
         idx = self._weights_index()
-        queries = [fp for _, fp, _ in fps]
-        active = [(i, fp, s) for i, fp, s in fps if s != 0]
+        todo = [(i, fp, key) for i, fp, _, key in fps if key not in idx.verdicts]
+        queries = [fp for _, fp, _ in todo]
+        active = [(i, fp, s) for i, fp, s, _ in fps if s != 0]
         if len(active) > 1:
             queries.append(Fingerprint.combine([(fp, s) for _, fp, s in active]))
         scores = idx.fp.scores(queries)
-        hits = [self._best(idx, scores[:, j], "fingerprint", (i,)) for j, (i, _, _) in enumerate(fps)]
-        if len(queries) > len(fps):
+        for j, (_, _, key) in enumerate(todo):
+            best = int(np.argmax(scores[:, j])) if len(scores) else -1
+            idx.verdicts[key] = (best, float(scores[best, j])) if best >= 0 else None
+        if len(idx.verdicts) > _MAX_VERDICTS:
+            idx.verdicts.clear()
+        hits = []
+        for i, _, _, key in fps:
+            verdict = idx.verdicts.get(key) or (0, 0.0)
+            hits.append(self._best_of(idx, *verdict, "fingerprint", (i,)))
+        if len(queries) > len(todo):
             hits.append(self._best(idx, scores[:, -1], "combined", tuple(i for i, _, _ in active)))
         hits = [h for h in hits if h is not None]
         return max(hits, key=lambda h: h.similarity) if hits else None

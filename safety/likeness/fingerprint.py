@@ -132,6 +132,15 @@ class Fingerprint:
         return cls(names, energy, sketches.astype(np.float32), kind=str(meta.get("kind", "lora")),
                    base=meta.get("base"))
 
+    @functools.cached_property
+    def digest(self) -> bytes:
+        """A hash of everything the fingerprint holds (what the blocklist caches single-file verdicts by)."""
+        h = hashlib.blake2b(digest_size=20)
+        h.update(f"{self.version}|{self.kind}|{self.base}|".encode() + "\n".join(self.names).encode())
+        h.update(np.ascontiguousarray(self.energy, dtype="<f8").tobytes())
+        h.update(np.ascontiguousarray(self.sketches, dtype="<f4").tobytes())
+        return h.digest()
+
     def significant(self, ratio: float = PRUNE_RATIO) -> Fingerprint:
         """Without modules whose energy is below `ratio` × the largest module's (what an entry stores)."""
         if self.empty:
@@ -146,13 +155,14 @@ class Fingerprint:
     def combine(cls, parts: Sequence[tuple[Fingerprint, float]]) -> Fingerprint:
         """The fingerprint of Σ strengthᵢ·ΔWᵢ: sketches add per module (they are linear in ΔW); the energy
         is estimated from the combined sketch (E‖Pᵀ·A·R‖² = DIM·‖A‖²)."""
-        acc: dict[str, np.ndarray] = {}
-        for fp, strength in parts:
-            for name, sketch in zip(fp.names, fp.sketches, strict=True):
-                s = acc.get(name)
-                acc[name] = strength * sketch.astype(np.float64) if s is None else s + strength * sketch
-        names = tuple(sorted(acc))
-        sketches = np.stack([acc[n] for n in names]) if names else np.zeros((0, DIM))
+        rows: dict[str, int] = {}
+        ids = [np.fromiter((rows.setdefault(n, len(rows)) for n in fp.names), dtype=np.int64, count=fp.modules)
+               for fp, _ in parts]
+        acc = np.zeros((len(rows), DIM), dtype=np.float64)
+        for (fp, strength), idx in zip(parts, ids, strict=True):
+            acc[idx] += strength * fp.sketches.astype(np.float64)  # names are unique within one fingerprint
+        names = tuple(sorted(rows))
+        sketches = acc[[rows[n] for n in names]] if names else acc
         return cls(names, (sketches**2).sum(1) / DIM, sketches.astype(np.float32), kind="combined")
 
     def similarity(self, other: Fingerprint) -> float:
@@ -178,7 +188,7 @@ def fingerprint_lora(state_dict: Mapping[str, torch.Tensor], metadata: Mapping[s
         for module in read_lora(state_dict, metadata).values():
             sketch, energy = sketch_module(module)
             if not (np.isfinite(energy) and np.isfinite(sketch).all()):
-                raise LoraFormatError(f"module {module.name!r} overflows when its ΔW is formed")
+                raise LoraFormatError(f"module {module.name!r} holds non-finite weights (or its ΔW overflows)")
             out.append((module.name, sketch, energy))
     return _finish(out, "lora")
 

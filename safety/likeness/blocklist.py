@@ -2,7 +2,9 @@
 
 An entry blocks by (a) whole-file SHA-256, (b) tensor-payload SHA-256 (survives metadata edits) and (c) a
 weight fingerprint (safety.likeness.fingerprint), matched by containment (safety.likeness.containment):
-a candidate matches when it reproduces at least `containment_threshold` of the entry's energy.
+a candidate matches when it reproduces at least `containment_threshold` of the entry's update.
+Single-file verdicts are cached for as long as the entries do not change, so a request whose files were
+checked before (at upload) pays only for scoring its combined update.
 
 What can be an entry:
   LoRA (every layout and kind safety.lora_format reads)   hashes + fingerprint
@@ -257,9 +259,10 @@ class LikenessBlocklist:
             return fingerprint_checkpoint(tensors, base_tensors, base_id)
 
     # ---- adding ---------------------------------------------------------------------------------
-    def prepare(self, src: Source, *, family: str | None = None) -> PreparedResource:
-        """Hash, classify and fingerprint a safetensors file. Raises NotSafetensors / LoraFormatError."""
-        hashes = file_hashes(src)
+    def prepare(self, src: Source, *, family: str | None = None, hashes: FileHashes | None = None) -> PreparedResource:
+        """Hash (unless `hashes` are known), classify and fingerprint a safetensors file.
+        Raises NotSafetensors / LoraFormatError / FingerprintError."""
+        hashes = hashes or file_hashes(src)
         with SafetensorsFile(src) as tensors:
             kind = resource_kind(tensors.shapes)
             if kind == "lora":
@@ -410,7 +413,7 @@ class LikenessBlocklist:
         hit = self.check_hashes(hashes.sha256, hashes.tensor_sha256)
         if hit is not None:
             return hit
-        prepared = self.prepare(src, family=family)
+        prepared = self.prepare(src, family=family, hashes=hashes)
         return self.check_combined([(prepared, 1.0)], refresh=False)
 
     def check_checkpoint(self, src: Source, *, family: str | None = None) -> LikenessMatch | None:

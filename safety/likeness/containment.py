@@ -1,24 +1,28 @@
-"""Containment: the share of a blocked entry's energy that a candidate reproduces, module by module.
+"""Containment: how much of a blocked entry's weight update a candidate reproduces, module by module.
 
-For a blocked fingerprint B (modules m, energies e_m, sketches b_m) and a candidate C (sketches c_m):
+For a blocked fingerprint B (modules m with update ΔB_m, sketch b_m) and a candidate C (sketches c_m):
 
     score(B, C) = max over σ ∈ {+1, −1} of  Σ_m w_m · max(0, σ·cos(b_m, c_m)),   w_m = ‖ΔB_m‖ / Σ_m ‖ΔB_m‖
 
-  - weighted by the size of B's change to each module (‖ΔB_m‖_F = √e_m: one dominant module does not
-    decide alone, and copying only the largest modules is not enough), so modules B hardly changes (decoys, padding) weigh nothing, and modules only
-    C changes (anything added on other layers) are ignored: C containing B plus other things still scores 1;
-  - per-module cosines, so a file that is B rescaled (globally or per module, alpha games) or re-factorised
-    scores 1, and a partial copy scores the share of B's energy it keeps (three quarters of the modules:
-    0.75; a rank truncation or 30–50 % noise: the cosine of what is left, per module);
+  - weighted by the size of B's change to each module, so modules B hardly changes (decoys, padding)
+    weigh nothing, and modules only C changes (anything added on other layers) are ignored: a C that
+    contains B plus other things still scores 1 (norms rather than energies, so no single dominant
+    module decides alone);
+  - per-module cosines, so a file that is B rescaled (globally or per module, alpha games), re-factorised,
+    cast or re-encoded as another adapter kind scores 1, and a partial copy scores the share it keeps:
+    three quarters of the modules ≈ 0.75, the self-attention half of an attention LoRA ≈ 0.5, a rank
+    truncation or 30–50 % noise the cosine of what is left (0.85–0.97, 0.79–0.91 in the tests);
   - one sign for all modules (σ), so a negated copy used at strength −1 matches, while modules that pull
     against B never count for it;
-  - unrelated LoRAs score about 0.05 (independent 64-entry sketches have |cos| ≈ 1/8 per module, and only
-    the positive side of one sign counts).
+  - unrelated LoRAs score ≈ 0.05 (independent 64-entry sketches have |cos| ≈ 1/8 per module and only one
+    sign's positive side counts), trained-alike ones sharing a component about the same.
 A request's combined update is scored the same way from `Fingerprint.combine` (sketches add linearly), so
 a blocked LoRA split across files by modules, by rank, or as (B+U) at +1 and U at −1 scores 1 as a whole.
+The score is not a symmetric cosine: what C adds elsewhere never lowers it.
 
 `ContainmentIndex` holds many entries as one dense module-major array, so scoring Q candidates against N
-entries is one batched product (modules × [N × DIM]·[DIM × Q]): memory-bound, ~M·N·DIM floats read.
+entries is one batched product (modules × [N × DIM]·[DIM × Q]): memory-bound, ~M·N·DIM floats read
+(12 SDXL LoRAs against 1,000 SDXL-sized entries: under 20 ms on one core, see bench/likeness.py).
 """
 
 from __future__ import annotations

@@ -168,6 +168,11 @@ def canonical_module_name(path: str) -> str:
     return f"{role}.{flat}"
 
 
+def is_adapter_key(key: str) -> bool:
+    """Whether a tensor name belongs to an adapter (of a kind read here or not)."""
+    return bool(_KEY.match(key) or _UNKNOWN_ADAPTER.search(key))
+
+
 def _adapter_alphas(metadata: Mapping[str, str] | None) -> dict[str, float]:
     """Per-role `lora_alpha / r`-style alpha from diffusers' `lora_adapter_metadata` header, if present."""
     raw = (metadata or {}).get("lora_adapter_metadata")

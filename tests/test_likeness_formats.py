@@ -23,7 +23,7 @@ from likeness_fixtures import (
 )
 
 from safety.likeness import Fingerprint, LikenessBlocklist, fingerprint_lora, resource_kind
-from safety.likeness.fingerprint import DIM
+from safety.likeness.fingerprint import DIM, checkpoint_weights
 from safety.lora_format import LoraFormatError, LoraFormatUnsupported, canonical_module_name, read_lora
 
 SPEC = sd1_modules()[:12]
@@ -95,6 +95,12 @@ def test_original_unet_names_map_to_the_diffusers_names():
     assert {k: canonical_module_name(k) for k in pairs} == pairs
     # diffusers names are left as they are
     assert canonical_module_name("unet.up_blocks.1.resnets.0.conv1") == "unet.up_blocks_1_resnets_0_conv1"
+    # a single-file SDXL checkpoint's fused q/k/v projection splits into the names LoRAs use
+    fused = "conditioner.embedders.1.model.transformer.resblocks.2.attn.in_proj_weight"
+    assert checkpoint_weights([fused, "conditioner.embedders.1.model.transformer.resblocks.2.mlp.c_fc.weight"]) == {
+        "te2.encoder_layers_2_self_attn_q_proj": f"{fused}:0", "te2.encoder_layers_2_self_attn_k_proj": f"{fused}:1",
+        "te2.encoder_layers_2_self_attn_v_proj": f"{fused}:2",
+        "te2.encoder_layers_2_mlp_fc1": "conditioner.embedders.1.model.transformer.resblocks.2.mlp.c_fc.weight"}
 
 
 @pytest.mark.parametrize("extra", [

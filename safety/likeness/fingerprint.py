@@ -27,11 +27,10 @@ import torch
 
 from safety.errors import SafetyError
 from safety.lora_format import (
-    _KEY,
-    _UNKNOWN_ADAPTER,
     LoraFormatError,
     Module,
     canonical_module_name,
+    is_adapter_key,
     read_lora,
 )
 
@@ -198,11 +197,10 @@ def checkpoint_weights(keys: Iterable[str]) -> dict[str, str]:
     OpenCLIP's fused `in_proj_weight` maps to the `<name>:q|k|v` thirds)."""
     out: dict[str, str] = {}
     for key in keys:
-        if key.endswith(".in_proj_weight"):
-            base = canonical_module_name(key.removesuffix(".in_proj_weight") + ".x").removesuffix("_attn_x")
-            base = base.replace("transformer_resblocks_", "encoder_layers_")
+        if key.endswith(".in_proj_weight"):  # named as its sibling out_proj is, with q/k/v for out
+            attn = canonical_module_name(key.removesuffix(".in_proj_weight") + ".out_proj").removesuffix("_out_proj")
             for i, part in enumerate("qkv"):
-                out[f"{base}_self_attn_{part}_proj"] = f"{key}:{i}"
+                out[f"{attn}_{part}_proj"] = f"{key}:{i}"
         elif key.endswith(".weight"):
             out[canonical_module_name(key.removesuffix(".weight"))] = key
     return out
@@ -250,7 +248,7 @@ def resource_kind(shapes: Mapping[str, tuple[int, ...]]) -> str:
     """"lora" (any adapter keys), "checkpoint", "embedding" (textual inversion: a few ≤2-D tensors) or
     "unknown", from tensor names and shapes alone."""
     keys = list(shapes)
-    if any(_KEY.match(k) or _UNKNOWN_ADAPTER.search(k) for k in keys):
+    if any(is_adapter_key(k) for k in keys):
         return "lora"
     if any(k.startswith(_CHECKPOINT_PREFIXES) for k in keys) or all(m in shapes for m in _DIFFUSERS_UNET_MARKERS):
         return "checkpoint"

@@ -162,3 +162,17 @@ def test_resource_kind_from_tensor_names_and_shapes():
     assert resource_kind({"clip_l": (2, 768), "clip_g": (2, 1280)}) == "embedding"
     assert resource_kind({"w": (3, 3, 3, 3)}) == "unknown"
     assert resource_kind({}) == "unknown"
+
+
+def test_a_peft_dora_file_is_read_and_fingerprinted_by_its_direction_update():
+    from likeness_fixtures import to_peft
+
+    lora = random_lora(SPEC, seed=10)
+    plain = to_peft(lora)
+    dora = {**plain, **{k.replace(".lora_A.weight", ".lora_magnitude_vector"): torch.rand(v.shape[1]) + 0.5
+                        for k, v in plain.items() if k.endswith(".lora_A.weight")}}
+    modules = read_lora(dora)
+    assert modules and all(m.dora and m.kind == "dora" for m in modules.values())
+    a, b = fingerprint_lora(dora), fingerprint_lora(plain)
+    assert a.names == b.names
+    np.testing.assert_array_equal(a.sketches, b.sketches)

@@ -198,15 +198,14 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
 class LoraModule:
     """One low-rank adapted layer: ΔW = scale · up @ [mid] @ down, scale = alpha / rank (1 without alpha).
 
-    `mid` is LoCon's Tucker core (rank, rank, kh, kw) for convolutions; `dora` marks a DoRA layer (see the
-    module docstring for what its fingerprint covers)."""
+    `mid` is LoCon's Tucker core (rank, rank, kh, kw) for convolutions; `kind` is "lora", "locon" or "dora"
+    (see the module docstring for what a DoRA layer's fingerprint covers)."""
 
     name: str
     up: torch.Tensor  # (out, rank) or (out, rank, 1, 1)
     down: torch.Tensor  # (rank, in) or (rank, in, kh, kw)
     alpha: float | None = None
     mid: torch.Tensor | None = None
-    dora: bool = False
     kind: str = "lora"
 
     @property
@@ -313,7 +312,7 @@ def _low_rank(name: str, p: dict[str, torch.Tensor], header_alpha: float | None)
     if mid is not None and (mid.ndim != 4 or mid.shape[0] != up.shape[1] or mid.shape[1] != down.shape[0]):
         raise LoraFormatError(f"module {name!r}: Tucker core {tuple(mid.shape)} does not pair with its factors")
     alpha = _alpha(p) if "alpha" in p else header_alpha
-    return LoraModule(name=name, up=up, down=down, alpha=alpha, mid=mid, dora="dora" in p,
+    return LoraModule(name=name, up=up, down=down, alpha=alpha, mid=mid,
                       kind="dora" if "dora" in p else ("locon" if up.ndim == 4 else "lora"))
 
 

@@ -320,3 +320,17 @@ def test_a_request_reuses_single_file_verdicts_only_for_the_same_weights(blockli
     # a repeated request is answered the same from the cache
     assert blocklist.check_combined([(second, 1.0)]).method == "fingerprint"
     assert blocklist.check_combined([(first, 1.0)]) is None
+
+
+def test_a_full_verdict_cache_is_emptied_without_losing_the_request_in_hand(blocklist, tmp_path, monkeypatch):
+    import safety.likeness.blocklist as module
+
+    monkeypatch.setattr(module, "_MAX_VERDICTS", 1)
+    base = random_lora(sd1_modules(), seed=13)
+    blocklist.add(write(tmp_path / "b.safetensors", to_kohya(base)), "Jane Roe", "likeness")
+    copies = [blocklist.prepare(write(tmp_path / f"c{i}.safetensors", to_diffusers(rescale(base, 1.0 + i))))
+              for i in range(3)]
+    for _ in range(2):  # the second round finds the cache emptied by the first
+        hit = blocklist.check_combined([(c, 1.0) for c in copies])
+        assert hit is not None and hit.method in ("fingerprint", "combined")
+        assert all(blocklist.check_combined([(c, 1.0)]).method == "fingerprint" for c in copies)

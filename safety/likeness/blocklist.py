@@ -200,6 +200,7 @@ class _Index:
 
 
 _MAX_VERDICTS = 100_000
+_UNKNOWN = object()
 
 
 def _state_dict_id(state_dict: Mapping[str, torch.Tensor]) -> str:
@@ -451,21 +452,22 @@ class LikenessBlocklist:
         if not fps:
             return None
         idx = self._weights_index()
-        todo = [(i, fp, key) for i, fp, _, key in fps if key not in idx.verdicts]
+        known = {key: v for _, _, _, key in fps if (v := idx.verdicts.get(key, _UNKNOWN)) is not _UNKNOWN}
+        todo = [(i, fp, key) for i, fp, _, key in fps if key not in known]
         queries = [fp for _, fp, _ in todo]
         active = [(i, fp, s) for i, fp, s, _ in fps if s != 0]
         if len(active) > 1:
             queries.append(Fingerprint.combine([(fp, s) for _, fp, s in active]))
         scores = idx.fp.scores(queries)
+        fresh = {}
         for j, (_, _, key) in enumerate(todo):
             best = int(np.argmax(scores[:, j])) if len(scores) else -1
-            idx.verdicts[key] = (best, float(scores[best, j])) if best >= 0 else None
-        if len(idx.verdicts) > _MAX_VERDICTS:
+            fresh[key] = (best, float(scores[best, j])) if best >= 0 else None
+        verdicts = {**known, **fresh}
+        if len(idx.verdicts) + len(fresh) > _MAX_VERDICTS:
             idx.verdicts.clear()
-        hits = []
-        for i, _, _, key in fps:
-            verdict = idx.verdicts.get(key) or (0, 0.0)
-            hits.append(self._best_of(idx, *verdict, "fingerprint", (i,)))
+        idx.verdicts.update(fresh)
+        hits = [self._best_of(idx, *verdicts[key], "fingerprint", (i,)) for i, _, _, key in fps if verdicts[key]]
         if len(queries) > len(todo):
             hits.append(self._best(idx, scores[:, -1], "combined", tuple(i for i, _, _ in active)))
         hits = [h for h in hits if h is not None]

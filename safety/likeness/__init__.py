@@ -3,6 +3,7 @@
   fingerprint.py  per-module energy + sketch of a file's weight update (every adapter kind, checkpoints)
   containment.py  the share of a blocked entry's energy a candidate reproduces, for many entries at once
   blocklist.py    the entries in the database and the checks: one file, or a whole request combined
+  request.py      one request's files, each prepared once per process, checked alone and together
 """
 
 from safety.hashing import file_hashes
@@ -25,6 +26,7 @@ from safety.likeness.fingerprint import (
     fingerprint_lora,
     resource_kind,
 )
+from safety.likeness.request import RequestCheck, RequestFile
 
 __all__ = [
     "DIM",
@@ -38,6 +40,8 @@ __all__ = [
     "LikenessConfig",
     "LikenessMatch",
     "PreparedResource",
+    "RequestCheck",
+    "RequestFile",
     "checkpoint_family",
     "containment",
     "file_hashes",

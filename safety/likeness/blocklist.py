@@ -249,6 +249,10 @@ class LikenessBlocklist:
         self._bases[family] = (base_id, base)
         return base_id
 
+    def has_base(self, family: str) -> bool:
+        """Whether checkpoints of `family` can be fingerprinted here (its base is registered)."""
+        return family in self._bases
+
     def _fingerprint_checkpoint(self, tensors: SafetensorsFile, family: str | None) -> Fingerprint | None:
         family = family or checkpoint_family(list(tensors))
         if family not in self._bases:

@@ -41,7 +41,7 @@ sys.path[:] = [str(_HERE.parent), str(_HERE.parent / "tests")] + [
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from genserve.db import Database  # noqa: E402
+from genserve.core.db import Database  # noqa: E402
 from safetensors.torch import save  # noqa: E402
 
 from safety.likeness import Fingerprint, LikenessBlocklist  # noqa: E402

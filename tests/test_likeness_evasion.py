@@ -27,7 +27,7 @@ class Checked:
 @pytest.fixture(scope="module")
 def checked(tmp_path_factory):
     """name -> Checked, built on first use (building and checking a suite takes seconds; do it once)."""
-    from genserve.db import Database
+    from genserve.core.db import Database
 
     cache: dict[str, Checked] = {}
     databases = []

@@ -683,3 +683,21 @@ def test_a_blocked_lora_split_across_two_files_is_caught_as_a_pair(env):
     with pytest.raises(SafetyBlocked) as refused:
         core.generate(request)
     assert refused.value.code == "likeness_blocked" and "likeness.combined" in refused.value.details["rules"]
+
+
+MATURE_PROMPTS = {
+    "en": "nude woman on a bed, erotic photo", "de": "nackte Frau auf dem Bett, erotisches Foto",
+    "es": "mujer desnuda en la cama, foto erótica", "fr": "femme nue sur le lit, photo érotique",
+    "it": "donna nuda sul letto, foto erotica", "pt": "mulher nua na cama, foto erótica",
+    "ru": "обнажённая женщина на кровати, эротическое фото", "ja": "ベッドの上の裸の女性、エロ写真",
+    "zh": "床上的裸体女人，色情照片", "ko": "침대 위의 나체 여성, 에로 사진",
+}
+
+
+@pytest.mark.parametrize("lang", sorted(MATURE_PROMPTS))
+def test_a_mature_prompt_in_any_language_gets_the_minor_protection_embedding(env, lang):
+    """Asserted on the negative prompt the worker received; the caller's level (PG13) alone would not add it."""
+    caller = env.user(level=NsfwLevel.PG13)
+    job = _run(_finish(env.service, caller, _request(prompt=MATURE_PROMPTS[lang], steps=2)))
+    final = env.service.jobs.get(job.id).result["final_negative_prompt"]
+    assert final.startswith("<gs-safe-neg> <gs-safe-minor>"), (lang, final)

@@ -333,6 +333,17 @@ class ResourceRegistry:
         with self.db.session() as s:
             return list(s.scalars(select(Resource).where(or_(Resource.sha256 == digest, Resource.tensor_sha256 == digest))))
 
+    def disabled_hashes(self, digests: Iterable[str]) -> set[str]:
+        """Which of these file hashes only disabled resources have (what a worker may drop at once)."""
+        digests = set(digests)
+        if not digests:
+            return set()
+        with self.db.session() as s:
+            rows = s.execute(select(Resource.sha256, Resource.generation_enabled)
+                             .where(Resource.sha256.in_(digests))).all()
+        enabled = {sha for sha, on in rows if on}
+        return {sha for sha, _ in rows} - enabled
+
     def resolve(self, checkpoint_id: str, refs: Iterable[ResourceUse], user_id: str | None = None) -> ResolvedResources:
         """Look up a request's resources and check they can run together: a checkpoint first, LoRAs
         and embeddings after, one family, all enabled, private ones only for their owner."""

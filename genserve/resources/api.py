@@ -6,7 +6,6 @@ A user sees public resources and their own; a private resource of someone else a
 like a missing one. Every route runs its database and object-store work in a thread.
 """
 
-from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable

@@ -333,6 +333,10 @@ class ResourceRegistry:
         with self.db.session() as s:
             return list(s.scalars(select(Resource).where(or_(Resource.sha256 == digest, Resource.tensor_sha256 == digest))))
 
+    def air_taken(self, air: str) -> bool:
+        with self.db.session() as s:
+            return s.scalar(select(Resource.id).where(Resource.air == canonical_air(air))) is not None
+
     def disabled_hashes(self, digests: Iterable[str]) -> set[str]:
         """Which of these file hashes only disabled resources have (what a worker may drop at once)."""
         digests = set(digests)

@@ -23,9 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from genserve.core.errors import Forbidden, GenserveError, InvalidRequest, NotFound, SafetyBlocked, Unavailable
+from genserve.core.errors import Conflict, Forbidden, GenserveError, InvalidRequest, NotFound, SafetyBlocked, Unavailable
 from genserve.core.storage import ObjectStore
 from genserve.engine.lycoris import LycorisInvalid, lycoris_to_lora
+from genserve.resources.air import AirInvalid, parse_air
 from genserve.resources.cache import ResourceCache, publish_file, publish_folder
 from genserve.resources.catalog import ModelCatalog
 from genserve.resources.inspect import Inspection, inspect_or_refuse
@@ -167,13 +168,19 @@ class ResourceService:
     def add(self, path: Path, spec: UploadSpec, *, request_id: str | None = None, staged_key: str | None = None
             ) -> Registered:
         """Check, publish and register the file at `path` for `spec.owner`."""
+        air = parse_air(spec.air) if spec.air else None
         found = inspect_or_refuse(path, declared_kind=spec.kind, declared_family=spec.family)
+        if air is not None and (air.family, air.kind) != (found.family, found.kind):
+            raise AirInvalid(f"{air} names a {air.family} {air.kind.value}; the file is a {found.family} "
+                             f"{found.kind.value}", code="air_mismatch", details={"air": str(air)})
         if path.stat().st_size > self.max_bytes[found.kind]:
             raise UploadTooLarge(f"a {found.kind.value} is at most {self.max_bytes[found.kind]} bytes")
         self._likeness(path, found, spec, request_id, staged_key)
         existing = self._same_file(spec.owner, found)
         if existing is not None:
             return Registered(existing, False, found)
+        if air is not None and self.registry.air_taken(str(air)):
+            raise Conflict(f"the alias {air} names another resource", code="air_taken", details={"air": str(air)})
         meta: dict[str, Any] = {"format": found.format, "layout": found.layout, "autov2": found.autov2,
                                 "autov3": found.autov3, "uploaded_by": spec.owner}
         if spec.filename:
@@ -192,7 +199,7 @@ class ResourceService:
             format="safetensors", storage_key=published.storage_key, sha256=found.sha256,
             tensor_sha256=found.tensor_sha256, size_bytes=found.size_bytes, owner_user_id=spec.owner,
             minor=spec.minor, poi=spec.poi, sfw_only=spec.sfw_only or spec.minor, nsfw=spec.nsfw and not spec.minor,
-            visibility=spec.visibility, air=spec.air, trigger_words=list(spec.trigger_words), meta=meta,
+            visibility=spec.visibility, air=str(air) if air else None, trigger_words=list(spec.trigger_words), meta=meta,
         )
         self.safety.audit.append("resource_upload", "allow", subject=[found.sha256, found.tensor_sha256],
                                  user_id=spec.owner, request_id=request_id,

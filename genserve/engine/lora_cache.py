@@ -31,7 +31,13 @@ from safetensors.torch import load_file
 from genserve.core import metrics
 from genserve.core.errors import InvalidRequest, SafetyBlocked, Unavailable
 from genserve.engine.loading import MODEL_BUILD_LOCK
-from genserve.engine.lycoris import ShapeOf, is_lycoris, kohya_dora_to_diffusers, kohya_shapes, lycoris_to_lora
+from genserve.engine.lycoris import (
+    ShapeOf,
+    is_lycoris,
+    kohya_dora_to_diffusers,
+    kohya_shapes,
+    lycoris_to_lora,
+)
 from safety.errors import SafetyError
 
 logger = logging.getLogger(__name__)

@@ -20,7 +20,13 @@ from typing import Any, Protocol
 from sqlalchemy import or_, select
 
 from genserve.core.db import Database
-from genserve.core.errors import Conflict, Forbidden, GenserveError, InvalidRequest, NotFound
+from genserve.core.errors import (
+    Conflict,
+    Forbidden,
+    GenserveError,
+    InvalidRequest,
+    NotFound,
+)
 from genserve.core.storage import ObjectStore
 from genserve.resources.air import canonical_air, is_air
 from genserve.resources.cache import publish_file, publish_folder

@@ -23,7 +23,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from genserve.core.errors import Conflict, Forbidden, GenserveError, InvalidRequest, NotFound, SafetyBlocked, Unavailable
+from genserve.core.errors import (
+    Conflict,
+    Forbidden,
+    GenserveError,
+    InvalidRequest,
+    NotFound,
+    SafetyBlocked,
+    Unavailable,
+)
 from genserve.core.storage import ObjectStore
 from genserve.engine.lycoris import LycorisInvalid, lycoris_to_lora
 from genserve.resources.air import AirInvalid, parse_air

@@ -27,7 +27,13 @@ from genserve.core.config import Settings
 from genserve.core.config.worker import WorkerConfig
 from genserve.core.db import Database
 from genserve.core.storage import ObjectStore, object_store_from_settings
-from genserve.engine.generate import GeneratedImage, ModelInfo, generate, hires_size, prepare_pipeline
+from genserve.engine.generate import (
+    GeneratedImage,
+    ModelInfo,
+    generate,
+    hires_size,
+    prepare_pipeline,
+)
 from genserve.engine.loading import default_device, load_pipeline
 from genserve.engine.lora_cache import LoraCache
 from genserve.engine.schedulers import sampler_spec

@@ -340,3 +340,20 @@ def test_cli_add_generate_list_show_disable(env, http_server, tmp_path, monkeypa
     bad.write_bytes(b"not a safetensors file at all")
     refused_upload = cli("resources", "add", str(bad), "--user", user)
     assert refused_upload.exit_code == 1 and json.loads(refused_upload.output)["error"]["code"] == "not_safetensors"
+
+
+def test_textual_inversion_upload_and_reserved_tokens(env, tmp_path):  # noqa: F811
+    user = env.user()
+    g = torch.Generator().manual_seed(9)
+    ti = tmp_path / "ti.safetensors"
+    save_file({"emb_params": torch.randn(2, 32, generator=g)}, str(ti))  # tiny SD1's CLIP is 32 wide
+    up, reserved = _call(
+        env,
+        _upload(ti.read_bytes(), user.user_id, "fox-ti.safetensors", token="<fox-ti>"),
+        _upload(ti.read_bytes(), user.user_id, "sneaky.safetensors", token="gs-safe-neg"),
+    )
+    assert up.status_code == 201, up.text
+    assert (up.json()["kind"], up.json()["family"], up.json()["token"]) == ("embedding", "sd1", "<fox-ti>")
+    assert (reserved.status_code, reserved.json()["code"]) == (422, "reserved_token")
+    (job,) = _call(env, _generate(user.user_id, "tiny-sd1", up.json()["id"], prompt="a <fox-ti> fox"))
+    assert job.status_code == 200 and job.json()["status"] == "succeeded", job.text

@@ -184,6 +184,8 @@ class ResourceService:
         if path.stat().st_size > self.max_bytes[found.kind]:
             raise UploadTooLarge(f"a {found.kind.value} is at most {self.max_bytes[found.kind]} bytes")
         self._likeness(path, found, spec, request_id, staged_key)
+        name = (spec.name or Path(spec.filename or "").stem or found.kind.value)[:200]
+        token = self._token(spec.token or name, found.family) if found.kind is ResourceKind.embedding else None
         existing = self._same_file(spec.owner, found)
         if existing is not None:
             return Registered(existing, False, found)
@@ -193,9 +195,8 @@ class ResourceService:
                                 "autov3": found.autov3, "uploaded_by": spec.owner}
         if spec.filename:
             meta["filename"] = Path(spec.filename).name[:200]
-        name = (spec.name or Path(spec.filename or "").stem or found.kind.value)[:200]
-        if found.kind is ResourceKind.embedding:
-            meta["token"] = self._token(spec.token or name, found.family)
+        if token is not None:
+            meta["token"] = token
             meta["vectors"] = found.vectors
         if found.kind is ResourceKind.checkpoint:
             meta["config"] = self._config(found.family)

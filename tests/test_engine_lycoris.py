@@ -131,3 +131,40 @@ def test_tucker_and_unpaired_modules_are_refused():
         lycoris_to_lora({f"{CONV}.hada_t1": _rand(g, R, R, 3, 3), f"{CONV}.hada_w1_a": _rand(g, R, 32)})
     with pytest.raises(LycorisInvalid):
         lycoris_to_lora({f"{LIN}.hada_w1_a": _rand(g, 64, R), f"{LIN}.hada_w1_b": _rand(g, R, 64)})
+
+
+def test_locon_convolution_and_mixed_alphas_run_at_their_own_scales(pipe, tmp_path):
+    """kohya LoCon (a 3x3 convolution) next to a linear module of another rank and alpha: each module at
+    alpha/rank, which diffusers' alpha_pattern misses for attention modules unless alphas are baked."""
+    g = _g(5)
+    sd = {f"{LIN}.lora_down.weight": _rand(g, 2, 64), f"{LIN}.lora_up.weight": _rand(g, 64, 2),
+          f"{LIN}.alpha": torch.tensor(1.0),
+          f"{CONV}.lora_down.weight": _rand(g, R, 32, 3, 3), f"{CONV}.lora_up.weight": _rand(g, 32, R, 1, 1),
+          f"{CONV}.alpha": torch.tensor(1.0),
+          f"{LIN}.hada_w1_a".replace("attn1_to_q", "attn1_to_k"): _rand(g, 64, 2),  # a LoHa module: converted path
+          f"{LIN}.hada_w1_b".replace("attn1_to_q", "attn1_to_k"): _rand(g, 2, 64),
+          f"{LIN}.hada_w2_a".replace("attn1_to_q", "attn1_to_k"): _rand(g, 64, 2),
+          f"{LIN}.hada_w2_b".replace("attn1_to_q", "attn1_to_k"): _rand(g, 2, 64)}
+    adapter = _load(pipe, tmp_path, sd)
+    lin, conv = _modules(pipe)
+    torch.testing.assert_close(lin.get_delta_weight(adapter.name),
+                               0.5 * sd[f"{LIN}.lora_up.weight"] @ sd[f"{LIN}.lora_down.weight"], atol=1e-5, rtol=1e-4)
+    expected = 0.25 * (sd[f"{CONV}.lora_up.weight"].reshape(32, R) @ sd[f"{CONV}.lora_down.weight"].reshape(R, -1))
+    torch.testing.assert_close(conv.get_delta_weight(adapter.name), expected.reshape(32, 32, 3, 3), atol=1e-5,
+                               rtol=1e-4)
+
+
+def test_plain_kohya_lora_with_per_module_alphas(pipe, tmp_path):
+    """Per-module alphas (what training's export writes) each apply to their own module."""
+    g = _g(6)
+    sd = {f"{LIN}.lora_down.weight": _rand(g, 2, 64), f"{LIN}.lora_up.weight": _rand(g, 64, 2),
+          f"{LIN}.alpha": torch.tensor(1.0),
+          f"{CONV}.lora_down.weight": _rand(g, R, 32, 3, 3), f"{CONV}.lora_up.weight": _rand(g, 32, R, 1, 1),
+          f"{CONV}.alpha": torch.tensor(3.0)}
+    adapter = _load(pipe, tmp_path, sd)
+    lin, conv = _modules(pipe)
+    torch.testing.assert_close(lin.get_delta_weight(adapter.name),
+                               0.5 * sd[f"{LIN}.lora_up.weight"] @ sd[f"{LIN}.lora_down.weight"], atol=1e-5, rtol=1e-4)
+    expected = 0.75 * (sd[f"{CONV}.lora_up.weight"].reshape(32, R) @ sd[f"{CONV}.lora_down.weight"].reshape(R, -1))
+    torch.testing.assert_close(conv.get_delta_weight(adapter.name), expected.reshape(32, 32, 3, 3), atol=1e-5,
+                               rtol=1e-4)

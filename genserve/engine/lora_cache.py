@@ -33,6 +33,7 @@ from genserve.core.errors import InvalidRequest, SafetyBlocked, Unavailable
 from genserve.engine.loading import MODEL_BUILD_LOCK
 from genserve.engine.lycoris import (
     ShapeOf,
+    bake_alphas,
     is_lycoris,
     kohya_dora_to_diffusers,
     kohya_shapes,
@@ -155,6 +156,9 @@ def read_lora(path: Path, shapes: ShapeOf | None = None) -> tuple[dict[str, torc
     if is_lycoris(state_dict):
         state_dict = lycoris_to_lora(state_dict, shapes)
         header[CONVERTED_FROM] = "lycoris"
+    # kohya alphas that differ between modules reach diffusers as an alpha_pattern whose keys miss the
+    # attention modules, which then run at the wrong scale (3x for alpha 3 among alpha 1): baked instead
+    state_dict = bake_alphas(state_dict)
     strays = [k for k in state_dict if not _KEY_PATTERN.search(k)]
     if strays:
         raise LoraInvalid(f"not a LoRA: {len(strays)} keys are no LoRA weights (e.g. {strays[0]!r})")

@@ -235,7 +235,9 @@ def test_flags_moderation_and_nsfw_discovery(env, tmp_path):  # noqa: F811
     )
     assert rid not in [r["id"] for r in pg13.json()["resources"]]
     assert rid in [r["id"] for r in r_level.json()["resources"]]
-    assert moderated.json()["flags"]["minor"] and moderated.json()["locked_flags"] == ["minor"]
+    flags = moderated.json()["flags"]
+    assert flags["minor"] and flags["sfw_only"] and not flags["nsfw"]
+    assert moderated.json()["locked_flags"] == ["minor", "nsfw", "sfw_only"]
     assert (locked.status_code, locked.json()["code"]) == (403, "flag_locked")
     assert allowed.status_code == 200 and allowed.json()["flags"]["poi"] and allowed.json()["visibility"] == "private"
     (not_owner,) = _call(env, ("PATCH", f"/v1/resources/{rid}", {"json": {"visibility": "public"},
@@ -340,6 +342,12 @@ def test_cli_add_generate_list_show_disable(env, http_server, tmp_path, monkeypa
     bad.write_bytes(b"not a safetensors file at all")
     refused_upload = cli("resources", "add", str(bad), "--user", user)
     assert refused_upload.exit_code == 1 and json.loads(refused_upload.output)["error"]["code"] == "not_safetensors"
+    blocked = tmp_path / "blocked-cli.safetensors"
+    blocked.write_bytes(_lora_bytes(tmp_path, "sd1", 607))
+    env.service.safety.blocklist.add(blocked, "B. Person", "cli test", source="test")
+    refused_blocked = cli("resources", "add", str(blocked), "--user", user)
+    assert refused_blocked.exit_code == 3  # a safety refusal
+    assert json.loads(refused_blocked.output)["error"]["code"] == "likeness_blocked"
 
 
 def test_textual_inversion_upload_and_reserved_tokens(env, tmp_path):  # noqa: F811

@@ -223,6 +223,8 @@ class ResourceRegistry:
         longer change it, as a site locks the properties its moderators decided."""
         wanted = {name: value for name, value in (("minor", minor), ("poi", poi), ("sfw_only", sfw_only),
                                                    ("nsfw", nsfw)) if value is not None}
+        if wanted.get("minor"):  # a resource depicting minors is for safe-for-work images only
+            wanted.update(sfw_only=True, nsfw=False)
         with self.db.transaction() as s:
             row = self._row(s, resource_id)
             meta = dict(row.meta or {})

@@ -303,7 +303,8 @@ def test_discovery_routes_and_openapi(env):  # noqa: F811
 
 @pytest.fixture()
 def http_server(env):  # noqa: F811
-    server = uvicorn.Server(uvicorn.Config(_app(env), host="127.0.0.1", port=0, log_level="warning"))
+    # no lifespan: its exit closes the module-wide service (and its in-process workers) for the tests after
+    server = uvicorn.Server(uvicorn.Config(_app(env), host="127.0.0.1", port=0, log_level="warning", lifespan="off"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

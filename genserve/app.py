@@ -28,7 +28,9 @@ from genserve.generation.service import GenerationService
 from genserve.generation.worker.deployment import FamilyWorker, ServeWorkers
 from genserve.ingress import create_api
 from genserve.moderation import Moderation
+from genserve.resources.api import build_router as build_resources_router
 from genserve.resources.catalog import load_model_catalog
+from genserve.resources.service import ResourceService
 from training.api import build_router as build_training_router
 from training.service import TrainingService
 
@@ -54,10 +56,12 @@ class Ingress:
         self.moderation = Moderation(self.service.registry, self.service.resource_cache, self.service.safety)
         self.trainings = TrainingService.from_settings(self.settings, db=self.service.db)
         self.trainings.start_background()
+        self.resources = resource_service(self.settings, self.service)
 
     def __serve_build_asgi_app__(self):  # noqa: ANN204 - the ASGI app
         return create_api(self.service, self.moderation,
-                          routers=[functools.partial(build_training_router, self.trainings)])
+                          routers=[functools.partial(build_training_router, self.trainings),
+                                   resources_router(self.resources)])
 
     def __del__(self) -> None:
         self.trainings.close()
@@ -68,6 +72,21 @@ class Ingress:
 
     def check_health(self) -> None:
         self.service.count_active()
+
+
+def resource_service(settings: Settings, service: GenerationService) -> ResourceService:
+    """Resource registration over the generation service's registry, object store, gate and cache."""
+    return ResourceService.from_parts(settings, service.registry, service.store, service.safety,
+                                      resource_cache=service.resource_cache)
+
+
+def resources_router(resources: ResourceService) -> functools.partial:
+    """The `/v1/resources`, `/v1/models` and `/v1/samplers` routes, for `create_api(routers=...)`."""
+    from genserve.generation.protocol import GenerationRequest
+
+    default = GenerationRequest.model_fields["sampler"].default
+    return functools.partial(build_resources_router, resources, resources.catalog,
+                             default_sampler=getattr(default, "value", str(default)))
 
 
 def load_serve_config(path: Path) -> dict[str, Any]:

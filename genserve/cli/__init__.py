@@ -34,9 +34,9 @@ def migrate(ctx: typer.Context, revision: str = typer.Argument("head"), as_json:
 
 def _register_groups() -> None:
     """Command groups live in their own modules (kept out of this file so each stays small)."""
-    from genserve.cli import audit_prompt, buzz, generate, models, safety, serve, train
+    from genserve.cli import audit_prompt, buzz, generate, models, resources, safety, serve, train
 
-    for group in (models, serve, buzz, safety, audit_prompt, generate, train):
+    for group in (models, serve, buzz, safety, audit_prompt, generate, train, resources):
         group.register(app)
 
 

@@ -1,7 +1,8 @@
 """The LoRA adapters resident in one loaded pipeline: an LRU cache with explicit count and byte limits.
 
 Adapters are read with `safetensors.torch.load_file` (never pickle) and loaded from the in-memory state
-dict, kohya (`lora_unet_*`/`lora_te*_*`) and diffusers/PEFT key layouts alike. Before any weight
+dict, kohya (`lora_unet_*`/`lora_te*_*`) and diffusers/PEFT key layouts alike, LoCon and DoRA as diffusers
+reads them, LyCORIS LoHa/LoKr rewritten exactly as LoRA pairs first (`genserve.engine.lycoris`). Before any weight
 reaches the pipeline the file is checked against the likeness blocklist, and a resident adapter is
 checked again once its last answer is older than `recheck_s`, so a LoRA blocklisted while resident
 stops being used. Eviction deletes the adapter from the pipeline explicitly (`delete_adapters`) rather
@@ -30,6 +31,14 @@ from safetensors.torch import load_file
 from genserve.core import metrics
 from genserve.core.errors import InvalidRequest, SafetyBlocked, Unavailable
 from genserve.engine.loading import MODEL_BUILD_LOCK
+from genserve.engine.lycoris import (
+    ShapeOf,
+    bake_alphas,
+    is_lycoris,
+    kohya_dora_to_diffusers,
+    kohya_shapes,
+    lycoris_to_lora,
+)
 from safety.errors import SafetyError
 
 logger = logging.getLogger(__name__)
@@ -39,6 +48,8 @@ logger = logging.getLogger(__name__)
 _NOISY_LOGGERS = ("diffusers", "transformers", "peft")
 _KEY_PATTERN = re.compile(r"(lora|\.alpha$|dora_scale|lora_magnitude_vector)")
 _ADAPTER_METADATA_KEY = "lora_adapter_metadata"
+# set in the header `read_lora` returns when the file's LyCORIS modules were rewritten as LoRA pairs
+CONVERTED_FROM = "genserve.converted_from"
 
 
 class LikenessChecker(Protocol):
@@ -131,8 +142,9 @@ def _bake_header_alphas(state_dict: dict[str, torch.Tensor], header: dict[str, s
         state_dict[key] = state_dict[key] * (float(alpha) / rank)
 
 
-def read_lora(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and header of a LoRA file; anything that is not a LoRA safetensors file is refused."""
+def read_lora(path: Path, shapes: ShapeOf | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and header of a LoRA file; anything that is not a LoRA safetensors file is refused.
+    LoHa/LoKr modules come back as LoRA pairs (`shapes` tells convolution kernels)."""
     try:
         with safe_open(str(path), framework="pt") as f:
             header = dict(f.metadata() or {})
@@ -141,6 +153,12 @@ def read_lora(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         raise LoraInvalid(f"not a readable safetensors file: {exc}") from exc
     if not state_dict:
         raise LoraInvalid("the LoRA file holds no tensors")
+    if is_lycoris(state_dict):
+        state_dict = lycoris_to_lora(state_dict, shapes)
+        header[CONVERTED_FROM] = "lycoris"
+    # kohya alphas that differ between modules reach diffusers as an alpha_pattern whose keys miss the
+    # attention modules, which then run at the wrong scale (3x for alpha 3 among alpha 1): baked instead
+    state_dict = bake_alphas(state_dict)
     strays = [k for k in state_dict if not _KEY_PATTERN.search(k)]
     if strays:
         raise LoraInvalid(f"not a LoRA: {len(strays)} keys are no LoRA weights (e.g. {strays[0]!r})")
@@ -170,6 +188,7 @@ class LoraCache:
         self._adapters: OrderedDict[str, CachedAdapter] = OrderedDict()  # sha256 -> adapter, LRU first
         self._active: tuple[tuple[str, float], ...] | None = None
         self._layers: list[LoraLayer] | None = None
+        self._shapes: ShapeOf | None = None
         self.stats = {"hits": 0, "loads": 0, "evictions": 0, "switches": 0, "switch_ms_total": 0.0,
                       "load_ms_total": 0.0}
 
@@ -217,6 +236,21 @@ class LoraCache:
                 details={"sha256": sha256, **details},
             )
 
+    def _check_weights(self, sha256: str, state_dict: dict[str, torch.Tensor]) -> None:
+        """The rewritten weights of a LyCORIS file against the blocklist's fingerprints as well."""
+        check = getattr(self.blocklist, "check_state_dict", None)
+        if check is None:
+            return
+        try:
+            match = check(state_dict)
+        except Exception as exc:  # noqa: BLE001 - fail closed
+            raise LikenessCheckFailed(
+                f"likeness check failed for LoRA {sha256[:12]}: {type(exc).__name__}: {exc}") from exc
+        if match is not None:
+            details = match.to_dict() if hasattr(match, "to_dict") else {"match": str(match)}
+            raise LikenessBlocked("this LoRA reproduces a real person's likeness and cannot be used",
+                                  details={"sha256": sha256, **details})
+
     # ---- loading --------------------------------------------------------------------------------
     def ensure(self, sha256: str, path: Path, *, protect: Sequence[str] = ()) -> CachedAdapter:
         """The resident adapter for the file `path` (content `sha256`), loading it if needed.
@@ -241,7 +275,16 @@ class LoraCache:
 
         metrics.inc("genserve_lora_cache_total", result="miss")
         self._check(sha256, path)
-        state_dict, _ = read_lora(path)
+        if self._shapes is None:
+            self._shapes = kohya_shapes(self.pipe)
+        state_dict, header = read_lora(path, self._shapes)
+        if header.get(CONVERTED_FROM):
+            self._check_weights(sha256, state_dict)
+        if any(k.endswith(".dora_scale") for k in state_dict):
+            try:
+                state_dict = kohya_dora_to_diffusers(state_dict, getattr(self.pipe.unet, "config", None))
+            except (KeyError, ValueError) as exc:
+                raise LoraInvalid(f"LoRA {sha256[:12]}: unreadable DoRA modules: {exc}") from exc
         nbytes = _nbytes(state_dict)
         if nbytes > self.max_bytes:
             raise LoraTooLarge(

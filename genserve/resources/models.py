@@ -1,4 +1,5 @@
-"""The resource table: checkpoints, LoRAs and embeddings the generator and trainer know by id."""
+"""The resource table: checkpoints, LoRAs and embeddings the generator and trainer know by id (or by
+an AIR alias), with their owner, visibility and the flags the safety policy reads."""
 
 from __future__ import annotations
 
@@ -22,6 +23,13 @@ class ModelFamily(str, enum.Enum):
     sdxl = "sdxl"
 
 
+class Visibility(str, enum.Enum):
+    """Who may discover and use a resource: its owner only, or every user."""
+
+    private = "private"
+    public = "public"
+
+
 class Resource(Base):
     __tablename__ = "resources"
 
@@ -39,6 +47,12 @@ class Resource(Base):
     minor: Mapped[bool] = mapped_column(Boolean, default=False)
     poi: Mapped[bool] = mapped_column(Boolean, default=False)
     sfw_only: Mapped[bool] = mapped_column(Boolean, default=False)
+    # made for mature content: hidden from the discovery of callers whose level is below R
+    nsfw: Mapped[bool] = mapped_column(Boolean, default=False)
+    visibility: Mapped[Visibility] = mapped_column(Enum(Visibility, native_enum=False, length=16),
+                                                   default=Visibility.private)
+    # an AIR-style alias (`urn:air:<family>:<kind>:<source>:<id>@<version>`) the site may name it by
+    air: Mapped[str | None] = mapped_column(String(200), nullable=True, unique=True)
     generation_enabled: Mapped[bool] = mapped_column(Boolean, default=True)
     trigger_words: Mapped[list] = mapped_column(JSON, default=list)
     meta: Mapped[dict] = mapped_column(JSON, default=dict)

@@ -3,8 +3,11 @@ they may be used for.
 
 Files are published content-addressed into the object store (`genserve.resources.cache`), and the
 row records the SHA-256 every download is verified against, the tensor-payload hash the likeness
-blocklist matches, and the flags the safety policy reads (minor, poi, sfw_only). A takedown turns a
-resource off with `disable`; the row stays, so past jobs still name what they used.
+blocklist matches, and the flags the safety policy reads (minor, poi, sfw_only; nsfw for discovery).
+A takedown turns a resource off with `disable`; the row stays, so past jobs still name what they used.
+
+A resource is named by its id or by its AIR alias (`genserve.resources.air`). A private one exists
+only for its owner: to anyone else it is reported exactly like a missing one.
 """
 
 from __future__ import annotations
@@ -18,14 +21,23 @@ from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from genserve.core.db import Database
-from genserve.core.errors import Conflict, GenserveError, InvalidRequest, NotFound
+from genserve.core.errors import (
+    Conflict,
+    Forbidden,
+    GenserveError,
+    InvalidRequest,
+    NotFound,
+)
 from genserve.core.storage import ObjectStore
+from genserve.resources.air import canonical_air, is_air
 from genserve.resources.cache import publish_file, publish_folder
-from genserve.resources.models import ModelFamily, Resource, ResourceKind
+from genserve.resources.models import ModelFamily, Resource, ResourceKind, Visibility
 from safety.hashing import file_hashes
 
 RESOURCE_PREFIX = "resources"
 MAX_EXTRA_RESOURCES = 12  # LoRAs and embeddings in one request
+FLAGS = ("minor", "poi", "nsfw", "sfw_only")
+LOCKED_FLAGS = "locked_flags"  # meta key: flags a moderator set, which the owner cannot change
 
 
 class ResourceUse(Protocol):
@@ -47,6 +59,12 @@ class ResourceUnavailable(ResourceRefused, InvalidRequest):
     """The resource exists but cannot be used for this generation (disabled, wrong kind or family)."""
 
     code = "resource_unavailable"
+
+
+class FlagLocked(Forbidden):
+    """A moderator set this flag; only a moderator changes it."""
+
+    code = "flag_locked"
 
 
 @dataclass(frozen=True)
@@ -131,20 +149,27 @@ class ResourceRegistry:
         minor: bool = False,
         poi: bool = False,
         sfw_only: bool = False,
+        nsfw: bool = False,
+        visibility: Visibility | str | None = None,
+        air: str | None = None,
         trigger_words: Sequence[str] = (),
         meta: dict[str, Any] | None = None,
         generation_enabled: bool = True,
     ) -> Resource:
         """Add a resource. Registering the same id with the same content again is a no-op (so
-        bootstrap can run on every start); the same id with other content is a conflict. A resource
-        registered with `generation_enabled=False` exists (and can be downloaded by its owner) but
-        no generation loads it until `enable`."""
+        bootstrap can run on every start); the same id with other content is a conflict, as is an
+        AIR alias another resource holds. Without a visibility, an owned resource is private and an
+        unowned one (the deployment's) public. A resource registered with `generation_enabled=False`
+        exists (and can be downloaded by its owner) but no generation loads it until `enable`."""
         kind, family = _kind(kind), _family(family)
+        visibility = _visibility(visibility) if visibility is not None else (
+            Visibility.public if owner_user_id is None else Visibility.private)
+        air = canonical_air(air) if air else None
         row = Resource(
             id=id, kind=kind, family=family, name=name or id, format=format, storage_key=storage_key,
             sha256=sha256, tensor_sha256=tensor_sha256, size_bytes=size_bytes, owner_user_id=owner_user_id,
-            minor=minor, poi=poi, sfw_only=sfw_only, generation_enabled=generation_enabled,
-            trigger_words=list(trigger_words), meta=dict(meta or {}),
+            minor=minor, poi=poi, sfw_only=sfw_only, nsfw=nsfw, visibility=visibility, air=air,
+            generation_enabled=generation_enabled, trigger_words=list(trigger_words), meta=dict(meta or {}),
         )
         with self.db.transaction() as s:
             existing = s.get(Resource, id)
@@ -155,6 +180,8 @@ class ResourceRegistry:
                         code="resource_exists", details={"id": id, "sha256": existing.sha256},
                     )
                 return existing
+            if air is not None and s.scalar(select(Resource.id).where(Resource.air == air)) is not None:
+                raise Conflict(f"the alias {air} names another resource", code="air_taken", details={"air": air})
             s.add(row)
         return row
 
@@ -191,13 +218,35 @@ class ResourceRegistry:
         )
 
     def set_flags(
-        self, resource_id: str, *, minor: bool | None = None, poi: bool | None = None, sfw_only: bool | None = None
+        self, resource_id: str, *, minor: bool | None = None, poi: bool | None = None, sfw_only: bool | None = None,
+        nsfw: bool | None = None, moderator: bool = True,
     ) -> Resource:
+        """Set flags. A moderator's setting locks the flag: an owner (`moderator=False`) may then no
+        longer change it, as a site locks the properties its moderators decided."""
+        wanted = {name: value for name, value in (("minor", minor), ("poi", poi), ("sfw_only", sfw_only),
+                                                   ("nsfw", nsfw)) if value is not None}
+        if wanted.get("minor"):  # a resource depicting minors is for safe-for-work images only
+            wanted.update(sfw_only=True, nsfw=False)
         with self.db.transaction() as s:
             row = self._row(s, resource_id)
-            for name, value in (("minor", minor), ("poi", poi), ("sfw_only", sfw_only)):
-                if value is not None:
-                    setattr(row, name, value)
+            meta = dict(row.meta or {})
+            locked = set(meta.get(LOCKED_FLAGS) or ())
+            if not moderator:
+                taken = sorted(n for n, v in wanted.items() if n in locked and bool(getattr(row, n)) != v)
+                if taken:
+                    raise FlagLocked(f"a moderator set {', '.join(taken)} on {resource_id}",
+                                     details={"id": resource_id, "flags": taken})
+            for name, value in wanted.items():
+                setattr(row, name, value)
+            if moderator and wanted:
+                meta[LOCKED_FLAGS] = sorted(locked | set(wanted))
+                row.meta = meta
+            return row
+
+    def set_visibility(self, resource_id: str, visibility: Visibility | str) -> Resource:
+        with self.db.transaction() as s:
+            row = self._row(s, resource_id)
+            row.visibility = _visibility(visibility)
             return row
 
     def disable(self, resource_id: str, reason: str) -> Resource:
@@ -225,22 +274,42 @@ class ResourceRegistry:
     # -- reads --------------------------------------------------------------------------------
 
     @staticmethod
-    def _row(session: Any, resource_id: str) -> Resource:
-        row = session.get(Resource, resource_id)
+    def _lookup(session: Any, ref: str) -> Resource | None:
+        """The row named by an id or an AIR alias (malformed aliases name nothing)."""
+        if is_air(ref):
+            try:
+                air = canonical_air(ref)
+            except InvalidRequest:
+                return None
+            return session.scalar(select(Resource).where(Resource.air == air))
+        return session.get(Resource, ref)
+
+    @classmethod
+    def _row(cls, session: Any, resource_id: str) -> Resource:
+        row = cls._lookup(session, resource_id)
         if row is None:
             raise ResourceNotFound(f"no resource {resource_id}", details={"id": resource_id})
         return row
 
     def get(self, resource_id: str) -> Resource:
+        """A row by id or AIR alias, whoever owns it (moderation, the worker)."""
         with self.db.session() as s:
             return self._row(s, resource_id)
+
+    def visible(self, resource_id: str, user_id: str | None) -> Resource:
+        """A row by id or alias as `user_id` may see it: public, or their own (None: every row)."""
+        with self.db.session() as s:
+            row = self._lookup(s, resource_id)
+        if row is None or not _visible_to(row, user_id):
+            raise ResourceNotFound(f"no resource {resource_id}", details={"id": resource_id})
+        return row
 
     def usable(self, resource_id: str, kind: ResourceKind | str, family: str, user_id: str | None = None) -> Resource:
         """The row of a resource a generation of `family` may use as a `kind`, or the refusal: the
         one question the ingress (per request) and the worker (per resource, again) both ask."""
         kind = _kind(kind)
         with self.db.session() as s:
-            row = s.get(Resource, resource_id)
+            row = self._lookup(s, resource_id)
         _check_usable(resource_id, row, user_id)
         if ResourceKind(row.kind) is not kind or ModelFamily(row.family).value != family:
             raise ResourceUnavailable(
@@ -248,12 +317,31 @@ class ResourceRegistry:
                 f"not a {family} {kind.value}", code="resource_unusable", details={"id": resource_id})
         return row
 
-    def list(self, kind: ResourceKind | str | None = None, family: ModelFamily | str | None = None) -> list[Resource]:
+    def list(self, kind: ResourceKind | str | None = None, family: ModelFamily | str | None = None, *,
+             owner: str | None = None, visibility: Visibility | str | None = None, viewer: str | None = None,
+             include_nsfw: bool = True, enabled_only: bool = False, after: str | None = None,
+             limit: int | None = None) -> list[Resource]:
+        """Rows by id, filtered. With a `viewer`, only what that user may see (public and their own);
+        without, every row (moderators, operators). `after` and `limit` page by id."""
         query = select(Resource).order_by(Resource.id)
         if kind is not None:
             query = query.where(Resource.kind == _kind(kind))
         if family is not None:
             query = query.where(Resource.family == _family(family))
+        if owner is not None:
+            query = query.where(Resource.owner_user_id == owner)
+        if visibility is not None:
+            query = query.where(Resource.visibility == _visibility(visibility))
+        if viewer is not None:
+            query = query.where(or_(Resource.visibility == Visibility.public, Resource.owner_user_id == viewer))
+        if not include_nsfw:
+            query = query.where(Resource.nsfw.is_(False))
+        if enabled_only:
+            query = query.where(Resource.generation_enabled.is_(True))
+        if after is not None:
+            query = query.where(Resource.id > after)
+        if limit is not None:
+            query = query.limit(limit)
         with self.db.session() as s:
             return list(s.scalars(query))
 
@@ -261,6 +349,21 @@ class ResourceRegistry:
         """Resources whose file or tensor payload has this SHA-256 (what a takedown names)."""
         with self.db.session() as s:
             return list(s.scalars(select(Resource).where(or_(Resource.sha256 == digest, Resource.tensor_sha256 == digest))))
+
+    def air_taken(self, air: str) -> bool:
+        with self.db.session() as s:
+            return s.scalar(select(Resource.id).where(Resource.air == canonical_air(air))) is not None
+
+    def disabled_hashes(self, digests: Iterable[str]) -> set[str]:
+        """Which of these file hashes only disabled resources have (what a worker may drop at once)."""
+        digests = set(digests)
+        if not digests:
+            return set()
+        with self.db.session() as s:
+            rows = s.execute(select(Resource.sha256, Resource.generation_enabled)
+                             .where(Resource.sha256.in_(digests))).all()
+        enabled = {sha for sha, on in rows if on}
+        return {sha for sha, _ in rows} - enabled
 
     def resolve(self, checkpoint_id: str, refs: Iterable[ResourceUse], user_id: str | None = None) -> ResolvedResources:
         """Look up a request's resources and check they can run together: a checkpoint first, LoRAs
@@ -271,6 +374,9 @@ class ResourceRegistry:
         ids = [checkpoint_id, *(r.id for r in refs)]
         with self.db.session() as s:
             rows = {row.id: row for row in s.scalars(select(Resource).where(Resource.id.in_(ids)))}
+            for ref in {i for i in ids if is_air(i)}:  # AIR aliases name the row they were registered for
+                if (row := self._lookup(s, ref)) is not None:
+                    rows[ref] = row
         for rid in ids:
             _check_usable(rid, rows.get(rid), user_id)
         checkpoint = rows[checkpoint_id]
@@ -294,10 +400,18 @@ class ResourceRegistry:
         return ResolvedResources(ResolvedResource.from_row(checkpoint), tuple(loras), tuple(embeddings))
 
 
+def _visible_to(row: Resource, user_id: str | None) -> bool:
+    """Public, owned by `user_id`, or asked without a user (the worker re-asking, moderators)."""
+    if user_id is None or row.owner_user_id == user_id:
+        return True
+    visibility = row.visibility or (Visibility.public if row.owner_user_id is None else Visibility.private)
+    return Visibility(visibility) is Visibility.public
+
+
 def _check_usable(resource_id: str, row: Resource | None, user_id: str | None) -> None:
     """Exists, visible to `user_id`, enabled for generation."""
     # a private resource of someone else is reported exactly like a missing one
-    if row is None or (row.owner_user_id is not None and user_id is not None and row.owner_user_id != user_id):
+    if row is None or not _visible_to(row, user_id):
         raise ResourceNotFound(f"no resource {resource_id}", details={"id": resource_id})
     if not row.generation_enabled:
         raise ResourceUnavailable(f"resource {resource_id} is not available for generation", code="resource_disabled",
@@ -309,6 +423,13 @@ def _kind(value: ResourceKind | str) -> ResourceKind:
         return ResourceKind(value)
     except ValueError:
         raise InvalidRequest(f"unknown resource kind {value!r}", code="unknown_resource_kind") from None
+
+
+def _visibility(value: Visibility | str) -> Visibility:
+    try:
+        return Visibility(value)
+    except ValueError:
+        raise InvalidRequest(f"visibility is private or public, not {value!r}", code="invalid_visibility") from None
 
 
 def _family(value: ModelFamily | str) -> ModelFamily:

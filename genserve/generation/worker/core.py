@@ -27,7 +27,13 @@ from genserve.core.config import Settings
 from genserve.core.config.worker import WorkerConfig
 from genserve.core.db import Database
 from genserve.core.storage import ObjectStore, object_store_from_settings
-from genserve.engine.generate import GeneratedImage, ModelInfo, generate, hires_size, prepare_pipeline
+from genserve.engine.generate import (
+    GeneratedImage,
+    ModelInfo,
+    generate,
+    hires_size,
+    prepare_pipeline,
+)
 from genserve.engine.loading import default_device, load_pipeline
 from genserve.engine.lora_cache import LikenessBlocked, LoraCache
 from genserve.engine.schedulers import sampler_spec
@@ -54,7 +60,7 @@ from genserve.generation.worker.wire import (
 from genserve.resources.cache import ResourceCache
 from genserve.resources.catalog import load_model_catalog
 from genserve.resources.models import Resource, ResourceKind
-from genserve.resources.registry import ResourceRegistry
+from genserve.resources.registry import ResourceRegistry, ResourceUnavailable
 from safety.embeddings import SafetyEmbeddings
 from safety.gate import SafetyGate
 from safety.likeness import RequestCheck
@@ -102,6 +108,7 @@ class WorkerCore:
         self._busy = 0
         self._last_progress = time.monotonic()
         self._heartbeat_lock = threading.Lock()
+        self._swept: dict[str, float] = {}  # checkpoint id -> when its adapters were last matched to the registry
         # replica counters for operators (and tests): requests run, canceled, images made, steps run
         self.counters = {"requests": 0, "canceled": 0, "images": 0, "steps": 0}
         if self.device == "cpu" and self.config.cpu_threads:
@@ -257,12 +264,18 @@ class WorkerCore:
             encodes[image.index] = self._encoding.submit(encode, image)
 
         with loaded.in_use(), contextlib.ExitStack() as files:
-            loras = self.files.loras(request, files)
+            try:
+                loras = self.files.loras(request, files)
+            except ResourceUnavailable as exc:
+                if exc.code == "resource_disabled":
+                    self._drop_disabled(loaded, exc.details.get("id"))
+                raise
             embeddings = self.files.embeddings(request, files, loaded.safety.reserved_tokens)
             timings["fetch_ms"] = (time.perf_counter() - started) * 1000
             t_wait = time.perf_counter()
             with loaded.lock, self._busy_marker():
                 timings["queue_ms"] = (time.perf_counter() - t_wait) * 1000
+                self._sweep_disabled(loaded)
                 t_lora = time.perf_counter()
                 protect = [lora.sha256 for lora in loras]
                 adapters = [(loaded.loras.ensure(lora.sha256, lora.path, protect=protect).name, lora.strength)
@@ -306,6 +319,35 @@ class WorkerCore:
         """Ray-less entry point: pick (load) the checkpoint, then `run`."""
         self.validate(request)
         return self.run(self.checkpoint(request.checkpoint_id), request, on_event, cancel)
+
+    # ---- disabled resources ---------------------------------------------------------------------
+    def _drop_disabled(self, loaded: LoadedCheckpoint, resource_id: str | None) -> None:
+        """A request named a disabled LoRA: its adapter and cached file go now, not when LRU says."""
+        if not resource_id:
+            return
+        try:
+            sha256 = self.files.registry.get(resource_id).sha256
+        except Exception:  # noqa: BLE001 - nothing to drop
+            return
+        if sha256 not in self.files.registry.disabled_hashes([sha256]):
+            return  # the same file is enabled under another id
+        with loaded.lock:
+            if loaded.loras.evict(sha256):
+                logger.info("evicted the adapter of disabled resource %s", resource_id)
+        self.cache.evict(sha256)
+
+    def _sweep_disabled(self, loaded: LoadedCheckpoint) -> None:
+        """Under the checkpoint's lock, at most every `blocklist_refresh_s`: adapters whose resources
+        were all disabled since they loaded leave the pipeline (one query over the resident hashes)."""
+        now = time.monotonic()
+        if now - self._swept.get(loaded.checkpoint_id, 0.0) < self.config.blocklist_refresh_s:
+            return
+        self._swept[loaded.checkpoint_id] = now
+        resident = loaded.loras.resident()
+        for sha256 in self.files.registry.disabled_hashes(resident):
+            loaded.loras.evict(sha256)
+            self.cache.evict(sha256)
+            logger.info("evicted the adapter %s: its resources are disabled", sha256[:12])
 
     # ---- scanning -------------------------------------------------------------------------------
     def _timed_scan(self, image: Any) -> tuple[ImageScan, float]:

@@ -41,9 +41,9 @@ sys.path[:] = [str(_HERE.parent), str(_HERE.parent / "tests")] + [
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from genserve.core.db import Database  # noqa: E402
 from safetensors.torch import save  # noqa: E402
 
+from genserve.core.db import Database  # noqa: E402
 from safety.likeness import Fingerprint, LikenessBlocklist  # noqa: E402
 from safety.likeness.fingerprint import DIM  # noqa: E402
 from safety.store import LikenessEntry  # noqa: E402

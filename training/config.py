@@ -68,10 +68,11 @@ class ParamDefaults(_Strict):
     enable_bucket: bool = True
     unet_lr: float = 5e-4
     text_encoder_lr: float = 0.0
-    lr_scheduler: Literal["constant", "cosine", "cosine_with_restarts"] = "cosine_with_restarts"
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
+                          "polynomial"] = "cosine_with_restarts"
     lr_scheduler_num_cycles: int = 3
     lr_warmup_steps: int = 0
-    optimizer: Literal["adamw", "adamw8bit", "prodigy"] = "adamw"
+    optimizer: Literal["adamw", "adamw8bit", "prodigy", "adafactor"] = "adamw"
     network_dim: int = 32
     network_alpha: float = 16.0
     noise_offset: float = 0.1
@@ -91,6 +92,7 @@ class SampleSettings(_Strict):
     count: int = Field(1, ge=0, le=4)
     steps: int = Field(20, ge=1, le=50)
     guidance_scale: float = 7.0
+    max_steps: int = Field(50, ge=1, le=150)  # a user's sample prompt may ask for up to this many (--s)
 
 
 class TrainingLimits(_Strict):

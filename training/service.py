@@ -26,10 +26,12 @@ from safety.levels import NsfwLevel
 from safety.verdict import Action
 from training.deps import TrainingDeps
 from training.intake import MANIFEST_NAME, IntakeReport, run_intake
+from training.kohya_config import MappedConfig, map_options, parse_kohya
 from training.params import check_trigger_words, parse_request, resolve
+from training.sample_prompts import parse_sample_prompts
 from training.ray_jobs import RayJobLauncher
 from training.records import ACTIVE_STATUSES, TrainingNotFound, quote_to_dict, utcnow
-from training.run import DATASET_FILE, object_prefix
+from training.run import DATASET_FILE, epoch_lora_key, epoch_lora_prefix, object_prefix
 from training.table import TERMINAL_STATUSES, Training, TrainingStatus
 from training.trainer import plan_steps
 
@@ -49,6 +51,8 @@ class Submission:
     person: str = ""  # the real person's name, when `real_person`
     params: dict[str, Any] | None = None
     allowed_level: str = "PG13"  # the most mature sample images the user may see
+    config: str | None = None  # a kohya `--config_file` TOML (its values under `params`' explicit ones)
+    dataset_config: str | None = None  # a kohya dataset TOML
 
 
 class TrainingService:
@@ -89,8 +93,10 @@ class TrainingService:
         if sub.family not in limits.base_models:
             raise InvalidRequest(f"unknown model family {sub.family!r}; expected one of {sorted(limits.base_models)}",
                                  code="unknown_family")
-        request = parse_request(sub.params or {})
-        triggers = check_trigger_words(list(sub.trigger_words), limits)
+        mapped = self.map_config(sub)
+        request = parse_request(mapped.params)
+        triggers = check_trigger_words(list(dict.fromkeys([*sub.trigger_words, *mapped.trigger_words])), limits)
+        self._audit_sample_prompts(request.sample_prompts or [], user_id)
         if sub.real_person and not (sub.person or sub.name).strip():
             raise InvalidRequest("a real-person training needs the person's name", code="person_required")
         allowed = NsfwLevel.parse(sub.allowed_level).name
@@ -113,12 +119,34 @@ class TrainingService:
                                     details={"rules": verdict.rule_ids, "findings": verdict.to_dict()["findings"]})
             quote = self.deps.pricing.quote_training(sub.family, total, params.epochs)
             return self._hold_and_create(training_id, user_id, sub, triggers, params, report, staging,
-                                         verdict.to_dict(), allowed, quote, per_epoch, total)
+                                         verdict.to_dict(), allowed, quote, per_epoch, total, mapped.ignored)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
+    @staticmethod
+    def map_config(sub: Submission) -> MappedConfig:
+        """The submission's kohya config files and its `params` (kohya's names or ours; `params` win)."""
+        mapped = parse_kohya(sub.config, sub.dataset_config) if (sub.config or sub.dataset_config) else MappedConfig()
+        explicit = map_options(dict(sub.params or {}))
+        mapped.params.update(explicit.params)
+        mapped.trigger_words.extend(explicit.trigger_words)
+        mapped.ignored.update(explicit.ignored)
+        return mapped
+
+    def _audit_sample_prompts(self, lines: list[str], user_id: str) -> None:
+        """The user's sample prompts (and negatives) pass the prompt audit as any generation prompt does;
+        samples are checked again, image by image, when they are rendered."""
+        for sp in parse_sample_prompts(lines, None, 0):
+            verdict = self.deps.safety.auditor.audit(sp.prompt, sp.negative)
+            if verdict.action is Action.block:
+                self.deps.audit.append("training_sample_prompt", "block", rules=verdict.rule_ids,
+                                       user_id=user_id, details={"prompt": sp.prompt[:200]})
+                raise SafetyBlocked("a sample prompt is not allowed", code="sample_prompt_blocked",
+                                    details={"rules": verdict.rule_ids, "prompt": sp.prompt[:200]})
+
     def _hold_and_create(self, training_id, user_id, sub, triggers, params, report: IntakeReport,  # noqa: ANN001
-                         staging: Path, verdict: dict, allowed: str, quote, per_epoch: int, total: int) -> Training:
+                         staging: Path, verdict: dict, allowed: str, quote, per_epoch: int, total: int,
+                         ignored: dict[str, str] | None = None) -> Training:
         ttl = min(self.deps.settings.training.hold_ttl_s, self.deps.settings.billing.max_hold_ttl_s)
         hold = self.deps.ledger.hold(user_account(user_id), quote.total, key=f"training:{training_id}:hold",
                                      destination=REVENUE_TRAINING, reason=f"training {training_id}",
@@ -138,7 +166,7 @@ class TrainingService:
                 status=(TrainingStatus.review if review else TrainingStatus.queued).value,
                 params=params.model_dump(), trigger_words=triggers, real_person=sub.real_person,
                 dataset_key=f"{object_prefix(training_id)}/{DATASET_FILE}", dataset_images=len(report.images),
-                intake_report=report.to_dict(),
+                intake_report={**report.to_dict(), "config": {"ignored": dict(ignored or {})}},
                 safety={"verdict": verdict, "allowed_level": allowed, "person": (sub.person or sub.name).strip()},
                 quote_total=quote.total, quote=quote_to_dict(quote), hold_id=hold.id, steps_per_epoch=per_epoch,
                 total_steps=total, epochs=params.epochs, step=0, epoch=0, checkpoint_step=0, checkpoint_epoch=0,
@@ -192,9 +220,28 @@ class TrainingService:
     def list(self, *, statuses: Iterable[str] | None = None, user_id: str | None = None) -> list[Training]:
         return self.records.list(statuses=statuses, user_id=user_id)
 
-    def download(self, training_id: str, user_id: str | None) -> tuple[str, BinaryIO]:
-        """(file name, stream) of the finished LoRA; the owner may download it even when it is blocklisted."""
+    def epochs(self, training_id: str, user_id: str | None) -> list[dict[str, Any]]:
+        """The epochs whose LoRA is kept, oldest first: [{epoch, bytes, sha256}]."""
         row = self._owned(training_id, user_id)
+        out = []
+        for key in self.deps.store.list(epoch_lora_prefix(row.id) + "/"):
+            name = key.rsplit("/", 1)[-1]
+            if not (name.startswith("epoch-") and name.endswith(".safetensors")):
+                continue
+            info = self.deps.store.head(key)
+            out.append({"epoch": int(name[6:-12]), "bytes": info.size,
+                        "sha256": (info.metadata or {}).get("sha256")})
+        return sorted(out, key=lambda e: e["epoch"])
+
+    def download(self, training_id: str, user_id: str | None, *, epoch: int | None = None) -> tuple[str, BinaryIO]:
+        """(file name, stream) of the finished LoRA, or of epoch `epoch`'s; the owner may download them
+        even when the LoRA is blocklisted."""
+        row = self._owned(training_id, user_id)
+        if epoch is not None:
+            key = epoch_lora_key(row.id, epoch)
+            if not self.deps.store.exists(key):
+                raise NotFound(f"training {training_id} has no LoRA for epoch {epoch}", code="epoch_not_found")
+            return f"{row.name}-{epoch:06d}.safetensors", self.deps.store.open_read(key)
         if row.status != TrainingStatus.succeeded.value or not row.output_key:
             raise Conflict(f"training {training_id} is {row.status}; there is nothing to download",
                            code="training_not_finished")

@@ -218,13 +218,16 @@ def _one(name: str, value: Any, c: _Collector) -> None:
     c.out.params[target] = value
 
 
-def map_options(options: dict[str, Any], c: _Collector | None = None) -> MappedConfig:
-    """Map a flat dict of options (kohya's names or ours); refuses unsupported ones all at once."""
+def map_options(options: dict[str, Any], c: _Collector | None = None,
+                skip: frozenset[str] = frozenset()) -> MappedConfig:
+    """Map a flat dict of options (kohya's names or ours); refuses unsupported ones all at once.
+    Options named in `skip` (given explicitly elsewhere) are passed over."""
     own = c is None
     c = c or _Collector()
     # unet_lr before learning_rate, so that either order gives kohya's precedence
     for name in sorted(options, key=lambda n: n != "unet_lr"):
-        _one(name, options[name], c)
+        if name not in skip:
+            _one(name, options[name], c)
     if own:
         _raise_if_unsupported(c)
     return c.out
@@ -267,12 +270,22 @@ def _dataset_options(data: dict[str, Any], c: _Collector) -> dict[str, Any]:
     return flat
 
 
-def parse_kohya(config_toml: str | bytes | None = None, dataset_toml: str | bytes | None = None) -> MappedConfig:
-    """A kohya `--config_file` TOML and/or dataset TOML, mapped; every unsupported option refused at once."""
+def parse_kohya(config_toml: str | bytes | None = None, dataset_toml: str | bytes | None = None,
+                skip: frozenset[str] = frozenset()) -> MappedConfig:
+    """A kohya `--config_file` TOML and/or dataset TOML, mapped; every unsupported option refused at once.
+    Options named in `skip` are given explicitly elsewhere (e.g. the prompts of a `sample_prompts` file)."""
     c = _Collector()
     if config_toml:
-        map_options(_flatten_config_file(_load_toml(config_toml, "training config")), c)
+        map_options(_flatten_config_file(_load_toml(config_toml, "training config")), c, skip)
     if dataset_toml:  # after: the dataset config's values win over the training config's, as in kohya
-        map_options(_dataset_options(_load_toml(dataset_toml, "dataset config"), c), c)
+        map_options(_dataset_options(_load_toml(dataset_toml, "dataset config"), c), c, skip)
     _raise_if_unsupported(c)
     return c.out
+
+
+def sample_prompts_file(config_toml: str | bytes) -> str | None:
+    """The `sample_prompts` file a kohya config names (for a client to read and send inline), if any."""
+    value = _flatten_config_file(_load_toml(config_toml, "training config")).get("sample_prompts")
+    if isinstance(value, str) and "\n" not in value and value.strip().lower().endswith((".txt", ".toml")):
+        return value.strip()
+    return None

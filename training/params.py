@@ -175,10 +175,11 @@ def resolve(request: TrainingRequest, family: str, limits: TrainingLimits, num_i
         raise _invalid(f"conv_alpha={merged['conv_alpha']} is out of range (at most {lim.max_network_alpha})",
                        "conv_alpha")
     if merged.get("sample_prompts"):
-        from training.sample_prompts import parse_sample_prompts
+        from training.sample_prompts import parse_line, parse_sample_prompts
 
         parse_sample_prompts(merged["sample_prompts"], limits, merged["resolution"])  # refuses bad lines
-        merged["sample_prompts"] = tuple(p.strip() for p in merged["sample_prompts"] if p.strip())
+        merged["sample_prompts"] = tuple(line.strip() for entry in merged["sample_prompts"]
+                                         for line in str(entry).splitlines() if parse_line(line) is not None)
     check_optimizer(merged["optimizer"])
     return ResolvedParams(family=family, bucket_step=lim.bucket_step, **merged)
 

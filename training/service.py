@@ -26,7 +26,7 @@ from safety.levels import NsfwLevel
 from safety.verdict import Action
 from training.deps import TrainingDeps
 from training.intake import MANIFEST_NAME, IntakeReport, run_intake
-from training.kohya_config import MappedConfig, map_options, parse_kohya
+from training.kohya_config import ALIASES, MappedConfig, map_options, parse_kohya
 from training.params import check_trigger_words, parse_request, resolve
 from training.sample_prompts import parse_sample_prompts
 from training.ray_jobs import RayJobLauncher
@@ -126,8 +126,10 @@ class TrainingService:
     @staticmethod
     def map_config(sub: Submission) -> MappedConfig:
         """The submission's kohya config files and its `params` (kohya's names or ours; `params` win)."""
-        mapped = parse_kohya(sub.config, sub.dataset_config) if (sub.config or sub.dataset_config) else MappedConfig()
         explicit = map_options(dict(sub.params or {}))
+        given = frozenset(sub.params or {}) | frozenset(k for k, v in ALIASES.items() if v in explicit.params)
+        mapped = (parse_kohya(sub.config, sub.dataset_config, skip=given) if (sub.config or sub.dataset_config)
+                  else MappedConfig())
         mapped.params.update(explicit.params)
         mapped.trigger_words.extend(explicit.trigger_words)
         mapped.ignored.update(explicit.ignored)

@@ -146,10 +146,9 @@ def test_kohya_sample_prompt_lines_parse_and_are_checked() -> None:
 def test_locon_and_dora_train_export_with_kohya_keys_and_load_in_diffusers(tmp_path: Path, tiny_models,
                                                                           network: str) -> None:
     from safetensors import safe_open
-
-    from genserve.engine.loading import load_pipeline
     from safetensors.torch import load_file
 
+    from genserve.engine.loading import load_pipeline
     from training.export import ExportInfo, load_kohya_with_peft, verify_export, write_lora
 
     dataset = toy_dataset(tmp_path, n=2)

@@ -119,7 +119,7 @@ def test_unsupported_and_unsafe_options_are_refused_by_name() -> None:
 
 
 def test_a_kohya_config_reaches_the_trainer_with_sample_prompts_and_epoch_downloads(tmp_path: Path,
-                                                                                   make_service) -> None:
+                                                                                   make_service) -> None:  # noqa: F811 - the imported fixture
     service = make_service()
     deps = service.deps
     config = KOHYA_CONFIG.replace("network_args = [\"conv_dim=2\", \"conv_alpha=1\"]\n", "")
@@ -155,7 +155,7 @@ def test_a_kohya_config_reaches_the_trainer_with_sample_prompts_and_epoch_downlo
     assert err.value.code == "epoch_not_found"
 
 
-def test_sample_prompts_are_audited_at_submit(tmp_path: Path, make_service) -> None:
+def test_sample_prompts_are_audited_at_submit(tmp_path: Path, make_service) -> None:  # noqa: F811 - the imported fixture
     service = make_service()
     with pytest.raises(SafetyBlocked) as err:
         service.submit("alice", toy_zip(tmp_path / "b.zip"), Submission(

@@ -124,6 +124,8 @@ def build_router(service: TrainingService, auth_dependency: Callable[..., Any],
         params: Annotated[str, Form(description="JSON object of training parameters (kohya's names accepted)")] = "{}",
         config: Annotated[str, Form(description="a kohya --config_file TOML (params override it)")] = "",
         dataset_config: Annotated[str, Form(description="a kohya dataset TOML")] = "",
+        captions: Annotated[str, Form(description="JSON object: file name in the zip -> caption (edits)")] = "",
+        auto_caption: Annotated[bool, Form(description="caption images that have none with the captioner")] = False,
     ) -> TrainingView:
         """Upload a dataset and start a training (or queue it for review when the dataset is flagged)."""
         try:
@@ -132,16 +134,36 @@ def build_router(service: TrainingService, auth_dependency: Callable[..., Any],
             raise InvalidRequest(f"params is not JSON: {exc}", code="invalid_training_params") from exc
         if not isinstance(parsed, dict):
             raise InvalidRequest("params must be a JSON object", code="invalid_training_params")
+        try:
+            edits = json.loads(captions) if captions else None
+        except json.JSONDecodeError as exc:
+            raise InvalidRequest(f"captions is not JSON: {exc}", code="invalid_caption") from exc
+        if edits is not None and not (isinstance(edits, dict) and all(isinstance(v, str) for v in edits.values())):
+            raise InvalidRequest("captions must be a JSON object of file name -> caption", code="invalid_caption")
         upload = service.save_upload(dataset.file)
         try:
             row = service.submit(who.user_id, upload, Submission(
                 family=family, real_person=real_person, name=name,
                 trigger_words=tuple(w for w in trigger_words.split(",") if w.strip()), person=person,
                 params=parsed, allowed_level=_allowed_level(who), config=config or None,
-                dataset_config=dataset_config or None))
+                dataset_config=dataset_config or None, captions=edits, auto_caption=auto_caption))
         finally:
             upload.unlink(missing_ok=True)
         return TrainingView.of(row)
+
+    @router.post("/trainings/captions", tags=["trainings"])
+    def propose_captions(
+        *,
+        who: Any = caller,
+        dataset: Annotated[UploadFile, File(description="the zip you mean to train on")],
+        overwrite: Annotated[bool, Form(description="caption every image, not only those without one")] = False,
+    ) -> dict[str, Any]:
+        """Proposed captions for review and editing before `POST /trainings` (send the edits as `captions`)."""
+        upload = service.save_upload(dataset.file)
+        try:
+            return service.propose_captions(who.user_id, upload, overwrite=overwrite)
+        finally:
+            upload.unlink(missing_ok=True)
 
     @router.get("/trainings/{training_id}", response_model=TrainingView, tags=["trainings"])
     def get_training(*, who: Any = caller, training_id: TrainingId) -> TrainingView:

@@ -95,12 +95,37 @@ class SampleSettings(_Strict):
     max_steps: int = Field(50, ge=1, le=150)  # a user's sample prompt may ask for up to this many (--s)
 
 
+class CaptioningSettings(_Strict):
+    """Auto-captioning (training/captioning.py). Model files are operator-provided paths (relative ones
+    under the config folder); `kind: none` turns it off."""
+
+    kind: Literal["none", "wd_tagger", "vlm"] = "none"
+    model_path: str | None = None  # wd_tagger: the .onnx model
+    tags_csv: str | None = None  # wd_tagger: its selected_tags.csv
+    general_threshold: float = Field(0.35, gt=0, lt=1)
+    character_threshold: float = Field(0.85, gt=0, lt=1)
+    max_tags: int = Field(40, ge=1, le=200)
+    replace_underscores: bool = True
+    exclude_tags: list[str] = []
+    # tagger tags that are a minor signal for the dataset policy (matched with '_' or ' ')
+    minor_tags: list[str] = ["loli", "shota", "child", "toddler", "baby", "aged_down", "kindergarten_uniform",
+                             "elementary_school_student"]
+    # tagger ratings that make an image mature for the dataset policy
+    mature_ratings: list[str] = ["questionable", "explicit"]
+    vlm_backend: str | None = None  # vlm: the name a backend was registered under
+    vlm_options: dict[str, str] = {}
+    vlm_prompt: str = "Describe this image in one sentence for a training caption."
+    max_caption_chars: int = Field(1000, ge=16, le=16384)
+    max_images: int = Field(1000, ge=1)  # per captioning request
+
+
 class TrainingLimits(_Strict):
     intake: IntakeLimits = IntakeLimits()
     base_models: dict[str, BaseModelSpec]
     limits: ParamLimits = ParamLimits()
     defaults: ParamDefaults = ParamDefaults()
     samples: SampleSettings = SampleSettings()
+    captioning: CaptioningSettings = CaptioningSettings()
 
     @classmethod
     def load(cls, path: str | Path) -> TrainingLimits:

@@ -14,9 +14,10 @@ Files are parsed with `tomllib` (the standard library); nothing in them is execu
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass, field
 from typing import Any
+
+import tomllib
 
 from genserve.core.errors import InvalidRequest
 from training.params import TrainingRequest
@@ -71,7 +72,7 @@ FIXED = {
     "save_model_as": {"safetensors"},
     "gradient_accumulation_steps": {1},
     "clip_skip": {1},
-    "max_grad_norm": {1, 1.0},
+    "max_grad_norm": {1},
     "network_module": {"networks.lora", "lycoris.kohya"},
     "caption_extension": {".txt", ".caption", "txt", "caption"},
     "v2": {False},

@@ -25,8 +25,8 @@ from safetensors.torch import load_file
 
 from genserve.core.config import load_settings
 from genserve.core.errors import GenserveError
-from genserve.core.storage.base import sha256_file
 from genserve.core.log import configure_logging, log_context
+from genserve.core.storage.base import sha256_file
 from genserve.resources.cache import ResourceCache
 from genserve.resources.catalog import load_model_catalog
 from safety.embeddings import SafetyEmbeddings

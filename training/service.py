@@ -8,6 +8,7 @@ nothing and leaves nothing behind; anything that fails after it releases the hol
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import shutil
 import tempfile
@@ -15,23 +16,26 @@ import threading
 import uuid
 import zipfile
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from PIL import Image
+
 from genserve.billing.ledger import REVENUE_TRAINING, user_account
 from genserve.core.errors import Conflict, InvalidRequest, NotFound, SafetyBlocked
-from safety.dataset_policy import DatasetPolicy
+from safety.dataset_policy import DatasetPolicy, TagSignal
 from safety.levels import NsfwLevel
 from safety.verdict import Action
+from training.captioning import Caption, Captioner, CaptionerUnavailable, CaptionProposal, build_captioner
 from training.deps import TrainingDeps
-from training.intake import MANIFEST_NAME, IntakeReport, run_intake
+from training.intake import MANIFEST_NAME, IntakeReport, KeptImage, run_intake
 from training.kohya_config import ALIASES, MappedConfig, map_options, parse_kohya
 from training.params import check_trigger_words, parse_request, resolve
-from training.sample_prompts import parse_sample_prompts
 from training.ray_jobs import RayJobLauncher
 from training.records import ACTIVE_STATUSES, TrainingNotFound, quote_to_dict, utcnow
 from training.run import DATASET_FILE, epoch_lora_key, epoch_lora_prefix, object_prefix
+from training.sample_prompts import parse_sample_prompts
 from training.table import TERMINAL_STATUSES, Training, TrainingStatus
 from training.trainer import plan_steps
 
@@ -53,6 +57,8 @@ class Submission:
     allowed_level: str = "PG13"  # the most mature sample images the user may see
     config: str | None = None  # a kohya `--config_file` TOML (its values under `params`' explicit ones)
     dataset_config: str | None = None  # a kohya dataset TOML
+    captions: dict[str, str] | None = None  # upload file name -> caption: the user's edits, over the zip's
+    auto_caption: bool = False  # caption the images that still have none with the configured captioner
 
 
 class TrainingService:
@@ -63,6 +69,8 @@ class TrainingService:
         self.dataset_policy = DatasetPolicy(deps.safety.auditor, deps.scanner)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._captioner: Captioner | None = None
+        self._captioner_lock = threading.Lock()
 
     @classmethod
     def from_settings(cls, settings, db=None) -> TrainingService:  # noqa: ANN001
@@ -104,12 +112,13 @@ class TrainingService:
         staging = Path(tempfile.mkdtemp(dir=self._scratch(), prefix=f"{training_id}."))
         try:
             report = run_intake(dataset, staging, limits.intake)
+            report, signals = self._apply_captions(report, staging, sub)
             params = resolve(request, sub.family, limits, len(report.images), default_seed=uuid.uuid4().int % 2**31)
             per_epoch, total = plan_steps(report.images, params)
             if total > limits.limits.max_steps:
                 raise InvalidRequest(f"this run needs {total} steps; at most {limits.limits.max_steps} are allowed",
                                      code="invalid_training_params", details={"field": "epochs", "steps": total})
-            verdict = self.dataset_policy.check(staging, report, triggers, sub.real_person)
+            verdict = self.dataset_policy.check(staging, report, triggers, sub.real_person, signals)
             self.deps.audit.append("training_dataset", verdict.action.value, rules=verdict.rule_ids,
                                    job_id=training_id, user_id=user_id,
                                    details={"images": len(report.images), "mature": verdict.mature,
@@ -120,6 +129,96 @@ class TrainingService:
             quote = self.deps.pricing.quote_training(sub.family, total, params.epochs)
             return self._hold_and_create(training_id, user_id, sub, triggers, params, report, staging,
                                          verdict.to_dict(), allowed, quote, per_epoch, total, mapped.ignored)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    # ------------------------------------------------------------------------------------ captions
+
+    def captioner(self) -> Captioner:
+        """The configured captioner, built once; `captioner_unavailable` when captioning is off."""
+        with self._captioner_lock:
+            if self._captioner is None:
+                built = build_captioner(self.deps.limits.captioning, self.deps.settings.config_dir)
+                if built is None:
+                    raise CaptionerUnavailable("auto-captioning is not configured on this service")
+                self._captioner = built
+            return self._captioner
+
+    def _caption_images(self, staging: Path, images: list[KeptImage]) -> list[Caption]:
+        captioner = self.captioner()
+        out = []
+        for image in images:
+            with Image.open(staging / image.file) as img:
+                out.extend(captioner.caption([img.convert("RGB")]))
+        return out
+
+    def _tag_signal(self, image: KeptImage, caption: Caption) -> TagSignal:
+        mature = caption.rating is not None and caption.rating in self.deps.limits.captioning.mature_ratings
+        return TagSignal(image.name, caption.rating, mature, caption.minor_tags)
+
+    def _apply_captions(self, report: IntakeReport, staging: Path,
+                        sub: Submission) -> tuple[IntakeReport, list[TagSignal]]:
+        """The user's edited captions over the zip's, then auto-captions for images still without one
+        (trigger words are prepended at training time, as kohya does); the manifest is rewritten."""
+        edits = dict(sub.captions or {})
+        if not edits and not sub.auto_caption:
+            return report, []
+        names = {image.name for image in report.images}
+        unknown = sorted(set(edits) - names)
+        if unknown:
+            raise InvalidRequest(f"captions for files not in the dataset: {unknown[:5]}", code="unknown_caption_file",
+                                 details={"names": unknown})
+        limit = self.deps.limits.intake.max_caption_bytes
+        for name, text in edits.items():
+            if not isinstance(text, str) or len(text.encode()) > limit:
+                raise InvalidRequest(f"the caption of {name} is not text of at most {limit} bytes",
+                                     code="invalid_caption", details={"name": name})
+        images = [replace(i, caption=" ".join(edits[i.name].split()) or None) if i.name in edits else i
+                  for i in report.images]
+        signals: list[TagSignal] = []
+        if sub.auto_caption:
+            missing = [i for i in images if not i.caption]
+            captions = dict(zip([i.name for i in missing], self._caption_images(staging, missing), strict=True))
+            signals = [self._tag_signal(i, captions[i.name]) for i in missing]
+            images = [replace(i, caption=captions[i.name].text or None) if i.name in captions else i for i in images]
+            if missing:
+                report.warnings.setdefault("auto_captioned", []).extend(i.name for i in missing)
+        report.images = images
+        report.warnings["uncaptioned"] = [i.name for i in images if not i.caption]
+        if not report.warnings["uncaptioned"]:
+            del report.warnings["uncaptioned"]
+        (staging / MANIFEST_NAME).write_text(json.dumps(report.to_dict(), indent=1, sort_keys=True))
+        return report, signals
+
+    def propose_captions(self, user_id: str, dataset: Path, *, overwrite: bool = False) -> dict[str, Any]:
+        """Captions for review before a submit: the upload's own, and the captioner's for images without
+        one (every image with `overwrite`), each with the prompt audit's verdict and the tagger's
+        rating and age-related tags. Nothing is stored or charged; the user edits and submits them as
+        `captions` (or in the zip)."""
+        captioner = self.captioner()
+        staging = Path(tempfile.mkdtemp(dir=self._scratch(), prefix="captions."))
+        try:
+            report = run_intake(dataset, staging, self.deps.limits.intake)
+            if len(report.images) > self.deps.limits.captioning.max_images:
+                raise InvalidRequest(f"at most {self.deps.limits.captioning.max_images} images per captioning request",
+                                     code="dataset_too_large")
+            todo = [i for i in report.images if overwrite or not i.caption]
+            generated = dict(zip([i.name for i in todo], self._caption_images(staging, todo), strict=True))
+            proposals = []
+            for image in report.images:
+                made = generated.get(image.name)
+                text = made.text if made else (image.caption or "")
+                verdict = self.deps.safety.auditor.audit(text) if text else None
+                proposals.append(CaptionProposal(
+                    image.name, text, made.source if made else "user", made.tags if made else (),
+                    made.rating if made else None, made.minor_tags if made else (),
+                    {"action": verdict.action.value, "rules": verdict.rule_ids} if verdict else
+                    {"action": "allow", "rules": []}).to_dict())
+            self.deps.audit.append("training_captions", "propose", user_id=user_id,
+                                   details={"images": len(proposals), "generated": len(generated),
+                                            "captioner": captioner.kind})
+            return {"captioner": captioner.kind, "images": proposals,
+                    "skipped": [{"name": s.name, "reason": s.reason} for s in report.skipped]}
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 

@@ -37,8 +37,8 @@ from training.objective import denoising_loss, draw_noise, draw_timesteps
 from training.optimizers import build_lr_scheduler, build_optimizer, param_groups
 from training.params import ResolvedParams
 from training.previews import preview_prompts, render_previews
-from training.sample_prompts import parse_sample_prompts
 from training.rng_state import capture_rng_state, restore_rng_state
+from training.sample_prompts import parse_sample_prompts
 
 log = logging.getLogger(__name__)
 

@@ -41,6 +41,16 @@ def _params(pairs: list[str], named: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _caption_edits(path: Path) -> dict[str, str]:
+    """`train captions --json` output (or a plain {name: caption} object) -> {name: caption}."""
+    import json
+
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if isinstance(data, dict) and "images" in data:
+        return {i["name"]: i["caption"] for i in data["images"]}
+    return {str(k): str(v) for k, v in data.items()}
+
+
 def _summary(view: dict[str, Any]) -> str:
     p = view["progress"]
     line = f"training {view['id']}: {view['status']} — step {p['step']}/{p['total_steps']}, epoch {p['epoch']}/{p['epochs']}"
@@ -110,6 +120,9 @@ def register(app: typer.Typer) -> None:
                                                    dir_okay=False, help="kohya sample-prompt file"),
         seed: int | None = typer.Option(None, "--seed"),
         param: list[str] = typer.Option([], "--param", help="Any training parameter as KEY=VALUE (repeatable)"),
+        auto_caption: bool = typer.Option(False, "--auto-caption", help="Caption images without one (tagger/VLM)"),
+        captions: Path | None = typer.Option(None, "--captions", exists=True, readable=True, dir_okay=False,
+                                             help="JSON from `train captions` (edited): file name -> caption"),
         wait: bool = typer.Option(False, "--wait", help="Block with a progress bar until the job ends"),
         poll: float = typer.Option(1.0, "--poll", help="Seconds between status polls with --wait"),
         user: str | None = UserOption,
@@ -133,7 +146,8 @@ def register(app: typer.Typer) -> None:
         with _client(ctx, user, url) as client:
             view = client.submit(dataset, family=family, real_person=real_person, name=name,
                                  trigger_words=list(trigger), person=person, params=params, config=config_text,
-                                 dataset_config=dataset_config.read_text(encoding="utf-8") if dataset_config else None)
+                                 dataset_config=dataset_config.read_text(encoding="utf-8") if dataset_config else None,
+                                 captions=_caption_edits(captions) if captions else None, auto_caption=auto_caption)
             if not as_json:
                 report = view["dataset"]["report"]
                 console.print(f"training {view['id']} {view['status']}: {view['dataset']['images']} images kept, "
@@ -186,3 +200,14 @@ def register(app: typer.Typer) -> None:
             rows = client.epochs(training_id)
         emit(rows, as_json, "\n".join(f"epoch {r['epoch']}: {r['bytes']} bytes, sha256 {r.get('sha256')}"
                                        for r in rows) or "no epoch LoRA yet")
+
+    @train.command("captions")
+    @handle_errors
+    def captions_(ctx: typer.Context,
+                  dataset: Path = typer.Argument(..., exists=True, readable=True, help="Zip of images"),
+                  overwrite: bool = typer.Option(False, "--overwrite", help="Caption every image, not only uncaptioned"),
+                  user: str | None = UserOption, url: str | None = UrlOption, as_json: bool = JsonOption) -> None:
+        """Propose captions (auto-captioner) to edit, then submit with `--captions FILE`."""
+        with _client(ctx, user, url) as client:
+            result = client.propose_captions(dataset, overwrite=overwrite)
+        emit(result, as_json, "\n".join(f"{i['name']} [{i['source']}]: {i['caption']}" for i in result["images"]))

@@ -11,7 +11,7 @@ from test_training_service import SMALL, make_service, one_thread  # noqa: F401 
 from training_support import toy_zip
 
 from genserve.core.errors import InvalidRequest, NotFound, SafetyBlocked
-from training.kohya_config import map_options, parse_kohya
+from training.kohya_config import map_options, parse_ai_toolkit, parse_config, parse_kohya
 from training.run import JobRunner
 from training.service import Submission
 
@@ -96,19 +96,20 @@ def test_kohya_names_and_values() -> None:
     assert map_options({"resolution": "512,512"}).params == {"resolution": 512}
     assert map_options({"epochs": 3, "max_train_epochs": 3}).params == {"epochs": 3}  # ours and kohya's
     assert map_options({"network_args": ["dora_wd=True"]}).params == {"network_type": "dora"}
+    assert map_options({"max_train_steps": 100}).params == {"max_train_steps": 100}
     assert map_options({"sample_prompts": "a cat --s 4\na dog"}).params == {"sample_prompts": ["a cat --s 4", "a dog"]}
 
 
 def test_unsupported_and_unsafe_options_are_refused_by_name() -> None:
     with pytest.raises(InvalidRequest) as err:
-        map_options({"max_train_steps": 100, "save_model_as": "ckpt", "resolution": "512,768", "v2": True,
+        map_options({"network_weights": "old.safetensors", "save_model_as": "ckpt", "resolution": "512,768", "v2": True,
                      "optimizer_type": "DAdaptation", "network_args": ["algo=lokr"], "network_dim": 8,
                      "sample_prompts": "prompts.txt", "gradient_accumulation_steps": 4, "bogus": 1})
     assert err.value.code == "unsupported_training_options"
     assert err.value.details["options"] == sorted([
-        "max_train_steps", "save_model_as", "resolution", "v2", "optimizer_type", "network_args:algo",
+        "network_weights", "save_model_as", "resolution", "v2", "optimizer_type", "network_args:algo",
         "sample_prompts", "gradient_accumulation_steps", "bogus"])
-    assert "epochs" in err.value.details["reasons"]["max_train_steps"]
+    assert err.value.details["reasons"]["save_model_as"] == "only ['safetensors'] is supported"
     with pytest.raises(InvalidRequest) as err:
         parse_kohya(dataset_toml=DATASET_CONFIG.replace("num_repeats = 1", "num_repeats = 1\n  [[datasets.subsets]]\n  "
                                            "image_dir = 'b'"))
@@ -166,3 +167,82 @@ def test_sample_prompts_are_audited_at_submit(tmp_path: Path, make_service) -> N
             "sd1", real_person=False, params={**SMALL, "sample_prompts": ["a cat --ss ddim"]}))
     assert err.value.code == "invalid_sample_prompt"
     assert service.list() == []
+
+
+# ai-toolkit's config/examples/train_lora_sd15.yaml-style job, adapted to the tiny model
+AI_TOOLKIT = """
+job: extension
+config:
+  name: "my_first_lora_v1"
+  process:
+    - type: 'sd_trainer'
+      training_folder: "output"
+      device: cuda:0
+      trigger_word: "p3r5on"
+      network:
+        type: "lora"
+        linear: 4
+        linear_alpha: 2
+      save:
+        dtype: float16
+        save_every: 250
+        max_step_saves_to_keep: 4
+      datasets:
+        - folder_path: "/path/to/images/folder"
+          caption_ext: "txt"
+          caption_dropout_rate: 0.05
+          shuffle_tokens: false
+          cache_latents_to_disk: true
+          resolution: [ 64 ]
+      train:
+        batch_size: 2
+        steps: 5
+        gradient_accumulation_steps: 1
+        train_unet: true
+        train_text_encoder: false
+        gradient_checkpointing: false
+        noise_scheduler: "ddpm"
+        optimizer: "adamw8bit"
+        lr: 1e-4
+        dtype: bf16
+      model:
+        name_or_path: "runwayml/stable-diffusion-v1-5"
+      sample:
+        sampler: "ddpm"
+        sample_every: 250
+        width: 64
+        height: 64
+        prompts:
+          - "[trigger] holding a sign that says 'I LOVE PROMPTS!'"
+        neg: "blurry"
+        seed: 42
+        walk_seed: true
+        guidance_scale: 7
+        sample_steps: 4
+meta:
+  name: "[name]"
+  version: '1.0'
+"""
+
+
+def test_ai_toolkit_yaml_maps_and_steps_become_whole_epochs(tmp_path: Path, make_service) -> None:  # noqa: F811
+    mapped = parse_config(AI_TOOLKIT)
+    assert mapped.params == {
+        "network_dim": 4, "network_alpha": 2, "caption_dropout_rate": 0.05, "shuffle_caption": False,
+        "resolution": 64, "batch_size": 2, "max_train_steps": 5, "text_encoder_lr": 0.0,
+        "gradient_checkpointing": False, "optimizer": "adamw8bit", "unet_lr": 1e-4,
+        "sample_prompts": ["[trigger] holding a sign that says 'I LOVE PROMPTS!' --n blurry --w 64 --h 64 --d 42 "
+                           "--l 7 --s 4"],
+    }
+    assert mapped.trigger_words == ["p3r5on"]
+    assert {"save.save_every", "training_folder", "model.name_or_path", "datasets.folder_path"} <= set(mapped.ignored)
+    with pytest.raises(InvalidRequest) as err:
+        parse_ai_toolkit(AI_TOOLKIT.replace('noise_scheduler: "ddpm"', 'noise_scheduler: "flowmatch"')
+                         .replace("lr: 1e-4", "lr: 1e-4\n        ema_config: {use_ema: true}"))
+    assert err.value.details["options"] == ["train.ema_config.use_ema", "train.noise_scheduler"]
+
+    service = make_service()
+    row = service.submit("alice", toy_zip(tmp_path / "a.zip"), Submission(
+        "sd1", real_person=False, config=AI_TOOLKIT, params={"optimizer": "adamw", "seed": 1, "repeats": 1}))
+    assert (row.steps_per_epoch, row.epochs, row.total_steps) == (2, 3, 6)  # 5 steps -> 3 whole epochs
+    assert row.trigger_words == ["p3r5on"] and row.params["network_dim"] == 4

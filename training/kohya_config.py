@@ -9,11 +9,13 @@ Every option a kohya user may send falls in exactly one of three groups:
 - anything else, or a mapped option with a value the service does not support: refused with code
   `unsupported_training_options` and the list of every such option, never silently dropped.
 
-Files are parsed with `tomllib` (the standard library); nothing in them is executed or fetched.
+`max_train_steps` (and ai-toolkit's `steps`) becomes the whole number of epochs that covers it.
+Files are parsed with `tomllib` / `yaml.safe_load` (the standard library); nothing in them is executed or fetched.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -192,7 +194,7 @@ def _one(name: str, value: Any, c: _Collector) -> None:
         return
     target = ALIASES.get(name, name)
     if target not in OUR_NAMES:
-        c.refuse(name, "train by epochs (max_train_epochs)" if name == "max_train_steps" else "not a supported option")
+        c.refuse(name, "not a supported option")
         return
     try:
         if target == "optimizer":
@@ -290,3 +292,142 @@ def sample_prompts_file(config_toml: str | bytes) -> str | None:
     if isinstance(value, str) and "\n" not in value and value.strip().lower().endswith((".txt", ".toml")):
         return value.strip()
     return None
+
+
+# ------------------------------------------------------------------------------------ ai-toolkit
+
+# ai-toolkit section.key -> kohya/our option name (then mapped as above)
+_AI_TOOLKIT = {
+    "network.linear": "network_dim",
+    "network.linear_alpha": "network_alpha",
+    "network.conv": "conv_dim",
+    "network.conv_alpha": "conv_alpha",
+    "train.batch_size": "batch_size",
+    "train.steps": "max_train_steps",
+    "train.lr": "learning_rate",
+    "train.optimizer": "optimizer_type",
+    "train.lr_scheduler": "lr_scheduler",
+    "train.gradient_checkpointing": "gradient_checkpointing",
+    "train.gradient_accumulation_steps": "gradient_accumulation_steps",
+    "train.min_snr_gamma": "min_snr_gamma",
+    "train.noise_offset": "noise_offset",
+    "train.seed": "seed",
+    "datasets.caption_dropout_rate": "caption_dropout_rate",
+    "datasets.shuffle_tokens": "shuffle_caption",
+    "datasets.keep_tokens": "keep_tokens",
+    "datasets.num_repeats": "num_repeats",
+}
+_AI_TOOLKIT_MANAGED = {
+    "training_folder", "device", "save.dtype", "save.max_step_saves_to_keep", "datasets.folder_path",
+    "datasets.caption_ext", "datasets.cache_latents_to_disk", "datasets.cache_latents", "model.name_or_path",
+    "sample.sampler", "sample.walk_seed", "train.skip_first_sample", "train.disable_sampling", "train.train_unet",
+    "train.noise_scheduler", "logging.log_every", "logging.use_wandb", "performance_log_every", "train.dtype",
+}
+_AI_TOOLKIT_FIXED = {"train.train_unet": {True}, "train.noise_scheduler": {"ddpm"}, "model.is_flux": {False},
+                     "model.is_v2": {False}, "model.is_v3": {False}, "model.is_xl": {True, False},
+                     "model.quantize": {False}, "save.push_to_hub": {False}, "train.ema_config.use_ema": {False},
+                     "network.type": {"lora", "locon", "lycoris"}}
+_YAML_FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
+_STEPS_NOTE = "saves and samples follow epochs (save_every_n_epochs / sample_every_n_epochs)"
+
+
+def _sample_lines(sample: dict[str, Any]) -> list[str]:
+    """ai-toolkit's `sample:` block as kohya sample-prompt lines (its shared settings on each line)."""
+    shared = []
+    for key, flag in (("neg", "n"), ("width", "w"), ("height", "h"), ("seed", "d"), ("guidance_scale", "l"),
+                      ("sample_steps", "s")):
+        if sample.get(key) not in (None, ""):
+            shared.append(f"--{flag} {sample[key]}")
+    return [" ".join([str(p), *shared]) for p in sample.get("prompts") or []]
+
+
+def parse_ai_toolkit(text: str | bytes) -> MappedConfig:
+    """An ai-toolkit job YAML (`config.process[0]` of type `sd_trainer`), mapped like a kohya config."""
+    import yaml
+
+    raw = text.encode() if isinstance(text, str) else text
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise InvalidRequest(f"the config is larger than {MAX_CONFIG_BYTES} bytes", code="invalid_training_config")
+    try:
+        data = yaml.safe_load(raw.decode("utf-8"))
+    except (UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise InvalidRequest(f"the config is not valid YAML: {exc}", code="invalid_training_config") from exc
+    processes = ((data or {}).get("config") or {}).get("process") if isinstance(data, dict) else None
+    if not isinstance(processes, list) or len(processes) != 1 or not isinstance(processes[0], dict):
+        raise InvalidRequest("an ai-toolkit config needs exactly one entry under config.process",
+                             code="invalid_training_config")
+    c = _Collector()
+    process = dict(processes[0])
+    if process.pop("type", None) != "sd_trainer":
+        c.refuse("type", "only the sd_trainer process is supported")
+    options: dict[str, Any] = {}
+    if trigger := process.pop("trigger_word", None):
+        c.out.trigger_words.append(str(trigger))
+    datasets = process.pop("datasets", None) or []
+    if len(datasets) > 1:
+        c.refuse("datasets", "one dataset per job (the uploaded zip)")
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict) and prefix not in ("sample",):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        elif isinstance(value, str) and _YAML_FLOAT.match(value.strip()):
+            flat[prefix] = float(value)  # YAML 1.1 reads `1e-4` as a string
+        else:
+            flat[prefix] = value
+
+    walk("", process)
+    for key, value in (datasets[0] if datasets else {}).items():
+        flat[f"datasets.{key}"] = value
+    for key, value in flat.items():
+        if key in _AI_TOOLKIT_FIXED and not _allowed_value(value, _AI_TOOLKIT_FIXED[key]):
+            c.refuse(key, f"only {sorted(map(str, _AI_TOOLKIT_FIXED[key]))} is supported")
+        elif key == "sample":
+            options["sample_prompts"] = _sample_lines(value or {})
+            if (value or {}).get("sample_every") is not None:
+                c.out.ignored["sample.sample_every"] = _STEPS_NOTE
+        elif key == "save.save_every":
+            c.out.ignored[key] = _STEPS_NOTE
+        elif key == "network.type":
+            if str(value).lower() in ("locon", "lycoris"):
+                options["network_type"] = "locon"
+        elif key == "datasets.resolution":
+            options["resolution"] = value if not isinstance(value, list) or len(value) != 1 else value[0]
+        elif key == "train.train_text_encoder":
+            if not value:
+                options["network_train_unet_only"] = True
+            else:
+                options["text_encoder_lr"] = (flat.get("train.lr") or 1e-4)
+        elif key in _AI_TOOLKIT:
+            options[_AI_TOOLKIT[key]] = value
+        elif key in _AI_TOOLKIT_MANAGED or key.startswith(("model.", "logging.", "train.ema_config.")):
+            if key not in _AI_TOOLKIT_FIXED:
+                c.out.ignored[key] = "decided by the service"
+        else:
+            c.refuse(key, "not a supported option")
+    map_options(options, c)
+    _raise_if_unsupported(c)
+    return c.out
+
+
+def parse_config(config: str | bytes | None, dataset_config: str | bytes | None = None,
+                 skip: frozenset[str] = frozenset()) -> MappedConfig:
+    """A kohya TOML (with its dataset TOML) or an ai-toolkit YAML, told apart by their syntax."""
+    if config:
+        raw = config.decode("utf-8", "replace") if isinstance(config, bytes) else config
+        try:
+            tomllib.loads(raw)
+        except tomllib.TOMLDecodeError:
+            import yaml
+
+            try:
+                data = yaml.safe_load(raw)
+            except yaml.YAMLError:
+                data = None
+            if isinstance(data, dict) and "config" in data:
+                if dataset_config:
+                    raise InvalidRequest("an ai-toolkit config carries its own datasets; send no dataset_config",
+                                         code="invalid_training_config") from None
+                return parse_ai_toolkit(raw)
+    return parse_kohya(config, dataset_config, skip)

@@ -35,6 +35,9 @@ class TrainingRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     epochs: int | None = Field(None, ge=1)
+    # kohya's max_train_steps / ai-toolkit's steps: whole epochs covering at least this many steps
+    # (when `epochs` is not given; as in kohya, epochs win)
+    max_train_steps: int | None = Field(None, ge=1)
     repeats: int | None = Field(None, ge=1)
     batch_size: int | None = Field(None, ge=1)
     resolution: int | None = Field(None, ge=1)
@@ -141,7 +144,7 @@ def resolve(request: TrainingRequest, family: str, limits: TrainingLimits, num_i
         raise InvalidRequest(f"unknown model family {family!r}; expected one of {sorted(limits.base_models)}",
                              code="unknown_family")
     d, lim = limits.defaults, limits.limits
-    values = {k: v for k, v in request.model_dump().items() if v is not None}
+    values = {k: v for k, v in request.model_dump(exclude={"max_train_steps"}).items() if v is not None}
     merged = {**d.model_dump(exclude={"target_images_per_epoch"}), **values}
     merged.setdefault("resolution", limits.base_models[family].resolution)
     merged.setdefault("repeats", min(max(math.ceil(d.target_images_per_epoch / max(num_images, 1)), 1), lim.max_repeats))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import math
 import shutil
 import tempfile
 import threading
@@ -30,7 +31,7 @@ from safety.verdict import Action
 from training.captioning import Caption, Captioner, CaptionerUnavailable, CaptionProposal, build_captioner
 from training.deps import TrainingDeps
 from training.intake import MANIFEST_NAME, IntakeReport, KeptImage, run_intake
-from training.kohya_config import ALIASES, MappedConfig, map_options, parse_kohya
+from training.kohya_config import ALIASES, MappedConfig, map_options, parse_config
 from training.params import check_trigger_words, parse_request, resolve
 from training.ray_jobs import RayJobLauncher
 from training.records import ACTIVE_STATUSES, TrainingNotFound, quote_to_dict, utcnow
@@ -113,8 +114,14 @@ class TrainingService:
         try:
             report = run_intake(dataset, staging, limits.intake)
             report, signals = self._apply_captions(report, staging, sub)
-            params = resolve(request, sub.family, limits, len(report.images), default_seed=uuid.uuid4().int % 2**31)
+            seed = uuid.uuid4().int % 2**31
+            params = resolve(request, sub.family, limits, len(report.images), default_seed=seed)
             per_epoch, total = plan_steps(report.images, params)
+            if request.max_train_steps and request.epochs is None:  # whole epochs covering the steps asked
+                epochs = max(math.ceil(request.max_train_steps / max(per_epoch, 1)), 1)
+                params = resolve(request.model_copy(update={"epochs": epochs}), sub.family, limits,
+                                 len(report.images), default_seed=seed)
+                per_epoch, total = plan_steps(report.images, params)
             if total > limits.limits.max_steps:
                 raise InvalidRequest(f"this run needs {total} steps; at most {limits.limits.max_steps} are allowed",
                                      code="invalid_training_params", details={"field": "epochs", "steps": total})
@@ -227,7 +234,7 @@ class TrainingService:
         """The submission's kohya config files and its `params` (kohya's names or ours; `params` win)."""
         explicit = map_options(dict(sub.params or {}))
         given = frozenset(sub.params or {}) | frozenset(k for k, v in ALIASES.items() if v in explicit.params)
-        mapped = (parse_kohya(sub.config, sub.dataset_config, skip=given) if (sub.config or sub.dataset_config)
+        mapped = (parse_config(sub.config, sub.dataset_config, skip=given) if (sub.config or sub.dataset_config)
                   else MappedConfig())
         mapped.params.update(explicit.params)
         mapped.trigger_words.extend(explicit.trigger_words)

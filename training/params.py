@@ -191,8 +191,8 @@ def resolve(request: TrainingRequest, family: str, limits: TrainingLimits, num_i
 def optimizer_problem(name: str) -> str | None:
     """Why `name` cannot run in this process (None when it can): its package is missing or unusable.
 
-    bitsandbytes is probed with one real 8-bit step: a wheel that imports but has no kernel for this
-    machine is refused at submit time, not in the middle of a paid job."""
+    bitsandbytes is probed with one real 8-bit step (on CUDA when this process has a GPU): a wheel that
+    imports but has no kernel for this machine is refused at submit time, not in the middle of a paid job."""
     entry = OPTIONAL_OPTIMIZERS.get(name)
     if entry is None:
         return None
@@ -204,7 +204,8 @@ def optimizer_problem(name: str) -> str | None:
             import bitsandbytes as bnb
             import torch
 
-            weight = torch.nn.Parameter(torch.ones(64, 64))  # >= 4096 values: the 8-bit state is used
+            device = "cuda" if torch.cuda.is_available() else "cpu"  # where this process would train
+            weight = torch.nn.Parameter(torch.ones(64, 64, device=device))  # >= 4096 values: 8-bit state
             opt = bnb.optim.AdamW8bit([weight], lr=1e-3)
             weight.grad = torch.ones_like(weight)
             opt.step()

@@ -191,7 +191,7 @@ def test_cli_submits_a_kohya_config_and_downloads_each_epoch(server, tmp_path: P
     missing = cli(url, "train", "download", view["id"], "--user", "alice", "--epoch", "9", "--out", str(out))
     assert missing.exit_code != 0 and json.loads(missing.stdout)["error"]["code"] == "epoch_not_found"
     bad = cli(url, "train", "submit", str(toy_zip(tmp_path / "k2.zip")), "--family", "sd1", "--user", "alice",
-              "--param", "max_train_steps=100", "--param", "lr_scheduler=adafactor")
+              "--param", "network_weights=old.safetensors", "--param", "bucket_reso_steps=64")
     assert bad.exit_code != 0
     error = json.loads(bad.stdout)["error"]
-    assert error["code"] == "unsupported_training_options"
+    assert error["code"] == "unsupported_training_options" and error["details"]["options"] == ["network_weights"]

@@ -155,6 +155,13 @@ def test_a_kohya_config_reaches_the_trainer_with_sample_prompts_and_epoch_downlo
         service.download(row.id, "alice", epoch=3)
     assert err.value.code == "epoch_not_found"
 
+    resource = service.publish_epoch(row.id, "alice", 1)  # the user's choice of epoch, as a resource
+    assert (resource.id, resource.owner_user_id, resource.generation_enabled) == (f"lora-{row.id}-e0001", "alice", True)
+    assert resource.sha256 == epochs[0]["sha256"]
+    assert service.publish_epoch(row.id, "alice", 1).id == resource.id
+    with pytest.raises(NotFound):
+        service.publish_epoch(row.id, "mallory", 1)
+
 
 def test_sample_prompts_are_audited_at_submit(tmp_path: Path, make_service) -> None:  # noqa: F811 - the imported fixture
     service = make_service()

@@ -189,6 +189,12 @@ def build_router(service: TrainingService, auth_dependency: Callable[..., Any],
         """Every epoch's LoRA kept so far (download one with `.../download?epoch=N`)."""
         return [EpochView(**e) for e in service.epochs(training_id, who.user_id)]
 
+    @router.post("/trainings/{training_id}/epochs/{epoch}/publish", tags=["trainings"])
+    def publish_training_epoch(*, who: Any = caller, training_id: TrainingId, epoch: int) -> dict[str, Any]:
+        """Register that epoch's LoRA as a LoRA resource of its own (the user's choice of epoch)."""
+        resource = service.publish_epoch(training_id, who.user_id, epoch)
+        return {"resource_id": resource.id, "sha256": resource.sha256, "epoch": epoch, "name": resource.name}
+
     @router.get("/trainings/{training_id}/samples/{epoch}/{index}", tags=["trainings"],
                 responses={200: {"content": {"image/png": {}}}})
     def training_sample(*, who: Any = caller, training_id: TrainingId, epoch: int, index: int) -> StreamingResponse:

@@ -44,6 +44,9 @@ class TrainingClient(ServiceClient):
     def cancel(self, training_id: str) -> dict[str, Any]:
         return self._call("POST", f"/v1/trainings/{training_id}/cancel").json()
 
+    def publish_epoch(self, training_id: str, epoch: int) -> dict[str, Any]:
+        return self._call("POST", f"/v1/trainings/{training_id}/epochs/{int(epoch)}/publish").json()
+
     def epochs(self, training_id: str) -> list[dict[str, Any]]:
         return self._call("GET", f"/v1/trainings/{training_id}/epochs").json()
 

@@ -136,7 +136,7 @@ class JobRunner:
         self._write(checkpoint_key=prefix, checkpoint_step=step, checkpoint_epoch=epoch, step=step, epoch=epoch,
                     progress_at=utcnow())
 
-    def _enable(self, row: Training, resource_id: str, path: Path) -> None:
+    def enable_resource(self, row: Training, resource_id: str, path: Path) -> None:
         """Enable the trained LoRA; a declared real person's goes on the blocklist in the same transaction
         (the owner may still download it; the generator will never load it)."""
         blocklist = self.deps.blocklist
@@ -278,7 +278,7 @@ class JobRunner:
             owner_user_id=row.user_id, poi=row.real_person, trigger_words=list(row.trigger_words),
             meta={"training_id": self.id, "base_model": row.base_model}, generation_enabled=False)
         try:
-            self._enable(row, resource.id, path)
+            self.enable_resource(row, resource.id, path)
             self.records.transition(self.id, [TrainingStatus.running.value], TrainingStatus.succeeded.value,
                                     resource_id=resource.id, output_key=resource.storage_key,
                                     output_sha256=resource.sha256)

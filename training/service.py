@@ -25,6 +25,8 @@ from PIL import Image
 
 from genserve.billing.ledger import REVENUE_TRAINING, user_account
 from genserve.core.errors import Conflict, InvalidRequest, NotFound, SafetyBlocked
+from genserve.resources.models import Resource
+from genserve.resources.registry import ResourceNotFound
 from safety.dataset_policy import DatasetPolicy, TagSignal
 from safety.levels import NsfwLevel
 from safety.verdict import Action
@@ -35,7 +37,14 @@ from training.kohya_config import ALIASES, MappedConfig, map_options, parse_conf
 from training.params import check_trigger_words, parse_request, resolve
 from training.ray_jobs import RayJobLauncher
 from training.records import ACTIVE_STATUSES, TrainingNotFound, quote_to_dict, utcnow
-from training.run import DATASET_FILE, epoch_lora_key, epoch_lora_prefix, object_prefix
+from training.run import (
+    DATASET_FILE,
+    JobRunner,
+    epoch_lora_key,
+    epoch_lora_prefix,
+    lora_resource_id,
+    object_prefix,
+)
 from training.sample_prompts import parse_sample_prompts
 from training.table import TERMINAL_STATUSES, Training, TrainingStatus
 from training.trainer import plan_steps
@@ -354,6 +363,38 @@ class TrainingService:
             raise Conflict(f"training {training_id} is {row.status}; there is nothing to download",
                            code="training_not_finished")
         return f"{row.name}.safetensors", self.deps.store.open_read(row.output_key)
+
+    def publish_epoch(self, training_id: str, user_id: str | None, epoch: int) -> Resource:
+        """Register epoch `epoch`'s LoRA of a finished job as its own LoRA resource (`lora-<id>-eNNNN`),
+        the user's choice of epoch; like the final one it is enabled only in the transaction that puts a
+        declared real person's LoRA on the likeness blocklist. Publishing again returns the same resource."""
+        row = self._owned(training_id, user_id)
+        if row.status != TrainingStatus.succeeded.value:
+            raise Conflict(f"training {training_id} is {row.status}; only a finished one publishes an epoch",
+                           code="training_not_finished")
+        key = epoch_lora_key(row.id, epoch)
+        if not self.deps.store.exists(key):
+            raise NotFound(f"training {training_id} has no LoRA for epoch {epoch}", code="epoch_not_found")
+        resource_id = f"{lora_resource_id(row.id)}-e{epoch:04d}"
+        try:
+            return self.deps.registry.get(resource_id)
+        except ResourceNotFound:
+            pass
+        folder = Path(tempfile.mkdtemp(dir=self._scratch(), prefix=f"{row.id}.publish."))
+        try:
+            path = self.deps.store.download_file(key, folder / f"{resource_id}.safetensors")
+            resource = self.deps.registry.publish(
+                path, id=resource_id, kind="lora", family=row.family, name=f"{row.name} (epoch {epoch})",
+                owner_user_id=row.user_id, poi=row.real_person, trigger_words=list(row.trigger_words),
+                meta={"training_id": row.id, "epoch": epoch, "base_model": row.base_model}, generation_enabled=False)
+            try:
+                JobRunner(self.deps, row.id, row.ray_job_id or "").enable_resource(row, resource.id, path)
+            except BaseException:
+                self.deps.registry.disable(resource.id, f"publishing epoch {epoch} of training {row.id} failed")
+                raise
+            return self.deps.registry.get(resource.id)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
 
     def sample(self, training_id: str, user_id: str | None, epoch: int, index: int) -> BinaryIO:
         row = self._owned(training_id, user_id)

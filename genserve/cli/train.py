@@ -211,3 +211,12 @@ def register(app: typer.Typer) -> None:
         with _client(ctx, user, url) as client:
             result = client.propose_captions(dataset, overwrite=overwrite)
         emit(result, as_json, "\n".join(f"{i['name']} [{i['source']}]: {i['caption']}" for i in result["images"]))
+
+    @train.command("publish")
+    @handle_errors
+    def publish_(ctx: typer.Context, training_id: str, epoch: int = typer.Option(..., "--epoch"),
+                 user: str | None = UserOption, url: str | None = UrlOption, as_json: bool = JsonOption) -> None:
+        """Register one epoch's LoRA as a LoRA resource of its own."""
+        with _client(ctx, user, url) as client:
+            result = client.publish_epoch(training_id, epoch)
+        emit(result, as_json, f"epoch {epoch}: LoRA resource {result['resource_id']} (sha256 {result['sha256']})")

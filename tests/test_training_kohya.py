@@ -162,6 +162,14 @@ def test_a_kohya_config_reaches_the_trainer_with_sample_prompts_and_epoch_downlo
     with pytest.raises(NotFound):
         service.publish_epoch(row.id, "mallory", 1)
 
+    import datetime as dt
+
+    finished = service.records.get(row.id).finished_at
+    assert service.purge_epoch_loras(finished + dt.timedelta(days=29)) == 0  # kept for 30 days (config)
+    assert service.purge_epoch_loras(finished + dt.timedelta(days=31)) == 2
+    assert service.epochs(row.id, "alice") == []
+    assert service.deps.registry.get(resource.id).generation_enabled  # a published epoch stays
+
 
 def test_sample_prompts_are_audited_at_submit(tmp_path: Path, make_service) -> None:  # noqa: F811 - the imported fixture
     service = make_service()

@@ -119,6 +119,12 @@ class CaptioningSettings(_Strict):
     max_images: int = Field(1000, ge=1)  # per captioning request
 
 
+class RetentionSettings(_Strict):
+    """How long a finished job's per-epoch LoRAs stay downloadable (the final LoRA is a resource and stays)."""
+
+    epoch_loras_days: float = Field(30.0, gt=0)
+
+
 class TrainingLimits(_Strict):
     intake: IntakeLimits = IntakeLimits()
     base_models: dict[str, BaseModelSpec]
@@ -126,6 +132,7 @@ class TrainingLimits(_Strict):
     defaults: ParamDefaults = ParamDefaults()
     samples: SampleSettings = SampleSettings()
     captioning: CaptioningSettings = CaptioningSettings()
+    retention: RetentionSettings = RetentionSettings()
 
     @classmethod
     def load(cls, path: str | Path) -> TrainingLimits:

@@ -14,6 +14,7 @@ import math
 import shutil
 import tempfile
 import threading
+import time
 import uuid
 import zipfile
 from collections.abc import Iterable
@@ -490,14 +491,34 @@ class TrainingService:
             changed += (after.status, after.ray_job_id, after.charged) != (row.status, row.ray_job_id, row.charged)
         return changed
 
-    def start_background(self, interval_s: float = 10.0) -> None:
-        """Reconcile every `interval_s` in a daemon thread until `close()`."""
+    def purge_epoch_loras(self, now: dt.datetime | None = None) -> int:
+        """Delete the per-epoch LoRAs of jobs finished longer ago than the retention period (published
+        epochs are resources of their own and stay); returns how many files went."""
+        days = self.deps.limits.retention.epoch_loras_days
+        cutoff = (now or utcnow()) - dt.timedelta(days=days)
+        deleted = 0
+        for row in self.records.finished_before(cutoff):
+            for key in list(self.deps.store.list(epoch_lora_prefix(row.id) + "/")):
+                self.deps.store.delete(key)
+                deleted += 1
+        return deleted
+
+    def start_background(self, interval_s: float = 10.0, purge_interval_s: float = 3600.0) -> None:
+        """Reconcile every `interval_s` (and purge expired epoch LoRAs every `purge_interval_s`) in a
+        daemon thread until `close()`."""
         if self._thread is not None:
             return
 
         def loop() -> None:
+            last_purge = 0.0
             while not self._stop.wait(interval_s):
                 self.reconcile()
+                if time.monotonic() - last_purge >= purge_interval_s:
+                    last_purge = time.monotonic()
+                    try:
+                        self.purge_epoch_loras()
+                    except Exception:  # noqa: BLE001 - retried on the next pass
+                        log.exception("purging expired epoch LoRAs")
 
         self._thread = threading.Thread(target=loop, name="training-reconciler", daemon=True)
         self._thread.start()

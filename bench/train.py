@@ -2,7 +2,8 @@
 
 Default (CPU): optimizer steps per second of the trainer on the tiny SD1 and SDXL models at 64 px
 (batch 2, dim 4, latents cached, one intra-op thread as a Ray Job's entrypoint gets), measured after
-warm-up steps on a toy dataset.
+warm-up steps on a toy dataset, for each network type: LoRA, LoCon (conv layers too, conv_dim 4)
+and DoRA.
 
 `--device cuda --real-size`: a real-size SDXL UNet (2.6 B parameters, random weights, bf16) with a
 rank-32 LoRA on kohya's default targets, gradient checkpointing and AdamW, at 1024x1024 (128x128
@@ -38,7 +39,7 @@ SDXL_UNET = dict(
 )
 
 
-def tiny_steps_per_s(family: str, steps: int, warmup: int, batch_size: int) -> float:
+def tiny_steps_per_s(family: str, steps: int, warmup: int, batch_size: int, network: str = "lora") -> float:
     from genserve.tinymodels import build_tiny_models
     from training.config import IntakeLimits, TrainingLimits
     from training.intake import run_intake
@@ -53,8 +54,10 @@ def tiny_steps_per_s(family: str, steps: int, warmup: int, batch_size: int) -> f
         models = build_tiny_models(root / "models", families=[family])
         run_intake(toy_zip(root / "toy.zip", 8), root / "dataset", IntakeLimits())
         limits = TrainingLimits.load(_HERE.parent / "configs" / "training.yaml")
+        conv = {"conv_dim": 4, "conv_alpha": 4} if network == "locon" else {}
         params = resolve(TrainingRequest(epochs=1, repeats=1, batch_size=batch_size, network_dim=4, network_alpha=4,
-                                         gradient_checkpointing=False, lr_scheduler="constant", seed=0),
+                                         gradient_checkpointing=False, lr_scheduler="constant", seed=0,
+                                         network_type=network, **conv),
                          family, limits, 8, default_seed=0)
         trainer = LoraTrainer(BaseModelRef(family, models[family].diffusers_dir), root / "dataset", params,
                               work_dir=root / "work", device="cpu")
@@ -122,6 +125,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--networks", default="lora,locon,dora", help="comma-separated: lora, locon, dora")
     args = parser.parse_args()
 
     figures: dict[str, float] = {}
@@ -135,9 +139,13 @@ def main() -> None:
     else:
         torch.set_num_threads(1)
         for family in ("sd1", "sdxl"):
-            rate = tiny_steps_per_s(family, args.steps, args.warmup, args.batch_size)
-            figures[f"tiny_{family}_steps_per_s"] = round(rate, 2)
-            print(f"tiny {family} LoRA training at 64 px, batch {args.batch_size}, 1 CPU thread: {rate:.2f} steps/s")
+            for network in args.networks.split(","):
+                rate = tiny_steps_per_s(family, args.steps, args.warmup, args.batch_size, network)
+                name = f"tiny_{family}_steps_per_s" if network == "lora" else f"tiny_{family}_{network}_steps_per_s"
+                figures[name] = round(rate, 2)
+                label = {"lora": "LoRA", "locon": "LoCon", "dora": "DoRA"}[network]
+                print(f"tiny {family} {label} training at 64 px, batch {args.batch_size}, 1 CPU thread: "
+                      f"{rate:.2f} steps/s")
         figures["tiny_batch_size"] = args.batch_size
     print(json.dumps(figures, sort_keys=True))
 

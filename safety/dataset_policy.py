@@ -13,6 +13,9 @@ audit; then the dataset is judged as a whole, because a LoRA learns from all of 
 | `dataset.undeclared_real_person`     | review | captions name a real person but none was declared             |
 | `dataset.caption_review`             | review | the prompt audit asks for review                              |
 
+An image tagger's own signals (`TagSignal`: a mature rating, an age-related tag) count as an image
+scan's do: a mature rating makes the dataset mature, an age-related tag is a minor signal.
+
 A blocked dataset refuses the job; a reviewed one waits for a moderator with its hold kept.
 """
 
@@ -58,6 +61,16 @@ class DatasetVerdict(Verdict):
         return {**super().to_dict(), "findings": [f.to_dict() for f in self.findings]}
 
 
+@dataclass(frozen=True)
+class TagSignal:
+    """What an auto-captioning tagger said about one image, for the rules above."""
+
+    name: str
+    rating: str | None = None
+    mature: bool = False  # the rating is one the operator counts as mature
+    minor_tags: tuple[str, ...] = ()
+
+
 class DatasetImage(Protocol):
     """One image of an unpacked dataset, as intake reports it."""
 
@@ -77,7 +90,7 @@ class DatasetPolicy:
         self.scanner = scanner
 
     def check(self, dataset_dir: str | Path, report: DatasetReport, trigger_words: Sequence[str],
-              real_person: bool) -> DatasetVerdict:
+              real_person: bool, tag_signals: Sequence[TagSignal] = ()) -> DatasetVerdict:
         findings: list[FileFinding] = []
         mature = minor = scan_failed = caption_blocked = caption_review = named_person = False
 
@@ -96,6 +109,17 @@ class DatasetPolicy:
                 rules.append("minor_signal")
             if rules or scan.level > NsfwLevel.PG:
                 findings.append(FileFinding(image.name, tuple(rules), scan.level.name))
+
+        for signal in tag_signals:
+            rules = []
+            if signal.mature:
+                mature = True
+                rules.append(f"tagger.rating.{signal.rating}")
+            if signal.minor_tags:
+                minor = True
+                rules.append("tagger.minor_tag")
+            if rules:
+                findings.append(FileFinding(signal.name, tuple(rules)))
 
         texts = [(img.caption_file or img.name, img.caption) for img in report.images if img.caption]
         if trigger_words:

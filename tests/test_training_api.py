@@ -161,3 +161,37 @@ def test_http_api_and_cli(server, tmp_path: Path) -> None:
     assert blocked.exit_code == 3  # a safety refusal
     assert json.loads(blocked.stdout)["error"]["code"] == "dataset_blocked"
     assert available(service.deps, "alice") == 500 - view["charged"]
+
+
+def test_cli_submits_a_kohya_config_and_downloads_each_epoch(server, tmp_path: Path) -> None:
+    url, service = server
+    (tmp_path / "prompts.txt").write_text("# previews\ntqz, a photo --n blurry --s 3 --d 1\n")
+    (tmp_path / "kohya.toml").write_text(
+        '[training_arguments]\nmax_train_epochs = 2\ntrain_batch_size = 2\noutput_dir = "./out"\nseed = 5\n'
+        'sample_prompts = "prompts.txt"\nsave_every_n_epochs = 1\ngradient_checkpointing = false\n'
+        '[additional_network_arguments]\nnetwork_module = "networks.lora"\nnetwork_dim = 4\nnetwork_alpha = 4\n'
+        '[optimizer_arguments]\noptimizer_type = "AdaFactor"\nlearning_rate = 1e-3\nlr_scheduler = "linear"\n')
+    (tmp_path / "dataset.toml").write_text("[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nnum_repeats = 1\n")
+    result = cli(url, "train", "submit", str(toy_zip(tmp_path / "k.zip")), "--family", "sd1", "--user", "alice",
+                 "--config", str(tmp_path / "kohya.toml"), "--dataset-config", str(tmp_path / "dataset.toml"),
+                 "--wait", "--poll", "0.2")
+    assert result.exit_code == 0, result.output
+    view = json.loads(result.stdout.strip().splitlines()[-1])
+    assert view["status"] == "succeeded", view
+    p = view["params"]
+    assert (p["epochs"], p["optimizer"], p["lr_scheduler"], p["unet_lr"], p["network_dim"]) == \
+        (2, "adafactor", "linear", 1e-3, 4)
+    assert p["sample_prompts"] == ["tqz, a photo --n blurry --s 3 --d 1"]
+    assert view["config"]["ignored"]["output_dir"] and "network_module" in view["config"]["ignored"]
+    listed = cli(url, "train", "epochs", view["id"], "--user", "alice")
+    assert [e["epoch"] for e in json.loads(listed.stdout)] == [1, 2]
+    out = tmp_path / "e1.safetensors"
+    assert cli(url, "train", "download", view["id"], "--user", "alice", "--epoch", "1", "--out", str(out)).exit_code == 0
+    assert any(k.endswith(".alpha") for k in load_file(str(out)))
+    missing = cli(url, "train", "download", view["id"], "--user", "alice", "--epoch", "9", "--out", str(out))
+    assert missing.exit_code != 0 and json.loads(missing.stdout)["error"]["code"] == "epoch_not_found"
+    bad = cli(url, "train", "submit", str(toy_zip(tmp_path / "k2.zip")), "--family", "sd1", "--user", "alice",
+              "--param", "network_weights=old.safetensors", "--param", "bucket_reso_steps=64")
+    assert bad.exit_code != 0
+    error = json.loads(bad.stdout)["error"]
+    assert error["code"] == "unsupported_training_options" and error["details"]["options"] == ["network_weights"]

@@ -20,7 +20,26 @@ from training.params import ResolvedParams
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 
+# LoCon (kohya's conv_dim network_args): also the ResNet blocks and the down/up-samplers, as kohya's
+# ResnetBlock2D / Downsample2D / Upsample2D targets; the 3x3 convs at conv_dim, the rest at network_dim
+UNET_CONV3X3 = r"(?:resnets\.\d+\.(?:conv1|conv2)|(?:downsamplers|upsamplers)\.0\.conv)"
+UNET_RESNET_OTHER = r"resnets\.\d+\.(?:conv_shortcut|time_emb_proj)"
+
 Unwrap = Callable[[torch.nn.Module], torch.nn.Module]
+
+
+def unet_lora_config(params: ResolvedParams) -> LoraConfig:
+    """The UNet's adapter: LoRA on the transformer blocks; LoCon adds the conv layers; DoRA decomposes."""
+    dora = params.network_type == "dora"
+    if not params.conv_dim:
+        return LoraConfig(r=params.network_dim, lora_alpha=params.network_alpha, init_lora_weights="gaussian",
+                          target_modules=UNET_TARGETS, use_dora=dora)
+    linear = "|".join(t.replace(".", r"\.") for t in UNET_TARGETS)
+    pattern = rf".*\.(?:{linear}|{UNET_CONV3X3}|{UNET_RESNET_OTHER})$"
+    return LoraConfig(r=params.network_dim, lora_alpha=params.network_alpha, init_lora_weights="gaussian",
+                      target_modules=pattern, use_dora=dora,
+                      rank_pattern={UNET_CONV3X3: params.conv_dim},
+                      alpha_pattern={UNET_CONV3X3: params.conv_alpha})
 
 
 def add_lora_adapters(unet: torch.nn.Module, text_encoders: list[torch.nn.Module], params: ResolvedParams,
@@ -30,13 +49,13 @@ def add_lora_adapters(unet: torch.nn.Module, text_encoders: list[torch.nn.Module
     The adapters' weights are kept in float32 under half-precision models: their updates are too
     small for fp16/bf16 to hold.
     """
-    unet.add_adapter(LoraConfig(r=params.network_dim, lora_alpha=params.network_alpha,
-                                init_lora_weights="gaussian", target_modules=UNET_TARGETS))
+    unet.add_adapter(unet_lora_config(params))
     trained = [unet]
     if params.train_text_encoder:
         for te in text_encoders:
             te.add_adapter(LoraConfig(r=params.network_dim, lora_alpha=params.network_alpha,
-                                      init_lora_weights="gaussian", target_modules=TEXT_ENCODER_TARGETS))
+                                      init_lora_weights="gaussian", target_modules=TEXT_ENCODER_TARGETS,
+                                      use_dora=params.network_type == "dora"))
             trained.append(te)
     if weight_dtype != torch.float32:
         cast_training_params(trained, dtype=torch.float32)

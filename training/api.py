@@ -52,6 +52,7 @@ class TrainingView(BaseModel):
     resource_id: str | None
     output_sha256: str | None
     samples: list[dict[str, Any]]
+    config: dict[str, Any]
     error: dict[str, str] | None
     attempts: int
     created_at: dt.datetime | None
@@ -68,7 +69,8 @@ class TrainingView(BaseModel):
                                   loss=row.loss, eta_s=row.eta_s,
                                   percent=round(100.0 * row.step / max(row.total_steps, 1), 1)),
             dataset={"images": row.dataset_images, "report": {k: v for k, v in (row.intake_report or {}).items()
-                                                              if k != "images"}},
+                                                              if k not in ("images", "config")}},
+            config=(row.intake_report or {}).get("config") or {"ignored": {}},
             safety={"action": verdict.get("action"), "rules": verdict.get("rules", [])},
             quote_total=row.quote_total, charged=row.charged, resource_id=row.resource_id,
             output_sha256=row.output_sha256,
@@ -76,6 +78,12 @@ class TrainingView(BaseModel):
             error={"code": row.error_code, "message": row.error_message or ""} if row.error_code else None,
             attempts=row.attempts, created_at=row.created_at, started_at=row.started_at, finished_at=row.finished_at,
         )
+
+
+class EpochView(BaseModel):
+    epoch: int
+    bytes: int
+    sha256: str | None = None
 
 
 class DenyBody(BaseModel):
@@ -113,7 +121,11 @@ def build_router(service: TrainingService, auth_dependency: Callable[..., Any],
         name: Annotated[str, Form(max_length=200)] = "",
         trigger_words: Annotated[str, Form(description="comma-separated")] = "",
         person: Annotated[str, Form(max_length=200, description="the person's name when real_person")] = "",
-        params: Annotated[str, Form(description="JSON object of training parameters")] = "{}",
+        params: Annotated[str, Form(description="JSON object of training parameters (kohya's names accepted)")] = "{}",
+        config: Annotated[str, Form(description="a kohya --config_file TOML (params override it)")] = "",
+        dataset_config: Annotated[str, Form(description="a kohya dataset TOML")] = "",
+        captions: Annotated[str, Form(description="JSON object: file name in the zip -> caption (edits)")] = "",
+        auto_caption: Annotated[bool, Form(description="caption images that have none with the captioner")] = False,
     ) -> TrainingView:
         """Upload a dataset and start a training (or queue it for review when the dataset is flagged)."""
         try:
@@ -122,15 +134,36 @@ def build_router(service: TrainingService, auth_dependency: Callable[..., Any],
             raise InvalidRequest(f"params is not JSON: {exc}", code="invalid_training_params") from exc
         if not isinstance(parsed, dict):
             raise InvalidRequest("params must be a JSON object", code="invalid_training_params")
+        try:
+            edits = json.loads(captions) if captions else None
+        except json.JSONDecodeError as exc:
+            raise InvalidRequest(f"captions is not JSON: {exc}", code="invalid_caption") from exc
+        if edits is not None and not (isinstance(edits, dict) and all(isinstance(v, str) for v in edits.values())):
+            raise InvalidRequest("captions must be a JSON object of file name -> caption", code="invalid_caption")
         upload = service.save_upload(dataset.file)
         try:
             row = service.submit(who.user_id, upload, Submission(
                 family=family, real_person=real_person, name=name,
                 trigger_words=tuple(w for w in trigger_words.split(",") if w.strip()), person=person,
-                params=parsed, allowed_level=_allowed_level(who)))
+                params=parsed, allowed_level=_allowed_level(who), config=config or None,
+                dataset_config=dataset_config or None, captions=edits, auto_caption=auto_caption))
         finally:
             upload.unlink(missing_ok=True)
         return TrainingView.of(row)
+
+    @router.post("/trainings/captions", tags=["trainings"])
+    def propose_captions(
+        *,
+        who: Any = caller,
+        dataset: Annotated[UploadFile, File(description="the zip you mean to train on")],
+        overwrite: Annotated[bool, Form(description="caption every image, not only those without one")] = False,
+    ) -> dict[str, Any]:
+        """Proposed captions for review and editing before `POST /trainings` (send the edits as `captions`)."""
+        upload = service.save_upload(dataset.file)
+        try:
+            return service.propose_captions(who.user_id, upload, overwrite=overwrite)
+        finally:
+            upload.unlink(missing_ok=True)
 
     @router.get("/trainings/{training_id}", response_model=TrainingView, tags=["trainings"])
     def get_training(*, who: Any = caller, training_id: TrainingId) -> TrainingView:
@@ -143,11 +176,24 @@ def build_router(service: TrainingService, auth_dependency: Callable[..., Any],
 
     @router.get("/trainings/{training_id}/download", tags=["trainings"],
                 responses={200: {"content": {"application/octet-stream": {}}}})
-    def download_training(*, who: Any = caller, training_id: TrainingId) -> StreamingResponse:
-        """The trained LoRA (kohya-format safetensors)."""
-        filename, body = service.download(training_id, who.user_id)
+    def download_training(*, who: Any = caller, training_id: TrainingId,
+                          epoch: int | None = Query(None, ge=1, description="an epoch's LoRA (default: the final one)"),
+                          ) -> StreamingResponse:
+        """The trained LoRA (kohya-format safetensors), or the LoRA as it was after epoch `epoch`."""
+        filename, body = service.download(training_id, who.user_id, epoch=epoch)
         return StreamingResponse(_stream(body), media_type="application/octet-stream",
                                  headers={"Content-Disposition": f'attachment; filename="{filename}"'})
+
+    @router.get("/trainings/{training_id}/epochs", response_model=list[EpochView], tags=["trainings"])
+    def training_epochs(*, who: Any = caller, training_id: TrainingId) -> list[EpochView]:
+        """Every epoch's LoRA kept so far (download one with `.../download?epoch=N`)."""
+        return [EpochView(**e) for e in service.epochs(training_id, who.user_id)]
+
+    @router.post("/trainings/{training_id}/epochs/{epoch}/publish", tags=["trainings"])
+    def publish_training_epoch(*, who: Any = caller, training_id: TrainingId, epoch: int) -> dict[str, Any]:
+        """Register that epoch's LoRA as a LoRA resource of its own (the user's choice of epoch)."""
+        resource = service.publish_epoch(training_id, who.user_id, epoch)
+        return {"resource_id": resource.id, "sha256": resource.sha256, "epoch": epoch, "name": resource.name}
 
     @router.get("/trainings/{training_id}/samples/{epoch}/{index}", tags=["trainings"],
                 responses={200: {"content": {"image/png": {}}}})

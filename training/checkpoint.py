@@ -60,25 +60,51 @@ def _json_value(value: Any) -> Any:
     return value
 
 
+def _split_entry(entry: dict[str, Any], prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Move the tensors of one (possibly nested) state entry into `tensors`; return what is left.
+
+    Nested dicts (bitsandbytes keeps its 8-bit quantisation state in one) are kept by path: a tensor
+    at entry[a][b] is stored as `<prefix>a/b`."""
+    rest: dict[str, Any] = {}
+    for name, value in entry.items():
+        if isinstance(value, torch.Tensor):
+            tensors[f"{prefix}{name}"] = value.detach().to("cpu").contiguous()
+        elif isinstance(value, dict):
+            rest[name] = {"__nested__": _split_entry(value, f"{prefix}{name}/", tensors)}
+        else:
+            rest[name] = value
+    return rest
+
+
 def _split_optimizer(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
     for index, entry in state_dict["state"].items():
-        for name, value in entry.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"state.{index}.{name}"] = value.detach().to("cpu").contiguous()
-            else:
-                scalars.setdefault(str(index), {})[name] = value
+        rest = _split_entry(entry, f"state.{index}.", tensors)
+        if rest:
+            scalars[str(index)] = rest
     return tensors, {"scalars": scalars, "param_groups": state_dict["param_groups"]}
+
+
+def _join_entry(target: dict[str, Any], rest: dict[str, Any]) -> None:
+    for name, value in rest.items():
+        if isinstance(value, dict) and set(value) == {"__nested__"}:
+            _join_entry(target.setdefault(name, {}), value["__nested__"])
+        else:
+            target[name] = value
 
 
 def _join_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
     state: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
         _, index, name = key.split(".", 2)
-        state.setdefault(int(index), {})[name] = value
+        *path, leaf = name.split("/")
+        target = state.setdefault(int(index), {})
+        for part in path:
+            target = target.setdefault(part, {})
+        target[leaf] = value
     for index, entries in meta["scalars"].items():
-        state.setdefault(int(index), {}).update(entries)
+        _join_entry(state.setdefault(int(index), {}), entries)
     return {"state": state, "param_groups": meta["param_groups"]}
 
 

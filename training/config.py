@@ -68,10 +68,11 @@ class ParamDefaults(_Strict):
     enable_bucket: bool = True
     unet_lr: float = 5e-4
     text_encoder_lr: float = 0.0
-    lr_scheduler: Literal["constant", "cosine", "cosine_with_restarts"] = "cosine_with_restarts"
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
+                          "polynomial"] = "cosine_with_restarts"
     lr_scheduler_num_cycles: int = 3
     lr_warmup_steps: int = 0
-    optimizer: Literal["adamw", "adamw8bit", "prodigy"] = "adamw"
+    optimizer: Literal["adamw", "adamw8bit", "prodigy", "adafactor"] = "adamw"
     network_dim: int = 32
     network_alpha: float = 16.0
     noise_offset: float = 0.1
@@ -91,6 +92,37 @@ class SampleSettings(_Strict):
     count: int = Field(1, ge=0, le=4)
     steps: int = Field(20, ge=1, le=50)
     guidance_scale: float = 7.0
+    max_steps: int = Field(50, ge=1, le=150)  # a user's sample prompt may ask for up to this many (--s)
+
+
+class CaptioningSettings(_Strict):
+    """Auto-captioning (training/captioning.py). Model files are operator-provided paths (relative ones
+    under the config folder); `kind: none` turns it off."""
+
+    kind: Literal["none", "wd_tagger", "vlm"] = "none"
+    model_path: str | None = None  # wd_tagger: the .onnx model
+    tags_csv: str | None = None  # wd_tagger: its selected_tags.csv
+    general_threshold: float = Field(0.35, gt=0, lt=1)
+    character_threshold: float = Field(0.85, gt=0, lt=1)
+    max_tags: int = Field(40, ge=1, le=200)
+    replace_underscores: bool = True
+    exclude_tags: list[str] = []
+    # tagger tags that are a minor signal for the dataset policy (matched with '_' or ' ')
+    minor_tags: list[str] = ["loli", "shota", "child", "toddler", "baby", "aged_down", "kindergarten_uniform",
+                             "elementary_school_student"]
+    # tagger ratings that make an image mature for the dataset policy
+    mature_ratings: list[str] = ["questionable", "explicit"]
+    vlm_backend: str | None = None  # vlm: the name a backend was registered under
+    vlm_options: dict[str, str] = {}
+    vlm_prompt: str = "Describe this image in one sentence for a training caption."
+    max_caption_chars: int = Field(1000, ge=16, le=16384)
+    max_images: int = Field(1000, ge=1)  # per captioning request
+
+
+class RetentionSettings(_Strict):
+    """How long a finished job's per-epoch LoRAs stay downloadable (the final LoRA is a resource and stays)."""
+
+    epoch_loras_days: float = Field(30.0, gt=0)
 
 
 class TrainingLimits(_Strict):
@@ -99,6 +131,8 @@ class TrainingLimits(_Strict):
     limits: ParamLimits = ParamLimits()
     defaults: ParamDefaults = ParamDefaults()
     samples: SampleSettings = SampleSettings()
+    captioning: CaptioningSettings = CaptioningSettings()
+    retention: RetentionSettings = RetentionSettings()
 
     @classmethod
     def load(cls, path: str | Path) -> TrainingLimits:

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from collections.abc import Mapping
+import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,23 +78,53 @@ class ExportInfo:
     resolution: int
     num_images: int
     title: str
+    network_type: str = "lora"  # lora | locon | dora
+    conv_dim: int = 0
+    conv_alpha: float = 0.0
+
+    def alpha_for(self, module: str) -> float:
+        """The alpha a module was trained with: LoCon's 3x3 convs have their own."""
+        from training.adapters import UNET_CONV3X3
+
+        if self.conv_dim and module.startswith("unet.") and re.search(rf"\.{UNET_CONV3X3}$", module):
+            return self.conv_alpha
+        return self.network_alpha
+
+    def network_args(self) -> dict[str, str]:
+        args = {}
+        if self.conv_dim:
+            args.update(conv_dim=str(self.conv_dim), conv_alpha=_number(self.conv_alpha))
+        if self.network_type == "dora":
+            args["dora_wd"] = "True"
+        return args
 
 
 def kohya_state_dict(adapter: Mapping[str, torch.Tensor], family: str, alpha: float,
-                     dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """PEFT names (`unet.<path>.lora_A.weight`, ...) -> kohya names, with one `alpha` per module."""
+                     dtype: torch.dtype = torch.float32,
+                     alpha_for: Callable[[str], float] | None = None) -> dict[str, torch.Tensor]:
+    """PEFT names (`unet.<path>.lora_A.weight`, ...) -> kohya names, with one `alpha` per module
+    (`alpha_for(PEFT module path)` where modules differ, as LoCon's conv layers do), and a DoRA
+    magnitude as LyCORIS's `dora_scale` ([out, 1] for a linear layer, [out, 1, 1, 1] for a conv)."""
     prefixes = KOHYA_PREFIXES[family]
     out: dict[str, torch.Tensor] = {}
     for key, tensor in adapter.items():
         owner, rest = key.split(".", 1)
         if owner not in prefixes:
             raise ValueError(f"adapter key {key!r} belongs to no {family} module")
+        if rest.endswith(".lora_magnitude_vector"):
+            module = rest[: -len(".lora_magnitude_vector")]
+            name = f"{prefixes[owner]}_{module.replace('.', '_')}"
+            flat = tensor.reshape(-1)
+            shape = (flat.numel(), 1, 1, 1) if tensor.dim() == 4 else (flat.numel(), 1)
+            out[f"{name}.dora_scale"] = flat.reshape(shape).to(dtype).contiguous()
+            continue
         module, _, kind = rest.rpartition(".lora_")
         if kind not in ("A.weight", "B.weight"):
             raise ValueError(f"adapter key {key!r} is not a LoRA A/B weight")
         name = f"{prefixes[owner]}_{module.replace('.', '_')}"
         out[f"{name}.{'lora_down' if kind == 'A.weight' else 'lora_up'}.weight"] = tensor.to(dtype).contiguous()
-        out[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
+        value = alpha_for(f"{owner}.{module}") if alpha_for is not None else alpha
+        out[f"{name}.alpha"] = torch.tensor(float(value), dtype=torch.float32)
     return out
 
 
@@ -102,10 +133,10 @@ def export_metadata(info: ExportInfo) -> dict[str, str]:
     res = f"{info.resolution}x{info.resolution}"
     meta = {
         "ss_base_model_version": BASE_MODEL_VERSION[info.family],
-        "ss_network_module": "networks.lora",
+        "ss_network_module": "lycoris.kohya" if info.network_type == "dora" else "networks.lora",
         "ss_network_dim": str(info.network_dim),
         "ss_network_alpha": _number(info.network_alpha),
-        "ss_network_args": "null",
+        "ss_network_args": json.dumps(info.network_args()) if info.network_args() else "null",
         "ss_v2": "False",
         "ss_steps": str(info.steps),
         "ss_epoch": str(info.epochs),
@@ -136,7 +167,7 @@ def _number(value: float) -> str:
 def write_lora(path: str | Path, adapter: Mapping[str, torch.Tensor], info: ExportInfo) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = kohya_state_dict(adapter, info.family, info.network_alpha)
+    tensors = kohya_state_dict(adapter, info.family, info.network_alpha, alpha_for=info.alpha_for)
     save_file(tensors, path, metadata=export_metadata(info))
     return path
 
@@ -173,7 +204,11 @@ def verify_export(pipe, path: str | Path, family: str, *, trained_adapter: str =
     latents = torch.randn((1, pipe.unet.config.in_channels, size, size), generator=gen)
     expected = _unet_output(pipe, prompt, latents, 500, family)
 
-    pipe.load_lora_weights(load_file(str(path)), adapter_name="exported")
+    tensors = load_file(str(path))
+    if any(k.endswith(".dora_scale") for k in tensors):
+        load_kohya_with_peft(pipe, tensors, family, "exported")  # diffusers drops kohya's dora_scale
+    else:
+        pipe.load_lora_weights(tensors, adapter_name="exported")
     pipe.set_adapters(["exported"])
     actual = _unet_output(pipe, prompt, latents, 500, family)
     pipe.set_adapters([trained_adapter])
@@ -182,3 +217,49 @@ def verify_export(pipe, path: str | Path, family: str, *, trained_adapter: str =
     if not torch.isfinite(actual).all() or error > rtol:
         raise ExportError(f"the exported LoRA does not reproduce the trained adapter (relative error {error:.2e})")
     return error
+
+
+def load_kohya_with_peft(pipe, tensors: Mapping[str, torch.Tensor], family: str, adapter_name: str) -> None:  # noqa: ANN001
+    """Load a kohya-format LoRA / LoCon / DoRA file into `pipe` as PEFT adapter `adapter_name`.
+
+    diffusers' SD loaders drop LyCORIS's `dora_scale`; this reads every module's down/up/alpha and
+    DoRA magnitude by matching kohya names against the models' own module paths (no guessing at
+    where the '_' of a name were '.'), and sets them with PEFT."""
+    from peft import LoraConfig
+    from peft.utils import set_peft_model_state_dict
+
+    by_prefix = {kohya: owner for owner, kohya in KOHYA_PREFIXES[family].items()}
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        name, _, kind = key.partition(".")
+        grouped.setdefault(name, {})[kind] = tensor
+    per_owner: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
+    for name, parts in grouped.items():
+        prefix = next((p for p in sorted(by_prefix, key=len, reverse=True) if name.startswith(p + "_")), None)
+        if prefix is None:
+            raise ExportError(f"LoRA key {name!r} belongs to no {family} module")
+        per_owner.setdefault(by_prefix[prefix], {})[name[len(prefix) + 1 :]] = parts
+    for owner, modules in per_owner.items():
+        model = getattr(pipe, owner)
+        paths = {n.replace(".", "_"): n for n, _ in model.named_modules() if n}
+        state: dict[str, torch.Tensor] = {}
+        ranks, alphas, dora = {}, {}, False
+        for flat, parts in modules.items():
+            path = paths.get(flat)
+            if path is None or "lora_down.weight" not in parts:
+                raise ExportError(f"LoRA module {flat!r} is not in the {owner}")
+            down, up = parts["lora_down.weight"], parts["lora_up.weight"]
+            ranks[path], alphas[path] = down.shape[0], float(parts.get("alpha", torch.tensor(down.shape[0])).item())
+            state[f"{path}.lora_A.weight"], state[f"{path}.lora_B.weight"] = down, up
+            if "dora_scale" in parts:
+                dora = True
+                scale = parts["dora_scale"].reshape(-1)
+                state[f"{path}.lora_magnitude_vector"] = scale.reshape(1, -1, 1, 1) if down.dim() == 4 else scale
+        first = next(iter(ranks))
+        config = LoraConfig(r=ranks[first], lora_alpha=alphas[first], target_modules=list(ranks), use_dora=dora,
+                            rank_pattern={re.escape(p): r for p, r in ranks.items()},
+                            alpha_pattern={re.escape(p): a for p, a in alphas.items()})
+        model.add_adapter(config, adapter_name=adapter_name)
+        loaded = set_peft_model_state_dict(model, state, adapter_name=adapter_name)
+        if getattr(loaded, "unexpected_keys", None):
+            raise ExportError(f"LoRA keys not loaded into the {owner}: {loaded.unexpected_keys[:3]}")

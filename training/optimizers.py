@@ -34,11 +34,22 @@ def build_optimizer(groups: list[dict[str, Any]], params: ResolvedParams) -> tor
         from prodigyopt import Prodigy
 
         return Prodigy(groups, weight_decay=0.5, decouple=True, betas=(0.9, 0.99), use_bias_correction=False)
+    if params.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+
+        # kohya's recommended Adafactor for LoRA: the given learning rates, no relative step
+        return Adafactor(groups, lr=params.unet_lr, scale_parameter=False, relative_step=False, warmup_init=False,
+                         weight_decay=0.0)
     return torch.optim.AdamW(groups, weight_decay=1e-2)
 
 
 def build_lr_scheduler(optimizer: torch.optim.Optimizer, params: ResolvedParams, total_steps: int) -> Any:
-    """diffusers' named schedule over the whole run, with warm-up; restarts only for cosine_with_restarts."""
-    extra = {"num_cycles": params.lr_scheduler_num_cycles} if params.lr_scheduler == "cosine_with_restarts" else {}
+    """diffusers' named schedule over the whole run, with warm-up (ignored by `constant`); cycles for
+    cosine_with_restarts, power for polynomial."""
+    extra: dict[str, Any] = {}
+    if params.lr_scheduler == "cosine_with_restarts":
+        extra["num_cycles"] = params.lr_scheduler_num_cycles
+    elif params.lr_scheduler == "polynomial":
+        extra["power"] = params.lr_scheduler_power
     return get_scheduler(params.lr_scheduler, optimizer=optimizer, num_warmup_steps=params.lr_warmup_steps,
                          num_training_steps=total_steps, **extra)

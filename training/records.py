@@ -84,6 +84,14 @@ class TrainingRecords:
         with self.db.session() as s:
             return list(s.scalars(query))
 
+    def finished_before(self, cutoff: dt.datetime, limit: int = 500) -> list[Training]:
+        """Finished jobs that ended before `cutoff`, oldest first."""
+        query = (select(Training).where(Training.status.in_([s.value for s in TERMINAL_STATUSES]),
+                                        Training.finished_at.is_not(None), Training.finished_at < cutoff)
+                 .order_by(Training.finished_at).limit(limit))
+        with self.db.session() as s:
+            return list(s.scalars(query))
+
     def unsettled(self) -> list[Training]:
         """Finished jobs whose hold was not captured or released yet (a process died in between)."""
         query = select(Training).where(Training.status.in_([s.value for s in TERMINAL_STATUSES]),

@@ -21,9 +21,12 @@ import time
 import zipfile
 from pathlib import Path
 
+from safetensors.torch import load_file
+
 from genserve.core.config import load_settings
 from genserve.core.errors import GenserveError
 from genserve.core.log import configure_logging, log_context
+from genserve.core.storage.base import sha256_file
 from genserve.resources.cache import ResourceCache
 from genserve.resources.catalog import load_model_catalog
 from safety.embeddings import SafetyEmbeddings
@@ -51,6 +54,15 @@ def checkpoint_prefix(training_id: str, epoch: int) -> str:
     return f"{object_prefix(training_id)}/checkpoints/epoch-{epoch:06d}"
 
 
+def epoch_lora_prefix(training_id: str) -> str:
+    return f"{object_prefix(training_id)}/epochs"
+
+
+def epoch_lora_key(training_id: str, epoch: int) -> str:
+    """Where epoch `epoch`'s LoRA (kohya format) is kept for download."""
+    return f"{epoch_lora_prefix(training_id)}/epoch-{epoch:06d}.safetensors"
+
+
 def lora_resource_id(training_id: str) -> str:
     return f"lora-{training_id}"
 
@@ -64,6 +76,7 @@ class JobRunner:
         self._last_write = 0.0
         self._last_cancel_check = 0.0
         self._cancel = False
+        self._epoch_lora = None
 
     # ------------------------------------------------------------------------------------ plumbing
 
@@ -107,14 +120,23 @@ class JobRunner:
             self._cancel = self.records.cancel_requested(self.id)
         return self._cancel
 
+    def _export_info(self, row: Training, params: ResolvedParams, step: int, epoch: int) -> ExportInfo:
+        return ExportInfo(
+            family=row.family, base_model=row.base_model, network_dim=params.network_dim,
+            network_alpha=params.network_alpha, trigger_words=list(row.trigger_words), steps=step, epochs=epoch,
+            resolution=params.resolution, num_images=row.dataset_images, title=row.name,
+            network_type=params.network_type, conv_dim=params.conv_dim, conv_alpha=params.conv_alpha)
+
     def _on_checkpoint(self, folder: Path, step: int, epoch: int) -> None:
         prefix = checkpoint_prefix(self.id, epoch)
+        if self._epoch_lora is not None:
+            self._epoch_lora(folder, step, epoch)
         for name in CHECKPOINT_FILES:  # state.json last: a listed checkpoint is complete
             self.deps.store.put_file(f"{prefix}/{name}", folder / name)
         self._write(checkpoint_key=prefix, checkpoint_step=step, checkpoint_epoch=epoch, step=step, epoch=epoch,
                     progress_at=utcnow())
 
-    def _enable(self, row: Training, resource_id: str, path: Path) -> None:
+    def enable_resource(self, row: Training, resource_id: str, path: Path) -> None:
         """Enable the trained LoRA; a declared real person's goes on the blocklist in the same transaction
         (the owner may still download it; the generator will never load it)."""
         blocklist = self.deps.blocklist
@@ -128,6 +150,22 @@ class JobRunner:
                                        details={"entry_id": entry.id, "person": entry.person,
                                                 "source": f"training:{self.id}", "resource_id": resource_id})
             self.deps.registry.enable(resource_id, session=s)
+
+    def _epoch_lora_hook(self, row: Training, params: ResolvedParams, trainer: LoraTrainer):  # noqa: ANN202
+        """Every `save_every_n_epochs` epochs (and the last), the LoRA as it is then, in kohya format,
+        kept for download by epoch; uploaded before the checkpoint, so a resumed job never lacks one."""
+
+        def export(folder: Path, step: int, epoch: int) -> None:
+            if not trainer.epoch_lora_due(epoch):
+                return
+            adapter = load_file(str(folder / CHECKPOINT_FILES[0]))
+            path = write_lora(folder.parent / f"epoch-{epoch:06d}.safetensors", adapter,
+                              self._export_info(row, params, step, epoch))
+            self.deps.store.put_file(epoch_lora_key(self.id, epoch), path, content_type="application/octet-stream",
+                                     metadata={"sha256": sha256_file(path), "step": str(step)})
+            path.unlink(missing_ok=True)
+
+        return export
 
     def _sample_hook(self, row: Training):  # noqa: ANN202
         """Samples pass the generator's checks: prompt precheck, image scan, then the postcheck."""
@@ -218,6 +256,7 @@ class JobRunner:
                 raise RuntimeError(f"checkpoint {row.checkpoint_key} holds step {trainer.step}, epoch {trainer.epoch}; "
                                    f"the job recorded {row.checkpoint_step}, {row.checkpoint_epoch}")
             log.info("training %s resumed at step %d, epoch %d", self.id, trainer.step, trainer.epoch)
+        self._epoch_lora = self._epoch_lora_hook(row, params, trainer)
         hooks = TrainHooks(on_progress=self._on_progress, should_stop=self._should_stop,
                            on_checkpoint=self._on_checkpoint, on_sample=self._sample_hook(row))
         result = trainer.train(hooks)
@@ -228,10 +267,8 @@ class JobRunner:
             log.info("training %s canceled at step %d", self.id, result.step)
             return 0
 
-        path = write_lora(work / f"{lora_resource_id(self.id)}.safetensors", trainer.adapter_state_dict(), ExportInfo(
-            family=row.family, base_model=row.base_model, network_dim=params.network_dim,
-            network_alpha=params.network_alpha, trigger_words=list(row.trigger_words), steps=result.step,
-            epochs=result.epoch, resolution=params.resolution, num_images=row.dataset_images, title=row.name))
+        path = write_lora(work / f"{lora_resource_id(self.id)}.safetensors", trainer.adapter_state_dict(),
+                          self._export_info(row, params, result.step, result.epoch))
         verify_export(trainer.pipe, path, row.family, prompt=", ".join(row.trigger_words) or "a photo",
                       resolution=params.resolution)
         # registered out of generation, and enabled only in the transaction that also commits its blocklist
@@ -241,7 +278,7 @@ class JobRunner:
             owner_user_id=row.user_id, poi=row.real_person, trigger_words=list(row.trigger_words),
             meta={"training_id": self.id, "base_model": row.base_model}, generation_enabled=False)
         try:
-            self._enable(row, resource.id, path)
+            self.enable_resource(row, resource.id, path)
             self.records.transition(self.id, [TrainingStatus.running.value], TrainingStatus.succeeded.value,
                                     resource_id=resource.id, output_key=resource.storage_key,
                                     output_sha256=resource.sha256)

@@ -38,6 +38,7 @@ from training.optimizers import build_lr_scheduler, build_optimizer, param_group
 from training.params import ResolvedParams
 from training.previews import preview_prompts, render_previews
 from training.rng_state import capture_rng_state, restore_rng_state
+from training.sample_prompts import parse_sample_prompts
 
 log = logging.getLogger(__name__)
 
@@ -304,11 +305,19 @@ class LoraTrainer:
             folder = self.save_checkpoint(self.work_dir / "checkpoints" / f"epoch-{self.epoch:06d}")
             if hooks.on_checkpoint:
                 hooks.on_checkpoint(folder, self.step, self.epoch)
-            if hooks.on_sample and self.samples and self.samples.enabled:
+            if hooks.on_sample and self.samples and self.samples.enabled and self._samples_due():
                 for index, (prompt, image) in enumerate(self.render_samples()):
                     hooks.on_sample(self.epoch, index, prompt, image)
         result.completed, result.step, result.epoch = True, self.step, self.epoch
         return result
+
+    def _samples_due(self) -> bool:
+        """Samples every `sample_every_n_epochs` epochs, and always after the last one."""
+        return self.epoch % self.params.sample_every_n_epochs == 0 or self.epoch >= self.params.epochs
+
+    def epoch_lora_due(self, epoch: int) -> bool:
+        """Whether epoch `epoch`'s LoRA is delivered: every `save_every_n_epochs`, and always the last."""
+        return epoch % self.params.save_every_n_epochs == 0 or epoch >= self.params.epochs
 
     # ------------------------------------------------------------------------------------ state
 
@@ -326,13 +335,13 @@ class LoraTrainer:
             scheduler=self.lr_scheduler.state_dict(),
             scaler=scaler,
             rng=capture_rng_state(self.generator),
-            extra={"params": self.params.model_dump()},
+            extra={"params": self.params.model_dump(mode="json")},
         ))
 
     def resume(self, folder: str | Path) -> None:
         """Continue from a checkpoint folder: weights, optimizer, LR schedule, RNG, step and epoch."""
         state = load_checkpoint(folder)
-        if state.extra.get("params") != self.params.model_dump():
+        if ResolvedParams.model_validate(state.extra.get("params") or {}) != self.params:
             raise ValueError(f"checkpoint {folder} was written with different parameters")
         load_adapter_weights(self.trained_modules, self.accelerator.unwrap_model, state.adapter, folder)
         self.optimizer.load_state_dict(state.optimizer)
@@ -361,7 +370,11 @@ class LoraTrainer:
     def render_samples(self) -> list[tuple[str, Image.Image]]:
         """Preview images with the adapter as trained so far, from a seed fixed per epoch."""
         cfg = self.samples
-        if cfg is None or cfg.count == 0:
+        if cfg is None:
+            return []
+        if self.params.sample_prompts:
+            return self._render_user_samples(cfg)
+        if cfg.count == 0:
             return []
         captions = [self.caption_for(item.image, augment=False) for item in self.items[: cfg.count]]
         prompts, negatives = preview_prompts(captions, cfg.count, self.safety)
@@ -371,3 +384,20 @@ class LoraTrainer:
                                  seed=self.params.seed + self.epoch, autocast=self.accelerator.autocast)
         return list(zip(prompts, images, strict=True))
 
+    def _render_user_samples(self, cfg: SampleSettings) -> list[tuple[str, Image.Image]]:
+        """The user's own kohya sample prompts, each with its size, seed, steps, CFG and negative prompt
+        (the mandatory safety embeddings injected as for any preview)."""
+        for module in self.trained_modules.values():
+            module.eval()
+        out = []
+        for sp in parse_sample_prompts(self.params.sample_prompts, None, self.params.resolution):
+            prompts, negatives = preview_prompts([sp.prompt], 1, self.safety, negative=sp.negative)
+            settings = cfg.model_copy(update={"steps": sp.steps or cfg.steps,
+                                              "guidance_scale": cfg.guidance_scale if sp.guidance_scale is None
+                                              else sp.guidance_scale})
+            seed = sp.seed if sp.seed is not None else self.params.seed + self.epoch
+            image, = render_previews(self.pipe, self.vae, prompts, negatives, settings,
+                                     resolution=self.params.resolution, width=sp.width, height=sp.height,
+                                     seed=seed, autocast=self.accelerator.autocast)
+            out.append((prompts[0], image))
+        return out

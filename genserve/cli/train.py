@@ -41,6 +41,16 @@ def _params(pairs: list[str], named: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _caption_edits(path: Path) -> dict[str, str]:
+    """`train captions --json` output (or a plain {name: caption} object) -> {name: caption}."""
+    import json
+
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if isinstance(data, dict) and "images" in data:
+        return {i["name"]: i["caption"] for i in data["images"]}
+    return {str(k): str(v) for k, v in data.items()}
+
+
 def _summary(view: dict[str, Any]) -> str:
     p = view["progress"]
     line = f"training {view['id']}: {view['status']} — step {p['step']}/{p['total_steps']}, epoch {p['epoch']}/{p['epochs']}"
@@ -89,18 +99,30 @@ def register(app: typer.Typer) -> None:
         trigger: list[str] = typer.Option([], "--trigger", help="Trigger word (repeatable)"),
         real_person: bool = typer.Option(False, "--real-person", help="The subject is a real, identifiable person"),
         person: str = typer.Option("", "--person", help="That person's name"),
-        epochs: int | None = typer.Option(None, "--epochs"),
+        config: Path | None = typer.Option(None, "--config", exists=True, readable=True, dir_okay=False,
+                                           help="kohya config TOML (--config_file); options given here win"),
+        dataset_config: Path | None = typer.Option(None, "--dataset-config", exists=True, readable=True,
+                                                   dir_okay=False, help="kohya dataset TOML"),
+        epochs: int | None = typer.Option(None, "--epochs", "--max-train-epochs"),
         repeats: int | None = typer.Option(None, "--repeats"),
         batch_size: int | None = typer.Option(None, "--batch-size"),
         resolution: int | None = typer.Option(None, "--resolution"),
-        network_dim: int | None = typer.Option(None, "--dim"),
-        network_alpha: float | None = typer.Option(None, "--alpha"),
+        network_dim: int | None = typer.Option(None, "--dim", "--network-dim"),
+        network_alpha: float | None = typer.Option(None, "--alpha", "--network-alpha"),
         unet_lr: float | None = typer.Option(None, "--unet-lr"),
         text_encoder_lr: float | None = typer.Option(None, "--te-lr"),
-        optimizer: str | None = typer.Option(None, "--optimizer", help="adamw | adamw8bit | prodigy"),
-        lr_scheduler: str | None = typer.Option(None, "--scheduler", help="constant | cosine | cosine_with_restarts"),
+        optimizer: str | None = typer.Option(None, "--optimizer", "--optimizer-type",
+                                             help="adamw | adamw8bit | prodigy | adafactor"),
+        lr_scheduler: str | None = typer.Option(
+            None, "--scheduler", "--lr-scheduler",
+            help="constant | constant_with_warmup | linear | cosine | cosine_with_restarts | polynomial"),
+        sample_prompts: Path | None = typer.Option(None, "--sample-prompts", exists=True, readable=True,
+                                                   dir_okay=False, help="kohya sample-prompt file"),
         seed: int | None = typer.Option(None, "--seed"),
         param: list[str] = typer.Option([], "--param", help="Any training parameter as KEY=VALUE (repeatable)"),
+        auto_caption: bool = typer.Option(False, "--auto-caption", help="Caption images without one (tagger/VLM)"),
+        captions: Path | None = typer.Option(None, "--captions", exists=True, readable=True, dir_okay=False,
+                                             help="JSON from `train captions` (edited): file name -> caption"),
         wait: bool = typer.Option(False, "--wait", help="Block with a progress bar until the job ends"),
         poll: float = typer.Option(1.0, "--poll", help="Seconds between status polls with --wait"),
         user: str | None = UserOption,
@@ -113,9 +135,19 @@ def register(app: typer.Typer) -> None:
             "network_dim": network_dim, "network_alpha": network_alpha, "unet_lr": unet_lr,
             "text_encoder_lr": text_encoder_lr, "optimizer": optimizer, "lr_scheduler": lr_scheduler, "seed": seed,
         })
+        config_text = config.read_text(encoding="utf-8") if config else None
+        if config_text and sample_prompts is None and "sample_prompts" not in params:
+            from training.kohya_config import sample_prompts_file
+
+            if named := sample_prompts_file(config_text):  # kohya names a file: read it, send the prompts
+                sample_prompts = (config.parent / named) if not Path(named).is_absolute() else Path(named)
+        if sample_prompts is not None:
+            params["sample_prompts"] = sample_prompts.read_text(encoding="utf-8").splitlines()
         with _client(ctx, user, url) as client:
             view = client.submit(dataset, family=family, real_person=real_person, name=name,
-                                 trigger_words=list(trigger), person=person, params=params)
+                                 trigger_words=list(trigger), person=person, params=params, config=config_text,
+                                 dataset_config=dataset_config.read_text(encoding="utf-8") if dataset_config else None,
+                                 captions=_caption_edits(captions) if captions else None, auto_caption=auto_caption)
             if not as_json:
                 report = view["dataset"]["report"]
                 console.print(f"training {view['id']} {view['status']}: {view['dataset']['images']} images kept, "
@@ -152,8 +184,39 @@ def register(app: typer.Typer) -> None:
     @train.command("download")
     @handle_errors
     def download(ctx: typer.Context, training_id: str, out: Path = typer.Option(..., "--out", help="File to write"),
+                 epoch: int | None = typer.Option(None, "--epoch", help="The LoRA as it was after this epoch"),
                  user: str | None = UserOption, url: str | None = UrlOption, as_json: bool = JsonOption) -> None:
-        """Save the trained LoRA (.safetensors, kohya format)."""
+        """Save the trained LoRA (.safetensors, kohya format), or one epoch's."""
         with _client(ctx, user, url) as client:
-            path = client.download(training_id, out)
+            path = client.download(training_id, out, epoch=epoch)
         emit({"path": str(path), "bytes": path.stat().st_size}, as_json, f"saved {path}")
+
+    @train.command("epochs")
+    @handle_errors
+    def epochs_(ctx: typer.Context, training_id: str, user: str | None = UserOption, url: str | None = UrlOption,
+                as_json: bool = JsonOption) -> None:
+        """List the epochs whose LoRA can be downloaded (`train download ID --epoch N`)."""
+        with _client(ctx, user, url) as client:
+            rows = client.epochs(training_id)
+        emit(rows, as_json, "\n".join(f"epoch {r['epoch']}: {r['bytes']} bytes, sha256 {r.get('sha256')}"
+                                       for r in rows) or "no epoch LoRA yet")
+
+    @train.command("captions")
+    @handle_errors
+    def captions_(ctx: typer.Context,
+                  dataset: Path = typer.Argument(..., exists=True, readable=True, help="Zip of images"),
+                  overwrite: bool = typer.Option(False, "--overwrite", help="Caption every image, not only uncaptioned"),
+                  user: str | None = UserOption, url: str | None = UrlOption, as_json: bool = JsonOption) -> None:
+        """Propose captions (auto-captioner) to edit, then submit with `--captions FILE`."""
+        with _client(ctx, user, url) as client:
+            result = client.propose_captions(dataset, overwrite=overwrite)
+        emit(result, as_json, "\n".join(f"{i['name']} [{i['source']}]: {i['caption']}" for i in result["images"]))
+
+    @train.command("publish")
+    @handle_errors
+    def publish_(ctx: typer.Context, training_id: str, epoch: int = typer.Option(..., "--epoch"),
+                 user: str | None = UserOption, url: str | None = UrlOption, as_json: bool = JsonOption) -> None:
+        """Register one epoch's LoRA as a LoRA resource of its own."""
+        with _client(ctx, user, url) as client:
+            result = client.publish_epoch(training_id, epoch)
+        emit(result, as_json, f"epoch {epoch}: LoRA resource {result['resource_id']} (sha256 {result['sha256']})")

@@ -4,19 +4,18 @@ The txt2img and img2img pipelines are views over the loaded pipeline's component
 weight copies), built once per loaded pipeline and used by one request at a time (the caller holds
 the checkpoint's lock). Per image there is a new scheduler and seeded generator, so image i depends
 only on `seeds[i]` and the parameters: a batch of N is N reproducible single images. The prompts always pass through
-the safety embeddings' `inject` here, whatever the caller already did, and only prompt strings ever
-reach the pipeline (no caller-supplied embeddings). A step callback reports progress and turns a set
+the safety embeddings' `inject` here, whatever the caller already did, and are encoded here from those
+strings (A1111 syntax, `prompt_encoding`): no caller-supplied embeddings ever reach the pipeline. A step callback reports progress and turns a set
 cancel event into diffusers' interrupt flag, so a cancel takes effect within one step.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -33,6 +32,8 @@ from PIL import Image
 
 from genserve.core.config.worker import WorkerConfig
 from genserve.engine.infotext import build_infotext, encode_png
+from genserve.engine.prompt_encoding import PromptEncoder, ScheduledConditioning, encode_scheduled
+from genserve.engine.prompt_syntax import extract_extra_networks, lora_tag
 from genserve.engine.schedulers import make_scheduler, sampler_spec
 from genserve.generation.worker.wire import WorkerRequest
 from safety.embeddings import InjectedPrompts
@@ -122,23 +123,6 @@ def prepare_pipeline(pipe: DiffusionPipeline, config: WorkerConfig) -> Diffusion
     return pipe
 
 
-@contextlib.contextmanager
-def _clip_skip_compat(pipe: DiffusionPipeline) -> Iterator[None]:
-    """SD1 clip skip in diffusers 0.42 applies `text_encoder.text_model.final_layer_norm`, but transformers 5
-    flattened CLIPTextModel (its layers are now direct children). For the duration of one generation,
-    point `text_model` at the model itself with a plain instance attribute (outside the module tree).
-    Only then: diffusers' LoRA loader reads the attribute's absence as "flattened" and maps keys by it."""
-    encoder = getattr(pipe, "text_encoder", None)
-    shim = encoder is not None and not hasattr(encoder, "text_model") and hasattr(encoder, "final_layer_norm")
-    if shim:
-        object.__setattr__(encoder, "text_model", encoder)
-    try:
-        yield
-    finally:
-        if shim:
-            del encoder.__dict__["text_model"]
-
-
 _views_lock = threading.Lock()
 _views: weakref.WeakKeyDictionary[DiffusionPipeline, dict[type, DiffusionPipeline]] = weakref.WeakKeyDictionary()
 
@@ -172,9 +156,34 @@ def img2img_class(pipe: DiffusionPipeline) -> type[DiffusionPipeline]:
 # ------------------------------------------------------------------------------------------ helpers
 
 
-def diffusers_clip_skip(a1111_clip_skip: int) -> int | None:
-    """A1111 counts the last layer as 1; diffusers counts layers skipped."""
+def diffusers_clip_skip(a1111_clip_skip: int, sdxl: bool = False) -> int | None:
+    """diffusers' `clip_skip` for an A1111 value. SD1: A1111 counts the last layer as 1, diffusers counts
+    layers skipped. SDXL: diffusers already reads the penultimate layer and skips `clip_skip` more,
+    while A1111/ComfyUI/Civitai mean penultimate by 1 and 2 (see `prompt_encoding`)."""
+    if sdxl:
+        return a1111_clip_skip - 2 if a1111_clip_skip > 2 else None
     return a1111_clip_skip - 1 if a1111_clip_skip > 1 else None
+
+
+def safety_prefix(safety: PromptInjector, mature: bool) -> str:
+    """The safety tokens the injector puts first in every negative prompt (its output for an empty one)."""
+    return safety.inject(prompt="", negative_prompt="", mature=mature)[1]
+
+
+def split_negative(negative: str, prefix: str) -> str:
+    """The user's part of an injected negative prompt (after the safety prefix). Fails closed when the
+    injected prompt does not start with the prefix."""
+    if not negative.startswith(prefix):
+        raise RuntimeError("the injected negative prompt does not start with the safety tokens")
+    return negative[len(prefix):]
+
+
+def infotext_prompt(prompt: str, loras: Mapping[str, float]) -> str:
+    """The prompt as the infotext records it: the LoRAs listed as resources become `<lora:id:w>` tags
+    (A1111's way of naming them), so the infotext alone asks for the same LoRAs again."""
+    tagged = {tag.name for tag in extract_extra_networks(prompt).loras}
+    extra = [lora_tag(name, w) for name, w in loras.items() if name not in tagged]
+    return " ".join([prompt, *extra]) if extra else prompt
 
 
 def hires_size(width: int, height: int, scale: float, multiple: int = 8) -> tuple[int, int]:
@@ -225,14 +234,28 @@ def generate(
 
     prompt, negative = safety.inject(prompt=request.prompt, negative_prompt=request.negative_prompt,
                                      mature=request.mature)
+    prefix = safety_prefix(safety, request.mature)
+    user_negative = split_negative(negative, prefix)
+    sdxl = getattr(pipe, "text_encoder_2", None) is not None
     base_config = pipe.scheduler.config
     txt2img = pipeline_view(pipe, type(pipe))
     img2img = None
     hires = request.hires
     if hires is not None and hires.denoise > 0:
         img2img = pipeline_view(pipe, img2img_class(pipe))
-    clip_skip = diffusers_clip_skip(request.clip_skip)
+    # the prompts are encoded here, A1111's way (weights, BREAK, long prompts, editing); LoRA tags are
+    # no words: the admission turned them into the request's LoRAs
+    encoder = PromptEncoder(pipe, request.clip_skip)
+    texts = dict(prompt=extract_extra_networks(prompt).text,
+                 negative=extract_extra_networks(user_negative).text, protected_negative_prefix=prefix)
+    with torch.no_grad():
+        first_cond = encode_scheduled(encoder, steps=request.steps, **texts)
+        second_cond = None
+        if img2img is not None and hires is not None:
+            second_cond = encode_scheduled(encoder, steps=hires.steps or request.steps, **texts)
+    timings["encode_ms"] = (time.perf_counter() - started) * 1000
     timings["setup_ms"] = (time.perf_counter() - started) * 1000
+    info_prompt = infotext_prompt(prompt, {x.resource_id: x.strength for x in request.loras})
 
     images: list[GeneratedImage] = []
     canceled = False
@@ -242,17 +265,16 @@ def generate(
             canceled = True
             break
         t0 = time.perf_counter()
-        with _clip_skip_compat(pipe) if clip_skip else contextlib.nullcontext():
-            image = _one_image(
-                txt2img, img2img, request, index=index, seed=seed, prompt=prompt, negative=negative,
-                base_config=base_config, clip_skip=clip_skip, on_progress=on_progress, cancel=cancel,
-            )
+        image = _one_image(
+            txt2img, img2img, request, index=index, seed=seed, first_cond=first_cond, second_cond=second_cond,
+            sdxl=sdxl, base_config=base_config, on_progress=on_progress, cancel=cancel,
+        )
         denoise_ms += (time.perf_counter() - t0) * 1000
         if image is None or cancel.is_set():  # interrupted mid-image: the partial image is dropped
             canceled = True
             break
         info = build_infotext(
-            prompt=prompt, negative_prompt=negative, steps=request.steps, sampler=request.sampler,
+            prompt=info_prompt, negative_prompt=negative, steps=request.steps, sampler=request.sampler,
             cfg_scale=request.cfg_scale, seed=seed, width=request.width, height=request.height,
             model_hash=model.model_hash, model_name=model.name, clip_skip=request.clip_skip,
             lora_hashes=model.lora_hashes, ti_hashes=model.ti_hashes,
@@ -277,10 +299,10 @@ def _one_image(
     *,
     index: int,
     seed: int,
-    prompt: str,
-    negative: str,
+    first_cond: ScheduledConditioning,
+    second_cond: ScheduledConditioning | None,
+    sdxl: bool,
     base_config: Mapping[str, Any],
-    clip_skip: int | None,
     on_progress: ProgressCallback | None,
     cancel: threading.Event,
 ) -> Image.Image | None:
@@ -295,6 +317,8 @@ def _one_image(
         second_steps = hires_inference_steps(hires.steps or request.steps, hires.denoise)
         total += _planned_steps(second, second_steps, hires.denoise)
     done = 0
+    first_total = total - (_planned_steps(second, second_steps, hires.denoise) if second is not None else 0)
+    state = {"cond": first_cond, "calls": max(1, first_total), "base": 0}
 
     def on_step_end(pipe: DiffusionPipeline, step: int, timestep: Any, kwargs: dict) -> dict:
         nonlocal done
@@ -303,19 +327,27 @@ def _one_image(
             on_progress(index, min(done, total), total)
         if cancel.is_set():
             pipe._interrupt = True
+        cond: ScheduledConditioning = state["cond"]
+        if cond.varies:  # prompt editing / alternation: the next sampling step's conditioning
+            calls = done - state["base"]
+            next_step = calls * cond.steps // state["calls"] + 1
+            return {**kwargs, **cond.step_update(next_step, pipe.do_classifier_free_guidance)}
         return kwargs
+
+    def run(view: DiffusionPipeline, cond: ScheduledConditioning, **kw: Any) -> Any:
+        extra: dict[str, Any] = {}
+        if cond.varies:
+            extra["callback_on_step_end_tensor_inputs"] = cond.callback_tensors(sdxl)
+        return view(**cond.pipeline_kwargs(), guidance_scale=request.cfg_scale, generator=generator,
+                    callback_on_step_end=on_step_end, **extra, **kw)
 
     # the CPU generator gives the same noise on every device, so a seed reproduces across hardware
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    common = dict(
-        prompt=prompt, negative_prompt=negative, guidance_scale=request.cfg_scale, clip_skip=clip_skip,
-        generator=generator, callback_on_step_end=on_step_end,
-    )
     txt2img.scheduler = first
     latent_upscale = hires is not None and img2img is not None and hires.upscaler == "latent"
-    out = txt2img(
-        width=request.width, height=request.height, num_inference_steps=request.steps,
-        output_type="latent" if latent_upscale else "pil", **common,
+    out = run(
+        txt2img, first_cond, width=request.width, height=request.height, num_inference_steps=request.steps,
+        output_type="latent" if latent_upscale else "pil",
     ).images
     if cancel.is_set():
         return None
@@ -332,5 +364,8 @@ def _one_image(
     if img2img is None:  # denoise 0: the upscaled first image is the result
         return upscaled
     img2img.scheduler = second
-    image = img2img(image=upscaled, strength=hires.denoise, num_inference_steps=second_steps, **common).images[0]
+    assert second_cond is not None
+    state.update(cond=second_cond, calls=max(1, total - first_total), base=done)
+    image = run(img2img, second_cond, image=upscaled, strength=hires.denoise,
+                num_inference_steps=second_steps).images[0]
     return None if cancel.is_set() else image

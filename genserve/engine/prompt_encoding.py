@@ -111,7 +111,8 @@ class PromptEncoder:
             ids[first_end + 1:] = [pad] * (len(ids) - first_end - 1)
             chunk.tokens = ids
             chunk.multipliers = [1.0, *chunk.multipliers, 1.0]
-            chunk.protected = [False, *chunk.protected, False]
+            # <bos> before the safety tokens is theirs too (constant under causal attention)
+            chunk.protected = [bool(protected_prefix) and not chunks, *chunk.protected, False]
             chunks.append(chunk)
             chunk = _Chunk()
             last_comma = -1
@@ -191,3 +192,67 @@ class PromptEncoder:
             self._empty[0] = (self.encode("").embeds, None)
         empty = self._empty[0][0].to(cond.embeds.dtype)
         return Conditioning(torch.cat([cond.embeds, *[empty] * (chunks - cond.chunks)], dim=1), cond.pooled)
+
+
+@dataclass(frozen=True)
+class ScheduledConditioning:
+    """The positive and negative conditionings at every sampling step of one pass (prompt editing and
+    alternation change them between steps), padded to one length."""
+
+    positive: list[tuple[int, Conditioning]]  # (last step, conditioning), as `prompt_schedule`
+    negative: list[tuple[int, Conditioning]]
+    steps: int
+
+    @staticmethod
+    def _at(schedule: list[tuple[int, Conditioning]], step: int) -> Conditioning:
+        for end, cond in schedule:
+            if step <= end:
+                return cond
+        return schedule[-1][1]
+
+    def at(self, step: int) -> tuple[Conditioning, Conditioning]:
+        """(positive, negative) at 1-based sampling `step`."""
+        return self._at(self.positive, step), self._at(self.negative, step)
+
+    @property
+    def varies(self) -> bool:
+        return len(self.positive) > 1 or len(self.negative) > 1
+
+    def pipeline_kwargs(self) -> dict[str, torch.Tensor]:
+        """The embeddings a diffusers SD1/SDXL pipeline takes instead of prompt strings (step 1's)."""
+        pos, neg = self.at(1)
+        kwargs = {"prompt_embeds": pos.embeds, "negative_prompt_embeds": neg.embeds}
+        if pos.pooled is not None:
+            kwargs.update(pooled_prompt_embeds=pos.pooled, negative_pooled_prompt_embeds=neg.pooled)
+        return kwargs
+
+    def callback_tensors(self, sdxl: bool) -> list[str]:
+        return ["prompt_embeds", "add_text_embeds"] if sdxl else ["prompt_embeds"]
+
+    def step_update(self, step: int, guidance: bool) -> dict[str, torch.Tensor]:
+        """The callback outputs that switch the pipeline to `step`'s conditioning (its batched form:
+        negative first, as diffusers concatenates them under classifier-free guidance)."""
+        pos, neg = self.at(step)
+        out = {"prompt_embeds": torch.cat([neg.embeds, pos.embeds]) if guidance else pos.embeds}
+        if pos.pooled is not None:
+            out["add_text_embeds"] = torch.cat([neg.pooled, pos.pooled]) if guidance else pos.pooled
+        return out
+
+
+def encode_scheduled(encoder: PromptEncoder, *, prompt: str, negative: str, protected_negative_prefix: str,
+                     steps: int) -> ScheduledConditioning:
+    """Both prompts' schedules encoded (each distinct text once) and padded to one chunk count."""
+    from genserve.engine.prompt_syntax import prompt_schedule
+
+    cache: dict[tuple[str, str], Conditioning] = {}
+
+    def enc(text: str, prefix: str) -> Conditioning:
+        if (text, prefix) not in cache:
+            cache[(text, prefix)] = encoder.encode(text, prefix)
+        return cache[(text, prefix)]
+
+    pos = [(end, enc(text, "")) for end, text in prompt_schedule(prompt, steps)]
+    neg = [(end, enc(text, protected_negative_prefix)) for end, text in prompt_schedule(negative, steps)]
+    chunks = max(c.chunks for _, c in pos + neg)
+    pad = {id(c): encoder.pad_to(c, chunks) for _, c in pos + neg}
+    return ScheduledConditioning([(e, pad[id(c)]) for e, c in pos], [(e, pad[id(c)]) for e, c in neg], steps)

@@ -127,7 +127,8 @@ def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
 
     def multiply_range(start: int, multiplier: float) -> None:
         for p in range(start, len(res)):
-            res[p][1] *= multiplier
+            if res[p] != list(BREAK_MARK):  # a BREAK inside brackets stays a BREAK (A1111 turns it into a word)
+                res[p][1] *= multiplier
 
     for m in _ATTENTION_RE.finditer(text):
         piece, weight = m.group(0), m.group(1)

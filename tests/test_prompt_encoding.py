@@ -138,3 +138,11 @@ def test_sdxl_clip_skip_uses_the_layer_a1111_and_comfyui_use(pipes):
         three = PromptEncoder(pipe, clip_skip=3).encode("a cat").embeds
     assert torch.equal(two, penultimate)
     assert not torch.allclose(three, penultimate)
+
+
+def test_a_chunk_whose_mean_is_near_zero_stays_finite(pipes):
+    # on the tiny SD1 model this chunk's weighted mean is ~0: A1111's unguarded rescale gives inf
+    pipe, _ = pipes("sd1")
+    with one_torch_thread():
+        cond = PromptEncoder(pipe).encode("a (red:1.3) fox")
+    assert bool(torch.isfinite(cond.embeds).all())

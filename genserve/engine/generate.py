@@ -34,8 +34,8 @@ from genserve.core.config.worker import WorkerConfig
 from genserve.engine.infotext import build_infotext, encode_png
 from genserve.engine.prompt_encoding import PromptEncoder, ScheduledConditioning, encode_scheduled
 from genserve.engine.prompt_syntax import extract_extra_networks, lora_tag
-from genserve.engine.schedulers import make_scheduler, sampler_spec
-from genserve.generation.worker.wire import WorkerRequest
+from genserve.engine.schedulers import infotext_sampler, make_scheduler, sampler_spec
+from genserve.generation.worker.wire import WorkerRequest, hires_size
 from safety.embeddings import InjectedPrompts
 
 logger = logging.getLogger(__name__)
@@ -186,10 +186,6 @@ def infotext_prompt(prompt: str, loras: Mapping[str, float]) -> str:
     return " ".join([prompt, *extra]) if extra else prompt
 
 
-def hires_size(width: int, height: int, scale: float, multiple: int = 8) -> tuple[int, int]:
-    return (int(width * scale) // multiple * multiple, int(height * scale) // multiple * multiple)
-
-
 def hires_inference_steps(steps: int, denoise: float) -> int:
     """A1111 runs exactly `steps` second-pass steps; diffusers runs about `n * strength` of `n`."""
     return max(steps, int(steps / min(denoise, 0.999)))
@@ -255,6 +251,7 @@ def generate(
             second_cond = encode_scheduled(encoder, steps=hires.steps or request.steps, **texts)
     timings["encode_ms"] = (time.perf_counter() - started) * 1000
     timings["setup_ms"] = (time.perf_counter() - started) * 1000
+    sampler_base, schedule_type = infotext_sampler(request.sampler)
     info_prompt = infotext_prompt(prompt, {x.resource_id: x.strength for x in request.loras})
 
     images: list[GeneratedImage] = []
@@ -274,7 +271,8 @@ def generate(
             canceled = True
             break
         info = build_infotext(
-            prompt=info_prompt, negative_prompt=negative, steps=request.steps, sampler=request.sampler,
+            prompt=info_prompt, negative_prompt=negative, steps=request.steps, sampler=sampler_base,
+            schedule_type=schedule_type,
             cfg_scale=request.cfg_scale, seed=seed, width=request.width, height=request.height,
             model_hash=model.model_hash, model_name=model.name, clip_skip=request.clip_skip,
             lora_hashes=model.lora_hashes, ti_hashes=model.ti_hashes,

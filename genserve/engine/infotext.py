@@ -17,6 +17,7 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
@@ -90,11 +91,14 @@ def build_infotext(
     hires_steps: int | None = None,
     hires_denoise: float | None = None,
     hires_upscaler: str | None = None,
+    schedule_type: str | None = None,
 ) -> Infotext:
-    """The parameters of one image in A1111's order and spelling. `width`/`height` are the first pass's."""
+    """The parameters of one image in A1111's order and spelling. `width`/`height` are the first pass's.
+    `sampler` is written as A1111 >= 1.9 does: the sampler, then its "Schedule type" when it has one."""
     params: dict[str, object] = {
         "Steps": steps,
         "Sampler": sampler,
+        "Schedule type": schedule_type,
         "CFG scale": float(cfg_scale),
         "Seed": seed,
         "Size": f"{width}x{height}",
@@ -116,6 +120,7 @@ def build_infotext(
     if ti_hashes:
         params["TI hashes"] = _hash_list(ti_hashes)
     params["Version"] = f"{SERVICE_NAME} {__version__}"
+    params = {k: v for k, v in params.items() if v is not None}
     return Infotext(prompt=prompt, negative_prompt=negative_prompt,
                     params={k: _format_value(v) for k, v in params.items()})
 
@@ -173,3 +178,56 @@ def read_png_infotext(png: bytes) -> Infotext | None:
     with Image.open(io.BytesIO(png)) as img:
         text = img.text.get(PNG_TEXT_KEY) if hasattr(img, "text") else None
     return parse_infotext(text) if text else None
+
+
+# ------------------------------------------------------------------------------- infotext -> request
+
+
+class InfotextInvalid(ValueError):
+    """Infotext whose parameters cannot become a request (a number that is not one, a bad size)."""
+
+
+def _as(kind: type, key: str, value: str) -> Any:
+    try:
+        return kind(unquote(value))
+    except ValueError:
+        raise InfotextInvalid(f"infotext {key}: {value!r} is not a {kind.__name__}") from None
+
+
+def request_fields(text: str) -> dict[str, Any]:
+    """The generation-request fields (`/v1/generations` names) an A1111 infotext asks for: prompts,
+    steps, sampler (with A1111 >= 1.9's separate "Schedule type"), CFG scale, seed, size, clip skip,
+    the model (as the checkpoint), hires fix. LoRAs come back through the `<lora:...>` tags the
+    prompt carries; parameters with no request field (Version, hashes ...) are ignored."""
+    info = parse_infotext(text)
+    p = info.params
+    out: dict[str, Any] = {"prompt": info.prompt, "negative_prompt": info.negative_prompt}
+    if "Steps" in p:
+        out["steps"] = _as(int, "Steps", p["Steps"])
+    if "Sampler" in p:
+        out["sampler"] = unquote(p["Sampler"])
+        if p.get("Schedule type"):
+            out["scheduler"] = unquote(p["Schedule type"])
+    if "CFG scale" in p:
+        out["cfg_scale"] = _as(float, "CFG scale", p["CFG scale"])
+    if "Seed" in p:
+        out["seed"] = _as(int, "Seed", p["Seed"])
+    if "Size" in p:
+        w, sep, h = unquote(p["Size"]).partition("x")
+        if not sep:
+            raise InfotextInvalid(f"infotext Size: {p['Size']!r} is not WIDTHxHEIGHT")
+        out["width"], out["height"] = _as(int, "Size", w), _as(int, "Size", h)
+    if "Clip skip" in p:
+        out["clip_skip"] = _as(int, "Clip skip", p["Clip skip"])
+    if "Model" in p:
+        out["checkpoint"] = unquote(p["Model"])
+    if "Hires upscale" in p:
+        hires: dict[str, Any] = {"scale": _as(float, "Hires upscale", p["Hires upscale"])}
+        if "Denoising strength" in p:
+            hires["denoise"] = _as(float, "Denoising strength", p["Denoising strength"])
+        if "Hires steps" in p:
+            hires["steps"] = _as(int, "Hires steps", p["Hires steps"])
+        if "Hires upscaler" in p:
+            hires["upscaler"] = unquote(p["Hires upscaler"])
+        out["hires"] = hires
+    return out

@@ -34,6 +34,7 @@ from genserve.engine.prompt_syntax import BREAK_MARK, parse_prompt_attention
 
 CHUNK_LENGTH = 75
 COMMA_BACKTRACK = 20
+MIN_RESCALE, MAX_RESCALE = 0.1, 10.0  # bounds of the mean-restoring factor (see `_encode_chunks`)
 
 
 @dataclass
@@ -163,9 +164,13 @@ class PromptEncoder:
                 pooled = pool
             weights = torch.tensor(chunk.multipliers, device=device, dtype=z.dtype)
             if bool((weights != 1).any()):
-                original_mean = z.mean()
                 weighted = z * weights[None, :, None]
-                weighted = weighted * (original_mean / weighted.mean())
+                ratio = z.mean() / weighted.mean()
+                # A1111 divides by the weighted mean unguarded; a mean near zero (never seen on real CLIP,
+                # whose hidden states have a large mean, but possible on other weights) would blow the
+                # chunk up to inf, so such a chunk keeps its weights without the rescale
+                if bool(torch.isfinite(ratio)) and MIN_RESCALE <= float(ratio) <= MAX_RESCALE:
+                    weighted = weighted * ratio
                 keep = torch.tensor(chunk.protected, device=device)
                 z = torch.where(keep[None, :, None], z, weighted)
             zs.append(z)

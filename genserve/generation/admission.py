@@ -15,6 +15,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from genserve.billing.pricing import HiresParams, Pricing, Quote
+from genserve.engine.prompt_syntax import extract_extra_networks, plain_text
 from genserve.core import metrics
 from genserve.core.config import Settings
 from genserve.core.errors import Forbidden, InvalidRequest, QueueFull, SafetyBlocked, Unavailable
@@ -25,7 +26,7 @@ from genserve.generation.worker.wire import HiresSpec, LoraSpec, WorkerRequest
 from genserve.resources.cache import ResourceCache
 from genserve.resources.catalog import FamilyEntry, ModelCatalog
 from genserve.resources.models import ResourceKind
-from genserve.resources.registry import ResolvedResource, ResolvedResources, ResourceRegistry
+from genserve.resources.registry import ResolvedResource, ResolvedResources, ResourceNotFound, ResourceRegistry
 from safety.embeddings import uses_reserved_token
 from safety.gate import SafetyGate
 from safety.hashing import load_tensors
@@ -35,6 +36,14 @@ from safety.policy import LikenessHit, ResourceFlags
 from safety.verdict import Verdict
 
 FINGERPRINT_CACHE_ENTRIES = 4096
+
+
+@dataclass(frozen=True)
+class ResourceUse:
+    """One resource a request uses: listed in `resources` or named by a `<lora:...>` tag."""
+
+    id: str
+    strength: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -130,15 +139,22 @@ def image_size(family: FamilyEntry | None, family_name: str, request: Generation
     return size  # type: ignore[return-value]
 
 
-def hires_spec(request: GenerationRequest, size: tuple[int, int]) -> HiresSpec | None:
+def hires_spec(request: GenerationRequest, size: tuple[int, int], max_pixels: int) -> HiresSpec | None:
+    """The worker's hires spec, refused here when the worker would refuse it (its `max_pixels`, the same
+    target-size rule): a quoted and held job never fails at the worker for its size."""
+    if size[0] * size[1] > max_pixels:
+        raise InvalidRequest(f"{size[0]}x{size[1]} is over the worker's {max_pixels} pixels", code="size_too_large",
+                             details={"max_pixels": max_pixels})
     if request.hires is None:
         return None
-    target = [round(side * request.hires.scale / 8) * 8 for side in size]
-    if max(target) > MAX_HIRES_SIDE:
-        raise InvalidRequest(f"hires fix would make {target[0]}x{target[1]}; the longest side is {MAX_HIRES_SIDE}",
-                             code="hires_too_large")
     h = request.hires
-    return HiresSpec(scale=h.scale, denoise=h.denoise, steps=h.steps, upscaler=h.upscaler)
+    spec = HiresSpec(scale=h.scale, denoise=h.denoise, steps=h.steps, upscaler=h.upscaler)
+    target = spec.target_size(*size)
+    if max(target) > MAX_HIRES_SIDE or target[0] * target[1] > max_pixels:
+        raise InvalidRequest(f"hires fix would make {target[0]}x{target[1]}; the limit is {max_pixels} pixels "
+                             f"and {MAX_HIRES_SIDE} a side", code="hires_too_large",
+                             details={"target": list(target), "max_pixels": max_pixels, "max_side": MAX_HIRES_SIDE})
+    return spec
 
 
 def check_tokens(family: FamilyEntry | None, resources: ResolvedResources) -> None:
@@ -147,6 +163,14 @@ def check_tokens(family: FamilyEntry | None, resources: ResolvedResources) -> No
     for res in resources.embeddings:
         if uses_reserved_token(res.token or "", reserved):
             raise ReservedToken(f"embedding {res.id} uses a reserved safety token", details={"id": res.id})
+
+
+def audit_text(prompt: str) -> str:
+    """What the prompt audit reads: the prompt as written and, when it uses A1111 syntax, its words
+    without it on a line of their own (weights, BREAK, escapes and editing could otherwise split or hide
+    a term: "(lo)li", "lo\\li", "[lo:li:0]")."""
+    plain = plain_text(prompt)
+    return prompt if plain == prompt else f"{prompt}\n{plain}"
 
 
 # --------------------------------------------------------------------------------- the admission
@@ -158,6 +182,7 @@ class Admission:
     def __init__(self, settings: Settings, *, registry: ResourceRegistry, catalog: ModelCatalog, pricing: Pricing,
                  safety: SafetyGate, resource_cache: ResourceCache, limits: Limits):
         self.config = settings.generation
+        self.max_pixels = settings.worker.max_pixels  # what the workers refuse above
         self.registry = registry
         self.catalog = catalog
         self.pricing = pricing
@@ -178,13 +203,50 @@ class Admission:
                             retry_after_s=self.limits.retry_after_s)
         return active
 
+    def resource_uses(self, caller: Caller, request: GenerationRequest) -> list[ResourceUse]:
+        """The listed resources, then the LoRAs the prompt's `<lora:name:w>` tags name (by resource id, else
+        by a LoRA's unique name), each checked like a listed one from here on (registry, likeness, worker)."""
+        uses = [ResourceUse(r.id, r.strength) for r in request.resources]
+        listed = {u.id for u in uses}
+        tags = [*extract_extra_networks(request.prompt).loras, *extract_extra_networks(request.negative_prompt).loras]
+        for tag in tags:
+            if tag.split:
+                raise InvalidRequest(f"{tag.text}: separate text-encoder and UNet strengths are not supported",
+                                     code="lora_tag_split_strength", details={"tag": tag.text})
+            rid = self._lora_id(tag.name, caller.user_id)
+            if rid in listed:
+                raise InvalidRequest(f"{tag.text}: LoRA {rid} is already listed", code="lora_listed_twice",
+                                     details={"tag": tag.text, "id": rid})
+            listed.add(rid)
+            uses.append(ResourceUse(rid, tag.strength))
+        tier = self.limits.tier(caller.tier)
+        if len(uses) > tier.resources:
+            raise InvalidRequest(f"over the {caller.tier or self.limits.default_tier} tier's limits: ['resources']",
+                                 code="tier_limit_exceeded",
+                                 details={"resources": {"requested": len(uses), "max": tier.resources}})
+        return uses
+
+    def _lora_id(self, name: str, user_id: str) -> str:
+        try:
+            return self.registry.get(name).id
+        except ResourceNotFound:
+            pass
+        found = [r.id for r in self.registry.list(kind=ResourceKind.lora)
+                 if r.name == name and (r.owner_user_id is None or r.owner_user_id == user_id)]
+        if len(found) != 1:
+            raise InvalidRequest(f"<lora:{name}> names no{' single' if found else ''} known LoRA",
+                                 code="lora_tag_unknown" if not found else "lora_tag_ambiguous",
+                                 details={"name": name, **({"ids": found} if found else {})})
+        return found[0]
+
     def plan(self, caller: Caller, request: GenerationRequest) -> AdmissionPlan:
         check_tier(self.limits, caller, request)
-        resources = self.registry.resolve(request.checkpoint, request.resources, caller.user_id)
+        uses = self.resource_uses(caller, request)
+        resources = self.registry.resolve(request.checkpoint, uses, caller.user_id)
         family = self.catalog.families.get(resources.family)
         check_tokens(family, resources)
         size = image_size(family, resources.family, request)
-        hires = hires_spec(request, size)
+        hires = hires_spec(request, size, self.max_pixels)
         allowed = NsfwLevel.lowest(caller.max_nsfw_level, request.nsfw_level)
         with metrics.stage_timer("audit", resources.family):
             verdict = self._precheck(caller, request, resources, allowed)
@@ -200,7 +262,7 @@ class Admission:
                   allowed: NsfwLevel) -> Verdict:
         hits = self._likeness(resources)
         verdict = self.safety.precheck_request(
-            request.prompt, request.negative_prompt,
+            audit_text(request.prompt), audit_text(request.negative_prompt),
             resources=[ResourceFlags(r.id, r.minor, r.poi, r.sfw_only) for r in resources.all],
             likeness_hits=[LikenessHit(r.id, f"likeness.{hit.method}", f"matches a blocklisted likeness of {hit.person}")
                            for r, hit in hits],

@@ -27,7 +27,7 @@ from genserve.core.config import Settings
 from genserve.core.config.worker import WorkerConfig
 from genserve.core.db import Database
 from genserve.core.storage import ObjectStore, object_store_from_settings
-from genserve.engine.generate import GeneratedImage, ModelInfo, generate, hires_size, prepare_pipeline
+from genserve.engine.generate import GeneratedImage, ModelInfo, generate, prepare_pipeline
 from genserve.engine.loading import default_device, load_pipeline
 from genserve.engine.lora_cache import LoraCache
 from genserve.engine.schedulers import sampler_spec
@@ -186,7 +186,7 @@ class WorkerCore:
             raise TooManyImages(f"at most {cfg.max_images} images per request")
         width, height = request.width, request.height
         if request.hires:
-            width, height = hires_size(width, height, request.hires.scale)
+            width, height = request.hires.target_size(width, height)
         if width * height > cfg.max_pixels:
             raise ImageTooLarge(f"{width}x{height} is over {cfg.max_pixels} pixels")
 

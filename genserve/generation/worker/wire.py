@@ -40,6 +40,14 @@ class HiresSpec(_Frozen):
     # "latent": interpolate the latents (A1111 "Latent"); "lanczos": decode, resize the image, encode
     upscaler: Literal["latent", "lanczos"] = "latent"
 
+    def target_size(self, width: int, height: int) -> tuple[int, int]:
+        """The second pass's size: the one rule the admission (quote, limits) and the worker both use."""
+        return hires_size(width, height, self.scale)
+
+
+def hires_size(width: int, height: int, scale: float, multiple: int = 8) -> tuple[int, int]:
+    return (int(width * scale) // multiple * multiple, int(height * scale) // multiple * multiple)
+
 
 class WorkerRequest(_Frozen):
     """One generation: `len(seeds)` images, image i drawn from `seeds[i]` alone (reproducible one by one)."""

@@ -36,6 +36,7 @@ from genserve.core.config import Settings
 from genserve.core.errors import Forbidden, GenserveError, InvalidRequest, QueueFull, Unauthenticated
 from genserve.core.log import log_context
 from genserve.generation.admission import Caller
+from genserve.engine.infotext import MEDIA_TYPES, image_format
 from genserve.generation.protocol import (
     API_VERSION,
     BalanceView,
@@ -314,7 +315,8 @@ def create_api(service: GenerationService, moderation: Moderation, *, routers: S
                                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @app.get(f"{PREFIX}/generations/{{job_id}}/images/{{index}}", tags=["generations"],
-             response_class=Response, responses={200: {"content": {"image/png": {}}}})
+             response_class=Response,
+             responses={200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}}}})
     async def generation_image(
         who: CallerDep, job_id: JobId, index: Annotated[int, Path(ge=0, le=63)],
         redirect: bool = Query(False, description="307 to a presigned object-store URL instead of the bytes"),
@@ -322,7 +324,8 @@ def create_api(service: GenerationService, moderation: Moderation, *, routers: S
         if redirect:
             return RedirectResponse(await asyncio.to_thread(service.image_url, who, job_id, index), status_code=307)
         _, png = await asyncio.to_thread(service.image, who, job_id, index)
-        return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
+        return Response(png, media_type=MEDIA_TYPES[image_format(png)],
+                        headers={"Cache-Control": "private, max-age=3600"})
 
     # -- billing --------------------------------------------------------------------------------
 

@@ -134,3 +134,17 @@ def test_hires_bounds_are_the_workers():
     with pytest.raises(InvalidRequest) as err:
         hires_spec(_req(), (256, 256), max_pixels=128 * 128)
     assert err.value.code == "size_too_large"
+
+
+@pytest.mark.parametrize("fmt", ["jpeg", "webp"])
+def test_jpeg_and_webp_carry_readable_infotext(env, fmt):
+    from genserve.engine.infotext import image_format, read_infotext_text
+
+    service, ledger = env
+    caller = _caller(ledger)
+    data, job = _png(service, caller, _req(output_format=fmt, quality=80, sampler="Euler", scheduler="Karras"))
+    assert image_format(data) == fmt and job.images[0].key.endswith("." + {"jpeg": "jpg", "webp": "webp"}[fmt])
+    text = read_infotext_text(data)
+    assert text == job.infotext and "Sampler: Euler, Schedule type: Karras" in text and "Seed: 99" in text
+    again = GenerationRequest.model_validate({"infotext": text})
+    assert (again.sampler.value, again.seed, again.steps) == ("Euler Karras", 99, 3)

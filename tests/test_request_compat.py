@@ -6,7 +6,12 @@ import pytest
 from pydantic import ValidationError
 
 from genserve.engine.infotext import build_infotext
-from genserve.engine.schedulers import COMFY_SAMPLERS, SAMPLERS, canonical_sampler, sampler_names
+from genserve.engine.schedulers import (
+    COMFY_SAMPLERS,
+    SAMPLERS,
+    canonical_sampler,
+    sampler_names,
+)
 from genserve.generation.protocol import GenerationRequest, Sampler
 
 BASE = {"prompt": "a red fox", "checkpoint": "tiny-sd1"}

@@ -31,8 +31,12 @@ from diffusers import (
 from PIL import Image
 
 from genserve.core.config.worker import WorkerConfig
-from genserve.engine.infotext import build_infotext, encode_png
-from genserve.engine.prompt_encoding import PromptEncoder, ScheduledConditioning, encode_scheduled
+from genserve.engine.infotext import build_infotext, encode_image
+from genserve.engine.prompt_encoding import (
+    PromptEncoder,
+    ScheduledConditioning,
+    encode_scheduled,
+)
 from genserve.engine.prompt_syntax import extract_extra_networks, lora_tag
 from genserve.engine.schedulers import infotext_sampler, make_scheduler, sampler_spec
 from genserve.generation.worker.wire import WorkerRequest, hires_size
@@ -62,9 +66,10 @@ class GeneratedImage:
     image: Image.Image
     infotext: str  # A1111's `parameters` text
 
-    def encode(self) -> bytes:
-        """The PNG with the infotext (a 1024² one takes 0.1-0.2 s of CPU: the caller does it off the GPU's path)."""
-        return encode_png(self.image, self.infotext)
+    def encode(self, fmt: str = "png", quality: int = 90) -> bytes:
+        """The image with its infotext as PNG, JPEG or WebP (a 1024² PNG takes 0.1-0.2 s of CPU: the caller
+        does it off the GPU's path)."""
+        return encode_image(self.image, self.infotext, fmt, quality)
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""A1111-style generation parameters ("infotext") in a PNG `parameters` text chunk.
+"""A1111-style generation parameters ("infotext") in a PNG `parameters` text chunk or a JPEG/WebP EXIF
+UserComment, and back into a request's fields.
 
 The format is the one AUTOMATIC1111 writes and the site, A1111's "PNG Info" and ComfyUI read:
 
@@ -174,10 +175,73 @@ def encode_png(image: Image.Image, infotext: Infotext | str) -> bytes:
 
 
 def read_png_infotext(png: bytes) -> Infotext | None:
-    """The parsed `parameters` chunk of a PNG, or None when it has none."""
-    with Image.open(io.BytesIO(png)) as img:
-        text = img.text.get(PNG_TEXT_KEY) if hasattr(img, "text") else None
+    """The parsed infotext of a delivered image (PNG text chunk, or the EXIF UserComment of a JPEG or
+    WebP), or None when it has none."""
+    text = read_infotext_text(png)
     return parse_infotext(text) if text else None
+
+
+# ------------------------------------------------------------------------------------ output formats
+
+OUTPUT_FORMATS = ("png", "jpeg", "webp")
+MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
+_EXIF_IFD = 0x8769
+_USER_COMMENT = 0x9286
+_UNICODE = b"UNICODE\0"
+
+
+def _user_comment(text: str) -> bytes:
+    """EXIF UserComment as A1111 writes it (`piexif.helper.UserComment.dump(text, encoding="unicode")`):
+    the 8-byte "UNICODE" code, then UTF-16 big-endian."""
+    return _UNICODE + text.encode("utf-16-be")
+
+
+def _read_user_comment(raw: bytes | str) -> str:
+    if isinstance(raw, str):
+        return raw
+    code, body = raw[:8], raw[8:]
+    if code == _UNICODE:
+        # A1111 writes big-endian; some writers use little-endian with a BOM or none
+        if body[:2] == b"\xff\xfe":
+            return body[2:].decode("utf-16-le", errors="replace")
+        return body.decode("utf-16-be", errors="replace").lstrip("\ufeff")
+    return body.decode("utf-8", errors="replace").rstrip("\0")
+
+
+def encode_image(image: Image.Image, infotext: Infotext | str, fmt: str = "png", quality: int = 90) -> bytes:
+    """The image as `fmt` carrying the infotext where A1111 puts it: a PNG `parameters` text chunk, or
+    the EXIF UserComment of a JPEG or WebP (what A1111's PNG Info, the site and ComfyUI read)."""
+    text = infotext if isinstance(infotext, str) else infotext.render()
+    if fmt == "png":
+        return encode_png(image, text)
+    if fmt not in OUTPUT_FORMATS:
+        raise ValueError(f"unknown output format {fmt!r}")
+    exif = Image.Exif()
+    exif.get_ifd(_EXIF_IFD)[_USER_COMMENT] = _user_comment(text)
+    buf = io.BytesIO()
+    image.convert("RGB").save(buf, format=fmt.upper(), quality=int(quality), exif=exif.tobytes())
+    return buf.getvalue()
+
+
+def image_format(data: bytes) -> str:
+    """"png", "jpeg" or "webp" from an encoded image's first bytes."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    if data[:3] == b"\xff\xd8\xff":
+        return "jpeg"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    raise ValueError("not a PNG, JPEG or WebP image")
+
+
+def read_infotext_text(data: bytes) -> str | None:
+    """The raw infotext of a PNG, JPEG or WebP (None when it carries none)."""
+    with Image.open(io.BytesIO(data)) as img:
+        if img.format == "PNG":
+            return img.text.get(PNG_TEXT_KEY) if hasattr(img, "text") else None
+        raw = img.getexif().get_ifd(_EXIF_IFD).get(_USER_COMMENT)
+    return _read_user_comment(raw) if raw else None
 
 
 # ------------------------------------------------------------------------------- infotext -> request

@@ -15,10 +15,16 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from genserve.billing.pricing import HiresParams, Pricing, Quote
-from genserve.engine.prompt_syntax import extract_extra_networks, plain_text
 from genserve.core import metrics
 from genserve.core.config import Settings
-from genserve.core.errors import Forbidden, InvalidRequest, QueueFull, SafetyBlocked, Unavailable
+from genserve.core.errors import (
+    Forbidden,
+    InvalidRequest,
+    QueueFull,
+    SafetyBlocked,
+    Unavailable,
+)
+from genserve.engine.prompt_syntax import extract_extra_networks, plain_text
 from genserve.generation.jobs import GenerationJob, JobStore
 from genserve.generation.protocol import MAX_HIRES_SIDE, GenerationRequest, Limits
 from genserve.generation.worker.errors import ReservedToken
@@ -26,7 +32,12 @@ from genserve.generation.worker.wire import HiresSpec, LoraSpec, WorkerRequest
 from genserve.resources.cache import ResourceCache
 from genserve.resources.catalog import FamilyEntry, ModelCatalog
 from genserve.resources.models import ResourceKind
-from genserve.resources.registry import ResolvedResource, ResolvedResources, ResourceNotFound, ResourceRegistry
+from genserve.resources.registry import (
+    ResolvedResource,
+    ResolvedResources,
+    ResourceNotFound,
+    ResourceRegistry,
+)
 from safety.embeddings import uses_reserved_token
 from safety.gate import SafetyGate
 from safety.hashing import load_tensors
@@ -81,7 +92,8 @@ class AdmissionPlan:
             mature=self.verdict.mature, sampler=r.sampler.value, steps=r.steps, cfg_scale=r.cfg_scale,
             clip_skip=r.clip_skip, width=self.size[0], height=self.size[1], seeds=seeds,
             loras=[LoraSpec(resource_id=x.id, strength=x.strength) for x in res.loras],
-            embeddings=[x.id for x in res.embeddings], hires=self.hires,
+            embeddings=[x.id for x in res.embeddings], hires=self.hires, output_format=r.output_format,
+            quality=r.quality,
         )
 
 
@@ -254,6 +266,7 @@ class Admission:
             resources.family, size[0], size[1], request.steps, request.quantity,
             extra_resources=len(resources.extras),
             hires=HiresParams.upscaled(size[0], size[1], hires.scale, hires.steps or request.steps) if hires else None,
+            output_format=request.output_format,
         )
         timeout_s = self.config.job_timeout_s + self.config.timeout_per_resource_s * len(resources.extras)
         return AdmissionPlan(caller, request, resources, size, hires, allowed, verdict, quote, timeout_s)

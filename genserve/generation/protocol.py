@@ -128,6 +128,9 @@ class GenerationRequest(_Strict):
     )
     priority: Priority = Priority.normal
     idempotency_key: str | None = Field(None, pattern=IDEMPOTENCY_KEY_PATTERN)
+    output_format: Literal["png", "jpeg", "webp"] = Field(
+        "png", description="the infotext goes in a PNG text chunk, or a JPEG/WebP EXIF UserComment (as A1111)")
+    quality: int = Field(90, ge=1, le=100, description="JPEG/WebP quality")
 
     @model_validator(mode="before")
     @classmethod

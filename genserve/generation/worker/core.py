@@ -237,9 +237,10 @@ class WorkerCore:
 
         def encode(image: GeneratedImage) -> float:
             t0 = time.perf_counter()
-            png = image.encode()
+            png = image.encode(request.output_format, request.quality)
             if on_event is not None:
-                on_event(EncodedImage(job_id=request.job_id, index=image.index, seed=image.seed, png=png))
+                on_event(EncodedImage(job_id=request.job_id, index=image.index, seed=image.seed, data=png,
+                                      format=request.output_format))
             return (time.perf_counter() - t0) * 1000
 
         scans: dict[int, Future[tuple[ImageScan, float]]] = {}

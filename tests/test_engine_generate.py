@@ -206,3 +206,21 @@ def test_negative_syntax_cannot_touch_the_safety_tokens(sd1):
     hostile = _run(pipe, safety, _request(negative_prompt="[<gs-safe-neg>:x:1] BREAK (<gs-safe-neg>:0) blurry"))
     assert hostile.final_negative_prompt.startswith("<gs-safe-neg>")
     assert hostile.final_negative_prompt.count("gs-safe") == 1
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_quantity_in_batches_gives_the_one_by_one_images(pipes, family):
+    import numpy as np
+
+    pipe, safety = pipes(family)
+    request = _request(seeds=[5, 6, 7], prompt="a [fox:cat:0.5]", steps=3)
+    with one_torch_thread():
+        alone = generate(pipe, request, safety=safety, model=MODEL, batch_size=1)
+        batched = generate(pipe, request, safety=safety, model=MODEL, batch_size=2)
+    assert batched.timings_ms["batch_size"] == 2
+    assert [i.seed for i in batched.images] == [5, 6, 7]
+    for a, b in zip(alone.images, batched.images, strict=True):
+        # batched kernels round differently from batch 1: at most one level of 255 apart, never another image
+        assert np.abs(np.asarray(a.image, dtype=int) - np.asarray(b.image, dtype=int)).max() <= 1
+        assert a.infotext == b.infotext
+    assert differ(batched.images[0].image, batched.images[1].image) > 1.0

@@ -222,10 +222,13 @@ def generate(
     on_progress: ProgressCallback | None = None,
     cancel: threading.Event | None = None,
     on_image: Callable[[GeneratedImage], None] | None = None,
+    batch_size: int = 1,
 ) -> GenerationOutcome:
     """Generate `len(request.seeds)` images on `pipe`; the caller holds the pipeline's lock.
 
-    `on_image` sees each finished image as soon as it is decoded, before the next image starts.
+    Up to `batch_size` images run in one pipeline call, each from its own seeded generator, so a batch
+    gives the images one-by-one runs give (samplers that seed their own noise run one by one).
+    `on_image` sees each finished image as soon as its batch is decoded, before the next batch starts.
     No PNG is encoded here: the worker encodes and scans each image on other threads, so the
     pipeline (and its lock) is free for the next image or request meanwhile."""
     sampler_spec(request.sampler)  # an unknown sampler is refused before any work
@@ -260,21 +263,8 @@ def generate(
     info_prompt = infotext_prompt(prompt, {x.resource_id: x.strength for x in request.loras})
 
     images: list[GeneratedImage] = []
-    canceled = False
-    denoise_ms = 0.0
-    for index, seed in enumerate(request.seeds):
-        if cancel.is_set():
-            canceled = True
-            break
-        t0 = time.perf_counter()
-        image = _one_image(
-            txt2img, img2img, request, index=index, seed=seed, first_cond=first_cond, second_cond=second_cond,
-            sdxl=sdxl, base_config=base_config, on_progress=on_progress, cancel=cancel,
-        )
-        denoise_ms += (time.perf_counter() - t0) * 1000
-        if image is None or cancel.is_set():  # interrupted mid-image: the partial image is dropped
-            canceled = True
-            break
+
+    def emit(index: int, seed: int, image: Image.Image) -> None:
         info = build_infotext(
             prompt=info_prompt, negative_prompt=negative, steps=request.steps, sampler=sampler_base,
             schedule_type=schedule_type,
@@ -289,34 +279,58 @@ def generate(
         images.append(GeneratedImage(index=index, seed=seed, image=image, infotext=info.render()))
         if on_image is not None:
             on_image(images[-1])
+
+    canceled = False
+    denoise_ms = 0.0
+    size = 1 if sampler_spec(request.sampler).seeded_noise else max(1, batch_size)
+    seeds = list(enumerate(request.seeds))
+    for start in range(0, len(seeds), size):
+        batch = seeds[start:start + size]
+        if cancel.is_set():
+            canceled = True
+            break
+        t0 = time.perf_counter()
+        out = _batch(
+            txt2img, img2img, request, first_index=batch[0][0], seeds=[s for _, s in batch], first_cond=first_cond,
+            second_cond=second_cond, sdxl=sdxl, base_config=base_config, on_progress=on_progress, cancel=cancel,
+        )
+        denoise_ms += (time.perf_counter() - t0) * 1000
+        if out is None or cancel.is_set():  # interrupted mid-batch: the partial images are dropped
+            canceled = True
+            break
+        for (index, seed), image in zip(batch, out, strict=True):
+            emit(index, seed, image)
     timings["denoise_ms"] = denoise_ms
     timings["generate_ms"] = (time.perf_counter() - started) * 1000
+    timings["batch_size"] = float(size)
     return GenerationOutcome(images=images, canceled=canceled, final_prompt=prompt,
                              final_negative_prompt=negative, timings_ms=timings)
 
 
-def _one_image(
+def _batch(
     txt2img: DiffusionPipeline,
     img2img: DiffusionPipeline | None,
     request: WorkerRequest,
     *,
-    index: int,
-    seed: int,
+    first_index: int,
+    seeds: list[int],
     first_cond: ScheduledConditioning,
     second_cond: ScheduledConditioning | None,
     sdxl: bool,
     base_config: Mapping[str, Any],
     on_progress: ProgressCallback | None,
     cancel: threading.Event,
-) -> Image.Image | None:
-    """One image from `seed`, or None when the cancel event stopped it."""
+) -> list[Image.Image] | None:
+    """One image per seed in one pipeline call, or None when the cancel event stopped them. Progress is
+    reported under the batch's first image index."""
     hires = request.hires
-    first = make_scheduler(request.sampler, base_config, seed)
+    n = len(seeds)
+    first = make_scheduler(request.sampler, base_config, seeds[0])
     total = _planned_steps(first, request.steps)
     second = None
     second_steps = 0
     if img2img is not None and hires is not None:
-        second = make_scheduler(request.sampler, base_config, seed)
+        second = make_scheduler(request.sampler, base_config, seeds[0])
         second_steps = hires_inference_steps(hires.steps or request.steps, hires.denoise)
         total += _planned_steps(second, second_steps, hires.denoise)
     done = 0
@@ -327,14 +341,14 @@ def _one_image(
         nonlocal done
         done += 1
         if on_progress is not None:
-            on_progress(index, min(done, total), total)
+            on_progress(first_index, min(done, total), total)
         if cancel.is_set():
             pipe._interrupt = True
         cond: ScheduledConditioning = state["cond"]
         if cond.varies:  # prompt editing / alternation: the next sampling step's conditioning
             calls = done - state["base"]
             next_step = calls * cond.steps // state["calls"] + 1
-            return {**kwargs, **cond.step_update(next_step, pipe.do_classifier_free_guidance)}
+            return {**kwargs, **cond.step_update(next_step, pipe.do_classifier_free_guidance, batch=n)}
         return kwargs
 
     def run(view: DiffusionPipeline, cond: ScheduledConditioning, **kw: Any) -> Any:
@@ -342,10 +356,12 @@ def _one_image(
         if cond.varies:
             extra["callback_on_step_end_tensor_inputs"] = cond.callback_tensors(sdxl)
         return view(**cond.pipeline_kwargs(), guidance_scale=request.cfg_scale, generator=generator,
-                    callback_on_step_end=on_step_end, **extra, **kw)
+                    num_images_per_prompt=n, callback_on_step_end=on_step_end, **extra, **kw)
 
-    # the CPU generator gives the same noise on every device, so a seed reproduces across hardware
-    generator = torch.Generator(device="cpu").manual_seed(seed)
+    # the CPU generator gives the same noise on every device, so a seed reproduces across hardware; one
+    # generator per image, so image i of a batch draws exactly the noise it draws alone
+    generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
+    generator: Any = generators[0] if n == 1 else generators
     txt2img.scheduler = first
     latent_upscale = hires is not None and img2img is not None and hires.upscaler == "latent"
     out = run(
@@ -355,7 +371,7 @@ def _one_image(
     if cancel.is_set():
         return None
     if hires is None:
-        return out[0]
+        return list(out)
 
     width, height = hires_size(request.width, request.height, hires.scale)
     if latent_upscale:
@@ -363,12 +379,12 @@ def _one_image(
         upscaled: Any = F.interpolate(out, size=(height // factor, width // factor), mode="bilinear",
                                       align_corners=False)
     else:
-        upscaled = out[0].resize((width, height), Image.Resampling.LANCZOS)
-    if img2img is None:  # denoise 0: the upscaled first image is the result
-        return upscaled
+        upscaled = [image.resize((width, height), Image.Resampling.LANCZOS) for image in out]
+    if img2img is None:  # denoise 0: the upscaled first images are the result
+        return list(upscaled)
     img2img.scheduler = second
     assert second_cond is not None
     state.update(cond=second_cond, calls=max(1, total - first_total), base=done)
-    image = run(img2img, second_cond, image=upscaled, strength=hires.denoise,
-                num_inference_steps=second_steps).images[0]
-    return None if cancel.is_set() else image
+    images = run(img2img, second_cond, image=upscaled if n > 1 or latent_upscale else upscaled[0],
+                 strength=hires.denoise, num_inference_steps=second_steps).images
+    return None if cancel.is_set() else list(images)

@@ -234,13 +234,19 @@ class ScheduledConditioning:
     def callback_tensors(self, sdxl: bool) -> list[str]:
         return ["prompt_embeds", "add_text_embeds"] if sdxl else ["prompt_embeds"]
 
-    def step_update(self, step: int, guidance: bool) -> dict[str, torch.Tensor]:
-        """The callback outputs that switch the pipeline to `step`'s conditioning (its batched form:
-        negative first, as diffusers concatenates them under classifier-free guidance)."""
+    def step_update(self, step: int, guidance: bool, batch: int = 1) -> dict[str, torch.Tensor]:
+        """The callback outputs that switch the pipeline to `step`'s conditioning in the pipeline's batched
+        form: each repeated `batch` times, negatives first under classifier-free guidance (as diffusers
+        concatenates them)."""
         pos, neg = self.at(step)
-        out = {"prompt_embeds": torch.cat([neg.embeds, pos.embeds]) if guidance else pos.embeds}
+
+        def batched(p: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+            p, n = p.repeat_interleave(batch, dim=0), n.repeat_interleave(batch, dim=0)
+            return torch.cat([n, p]) if guidance else p
+
+        out = {"prompt_embeds": batched(pos.embeds, neg.embeds)}
         if pos.pooled is not None:
-            out["add_text_embeds"] = torch.cat([neg.pooled, pos.pooled]) if guidance else pos.pooled
+            out["add_text_embeds"] = batched(pos.pooled, neg.pooled)
         return out
 
 

@@ -27,7 +27,12 @@ from genserve.core.config import Settings
 from genserve.core.config.worker import WorkerConfig
 from genserve.core.db import Database
 from genserve.core.storage import ObjectStore, object_store_from_settings
-from genserve.engine.generate import GeneratedImage, ModelInfo, generate, prepare_pipeline
+from genserve.engine.generate import (
+    GeneratedImage,
+    ModelInfo,
+    generate,
+    prepare_pipeline,
+)
 from genserve.engine.loading import default_device, load_pipeline
 from genserve.engine.lora_cache import LoraCache
 from genserve.engine.schedulers import sampler_spec
@@ -270,7 +275,8 @@ class WorkerCore:
                 )
                 with user_embeddings(loaded.pipe, self.family, [(path, token) for _, path, token in embeddings]):
                     outcome = generate(loaded.pipe, request, safety=loaded.safety, model=model,
-                                       on_progress=progress, cancel=cancel, on_image=finished)
+                                       on_progress=progress, cancel=cancel, on_image=finished,
+                                       batch_size=self.config.batch_size.get(self.family, 1))
         timings.update(outcome.timings_ms)
         with self._heartbeat_lock:
             self.counters["requests"] += 1

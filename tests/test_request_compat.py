@@ -89,3 +89,14 @@ def test_infotext_in_place_of_fields_round_trips_genserves_own():
     assert GenerationRequest.model_validate({"infotext": info, "seed": 7, "checkpoint": "other"}).seed == 7
     with pytest.raises(ValidationError):
         GenerationRequest.model_validate({"infotext": "a fox\nSteps: many, Sampler: Euler, Seed: 1"})
+
+
+def test_the_example_catalog_for_real_checkpoints_loads():
+    from pathlib import Path
+
+    from genserve.resources.catalog import load_model_catalog
+
+    catalog = load_model_catalog(Path(__file__).resolve().parents[1] / "configs" / "models.example.yaml")
+    assert catalog.family("sd1").default_size == (512, 768) and (1024, 1024) in catalog.family("sdxl").allowed_sizes
+    assert {c.family for c in catalog.checkpoints} == {"sd1", "sdxl"}
+    assert all(c.config for c in catalog.checkpoints if c.format == "safetensors")

@@ -37,6 +37,7 @@ from genserve.core.errors import Forbidden, GenserveError, InvalidRequest, Queue
 from genserve.core.log import log_context
 from genserve.generation.admission import Caller
 from genserve.engine.infotext import MEDIA_TYPES, image_format
+from genserve.engine.schedulers import sampler_catalog
 from genserve.generation.protocol import (
     API_VERSION,
     BalanceView,
@@ -326,6 +327,11 @@ def create_api(service: GenerationService, moderation: Moderation, *, routers: S
         _, png = await asyncio.to_thread(service.image, who, job_id, index)
         return Response(png, media_type=MEDIA_TYPES[image_format(png)],
                         headers={"Cache-Control": "private, max-age=3600"})
+
+    @app.get(f"{PREFIX}/samplers", tags=["generations"])
+    async def list_samplers(who: CallerDep) -> list[dict[str, Any]]:
+        """The samplers `sampler` accepts (the engine's list), with A1111's split form and ComfyUI's names."""
+        return sampler_catalog()
 
     # -- billing --------------------------------------------------------------------------------
 

@@ -148,3 +148,30 @@ def test_jpeg_and_webp_carry_readable_infotext(env, fmt):
     assert text == job.infotext and "Sampler: Euler, Schedule type: Karras" in text and "Seed: 99" in text
     again = GenerationRequest.model_validate({"infotext": text})
     assert (again.sampler.value, again.seed, again.steps) == ("Euler Karras", 99, 3)
+
+
+def test_http_samplers_list_and_a1111_body_with_a_jpeg(env):
+    import httpx
+
+    from genserve.ingress import create_api
+
+    service, ledger = env
+    caller = _caller(ledger)
+    app = create_api(service, Moderation(service.registry, service.resource_cache, service.safety),
+                     start_background=False)
+    headers = {"Authorization": "Bearer local-service-token", "X-User-Id": caller.user_id}
+    body = {"prompt": "a (red:1.1) fox <lora:tag-lora-1:0.5>", "checkpoint": "tiny-sd1", "steps": 2, "seed": -1,
+            "sampler_name": "DPM++ 2M", "scheduler": "Karras", "output_format": "jpeg"}
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            samplers = await client.get("/v1/samplers", headers=headers)
+            job = await client.post("/v1/generations?wait=true", json=body, headers=headers)
+            image = await client.get(f"/v1/generations/{job.json()['id']}/images/0", headers=headers)
+            return samplers, job, image
+
+    samplers, job, image = asyncio.run(go())
+    assert samplers.status_code == 200 and "DPM++ 3M SDE Karras" in {r["name"] for r in samplers.json()}
+    assert job.status_code in (200, 201, 202) and job.json()["status"] == "succeeded", job.text
+    assert image.headers["content-type"] == "image/jpeg"
+    assert "Schedule type: Karras" in job.json()["infotext"] and "<lora:tag-lora-1:0.5>" in job.json()["infotext"]

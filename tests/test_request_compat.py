@@ -100,3 +100,13 @@ def test_the_example_catalog_for_real_checkpoints_loads():
     assert catalog.family("sd1").default_size == (512, 768) and (1024, 1024) in catalog.family("sdxl").allowed_sizes
     assert {c.family for c in catalog.checkpoints} == {"sd1", "sdxl"}
     assert all(c.config for c in catalog.checkpoints if c.format == "safetensors")
+
+
+def test_sampler_catalog_lists_every_sampler_with_its_parts():
+    from genserve.engine.schedulers import sampler_catalog
+
+    rows = {r["name"]: r for r in sampler_catalog()}
+    assert list(rows) == sampler_names()
+    assert rows["DPM++ 2M Karras"]["sampler"] == "DPM++ 2M" and rows["DPM++ 2M Karras"]["schedule_type"] == "Karras"
+    assert rows["DPM++ 2M Karras"]["comfyui"] == {"sampler_name": ["dpmpp_2m"], "scheduler": "karras"}
+    assert rows["Euler a"]["schedule_type"] == "Automatic"

@@ -141,6 +141,17 @@ def canonical_sampler(name: str, schedule: str | None = None) -> str:
     return combined
 
 
+def sampler_catalog() -> list[dict[str, Any]]:
+    """`GET /v1/samplers`: every sampler the API accepts, with its A1111 parts and its ComfyUI names."""
+    comfy: dict[str, list[str]] = {}
+    for cname, base in COMFY_SAMPLERS.items():
+        comfy.setdefault(base, []).append(cname)
+    comfy_schedule = {None: "normal", "Karras": "karras", "Exponential": "exponential"}
+    return [{"name": name, "sampler": spec.base, "schedule_type": spec.schedule or "Automatic",
+             "comfyui": {"sampler_name": comfy.get(spec.base, []), "scheduler": comfy_schedule[spec.schedule]}}
+            for name, spec in SAMPLERS.items()]
+
+
 def sampler_spec(name: str) -> SamplerSpec:
     try:
         return SAMPLERS[name]

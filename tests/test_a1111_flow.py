@@ -175,3 +175,29 @@ def test_http_samplers_list_and_a1111_body_with_a_jpeg(env):
     assert job.status_code in (200, 201, 202) and job.json()["status"] == "succeeded", job.text
     assert image.headers["content-type"] == "image/jpeg"
     assert "Schedule type: Karras" in job.json()["infotext"] and "<lora:tag-lora-1:0.5>" in job.json()["infotext"]
+
+
+def test_draft_mode_runs_the_familys_fast_path_at_its_own_price(env):
+    from genserve.resources.catalog import DraftEntry
+
+    service, ledger = env
+    caller = _caller(ledger)
+    catalog = service.admission.catalog
+    with pytest.raises(InvalidRequest) as err:
+        service.quote(caller, _req(draft=True))
+    assert err.value.code == "draft_unavailable"
+    sd1 = catalog.families["sd1"].model_copy(update={"draft": DraftEntry(lora="tag-lora-1", steps=2, cfg_scale=1.0)})
+    service.admission.catalog = catalog.model_copy(update={"families": {**catalog.families, "sd1": sd1}})
+    try:
+        full = service.quote(caller, _req(steps=30))
+        draft_quote = service.quote(caller, _req(steps=30, draft=True))
+        full_item, draft_item = (next(i.detail for i in q.items if i.name == "image") for q in (full, draft_quote))
+        assert "30 steps" in full_item and "2 steps" in draft_item  # priced at the draft's steps
+        assert draft_quote.total <= full.total
+        assert not any(i.name == "extra_resources" for i in draft_quote.items)
+        data, job = _png(service, caller, _req(steps=30, draft=True))
+        info = Image.open(io.BytesIO(data)).info["parameters"]
+        assert "Steps: 2," in info and "Sampler: LCM" in info and "CFG scale: 1," in info
+        assert "<lora:tag-lora-1:1>" in info
+    finally:
+        service.admission.catalog = catalog

@@ -169,6 +169,17 @@ def hires_spec(request: GenerationRequest, size: tuple[int, int], max_pixels: in
     return spec
 
 
+def draft_request(family: FamilyEntry | None, family_name: str,
+                  request: GenerationRequest) -> tuple[GenerationRequest, str]:
+    """The request as draft mode runs it (the family's steps, CFG and sampler), and its LoRA's id."""
+    draft = family.draft if family is not None else None
+    if draft is None:
+        raise InvalidRequest(f"no draft mode for the {family_name} family", code="draft_unavailable")
+    effective = request.model_copy(update={"steps": draft.steps, "cfg_scale": draft.cfg_scale,
+                                           "sampler": type(request.sampler)(draft.sampler)})
+    return effective, draft.lora
+
+
 def check_tokens(family: FamilyEntry | None, resources: ResolvedResources) -> None:
     """A user embedding may not use (or contain) a safety embedding's token: it could stand in for it."""
     reserved = [e.token for e in family.safety_embeddings.values()] if family else []
@@ -256,6 +267,13 @@ class Admission:
         uses = self.resource_uses(caller, request)
         resources = self.registry.resolve(request.checkpoint, uses, caller.user_id)
         family = self.catalog.families.get(resources.family)
+        free_extras = 0
+        if request.draft:
+            request, draft_lora = draft_request(family, resources.family, request)
+            if draft_lora not in {u.id for u in uses}:
+                uses.append(ResourceUse(draft_lora, 1.0))
+                free_extras = 1  # the draft LoRA is part of the mode, not a resource the user added
+            resources = self.registry.resolve(request.checkpoint, uses, caller.user_id)
         check_tokens(family, resources)
         size = image_size(family, resources.family, request)
         hires = hires_spec(request, size, self.max_pixels)
@@ -264,7 +282,7 @@ class Admission:
             verdict = self._precheck(caller, request, resources, allowed)
         quote = self.pricing.quote_generation(
             resources.family, size[0], size[1], request.steps, request.quantity,
-            extra_resources=len(resources.extras),
+            extra_resources=len(resources.extras) - free_extras,
             hires=HiresParams.upscaled(size[0], size[1], hires.scale, hires.steps or request.steps) if hires else None,
             output_format=request.output_format,
         )

@@ -131,6 +131,8 @@ class GenerationRequest(_Strict):
     output_format: Literal["png", "jpeg", "webp"] = Field(
         "png", description="the infotext goes in a PNG text chunk, or a JPEG/WebP EXIF UserComment (as A1111)")
     quality: int = Field(90, ge=1, le=100, description="JPEG/WebP quality")
+    draft: bool = Field(False, description="the family's fast path: its LCM-style LoRA, fixed few steps, low CFG "
+                                           "(steps, cfg_scale and sampler are the draft's)")
 
     @model_validator(mode="before")
     @classmethod

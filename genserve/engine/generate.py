@@ -161,15 +161,6 @@ def img2img_class(pipe: DiffusionPipeline) -> type[DiffusionPipeline]:
 # ------------------------------------------------------------------------------------------ helpers
 
 
-def diffusers_clip_skip(a1111_clip_skip: int, sdxl: bool = False) -> int | None:
-    """diffusers' `clip_skip` for an A1111 value. SD1: A1111 counts the last layer as 1, diffusers counts
-    layers skipped. SDXL: diffusers already reads the penultimate layer and skips `clip_skip` more,
-    while A1111/ComfyUI/Civitai mean penultimate by 1 and 2 (see `prompt_encoding`)."""
-    if sdxl:
-        return a1111_clip_skip - 2 if a1111_clip_skip > 2 else None
-    return a1111_clip_skip - 1 if a1111_clip_skip > 1 else None
-
-
 def safety_prefix(safety: PromptInjector, mature: bool) -> str:
     """The safety tokens the injector puts first in every negative prompt (its output for an empty one)."""
     return safety.inject(prompt="", negative_prompt="", mature=mature)[1]

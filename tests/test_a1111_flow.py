@@ -201,3 +201,16 @@ def test_draft_mode_runs_the_familys_fast_path_at_its_own_price(env):
         assert "<lora:tag-lora-1:1>" in info
     finally:
         service.admission.catalog = catalog
+
+
+def test_a_checkpoint_is_found_by_its_name_as_infotext_names_it(env, tiny_models):
+    service, ledger = env
+    caller = _caller(ledger)
+    service.registry.publish(tiny_models["sd1"].diffusers_dir, id="named-ckpt", kind="checkpoint", family="sd1",
+                             name="My Model v1")
+    quote = service.quote(caller, GenerationRequest.model_validate(
+        {"infotext": "a fox\nSteps: 3, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 64x64, Model: My Model v1"}))
+    assert quote.total >= 1
+    with pytest.raises(Exception) as err:
+        service.quote(caller, _req(checkpoint="No Such Model"))
+    assert err.value.code == "resource_not_found"

@@ -249,13 +249,24 @@ class Admission:
                                  details={"resources": {"requested": len(uses), "max": tier.resources}})
         return uses
 
+    def _by_name(self, name: str, kind: ResourceKind, user_id: str) -> list[str]:
+        return [r.id for r in self.registry.list(kind=kind)
+                if r.name == name and (r.owner_user_id is None or r.owner_user_id == user_id)]
+
+    def _checkpoint_id(self, ref: str, user_id: str) -> str:
+        """A checkpoint by id, else by its unique name (what an infotext's `Model:` names)."""
+        try:
+            return self.registry.get(ref).id
+        except ResourceNotFound:
+            found = self._by_name(ref, ResourceKind.checkpoint, user_id)
+            return found[0] if len(found) == 1 else ref  # otherwise resolve() reports it as it always has
+
     def _lora_id(self, name: str, user_id: str) -> str:
         try:
             return self.registry.get(name).id
         except ResourceNotFound:
             pass
-        found = [r.id for r in self.registry.list(kind=ResourceKind.lora)
-                 if r.name == name and (r.owner_user_id is None or r.owner_user_id == user_id)]
+        found = self._by_name(name, ResourceKind.lora, user_id)
         if len(found) != 1:
             raise InvalidRequest(f"<lora:{name}> names no{' single' if found else ''} known LoRA",
                                  code="lora_tag_unknown" if not found else "lora_tag_ambiguous",
@@ -264,6 +275,9 @@ class Admission:
 
     def plan(self, caller: Caller, request: GenerationRequest) -> AdmissionPlan:
         check_tier(self.limits, caller, request)
+        checkpoint = self._checkpoint_id(request.checkpoint, caller.user_id)
+        if checkpoint != request.checkpoint:
+            request = request.model_copy(update={"checkpoint": checkpoint})
         uses = self.resource_uses(caller, request)
         resources = self.registry.resolve(request.checkpoint, uses, caller.user_id)
         family = self.catalog.families.get(resources.family)

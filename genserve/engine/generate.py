@@ -174,10 +174,10 @@ def split_negative(negative: str, prefix: str) -> str:
     return negative[len(prefix):]
 
 
-def infotext_prompt(prompt: str, loras: Mapping[str, float]) -> str:
+def infotext_prompt(prompt: str, loras: Mapping[str, float], negative: str = "") -> str:
     """The prompt as the infotext records it: the LoRAs listed as resources become `<lora:id:w>` tags
     (A1111's way of naming them), so the infotext alone asks for the same LoRAs again."""
-    tagged = {tag.name for tag in extract_extra_networks(prompt).loras}
+    tagged = {tag.name for text in (prompt, negative) for tag in extract_extra_networks(text).loras}
     extra = [lora_tag(name, w) for name, w in loras.items() if name not in tagged]
     return " ".join([prompt, *extra]) if extra else prompt
 
@@ -251,7 +251,7 @@ def generate(
     timings["encode_ms"] = (time.perf_counter() - started) * 1000
     timings["setup_ms"] = (time.perf_counter() - started) * 1000
     sampler_base, schedule_type = infotext_sampler(request.sampler)
-    info_prompt = infotext_prompt(prompt, {x.resource_id: x.strength for x in request.loras})
+    info_prompt = infotext_prompt(prompt, {x.resource_id: x.strength for x in request.loras}, negative)
 
     images: list[GeneratedImage] = []
 

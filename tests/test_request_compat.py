@@ -110,3 +110,10 @@ def test_sampler_catalog_lists_every_sampler_with_its_parts():
     assert rows["DPM++ 2M Karras"]["sampler"] == "DPM++ 2M" and rows["DPM++ 2M Karras"]["schedule_type"] == "Karras"
     assert rows["DPM++ 2M Karras"]["comfyui"] == {"sampler_name": ["dpmpp_2m"], "scheduler": "karras"}
     assert rows["Euler a"]["schedule_type"] == "Automatic"
+
+
+def test_aliases_agree_and_the_bodys_sampler_replaces_the_infotexts():
+    assert _req(sampler="Euler a", sampler_name="euler_ancestral").sampler.value == "Euler a"
+    info = "a fox\nSteps: 3, Sampler: DPM++ 2M, Schedule type: Karras, Seed: 1, Size: 64x64, Model: tiny-sd1"
+    assert GenerationRequest.model_validate({"infotext": info, "sampler_name": "Euler"}).sampler.value == "Euler"
+    assert GenerationRequest.model_validate({"infotext": info}).sampler.value == "DPM++ 2M Karras"

@@ -19,20 +19,31 @@ from genserve.engine.schedulers import UnknownSampler, canonical_sampler
 RANDOM_SEED = -1
 
 
+def _same_sampler(a: Any, b: Any) -> bool:
+    try:
+        return canonical_sampler(a) == canonical_sampler(b)
+    except (UnknownSampler, AttributeError):
+        return a == b
+
+
 def fold_aliases(data: Any) -> Any:
     if not isinstance(data, dict):
         return data
     data = dict(data)
+    if "sampler_name" in data:
+        alias = data.pop("sampler_name")
+        if "sampler" in data and not _same_sampler(data["sampler"], alias):
+            raise ValueError("sampler and sampler_name name different samplers")
+        data["sampler"] = alias
     if "infotext" in data:
         text = data.pop("infotext")
         if not isinstance(text, str):
             raise ValueError("infotext must be A1111's parameters text")
-        data = {**request_fields(text), **data}
-    if "sampler_name" in data:
-        alias = data.pop("sampler_name")
-        if "sampler" in data and data["sampler"] != alias:
-            raise ValueError("sampler and sampler_name name different samplers")
-        data["sampler"] = alias
+        fields = request_fields(text)
+        if "sampler" in data or "scheduler" in data:  # the body's sampler replaces the infotext's, whole
+            fields.pop("sampler", None)
+            fields.pop("scheduler", None)
+        data = {**fields, **data}
     schedule = data.pop("scheduler", None)
     sampler = data.get("sampler")
     if isinstance(sampler, str) or schedule is not None:

@@ -117,3 +117,21 @@ def test_aliases_agree_and_the_bodys_sampler_replaces_the_infotexts():
     info = "a fox\nSteps: 3, Sampler: DPM++ 2M, Schedule type: Karras, Seed: 1, Size: 64x64, Model: tiny-sd1"
     assert GenerationRequest.model_validate({"infotext": info, "sampler_name": "Euler"}).sampler.value == "Euler"
     assert GenerationRequest.model_validate({"infotext": info}).sampler.value == "DPM++ 2M Karras"
+
+
+def test_generate_from_png_sends_the_images_infotext(tmp_path):
+    from PIL import Image
+
+    from genserve.cli.generate import _body_from_image
+    from genserve.engine.infotext import encode_image
+
+    text = "a (red:1.2) fox <lora:style:0.5>\nNegative prompt: blurry\nSteps: 12, Sampler: DPM++ 2M, " \
+           "Schedule type: Karras, CFG scale: 5.5, Seed: 42, Size: 64x64, Model: tiny-sd1"
+    path = tmp_path / "image.webp"
+    path.write_bytes(encode_image(Image.new("RGB", (64, 64)), text, "webp"))
+    opts = dict(from_png=path, quantity=2, priority="normal", output_format="jpeg", quality=80, seed=None,
+                nsfw_level=None, idempotency_key=None)
+    req = GenerationRequest.model_validate(_body_from_image(None, **opts))
+    assert (req.prompt, req.seed, req.steps, req.sampler.value, req.quantity, req.output_format) == (
+        "a (red:1.2) fox <lora:style:0.5>", 42, 12, "DPM++ 2M Karras", 2, "jpeg")
+    assert GenerationRequest.model_validate(_body_from_image("a cat", **{**opts, "seed": 7})).seed == 7

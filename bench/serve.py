@@ -383,6 +383,39 @@ def gpu_bench(args) -> dict:
             "runs_ms": [round(t * 1000, 1) for t in runs]}
 
 
+def batch_bench(args) -> dict:
+    """`quantity` 4 on the engine (`generate`, the worker's call): one pipeline call of 4 images vs 4
+    calls of 1, same seeds, tiny SD1 on CPU (`--family`, `--size`, `--batch-steps`)."""
+    import torch
+
+    from genserve.engine.generate import ModelInfo, generate
+    from genserve.generation.worker.wire import WorkerRequest
+    from genserve.tinymodels import build_tiny_models
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from engine_support import load_tiny
+
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        pipe, safety = load_tiny(build_tiny_models(Path(tmp), seed=0)[args.family])
+    request = WorkerRequest(job_id="bench", checkpoint_id="tiny", prompt="a red fox in the snow, (detailed:1.2)",
+                            negative_prompt="blurry", steps=args.batch_steps, width=args.size, height=args.size,
+                            seeds=[1, 2, 3, 4])
+    model = ModelInfo("tiny", "0123456789")
+    figures = {}
+    for name, batch in (("one_by_one", 1), ("batched", 4)):
+        generate(pipe, request, safety=safety, model=model, batch_size=batch)  # warm-up
+        median, _ = _median_s(lambda b=batch: generate(pipe, request, safety=safety, model=model, batch_size=b),
+                              args.runs)
+        figures[f"quantity4_{name}_images_per_s"] = round(4 / median, 3)
+        print(f"quantity 4, {name.replace('_', ' ')}: {4 / median:.2f} images/s (median of {args.runs})")
+    ratio = figures["quantity4_batched_images_per_s"] / figures["quantity4_one_by_one_images_per_s"]
+    figures["quantity4_batched_over_one_by_one_ratio"] = round(ratio, 3)
+    print(f"batched / one by one: {ratio:.2f}x ({args.family} {args.size}x{args.size}, {args.batch_steps} steps, "
+          f"{args.threads} thread(s))")
+    return figures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", help="cpu (tiny models through the service) or cuda")
@@ -398,8 +431,14 @@ def main() -> None:
     parser.add_argument("--switches", type=int, default=40)
     parser.add_argument("--gpu-steps", type=int, default=30)
     parser.add_argument("--peak-tflops", type=float, default=None, help="dense fp16 peak of the GPU")
+    parser.add_argument("--quantity-batch", action="store_true",
+                        help="only images/s of quantity 4 batched vs one by one on the engine")
+    parser.add_argument("--family", default="sd1", help="with --quantity-batch: sd1 or sdxl")
+    parser.add_argument("--batch-steps", type=int, default=10, help="with --quantity-batch: steps per image")
     args = parser.parse_args()
-    if args.device.startswith("cuda"):
+    if args.quantity_batch:
+        result = batch_bench(args)
+    elif args.device.startswith("cuda"):
         if not args.real_size:
             parser.error("the CUDA path measures the real-size UNet: add --real-size")
         result = gpu_bench(args)

@@ -81,12 +81,8 @@ def resource_service(settings: Settings, service: GenerationService) -> Resource
 
 
 def resources_router(resources: ResourceService) -> functools.partial:
-    """The `/v1/resources`, `/v1/models` and `/v1/samplers` routes, for `create_api(routers=...)`."""
-    from genserve.generation.protocol import GenerationRequest
-
-    default = GenerationRequest.model_fields["sampler"].default
-    return functools.partial(build_resources_router, resources, resources.catalog,
-                             default_sampler=getattr(default, "value", str(default)))
+    """The `/v1/resources` and `/v1/models` routes, for `create_api(routers=...)`."""
+    return functools.partial(build_resources_router, resources, resources.catalog)
 
 
 def load_serve_config(path: Path) -> dict[str, Any]:

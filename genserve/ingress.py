@@ -35,6 +35,8 @@ from genserve.core import metrics
 from genserve.core.config import Settings
 from genserve.core.errors import Forbidden, GenserveError, InvalidRequest, QueueFull, Unauthenticated
 from genserve.core.log import log_context
+from genserve.engine.infotext import MEDIA_TYPES, image_format
+from genserve.engine.schedulers import sampler_catalog
 from genserve.generation.admission import Caller
 from genserve.generation.protocol import (
     API_VERSION,
@@ -314,7 +316,8 @@ def create_api(service: GenerationService, moderation: Moderation, *, routers: S
                                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @app.get(f"{PREFIX}/generations/{{job_id}}/images/{{index}}", tags=["generations"],
-             response_class=Response, responses={200: {"content": {"image/png": {}}}})
+             response_class=Response,
+             responses={200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}}}})
     async def generation_image(
         who: CallerDep, job_id: JobId, index: Annotated[int, Path(ge=0, le=63)],
         redirect: bool = Query(False, description="307 to a presigned object-store URL instead of the bytes"),
@@ -322,7 +325,13 @@ def create_api(service: GenerationService, moderation: Moderation, *, routers: S
         if redirect:
             return RedirectResponse(await asyncio.to_thread(service.image_url, who, job_id, index), status_code=307)
         _, png = await asyncio.to_thread(service.image, who, job_id, index)
-        return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
+        return Response(png, media_type=MEDIA_TYPES[image_format(png)],
+                        headers={"Cache-Control": "private, max-age=3600"})
+
+    @app.get(f"{PREFIX}/samplers", tags=["generations"])
+    async def list_samplers(who: CallerDep) -> list[dict[str, Any]]:
+        """The samplers `sampler` accepts (the engine's list), with A1111's split form and ComfyUI's names."""
+        return sampler_catalog()
 
     # -- billing --------------------------------------------------------------------------------
 

@@ -166,3 +166,61 @@ def test_pipeline_views_are_built_once_and_a_hires_request_leaves_txt2img_unchan
     assert after.images[0].image.tobytes() == before.images[0].image.tobytes()
     drop_pipeline_views(pipe)
     assert pipeline_view(pipe, type(pipe)) is not view
+
+
+def test_a1111_syntax_reaches_the_image(sd1):
+    pipe, safety = sd1
+    plain = _run(pipe, safety, _request(prompt="a photo of a cat"))
+    same = _run(pipe, safety, _request(prompt="(a photo of a cat:1.0) <lora:style:0.5>"))
+    weighted = _run(pipe, safety, _request(prompt="a photo of a (cat:1.6)"))
+    assert plain.images[0].image.tobytes() == same.images[0].image.tobytes()  # tags and weight 1 change nothing
+    assert differ(plain.images[0].image, weighted.images[0].image) > 0.1
+    # the infotext keeps what the user wrote, tags included
+    assert read_png_infotext(same.images[0].encode()).prompt == "(a photo of a cat:1.0) <lora:style:0.5>"
+
+
+def test_a_long_prompt_and_its_end_matter(sd1):
+    pipe, safety = sd1
+    words = " ".join(["red fox snow tree"] * 40)
+    a = _run(pipe, safety, _request(prompt=words + " cat"))
+    b = _run(pipe, safety, _request(prompt=words + " dog"))
+    assert differ(a.images[0].image, b.images[0].image) > 0.1  # past 77 tokens, still conditioned on
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_prompt_editing_switches_mid_run(pipes, family):
+    pipe, safety = pipes(family)
+    cat = _run(pipe, safety, _request(prompt="a photo of a cat", steps=3))
+    dog = _run(pipe, safety, _request(prompt="a photo of a dog", steps=3))
+    edit = _run(pipe, safety, _request(prompt="a photo of a [cat:dog:1]", steps=3))
+    again = _run(pipe, safety, _request(prompt="a photo of a [cat:dog:1]", steps=3))
+    alternate = _run(pipe, safety, _request(prompt="a photo of a [cat|dog]", steps=3))
+    assert edit.images[0].image.tobytes() == again.images[0].image.tobytes()
+    for other in (cat, dog, alternate):  # the tiny model's later steps move few pixels: compare exactly
+        assert edit.images[0].image.tobytes() != other.images[0].image.tobytes()
+    assert alternate.images[0].image.tobytes() not in (cat.images[0].image.tobytes(), dog.images[0].image.tobytes())
+
+
+def test_negative_syntax_cannot_touch_the_safety_tokens(sd1):
+    pipe, safety = sd1
+    hostile = _run(pipe, safety, _request(negative_prompt="[<gs-safe-neg>:x:1] BREAK (<gs-safe-neg>:0) blurry"))
+    assert hostile.final_negative_prompt.startswith("<gs-safe-neg>")
+    assert hostile.final_negative_prompt.count("gs-safe") == 1
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_quantity_in_batches_gives_the_one_by_one_images(pipes, family):
+    import numpy as np
+
+    pipe, safety = pipes(family)
+    request = _request(seeds=[5, 6, 7], prompt="a [fox:cat:0.5]", steps=3)
+    with one_torch_thread():
+        alone = generate(pipe, request, safety=safety, model=MODEL, batch_size=1)
+        batched = generate(pipe, request, safety=safety, model=MODEL, batch_size=2)
+    assert batched.timings_ms["batch_size"] == 2
+    assert [i.seed for i in batched.images] == [5, 6, 7]
+    for a, b in zip(alone.images, batched.images, strict=True):
+        # batched kernels round differently from batch 1: at most one level of 255 apart, never another image
+        assert np.abs(np.asarray(a.image, dtype=int) - np.asarray(b.image, dtype=int)).max() <= 1
+        assert a.infotext == b.infotext
+    assert differ(batched.images[0].image, batched.images[1].image) > 1.0

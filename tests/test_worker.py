@@ -372,14 +372,14 @@ def test_the_pipeline_is_free_while_an_image_is_encoded(core, monkeypatch):
     import genserve.engine.generate as engine
 
     encoding, release = threading.Event(), threading.Event()
-    real = engine.encode_png
+    real = engine.encode_image
 
-    def held_encode(image, info):
+    def held_encode(image, info, *args):
         encoding.set()
         assert release.wait(60)
-        return real(image, info)
+        return real(image, info, *args)
 
-    monkeypatch.setattr(engine, "encode_png", held_encode)
+    monkeypatch.setattr(engine, "encode_image", held_encode)
     loaded = core.checkpoint("tiny-sd1")
     results = []
     worker = threading.Thread(target=lambda: results.append(_generate(core, _request(seeds=[1]))))

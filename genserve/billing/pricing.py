@@ -39,6 +39,8 @@ class GenerationPrices(_Strict):
     min_per_image: StrictInt = Field(1, ge=1)
     extra_resource_millibuzz: StrictInt = Field(0, ge=0)
     hires_permille: StrictInt = Field(1000, ge=0)
+    # per image by output format (png, jpeg, webp); a format not listed costs nothing extra
+    output_format_millibuzz: dict[str, StrictInt] = Field(default_factory=dict)
     families: dict[str, GenerationFamilyPrice]
 
 
@@ -175,6 +177,7 @@ class Pricing:
         quantity: int,
         extra_resources: int = 0,
         hires: HiresParams | None = None,
+        output_format: str = "png",
     ) -> Quote:
         """Price `quantity` images; each costs at least `min_per_image`."""
         gen = self.prices.generation
@@ -203,6 +206,9 @@ class Pricing:
                 ("extra_resources", extra_resources * gen.extra_resource_millibuzz, f"{extra_resources} extra resources")
             )
 
+        format_mb = gen.output_format_millibuzz.get(output_format, 0)
+        if format_mb:
+            parts.append(("output_format", format_mb, f"{output_format} output"))
         per_image = max(gen.min_per_image, _ceil_div(sum(mb for _, mb, _ in parts), MILLI))
         total = per_image * quantity
         items = [

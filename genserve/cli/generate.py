@@ -42,7 +42,11 @@ def _lora(value: str) -> dict[str, Any]:
         raise typer.BadParameter(f"--lora takes ID or ID:STRENGTH, got {value!r}") from None
 
 
-def _body(prompt: str, **opts: Any) -> dict[str, Any]:
+def _body(prompt: str | None, **opts: Any) -> dict[str, Any]:
+    if opts.get("from_png") is not None:
+        return _body_from_image(prompt, **opts)
+    if not prompt:
+        raise typer.BadParameter("give a PROMPT, or --from-png FILE")
     body: dict[str, Any] = {
         "prompt": prompt, "negative_prompt": opts["negative"], "checkpoint": opts["checkpoint"],
         "resources": [_lora(v) for v in opts["lora"]] + [{"id": e} for e in opts["embedding"]],
@@ -54,6 +58,29 @@ def _body(prompt: str, **opts: Any) -> dict[str, Any]:
             body[name] = opts[name]
     if opts["hires_scale"] is not None:
         body["hires"] = {"scale": opts["hires_scale"], "denoise": opts["hires_denoise"], "steps": opts["hires_steps"]}
+    body["output_format"], body["quality"] = opts["output_format"], opts["quality"]
+    return body
+
+
+def _body_from_image(prompt: str | None, **opts: Any) -> dict[str, Any]:
+    """Re-run a delivered image: its infotext stands in for the fields (the service reads it); a PROMPT,
+    --seed, --quantity, --format or an idempotency key given here win."""
+    from genserve.engine.infotext import read_infotext_text
+
+    path: Path = opts["from_png"]
+    try:
+        text = read_infotext_text(path.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise typer.BadParameter(f"--from-png: cannot read {path}: {exc}") from None
+    if not text:
+        raise typer.BadParameter(f"--from-png: {path} carries no generation parameters")
+    body: dict[str, Any] = {"infotext": text, "quantity": opts["quantity"], "priority": opts["priority"],
+                            "output_format": opts["output_format"], "quality": opts["quality"]}
+    if prompt:
+        body["prompt"] = prompt
+    for name in ("seed", "nsfw_level", "idempotency_key"):
+        if opts[name] is not None:
+            body[name] = opts[name]
     return body
 
 
@@ -76,8 +103,12 @@ def _follow(client, job_id: str, show_progress: bool) -> None:  # noqa: ANN001
 @handle_errors
 def generate(
     ctx: typer.Context,
-    prompt: str = typer.Argument(..., help="What to draw"),
-    out: Path = typer.Option(..., "--out", help="Folder the delivered PNGs are saved into"),
+    prompt: str | None = typer.Argument(None, help="What to draw (A1111 syntax); optional with --from-png"),
+    out: Path = typer.Option(..., "--out", help="Folder the delivered images are saved into"),
+    from_png: Path | None = typer.Option(None, "--from-png", help="Re-run the parameters (infotext) of a "
+                                         "delivered PNG, JPEG or WebP"),
+    output_format: str = typer.Option("png", "--format", help="png | jpeg | webp"),
+    quality: int = typer.Option(90, "--quality", help="JPEG/WebP quality"),
     negative: str = typer.Option("", "--negative", help="Negative prompt"),
     checkpoint: str = typer.Option("tiny-sd1", "--checkpoint", help="Checkpoint resource id"),
     lora: list[str] = typer.Option([], "--lora", help="LoRA resource ID or ID:STRENGTH (repeatable)"),
@@ -86,7 +117,7 @@ def generate(
     steps: int = typer.Option(20, "--steps"),
     cfg_scale: float = typer.Option(7.0, "--cfg"),
     clip_skip: int = typer.Option(1, "--clip-skip"),
-    seed: int | None = typer.Option(None, "--seed", help="Default: random (always reported)"),
+    seed: int | None = typer.Option(None, "--seed", help="Default or -1: random (always reported)"),
     width: int | None = typer.Option(None, "--width"),
     height: int | None = typer.Option(None, "--height"),
     quantity: int = typer.Option(1, "--quantity", "-n"),
@@ -103,7 +134,9 @@ def generate(
     timeout: float = typer.Option(600.0, "--timeout", help="Seconds to wait for the job"),
     as_json: bool = JsonOption,
 ) -> None:
-    """Generate images with the running service and save the delivered PNGs into OUT."""
+    """Generate images with the running service and save the delivered images into OUT."""
+    from genserve.engine.infotext import EXTENSIONS, image_format
+
     body = _body(prompt, **{k: v for k, v in locals().items() if k not in ("ctx", "prompt", "as_json")})
     with _client(ctx, user, url, tier=tier, max_nsfw_level=max_nsfw, timeout_s=60.0) as client:
         job = client.generate(body)
@@ -113,8 +146,9 @@ def generate(
         out.mkdir(parents=True, exist_ok=True)
         saved = []
         for image in job["images"]:
-            path = out / f"{job['id']}-{image['index']}.png"
-            path.write_bytes(client.image(job["id"], image["index"]))
+            data = client.image(job["id"], image["index"])
+            path = out / f"{job['id']}-{image['index']}.{EXTENSIONS[image_format(data)]}"
+            path.write_bytes(data)
             saved.append(str(path))
     data = {**job, "files": saved}
     lines = [f"generation {job['id']}: {job['status']}, {len(saved)} image(s), {job['charged']} buzz charged"]

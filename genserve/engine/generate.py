@@ -4,19 +4,18 @@ The txt2img and img2img pipelines are views over the loaded pipeline's component
 weight copies), built once per loaded pipeline and used by one request at a time (the caller holds
 the checkpoint's lock). Per image there is a new scheduler and seeded generator, so image i depends
 only on `seeds[i]` and the parameters: a batch of N is N reproducible single images. The prompts always pass through
-the safety embeddings' `inject` here, whatever the caller already did, and only prompt strings ever
-reach the pipeline (no caller-supplied embeddings). A step callback reports progress and turns a set
+the safety embeddings' `inject` here, whatever the caller already did, and are encoded here from those
+strings (A1111 syntax, `prompt_encoding`): no caller-supplied embeddings ever reach the pipeline. A step callback reports progress and turns a set
 cancel event into diffusers' interrupt flag, so a cancel takes effect within one step.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -32,9 +31,15 @@ from diffusers import (
 from PIL import Image
 
 from genserve.core.config.worker import WorkerConfig
-from genserve.engine.infotext import build_infotext, encode_png
-from genserve.engine.schedulers import make_scheduler, sampler_spec
-from genserve.generation.worker.wire import WorkerRequest
+from genserve.engine.infotext import build_infotext, encode_image
+from genserve.engine.prompt_encoding import (
+    PromptEncoder,
+    ScheduledConditioning,
+    encode_scheduled,
+)
+from genserve.engine.prompt_syntax import extract_extra_networks, lora_tag
+from genserve.engine.schedulers import infotext_sampler, make_scheduler, sampler_spec
+from genserve.generation.worker.wire import WorkerRequest, hires_size
 from safety.embeddings import InjectedPrompts
 
 logger = logging.getLogger(__name__)
@@ -61,9 +66,10 @@ class GeneratedImage:
     image: Image.Image
     infotext: str  # A1111's `parameters` text
 
-    def encode(self) -> bytes:
-        """The PNG with the infotext (a 1024² one takes 0.1-0.2 s of CPU: the caller does it off the GPU's path)."""
-        return encode_png(self.image, self.infotext)
+    def encode(self, fmt: str = "png", quality: int = 90) -> bytes:
+        """The image with its infotext as PNG, JPEG or WebP (a 1024² PNG takes 0.1-0.2 s of CPU: the caller
+        does it off the GPU's path)."""
+        return encode_image(self.image, self.infotext, fmt, quality)
 
 
 @dataclass
@@ -122,23 +128,6 @@ def prepare_pipeline(pipe: DiffusionPipeline, config: WorkerConfig) -> Diffusion
     return pipe
 
 
-@contextlib.contextmanager
-def _clip_skip_compat(pipe: DiffusionPipeline) -> Iterator[None]:
-    """SD1 clip skip in diffusers 0.42 applies `text_encoder.text_model.final_layer_norm`, but transformers 5
-    flattened CLIPTextModel (its layers are now direct children). For the duration of one generation,
-    point `text_model` at the model itself with a plain instance attribute (outside the module tree).
-    Only then: diffusers' LoRA loader reads the attribute's absence as "flattened" and maps keys by it."""
-    encoder = getattr(pipe, "text_encoder", None)
-    shim = encoder is not None and not hasattr(encoder, "text_model") and hasattr(encoder, "final_layer_norm")
-    if shim:
-        object.__setattr__(encoder, "text_model", encoder)
-    try:
-        yield
-    finally:
-        if shim:
-            del encoder.__dict__["text_model"]
-
-
 _views_lock = threading.Lock()
 _views: weakref.WeakKeyDictionary[DiffusionPipeline, dict[type, DiffusionPipeline]] = weakref.WeakKeyDictionary()
 
@@ -172,13 +161,25 @@ def img2img_class(pipe: DiffusionPipeline) -> type[DiffusionPipeline]:
 # ------------------------------------------------------------------------------------------ helpers
 
 
-def diffusers_clip_skip(a1111_clip_skip: int) -> int | None:
-    """A1111 counts the last layer as 1; diffusers counts layers skipped."""
-    return a1111_clip_skip - 1 if a1111_clip_skip > 1 else None
+def safety_prefix(safety: PromptInjector, mature: bool) -> str:
+    """The safety tokens the injector puts first in every negative prompt (its output for an empty one)."""
+    return safety.inject(prompt="", negative_prompt="", mature=mature)[1]
 
 
-def hires_size(width: int, height: int, scale: float, multiple: int = 8) -> tuple[int, int]:
-    return (int(width * scale) // multiple * multiple, int(height * scale) // multiple * multiple)
+def split_negative(negative: str, prefix: str) -> str:
+    """The user's part of an injected negative prompt (after the safety prefix). Fails closed when the
+    injected prompt does not start with the prefix."""
+    if not negative.startswith(prefix):
+        raise RuntimeError("the injected negative prompt does not start with the safety tokens")
+    return negative[len(prefix):]
+
+
+def infotext_prompt(prompt: str, loras: Mapping[str, float], negative: str = "") -> str:
+    """The prompt as the infotext records it: the LoRAs listed as resources become `<lora:id:w>` tags
+    (A1111's way of naming them), so the infotext alone asks for the same LoRAs again."""
+    tagged = {tag.name for text in (prompt, negative) for tag in extract_extra_networks(text).loras}
+    extra = [lora_tag(name, w) for name, w in loras.items() if name not in tagged]
+    return " ".join([prompt, *extra]) if extra else prompt
 
 
 def hires_inference_steps(steps: int, denoise: float) -> int:
@@ -212,10 +213,13 @@ def generate(
     on_progress: ProgressCallback | None = None,
     cancel: threading.Event | None = None,
     on_image: Callable[[GeneratedImage], None] | None = None,
+    batch_size: int = 1,
 ) -> GenerationOutcome:
     """Generate `len(request.seeds)` images on `pipe`; the caller holds the pipeline's lock.
 
-    `on_image` sees each finished image as soon as it is decoded, before the next image starts.
+    Up to `batch_size` images run in one pipeline call, each from its own seeded generator, so a batch
+    gives the images one-by-one runs give (samplers that seed their own noise run one by one).
+    `on_image` sees each finished image as soon as its batch is decoded, before the next batch starts.
     No PNG is encoded here: the worker encodes and scans each image on other threads, so the
     pipeline (and its lock) is free for the next image or request meanwhile."""
     sampler_spec(request.sampler)  # an unknown sampler is refused before any work
@@ -225,34 +229,36 @@ def generate(
 
     prompt, negative = safety.inject(prompt=request.prompt, negative_prompt=request.negative_prompt,
                                      mature=request.mature)
+    prefix = safety_prefix(safety, request.mature)
+    user_negative = split_negative(negative, prefix)
+    sdxl = getattr(pipe, "text_encoder_2", None) is not None
     base_config = pipe.scheduler.config
     txt2img = pipeline_view(pipe, type(pipe))
     img2img = None
     hires = request.hires
     if hires is not None and hires.denoise > 0:
         img2img = pipeline_view(pipe, img2img_class(pipe))
-    clip_skip = diffusers_clip_skip(request.clip_skip)
+    # the prompts are encoded here, A1111's way (weights, BREAK, long prompts, editing); LoRA tags are
+    # no words: the admission turned them into the request's LoRAs
+    encoder = PromptEncoder(pipe, request.clip_skip)
+    texts = dict(prompt=extract_extra_networks(prompt).text,
+                 negative=extract_extra_networks(user_negative).text, protected_negative_prefix=prefix)
+    with torch.no_grad():
+        first_cond = encode_scheduled(encoder, steps=request.steps, **texts)
+        second_cond = None
+        if img2img is not None and hires is not None:
+            second_cond = encode_scheduled(encoder, steps=hires.steps or request.steps, **texts)
+    timings["encode_ms"] = (time.perf_counter() - started) * 1000
     timings["setup_ms"] = (time.perf_counter() - started) * 1000
+    sampler_base, schedule_type = infotext_sampler(request.sampler)
+    info_prompt = infotext_prompt(prompt, {x.resource_id: x.strength for x in request.loras}, negative)
 
     images: list[GeneratedImage] = []
-    canceled = False
-    denoise_ms = 0.0
-    for index, seed in enumerate(request.seeds):
-        if cancel.is_set():
-            canceled = True
-            break
-        t0 = time.perf_counter()
-        with _clip_skip_compat(pipe) if clip_skip else contextlib.nullcontext():
-            image = _one_image(
-                txt2img, img2img, request, index=index, seed=seed, prompt=prompt, negative=negative,
-                base_config=base_config, clip_skip=clip_skip, on_progress=on_progress, cancel=cancel,
-            )
-        denoise_ms += (time.perf_counter() - t0) * 1000
-        if image is None or cancel.is_set():  # interrupted mid-image: the partial image is dropped
-            canceled = True
-            break
+
+    def emit(index: int, seed: int, image: Image.Image) -> None:
         info = build_infotext(
-            prompt=prompt, negative_prompt=negative, steps=request.steps, sampler=request.sampler,
+            prompt=info_prompt, negative_prompt=negative, steps=request.steps, sampler=sampler_base,
+            schedule_type=schedule_type,
             cfg_scale=request.cfg_scale, seed=seed, width=request.width, height=request.height,
             model_hash=model.model_hash, model_name=model.name, clip_skip=request.clip_skip,
             lora_hashes=model.lora_hashes, ti_hashes=model.ti_hashes,
@@ -264,63 +270,99 @@ def generate(
         images.append(GeneratedImage(index=index, seed=seed, image=image, infotext=info.render()))
         if on_image is not None:
             on_image(images[-1])
+
+    canceled = False
+    denoise_ms = 0.0
+    size = 1 if sampler_spec(request.sampler).seeded_noise else max(1, batch_size)
+    seeds = list(enumerate(request.seeds))
+    for start in range(0, len(seeds), size):
+        batch = seeds[start:start + size]
+        if cancel.is_set():
+            canceled = True
+            break
+        t0 = time.perf_counter()
+        out = _batch(
+            txt2img, img2img, request, first_index=batch[0][0], seeds=[s for _, s in batch], first_cond=first_cond,
+            second_cond=second_cond, sdxl=sdxl, base_config=base_config, on_progress=on_progress, cancel=cancel,
+        )
+        denoise_ms += (time.perf_counter() - t0) * 1000
+        if out is None or cancel.is_set():  # interrupted mid-batch: the partial images are dropped
+            canceled = True
+            break
+        for (index, seed), image in zip(batch, out, strict=True):
+            emit(index, seed, image)
     timings["denoise_ms"] = denoise_ms
     timings["generate_ms"] = (time.perf_counter() - started) * 1000
+    timings["batch_size"] = float(size)
     return GenerationOutcome(images=images, canceled=canceled, final_prompt=prompt,
                              final_negative_prompt=negative, timings_ms=timings)
 
 
-def _one_image(
+def _batch(
     txt2img: DiffusionPipeline,
     img2img: DiffusionPipeline | None,
     request: WorkerRequest,
     *,
-    index: int,
-    seed: int,
-    prompt: str,
-    negative: str,
+    first_index: int,
+    seeds: list[int],
+    first_cond: ScheduledConditioning,
+    second_cond: ScheduledConditioning | None,
+    sdxl: bool,
     base_config: Mapping[str, Any],
-    clip_skip: int | None,
     on_progress: ProgressCallback | None,
     cancel: threading.Event,
-) -> Image.Image | None:
-    """One image from `seed`, or None when the cancel event stopped it."""
+) -> list[Image.Image] | None:
+    """One image per seed in one pipeline call, or None when the cancel event stopped them. Progress is
+    reported under the batch's first image index."""
     hires = request.hires
-    first = make_scheduler(request.sampler, base_config, seed)
+    n = len(seeds)
+    first = make_scheduler(request.sampler, base_config, seeds[0])
     total = _planned_steps(first, request.steps)
     second = None
     second_steps = 0
     if img2img is not None and hires is not None:
-        second = make_scheduler(request.sampler, base_config, seed)
+        second = make_scheduler(request.sampler, base_config, seeds[0])
         second_steps = hires_inference_steps(hires.steps or request.steps, hires.denoise)
         total += _planned_steps(second, second_steps, hires.denoise)
     done = 0
+    first_total = total - (_planned_steps(second, second_steps, hires.denoise) if second is not None else 0)
+    state = {"cond": first_cond, "calls": max(1, first_total), "base": 0}
 
     def on_step_end(pipe: DiffusionPipeline, step: int, timestep: Any, kwargs: dict) -> dict:
         nonlocal done
         done += 1
         if on_progress is not None:
-            on_progress(index, min(done, total), total)
+            on_progress(first_index, min(done, total), total)
         if cancel.is_set():
             pipe._interrupt = True
+        cond: ScheduledConditioning = state["cond"]
+        if cond.varies:  # prompt editing / alternation: the next sampling step's conditioning
+            calls = done - state["base"]
+            next_step = calls * cond.steps // state["calls"] + 1
+            return {**kwargs, **cond.step_update(next_step, pipe.do_classifier_free_guidance, batch=n)}
         return kwargs
 
-    # the CPU generator gives the same noise on every device, so a seed reproduces across hardware
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    common = dict(
-        prompt=prompt, negative_prompt=negative, guidance_scale=request.cfg_scale, clip_skip=clip_skip,
-        generator=generator, callback_on_step_end=on_step_end,
-    )
+    def run(view: DiffusionPipeline, cond: ScheduledConditioning, **kw: Any) -> Any:
+        extra: dict[str, Any] = {}
+        if cond.varies:
+            extra["callback_on_step_end_tensor_inputs"] = cond.callback_tensors(sdxl)
+        return view(**cond.pipeline_kwargs(), guidance_scale=request.cfg_scale, generator=generator,
+                    num_images_per_prompt=n, callback_on_step_end=on_step_end, **extra, **kw)
+
+    # the CPU generator gives the same noise on every device, so a seed reproduces across hardware; one
+    # generator per image, so image i of a batch draws exactly the noise it draws alone
+    generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
+    generator: Any = generators[0] if n == 1 else generators
     txt2img.scheduler = first
     latent_upscale = hires is not None and img2img is not None and hires.upscaler == "latent"
-    out = txt2img(
-        width=request.width, height=request.height, num_inference_steps=request.steps,
-        output_type="latent" if latent_upscale else "pil", **common,
+    out = run(
+        txt2img, first_cond, width=request.width, height=request.height, num_inference_steps=request.steps,
+        output_type="latent" if latent_upscale else "pil",
     ).images
     if cancel.is_set():
         return None
     if hires is None:
-        return out[0]
+        return list(out)
 
     width, height = hires_size(request.width, request.height, hires.scale)
     if latent_upscale:
@@ -328,9 +370,12 @@ def _one_image(
         upscaled: Any = F.interpolate(out, size=(height // factor, width // factor), mode="bilinear",
                                       align_corners=False)
     else:
-        upscaled = out[0].resize((width, height), Image.Resampling.LANCZOS)
-    if img2img is None:  # denoise 0: the upscaled first image is the result
-        return upscaled
+        upscaled = [image.resize((width, height), Image.Resampling.LANCZOS) for image in out]
+    if img2img is None:  # denoise 0: the upscaled first images are the result
+        return list(upscaled)
     img2img.scheduler = second
-    image = img2img(image=upscaled, strength=hires.denoise, num_inference_steps=second_steps, **common).images[0]
-    return None if cancel.is_set() else image
+    assert second_cond is not None
+    state.update(cond=second_cond, calls=max(1, total - first_total), base=done)
+    images = run(img2img, second_cond, image=upscaled if n > 1 or latent_upscale else upscaled[0],
+                 strength=hires.denoise, num_inference_steps=second_steps).images
+    return None if cancel.is_set() else list(images)

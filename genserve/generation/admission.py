@@ -24,6 +24,7 @@ from genserve.core.errors import (
     SafetyBlocked,
     Unavailable,
 )
+from genserve.engine.prompt_syntax import extract_extra_networks, plain_text
 from genserve.generation.jobs import GenerationJob, JobStore
 from genserve.generation.protocol import MAX_HIRES_SIDE, GenerationRequest, Limits
 from genserve.generation.worker.errors import ReservedToken
@@ -34,6 +35,7 @@ from genserve.resources.models import ResourceKind
 from genserve.resources.registry import (
     ResolvedResource,
     ResolvedResources,
+    ResourceNotFound,
     ResourceRegistry,
 )
 from safety.embeddings import uses_reserved_token
@@ -42,6 +44,14 @@ from safety.levels import NsfwLevel
 from safety.likeness import LikenessMatch, RequestCheck, RequestFile
 from safety.policy import LikenessHit, ResourceFlags
 from safety.verdict import Action, Verdict
+
+
+@dataclass(frozen=True)
+class ResourceUse:
+    """One resource a request uses: listed in `resources` or named by a `<lora:...>` tag."""
+
+    id: str
+    strength: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -86,7 +96,8 @@ class AdmissionPlan:
             mature=self.protect_minors, sampler=r.sampler.value, steps=r.steps, cfg_scale=r.cfg_scale,
             clip_skip=r.clip_skip, width=self.size[0], height=self.size[1], seeds=seeds,
             loras=[LoraSpec(resource_id=x.id, strength=x.strength) for x in res.loras],
-            embeddings=[x.id for x in res.embeddings], hires=self.hires,
+            embeddings=[x.id for x in res.embeddings], hires=self.hires, output_format=r.output_format,
+            quality=r.quality,
         )
 
 
@@ -144,15 +155,33 @@ def image_size(family: FamilyEntry | None, family_name: str, request: Generation
     return size  # type: ignore[return-value]
 
 
-def hires_spec(request: GenerationRequest, size: tuple[int, int]) -> HiresSpec | None:
+def hires_spec(request: GenerationRequest, size: tuple[int, int], max_pixels: int) -> HiresSpec | None:
+    """The worker's hires spec, refused here when the worker would refuse it (its `max_pixels`, the same
+    target-size rule): a quoted and held job never fails at the worker for its size."""
+    if size[0] * size[1] > max_pixels:
+        raise InvalidRequest(f"{size[0]}x{size[1]} is over the worker's {max_pixels} pixels", code="size_too_large",
+                             details={"max_pixels": max_pixels})
     if request.hires is None:
         return None
-    target = [round(side * request.hires.scale / 8) * 8 for side in size]
-    if max(target) > MAX_HIRES_SIDE:
-        raise InvalidRequest(f"hires fix would make {target[0]}x{target[1]}; the longest side is {MAX_HIRES_SIDE}",
-                             code="hires_too_large")
     h = request.hires
-    return HiresSpec(scale=h.scale, denoise=h.denoise, steps=h.steps, upscaler=h.upscaler)
+    spec = HiresSpec(scale=h.scale, denoise=h.denoise, steps=h.steps, upscaler=h.upscaler)
+    target = spec.target_size(*size)
+    if max(target) > MAX_HIRES_SIDE or target[0] * target[1] > max_pixels:
+        raise InvalidRequest(f"hires fix would make {target[0]}x{target[1]}; the limit is {max_pixels} pixels "
+                             f"and {MAX_HIRES_SIDE} a side", code="hires_too_large",
+                             details={"target": list(target), "max_pixels": max_pixels, "max_side": MAX_HIRES_SIDE})
+    return spec
+
+
+def draft_request(family: FamilyEntry | None, family_name: str,
+                  request: GenerationRequest) -> tuple[GenerationRequest, str]:
+    """The request as draft mode runs it (the family's steps, CFG and sampler), and its LoRA's id."""
+    draft = family.draft if family is not None else None
+    if draft is None:
+        raise InvalidRequest(f"no draft mode for the {family_name} family", code="draft_unavailable")
+    effective = request.model_copy(update={"steps": draft.steps, "cfg_scale": draft.cfg_scale,
+                                           "sampler": type(request.sampler)(draft.sampler)})
+    return effective, draft.lora
 
 
 def check_tokens(family: FamilyEntry | None, resources: ResolvedResources) -> None:
@@ -161,6 +190,14 @@ def check_tokens(family: FamilyEntry | None, resources: ResolvedResources) -> No
     for res in resources.embeddings:
         if uses_reserved_token(res.token or "", reserved):
             raise ReservedToken(f"embedding {res.id} uses a reserved safety token", details={"id": res.id})
+
+
+def audit_text(prompt: str) -> str:
+    """What the prompt audit reads: the prompt as written and, when it uses A1111 syntax, its words
+    without it on a line of their own (weights, BREAK, escapes and editing could otherwise split or hide
+    a term: "(lo)li", "lo\\li", "[lo:li:0]")."""
+    plain = plain_text(prompt)
+    return prompt if plain == prompt else f"{prompt}\n{plain}"
 
 
 # --------------------------------------------------------------------------------- the admission
@@ -172,6 +209,7 @@ class Admission:
     def __init__(self, settings: Settings, *, registry: ResourceRegistry, catalog: ModelCatalog, pricing: Pricing,
                  safety: SafetyGate, resource_cache: ResourceCache, limits: Limits):
         self.config = settings.generation
+        self.max_pixels = settings.worker.max_pixels  # what the workers refuse above
         self.registry = registry
         self.catalog = catalog
         self.pricing = pricing
@@ -192,20 +230,79 @@ class Admission:
                             retry_after_s=self.limits.retry_after_s)
         return active
 
+    def resource_uses(self, caller: Caller, request: GenerationRequest) -> list[ResourceUse]:
+        """The listed resources, then the LoRAs the prompt's `<lora:name:w>` tags name (by resource id, else
+        by a LoRA's unique name), each checked like a listed one from here on (registry, likeness, worker)."""
+        uses = [ResourceUse(r.id, r.strength) for r in request.resources]
+        listed = {u.id for u in uses}
+        tags = [*extract_extra_networks(request.prompt).loras, *extract_extra_networks(request.negative_prompt).loras]
+        for tag in tags:
+            if tag.split:
+                raise InvalidRequest(f"{tag.text}: separate text-encoder and UNet strengths are not supported",
+                                     code="lora_tag_split_strength", details={"tag": tag.text})
+            rid = self._lora_id(tag.name, caller.user_id)
+            if rid in listed:
+                raise InvalidRequest(f"{tag.text}: LoRA {rid} is already listed", code="lora_listed_twice",
+                                     details={"tag": tag.text, "id": rid})
+            listed.add(rid)
+            uses.append(ResourceUse(rid, tag.strength))
+        tier = self.limits.tier(caller.tier)
+        if len(uses) > tier.resources:
+            raise InvalidRequest(f"over the {caller.tier or self.limits.default_tier} tier's limits: ['resources']",
+                                 code="tier_limit_exceeded",
+                                 details={"resources": {"requested": len(uses), "max": tier.resources}})
+        return uses
+
+    def _by_name(self, name: str, kind: ResourceKind, user_id: str) -> list[str]:
+        return [r.id for r in self.registry.list(kind=kind)
+                if r.name == name and (r.owner_user_id is None or r.owner_user_id == user_id)]
+
+    def _checkpoint_id(self, ref: str, user_id: str) -> str:
+        """A checkpoint by id, else by its unique name (what an infotext's `Model:` names)."""
+        try:
+            return self.registry.get(ref).id
+        except ResourceNotFound:
+            found = self._by_name(ref, ResourceKind.checkpoint, user_id)
+            return found[0] if len(found) == 1 else ref  # otherwise resolve() reports it as it always has
+
+    def _lora_id(self, name: str, user_id: str) -> str:
+        try:
+            return self.registry.get(name).id
+        except ResourceNotFound:
+            pass
+        found = self._by_name(name, ResourceKind.lora, user_id)
+        if len(found) != 1:
+            raise InvalidRequest(f"<lora:{name}> names no{' single' if found else ''} known LoRA",
+                                 code="lora_tag_unknown" if not found else "lora_tag_ambiguous",
+                                 details={"name": name, **({"ids": found} if found else {})})
+        return found[0]
+
     def plan(self, caller: Caller, request: GenerationRequest) -> AdmissionPlan:
         check_tier(self.limits, caller, request)
-        resources = self.registry.resolve(request.checkpoint, request.resources, caller.user_id)
+        checkpoint = self._checkpoint_id(request.checkpoint, caller.user_id)
+        if checkpoint != request.checkpoint:
+            request = request.model_copy(update={"checkpoint": checkpoint})
+        uses = self.resource_uses(caller, request)
+        resources = self.registry.resolve(request.checkpoint, uses, caller.user_id)
         family = self.catalog.families.get(resources.family)
+        free_extras = 0
+        if request.draft:
+            request, draft_lora = draft_request(family, resources.family, request)
+            if draft_lora not in {u.id for u in uses}:
+                uses.append(ResourceUse(draft_lora, 1.0))
+                free_extras = 1  # the draft LoRA is part of the mode, not a resource the user added
+            resources = self.registry.resolve(request.checkpoint, uses, caller.user_id)
         check_tokens(family, resources)
         size = image_size(family, resources.family, request)
-        hires = hires_spec(request, size)
+        hires = hires_spec(request, size, self.max_pixels)
         allowed = NsfwLevel.lowest(caller.max_nsfw_level, request.nsfw_level)
         with metrics.stage_timer("audit", resources.family):
             verdict = self._precheck(caller, request, resources, allowed)
         quote = self.pricing.quote_generation(
             resources.family, size[0], size[1], request.steps, request.quantity,
-            extra_resources=len(resources.extras),
+            extra_resources=len(resources.extras) - free_extras,
             hires=HiresParams.upscaled(size[0], size[1], hires.scale, hires.steps or request.steps) if hires else None,
+            output_format=request.output_format,
         )
         timeout_s = self.config.job_timeout_s + self.config.timeout_per_resource_s * len(resources.extras)
         return AdmissionPlan(caller, request, resources, size, hires, allowed, verdict, quote, timeout_s)
@@ -214,7 +311,7 @@ class Admission:
                   allowed: NsfwLevel) -> Verdict:
         hits = self._likeness(resources)
         verdict = self.safety.precheck_request(
-            request.prompt, request.negative_prompt,
+            audit_text(request.prompt), audit_text(request.negative_prompt),
             resources=[ResourceFlags(r.id, r.minor, r.poi, r.sfw_only) for r in resources.all],
             likeness_hits=[LikenessHit(r.id, f"likeness.{hit.method}", f"matches a blocklisted likeness of {hit.person}")
                            for r, hit in hits],

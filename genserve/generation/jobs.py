@@ -86,10 +86,10 @@ def image_prefix(user_id: str, job_id: str) -> str:
     return f"images/{user_id}/{job_id}/"
 
 
-def image_key(user_id: str, job_id: str, index: int, digest: str) -> str:
+def image_key(user_id: str, job_id: str, index: int, digest: str, ext: str = "png") -> str:
     """An image's key. It is written before the image's scan is done, so it carries part of the
-    image's SHA-256: nobody can name it before the finished job lists it."""
-    return f"{image_prefix(user_id, job_id)}{index}-{digest[:16]}.png"
+    image's SHA-256: nobody can name it before the finished job lists it. `ext`: png, jpg or webp."""
+    return f"{image_prefix(user_id, job_id)}{index}-{digest[:16]}.{ext}"
 
 
 class GenerationJob(Base):

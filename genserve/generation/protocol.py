@@ -29,6 +29,7 @@ from pydantic import (
 
 from genserve.core.errors import ConfigError, InvalidRequest
 from genserve.engine.schedulers import sampler_names
+from genserve.generation.compat import fold_aliases
 from genserve.generation.jobs import JobStatus
 from genserve.resources.registry import MAX_EXTRA_RESOURCES
 from safety.levels import NsfwLevel
@@ -91,11 +92,22 @@ class HiresFix(_Strict):
     scale: float = Field(1.5, ge=1.0, le=2.0, description="upscale factor of the first image")
     denoise: float = Field(0.4, ge=0.0, le=0.75)
     steps: int = Field(10, ge=1, le=150, description="steps of the second pass")
-    upscaler: Literal["latent", "lanczos"] = "latent"
+    upscaler: Literal["latent", "lanczos"] = Field(
+        "latent", description='A1111\'s names too: "Latent", "Lanczos" (any case), as the infotext writes them')
+
+    @field_validator("upscaler", mode="before")
+    @classmethod
+    def _a1111_upscaler(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
 
 
 class GenerationRequest(_Strict):
-    """`POST /v1/generations` body (API version 1)."""
+    """`POST /v1/generations` body (API version 1).
+
+    Also accepted, folded into these fields before validation (`generation.compat`): `infotext`
+    (A1111's parameters text in place of the fields it names), `sampler_name`, `scheduler` (A1111 >= 1.9's
+    schedule type, or ComfyUI's), A1111/Civitai/ComfyUI sampler spellings, and `seed: -1` (random).
+    """
 
     version: Literal[1] = 1
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
@@ -116,6 +128,16 @@ class GenerationRequest(_Strict):
     )
     priority: Priority = Priority.normal
     idempotency_key: str | None = Field(None, pattern=IDEMPOTENCY_KEY_PATTERN)
+    output_format: Literal["png", "jpeg", "webp"] = Field(
+        "png", description="the infotext goes in a PNG text chunk, or a JPEG/WebP EXIF UserComment (as A1111)")
+    quality: int = Field(90, ge=1, le=100, description="JPEG/WebP quality")
+    draft: bool = Field(False, description="the family's fast path: its LCM-style LoRA, fixed few steps, low CFG "
+                                           "(steps, cfg_scale and sampler are the draft's)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _a1111_aliases(cls, data: Any) -> Any:
+        return fold_aliases(data)
 
     @field_validator("resources")
     @classmethod

@@ -11,15 +11,12 @@ whoever gets there first.
 from __future__ import annotations
 
 import datetime as dt
-import io
 import logging
-
-from PIL import Image
 
 from genserve.billing.ledger import Ledger
 from genserve.core import metrics
 from genserve.core.errors import GenserveError
-from genserve.engine.infotext import PNG_TEXT_KEY
+from genserve.engine.infotext import read_infotext_text
 from genserve.generation.admission import AdmissionPlan
 from genserve.generation.jobs import JobStatus, JobStore
 from genserve.generation.staging import ImageStaging
@@ -144,7 +141,6 @@ def _record_latencies(family: str, created_at: dt.datetime, result: WorkerResult
     metrics.observe("genserve_request_latency_ms", elapsed_ms, family=family)
 
 
-def _infotext(png: bytes) -> str | None:
-    """The A1111 infotext the worker wrote into a PNG."""
-    with Image.open(io.BytesIO(png)) as img:
-        return img.info.get(PNG_TEXT_KEY)  # read before the pixels: a text chunk ahead of the image data
+def _infotext(data: bytes) -> str | None:
+    """The A1111 infotext the worker wrote into the image (PNG text chunk, JPEG/WebP EXIF UserComment)."""
+    return read_infotext_text(data)

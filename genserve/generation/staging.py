@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from genserve.core import metrics
 from genserve.core.errors import GenserveError
 from genserve.core.storage import ObjectStore
+from genserve.engine.infotext import EXTENSIONS, MEDIA_TYPES, image_format
 from genserve.generation.jobs import image_key
 
 logger = logging.getLogger(__name__)
@@ -36,11 +37,12 @@ class ImageStaging:
         self._storing = ThreadPoolExecutor(threads, thread_name_prefix="genserve-store")
 
     def stage(self, user_id: str, job_id: str, family: str, index: int, png: bytes, digest: str) -> None:
-        key = image_key(user_id, job_id, index, digest)
+        fmt = image_format(png)
+        key = image_key(user_id, job_id, index, digest, EXTENSIONS[fmt])
 
         def put() -> None:
             with metrics.stage_timer("store", family):
-                self.store.put_bytes(key, png, content_type="image/png")
+                self.store.put_bytes(key, png, content_type=MEDIA_TYPES[fmt])
 
         self._staged.setdefault(job_id, {})[index] = StagedImage(key, digest, png, self._storing.submit(put))
 

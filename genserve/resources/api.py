@@ -15,7 +15,6 @@ from fastapi import APIRouter, Depends, File, Form, Path, Query, UploadFile
 from fastapi.responses import JSONResponse
 
 from genserve.core.errors import InvalidRequest
-from genserve.engine.schedulers import SAMPLERS, sampler_names
 from genserve.resources.catalog import ModelCatalog
 from genserve.resources.models import ModelFamily, ResourceKind, Visibility
 from genserve.resources.protocol import (
@@ -26,8 +25,6 @@ from genserve.resources.protocol import (
     ResourceList,
     ResourceUpdate,
     ResourceView,
-    SamplerList,
-    SamplerView,
 )
 from genserve.resources.service import ResourceService, UploadSpec
 from safety.levels import NsfwLevel
@@ -42,7 +39,7 @@ def _words(value: str) -> list[str]:
 
 
 def build_router(resources: ResourceService, catalog: ModelCatalog, caller: Callable[..., Any],
-                 admin: Callable[..., Any], *, default_sampler: str = "Euler a") -> APIRouter:
+                 admin: Callable[..., Any]) -> APIRouter:
     router = APIRouter(prefix=PREFIX)
     CallerDep = Annotated[Any, Depends(caller)]
     AdminDep = Annotated[str, Depends(admin)]
@@ -141,15 +138,6 @@ def build_router(resources: ResourceService, catalog: ModelCatalog, caller: Call
                 pipeline=fam.pipeline if fam else None, default_size=fam.default_size if fam else None,
                 allowed_sizes=list(fam.allowed_sizes) if fam else [], flags=view.flags))
         return ModelList(models=models)
-
-    @router.get("/samplers", response_model=SamplerList, tags=["resources"])
-    async def list_samplers(_: CallerDep) -> SamplerList:
-        """The samplers a request's `sampler` takes (A1111 names), and the default."""
-        return SamplerList(
-            samplers=[SamplerView(name=n, scheduler=SAMPLERS[n].scheduler_cls.__name__,
-                                  karras=bool(SAMPLERS[n].overrides.get("use_karras_sigmas", False)))
-                      for n in sampler_names()],
-            default=default_sampler)
 
     # -- moderators -----------------------------------------------------------------------------
 

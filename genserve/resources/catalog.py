@@ -25,11 +25,22 @@ class EmbeddingEntry(_Strict):
     file: str
 
 
+class DraftEntry(_Strict):
+    """Draft mode of a family (Civitai's `txt2img:draft`): an LCM-style LoRA and the few steps, low CFG
+    and sampler it is made for."""
+
+    lora: str  # the registered LoRA resource's id
+    steps: int = Field(8, ge=1, le=16)
+    cfg_scale: float = Field(1.0, ge=0.0, le=3.0)
+    sampler: str = "LCM"
+
+
 class FamilyEntry(_Strict):
     pipeline: str
     default_size: tuple[int, int]
     allowed_sizes: list[tuple[int, int]] = Field(default_factory=list)
     safety_embeddings: dict[str, EmbeddingEntry]
+    draft: DraftEntry | None = None
 
     def safety_embeddings_config(self) -> dict[str, dict[str, Any]]:
         """The mapping `safety.embeddings.SafetyEmbeddings.from_config` reads."""

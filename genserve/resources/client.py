@@ -44,7 +44,7 @@ class ResourcesClient(GenserveClient):
     def models(self) -> dict[str, Any]:
         return self._call("GET", "/v1/models").json()
 
-    def samplers(self) -> dict[str, Any]:
+    def samplers(self) -> list[dict[str, Any]]:
         return self._call("GET", "/v1/samplers").json()
 
 

@@ -1,4 +1,4 @@
-"""The `/v1` models of resources, checkpoints and samplers: what clients send and get back."""
+"""The `/v1` models of resources and checkpoints: what clients send and get back."""
 
 from __future__ import annotations
 
@@ -128,12 +128,3 @@ class ModelList(BaseModel):
     models: list[ModelView]
 
 
-class SamplerView(BaseModel):
-    name: str = Field(description="the A1111 name a request's `sampler` takes")
-    scheduler: str = Field(description="the diffusers scheduler that runs it")
-    karras: bool
-
-
-class SamplerList(BaseModel):
-    samplers: list[SamplerView]
-    default: str

@@ -31,7 +31,6 @@ from genserve.engine.generate import (
     GeneratedImage,
     ModelInfo,
     generate,
-    hires_size,
     prepare_pipeline,
 )
 from genserve.engine.loading import default_device, load_pipeline
@@ -200,7 +199,7 @@ class WorkerCore:
             raise TooManyImages(f"at most {cfg.max_images} images per request")
         width, height = request.width, request.height
         if request.hires:
-            width, height = hires_size(width, height, request.hires.scale)
+            width, height = request.hires.target_size(width, height)
         if width * height > cfg.max_pixels:
             raise ImageTooLarge(f"{width}x{height} is over {cfg.max_pixels} pixels")
 
@@ -251,9 +250,10 @@ class WorkerCore:
 
         def encode(image: GeneratedImage) -> float:
             t0 = time.perf_counter()
-            png = image.encode()
+            png = image.encode(request.output_format, request.quality)
             if on_event is not None:
-                on_event(EncodedImage(job_id=request.job_id, index=image.index, seed=image.seed, png=png))
+                on_event(EncodedImage(job_id=request.job_id, index=image.index, seed=image.seed, data=png,
+                                      format=request.output_format))
             return (time.perf_counter() - t0) * 1000
 
         scans: dict[int, Future[tuple[ImageScan, float]]] = {}
@@ -289,7 +289,8 @@ class WorkerCore:
                 )
                 with user_embeddings(loaded.pipe, self.family, [(path, token) for _, path, token in embeddings]):
                     outcome = generate(loaded.pipe, request, safety=loaded.safety, model=model,
-                                       on_progress=progress, cancel=cancel, on_image=finished)
+                                       on_progress=progress, cancel=cancel, on_image=finished,
+                                       batch_size=self.config.batch_size.get(self.family, 1))
         timings.update(outcome.timings_ms)
         with self._heartbeat_lock:
             self.counters["requests"] += 1

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from safety.image_scan import ScanResult
 from safety.levels import NsfwLevel
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 3: output format and quality; EncodedImage.data + format
 MAX_SEED = 2**63 - 1
 MAX_PROMPT_CHARS = 4000
 
@@ -40,6 +40,14 @@ class HiresSpec(_Frozen):
     # "latent": interpolate the latents (A1111 "Latent"); "lanczos": decode, resize the image, encode
     upscaler: Literal["latent", "lanczos"] = "latent"
 
+    def target_size(self, width: int, height: int) -> tuple[int, int]:
+        """The second pass's size: the one rule the admission (quote, limits) and the worker both use."""
+        return hires_size(width, height, self.scale)
+
+
+def hires_size(width: int, height: int, scale: float, multiple: int = 8) -> tuple[int, int]:
+    return (int(width * scale) // multiple * multiple, int(height * scale) // multiple * multiple)
+
 
 class WorkerRequest(_Frozen):
     """One generation: `len(seeds)` images, image i drawn from `seeds[i]` alone (reproducible one by one)."""
@@ -63,6 +71,9 @@ class WorkerRequest(_Frozen):
     # textual-inversion resource ids the prompt may use by their tokens
     embeddings: list[str] = Field(default_factory=list, max_length=16)
     hires: HiresSpec | None = None
+    # how the images are encoded; the infotext goes where A1111 puts it (PNG text chunk, EXIF UserComment)
+    output_format: Literal["png", "jpeg", "webp"] = "png"
+    quality: int = Field(90, ge=1, le=100, description="JPEG/WebP quality")
 
     @field_validator("width", "height")
     @classmethod
@@ -106,13 +117,20 @@ class ProgressEvent(_StreamItem):
 
 
 class EncodedImage(_StreamItem):
-    """A finished image's PNG, streamed as soon as it is encoded: the caller stores it while the
-    worker still scans it. Its verdict comes with the `WorkerResult`; until then it is not delivered."""
+    """A finished image, encoded (`format`: png, jpeg or webp) and streamed as soon as it is: the caller
+    stores it while the worker still scans it. Its verdict comes with the `WorkerResult`; until then it
+    is not delivered."""
 
     kind: Literal["image"] = "image"
     index: int
     seed: int
-    png: bytes
+    data: bytes
+    format: Literal["png", "jpeg", "webp"] = "png"
+
+    @property
+    def png(self) -> bytes:
+        """The encoded bytes (the field's name before schema 3; whatever `format` says they are)."""
+        return self.data
 
 
 class ImageScan(_Frozen):

@@ -1,0 +1,61 @@
+"""What A1111, Civitai and ComfyUI clients send, folded into the `/v1/generations` body before validation.
+
+* `infotext`: A1111's "parameters" text stands in for the fields it names; fields given next to it win.
+* `sampler_name` (A1111's name of the field) is `sampler`; `scheduler` (A1111 >= 1.9, ComfyUI) is the
+  schedule type that goes with it ("DPM++ 2M" + "Karras" = "DPM++ 2M Karras"); A1111, Civitai and
+  ComfyUI spellings of a sampler all become the engine's name (`engine.schedulers.canonical_sampler`).
+* `seed: -1` means random, as in A1111 and Civitai's API: the same as leaving `seed` out.
+
+Anything not recognised is left as it is, so the request model's own validation reports it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from genserve.engine.infotext import request_fields
+from genserve.engine.schedulers import UnknownSampler, canonical_sampler
+
+RANDOM_SEED = -1
+
+
+def _same_sampler(a: Any, b: Any) -> bool:
+    try:
+        return canonical_sampler(a) == canonical_sampler(b)
+    except (UnknownSampler, AttributeError):
+        return a == b
+
+
+def fold_aliases(data: Any) -> Any:
+    if not isinstance(data, dict):
+        return data
+    data = dict(data)
+    if "sampler_name" in data:
+        alias = data.pop("sampler_name")
+        if "sampler" in data and not _same_sampler(data["sampler"], alias):
+            raise ValueError("sampler and sampler_name name different samplers")
+        data["sampler"] = alias
+    if "infotext" in data:
+        text = data.pop("infotext")
+        if not isinstance(text, str):
+            raise ValueError("infotext must be A1111's parameters text")
+        fields = request_fields(text)
+        if "sampler" in data or "scheduler" in data:  # the body's sampler replaces the infotext's, whole
+            fields.pop("sampler", None)
+            fields.pop("scheduler", None)
+        data = {**fields, **data}
+    schedule = data.pop("scheduler", None)
+    sampler = data.get("sampler")
+    if isinstance(sampler, str) or schedule is not None:
+        if not isinstance(schedule, str | None):
+            raise ValueError("scheduler must be a schedule type's name")
+        try:
+            data["sampler"] = canonical_sampler(sampler if isinstance(sampler, str) else "Euler a", schedule)
+        except UnknownSampler as exc:
+            if schedule is not None or exc.code != "unknown_sampler":
+                raise ValueError(str(exc)) from None
+            # an unknown name is left for the enum, whose error lists the known ones
+    seed = data.get("seed")
+    if type(seed) is int and seed == RANDOM_SEED:
+        del data["seed"]
+    return data

@@ -80,9 +80,9 @@ class _Strict(BaseModel):
 
 
 class ResourceRef(_Strict):
-    """A LoRA or textual-inversion embedding by registry id. `strength` applies to LoRAs."""
+    """A LoRA or textual-inversion embedding by registry id or AIR alias. `strength` applies to LoRAs."""
 
-    id: str = Field(min_length=1, max_length=64)
+    id: str = Field(min_length=1, max_length=256)  # an AIR alias is longer than an id
     strength: float = Field(1.0, ge=-1.0, le=2.0)
 
 

@@ -91,7 +91,7 @@ class AdmissionPlan:
             mature=self.protect_minors, sampler=r.sampler.value, steps=r.steps, cfg_scale=r.cfg_scale,
             clip_skip=r.clip_skip, width=self.size[0], height=self.size[1], seeds=seeds,
             loras=[LoraSpec(resource_id=x.id, strength=x.strength) for x in res.loras],
-            embeddings=[x.id for x in res.embeddings], hires=self.hires,
+            embeddings=[x.id for x in res.embeddings], hires=self.hires, priority=r.priority.value,
         )
 
 

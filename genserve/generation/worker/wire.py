@@ -63,6 +63,8 @@ class WorkerRequest(_Frozen):
     # textual-inversion resource ids the prompt may use by their tokens
     embeddings: list[str] = Field(default_factory=list, max_length=16)
     hires: HiresSpec | None = None
+    # paid priority: the order in which waiting requests get the checkpoint (`PriorityLock`)
+    priority: Literal["low", "normal", "high"] = "normal"
 
     @field_validator("width", "height")
     @classmethod

@@ -74,11 +74,11 @@ class HoldOps(LedgerBase):
             legs = ((hold.destination, captured, "capture"),)
         deltas: dict[str, tuple[int, int]] = {hold.account: (-captured, -hold.amount)}
         for destination, amount, _kind in legs:
-            if not is_system_account(destination):
-                self._insert_account(tx, destination, now)
             posted, _ = deltas.get(destination, (0, 0))
             deltas[destination] = (posted + amount, 0)
-        self._move(tx, deltas)
+        # the hold's own destination exists (the hold created it); an owner paid by a leg may not yet
+        credit = frozenset(d for d, _, _ in legs if d != hold.destination and not is_system_account(d))
+        self._move(tx, deltas, credit=credit, now=now)
         for destination, amount, kind in legs:
             self._write_transfer(
                 tx, source=hold.account, destination=destination, amount=amount, kind=kind,

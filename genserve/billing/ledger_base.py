@@ -165,11 +165,16 @@ class LedgerBase:
             {"key": key, "operation": operation, "request": request, "result": json.dumps(result), "now": tx.ts(now)},
         )
 
-    def _move(self, tx: Tx, deltas: dict[str, tuple[int, int]]) -> None:
+    def _move(self, tx: Tx, deltas: dict[str, tuple[int, int]], *, credit: frozenset[str] = frozenset(),
+              now: dt.datetime | None = None) -> None:
         """Apply (posted, held) deltas to accounts, locking rows in the global order. A system
-        account's posted delta goes to one of its shards, picked at random."""
+        account's posted delta goes to one of its shards, picked at random. Accounts in `credit`
+        (user accounts only credited) are created by their credit if they do not exist yet."""
         for account in sorted(deltas, key=lock_order):
             d_posted, d_held = deltas[account]
+            if account in credit:
+                tx.write("credit_account", {"account": account, "posted": d_posted, "now": tx.ts(now)})
+                continue
             if is_system_account(account) and not d_held:
                 shard = random.randrange(self.config.system_account_shards)
                 tx.write("move_shard", {"account": account, "shard": shard, "posted": d_posted})

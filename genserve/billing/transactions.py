@@ -45,6 +45,10 @@ _SQL = {
     "move_shard": "UPDATE ledger_account_shards SET posted = posted + :posted WHERE account_id = :account "
     "AND shard = :shard",
     "move": "UPDATE ledger_accounts SET posted = posted + :posted, held = held + :held WHERE id = :account",
+    # credits a user account, creating it on its first credit (a resource owner paid by a capture leg)
+    "credit_account": "INSERT INTO ledger_accounts (id, kind, posted, held, created_at) "
+    "VALUES (:account, 'user', :posted, 0, :now) ON CONFLICT (id) DO UPDATE SET posted = ledger_accounts.posted + "
+    "EXCLUDED.posted",
     "insert_hold": "INSERT INTO ledger_holds (id, account_id, destination_id, amount, captured, status, "
     "idempotency_key, reason, expires_at, created_at) VALUES (:id, :account, :destination, :amount, 0, 'open', "
     ":key, :reason, :expires_at, :now)",

@@ -79,11 +79,22 @@ class HoldOps(LedgerBase):
         # the hold's own destination exists (the hold created it); an owner paid by a leg may not yet
         credit = frozenset(d for d, _, _ in legs if d != hold.destination and not is_system_account(d))
         self._move(tx, deltas, credit=credit, now=now)
-        for destination, amount, kind in legs:
+        if len(legs) == 1:
+            destination, amount, kind = legs[0]
             self._write_transfer(
                 tx, source=hold.account, destination=destination, amount=amount, kind=kind,
                 key=hold.key, reason=hold.reason, now=now, hold_id=hold.id, need_entry=False,
             )
+        elif legs:
+            # one transfer: the holder's single debit (what the user sees as the charge) and a credit
+            # per leg; its lines sum to zero like any transfer's
+            common = {"transfer_id": uuid.uuid4().hex, "hold_id": hold.id, "key": hold.key, "reason": hold.reason,
+                      "now": tx.ts(now)}
+            tx.write("insert_entry", {**common, "account": hold.account, "counterparty": hold.destination,
+                                      "amount": -captured, "kind": "capture"})
+            for destination, amount, kind in legs:
+                tx.write("insert_entry", {**common, "account": destination, "counterparty": hold.account,
+                                          "amount": amount, "kind": kind})
         status = "captured" if captured else "released"
         tx.write("close_hold", {"id": hold.id, "captured": captured, "status": status, "now": tx.ts(now)})
         return replace(hold, captured=captured, status=status, closed_at=now)

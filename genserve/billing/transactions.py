@@ -63,6 +63,10 @@ _SQL = {
     "idempotency_key, reason, created_at) VALUES "
     "(:transfer_id, :source, :destination, -CAST(:amount AS BIGINT), :kind, :hold_id, :key, :reason, :now), "
     "(:transfer_id, :destination, :source, :amount, :kind, :hold_id, :key, :reason, :now) RETURNING id, amount",
+    # one line of a multi-leg transfer (a capture paying several parties: one debit, a credit per leg)
+    "insert_entry": "INSERT INTO ledger_entries (transfer_id, account_id, counterparty_id, amount, kind, hold_id, "
+    "idempotency_key, reason, created_at) VALUES (:transfer_id, :account, :counterparty, :amount, :kind, :hold_id, "
+    ":key, :reason, :now)",
     "expired_holds": "SELECT id, account_id, amount FROM ledger_holds WHERE status = 'open' AND expires_at <= :now "
     "ORDER BY id LIMIT :batch{for_update_skip_locked}",
     "expire_hold": "UPDATE ledger_holds SET status = 'expired', closed_at = :now WHERE id = :id AND status = 'open'",

@@ -161,8 +161,9 @@ def test_daily_allowance_32_concurrent_claims_credit_once(any_ledger):
 # -- early access ------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def economy(db, monkeypatch):
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def economy(request, monkeypatch):
+    db = request.getfixturevalue("db" if request.param == "sqlite" else "pg_db")
     now = [dt.datetime(2026, 12, 1, tzinfo=dt.timezone.utc)]
     monkeypatch.setattr(ledger_module, "utcnow", lambda: now[0])
     ledger = Ledger(db, BillingConfig(expired_hold_grace_s=0))

@@ -132,9 +132,10 @@ class Economy:
             if contribution_goal is not None:
                 row.contribution_goal = contribution_goal or None
             if early_access_days is not None:
+                until = row.early_access_until and as_utc(row.early_access_until)
+                if early_access_days and (until is None or until <= now):  # a new window starts from nothing
+                    row.contributed, row.goal_reached_at = 0, None
                 row.early_access_until = now + dt.timedelta(days=early_access_days) if early_access_days else None
-                row.goal_reached_at = None
-                row.contributed = 0 if early_access_days else row.contributed
             if row.early_access_until is not None and row.early_access_until > now and not row.unlock_price:
                 raise InvalidRequest("an early-access window needs an unlock price", code="unlock_price_required")
             row.updated_at = now

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 
 import httpx
 import pytest
@@ -105,6 +106,14 @@ def test_two_fee_loras_tips_and_a_withheld_image_pay_every_party_exactly(env, pu
     assert other.status_code == 404
     [earn] = _http(app, ("GET", "/v1/accounts/alice/earnings", {"headers": {**SERVICE, "X-User-Id": "alice"}}))
     assert earn.json()["by_kind"]["licence_fee"]["amount"] >= 3 * 7
+
+    from typer.testing import CliRunner
+
+    from genserve.cli import app as cli_app
+    res = CliRunner().invoke(cli_app, ["buzz", "receipt", job.id, "--json"],
+                             env={"GENSERVE_DATA_DIR": str(env.settings.data_dir)})
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["legs"] == body["legs"]
 
 
 def test_early_access_over_http_refuses_generation_until_unlocked(env, public_owned):  # noqa: F811

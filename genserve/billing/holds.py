@@ -3,7 +3,9 @@
 A hold moves buzz from the user's available balance into `held` without posting it anywhere.
 Capture and release lock the hold's row before any account row and act only on an open hold, so
 a hold is closed once. Capture posts at most the held amount to the hold's destination and gives
-the rest back; release and expiry post nothing. Every hold expires: past its expiry a capture is
+the rest back; release and expiry post nothing. A capture may split what it posts into legs (the platform,
+resource owners, tips): one transfer with the holder's single debit and a credit per leg, the legs
+summing exactly to the captured amount. Every hold expires: past its expiry a capture is
 refused and the reaper (`reap_expired`) gives the buzz back, so a caller that dies never strands a
 user's buzz.
 """

@@ -1,12 +1,15 @@
 """Safety figures.
 
-Prompt audit: 300-character prompts audited per second on one core (target ≥ 10,000/s), with and
-without a negative prompt, and the worst audit time of several hostile 20,000-character prompts
-(must stay in milliseconds: matching is linear, nothing backtracks).
+Prompt audit quality: recall (share of must-block prompts blocked) and false-positive ratio (share
+of must-allow prompts not allowed) on the labelled corpus (tests/data/prompt_audit_corpus.jsonl,
+target ≥ 0.97 and ≤ 0.01) and on the held-out set written after the rules
+(tests/data/prompt_heldout.jsonl, reported, not tuned for).
 
-Likeness: weight-fingerprint time for an SDXL-sized rank-32 LoRA (~700 modules with SDXL's real
-attention/feed-forward shapes, fp16, kohya keys; target ≤ 2000 ms on one CPU thread), and the per-check match
-time against a 10,000-entry blocklist, revalidation query included (target ≤ 10 ms).
+Prompt audit speed: 300-character prompts audited per second on one core (target ≥ 10,000/s), with
+and without a negative prompt, and the worst audit time of several hostile 20,000-character prompts
+(target ≤ 5 ms: matching is linear, nothing backtracks).
+
+The likeness blocklist's figures (evasion suite, per-request check time) are bench/likeness.py's.
 
     .venv/bin/python bench/safety.py
 """
@@ -19,7 +22,6 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -30,22 +32,20 @@ _HERE = Path(__file__).resolve().parent
 sys.path[:] = [str(_HERE.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 
-from genserve.core.db import Database  # noqa: E402
-from safety.likeness import BUCKETS, DIM, FINGERPRINT_VERSION, LikenessBlocklist, fingerprint_lora  # noqa: E402
 from safety.prompt_audit import PromptAuditor  # noqa: E402
-from safety.store import LikenessEntry  # noqa: E402
 
 RULES_DIR = _HERE.parent / "configs" / "safety"
+CORPORA = {"prompt_corpus": _HERE.parent / "tests" / "data" / "prompt_audit_corpus.jsonl",
+           "prompt_heldout": _HERE.parent / "tests" / "data" / "prompt_heldout.jsonl"}
 
 
-def _median_ms(fn: Callable[[], object], repeats: int) -> float:
+def _median_ms(fn: Callable[[], object], repeats: int, clock: Callable[[], float] = time.perf_counter) -> float:
     times = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = clock()
         fn()
-        times.append((time.perf_counter() - t0) * 1000)
+        times.append((clock() - t0) * 1000)
     return statistics.median(times)
 
 
@@ -93,7 +93,34 @@ def _hostile_prompts(length: int = 20_000) -> dict[str, str]:
         "mixed_obfuscation": "ｎｕｄｅ tееn 15yo (little:1.3) girl, " * length,
         "adjectives": "young " * length,
         "weights": "(a:1.3)" * length,
+        "split_pieces": "nu de ch ild lo li " * length,
+        "cjk_no_spaces": "十四歳の少女裸 " * length,
+        "ages_and_years": "girl 13 years of age born in 2012 " * length,
+        "name_parts": "swift taylor alison " * length,
     }
+
+
+def corpus_figures() -> dict[str, float]:
+    """Recall and false-positive ratio of the audit on the labelled corpora."""
+    auditor = PromptAuditor.from_dir(RULES_DIR)
+    figures: dict[str, float] = {}
+    for name, path in CORPORA.items():
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
+        blocked = {"block": 0, "allow": 0}
+        totals = {"block": 0, "allow": 0}
+        for row in rows:
+            got = auditor.audit(row["prompt"], row.get("negative", "")).action.value
+            totals[row["expect"]] += 1
+            blocked[row["expect"]] += got == "block" if row["expect"] == "block" else got != "allow"
+        recall = blocked["block"] / totals["block"]
+        false_positive = blocked["allow"] / totals["allow"]
+        languages = len({r["lang"] for r in rows})
+        print(f"{path.name}: {len(rows)} prompts in {languages} languages; recall {recall:.1%} "
+              f"({blocked['block']}/{totals['block']} must-block blocked), false positives {false_positive:.1%} "
+              f"({blocked['allow']}/{totals['allow']} must-allow not allowed)")
+        figures[f"{name}_recall_ratio"] = round(recall, 4)
+        figures[f"{name}_false_positive_ratio"] = round(false_positive, 4)
+    return figures
 
 
 def _per_second(fn: Callable[[], object], seconds: float) -> tuple[float, float]:
@@ -145,10 +172,11 @@ def _prompt_audit_figures(seconds: float) -> dict[str, float]:
     for name, text in _hostile_prompts().items():
         text = text[:20_000]
         assert len(text) == 20_000
-        hostile[name] = _median_ms(lambda t=text: auditor.audit(t), 5)
+        # CPU time of this process, like the throughput figure: robust to other load on the machine
+        hostile[name] = _median_ms(lambda t=text: auditor.audit(t), 5, time.process_time)
     worst = max(hostile, key=hostile.get)
-    print("hostile 20,000-character prompts (median of 5): "
-          + ", ".join(f"{k} {v:.1f} ms" for k, v in hostile.items()) + f"; worst {worst}")
+    print("hostile 20,000-character prompts (median of 5, CPU time on one core): "
+          + ", ".join(f"{k} {v:.1f} ms" for k, v in hostile.items()) + f"; worst {worst} (target ≤ 5 ms)")
     return {
         "prompts_audited_per_s": round(per_s),
         "prompts_audited_wall_per_s": round(wall_per_s),
@@ -157,84 +185,7 @@ def _prompt_audit_figures(seconds: float) -> dict[str, float]:
     }
 
 
-def sdxl_lora_state_dict(rank: int = 32, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Kohya-layout LoRA over every SDXL U-Net transformer block (70 blocks × 10 linears + proj_in/out)."""
-    g = torch.Generator().manual_seed(seed)
-    layout = [("down_blocks_1", 640, 2, 2), ("down_blocks_2", 1280, 2, 10), ("mid_block", 1280, 1, 10),
-              ("up_blocks_0", 1280, 3, 10), ("up_blocks_1", 640, 3, 2)]
-    shapes: list[tuple[str, int, int]] = []
-    for block, c, attentions, depth in layout:
-        for a in range(attentions):
-            attn = f"lora_unet_{block}_attentions_{a}"
-            shapes += [(f"{attn}_proj_in", c, c), (f"{attn}_proj_out", c, c)]
-            for t in range(depth):
-                p = f"{attn}_transformer_blocks_{t}"
-                shapes += [(f"{p}_attn1_to_{n}", c, c) for n in ("q", "k", "v")] + [(f"{p}_attn1_to_out_0", c, c)]
-                shapes += [(f"{p}_attn2_to_q", c, c), (f"{p}_attn2_to_k", c, 2048), (f"{p}_attn2_to_v", c, 2048),
-                           (f"{p}_attn2_to_out_0", c, c), (f"{p}_ff_net_0_proj", 8 * c, c), (f"{p}_ff_net_2", c, 4 * c)]
-    sd = {}
-    for name, out, inp in shapes:
-        sd[f"{name}.lora_up.weight"] = (torch.randn(out, rank, generator=g) * 0.01).half()
-        sd[f"{name}.lora_down.weight"] = (torch.randn(rank, inp, generator=g) / inp**0.5).half()
-        sd[f"{name}.alpha"] = torch.tensor(float(rank // 2)).half()
-    return sd
-
-
-def likeness_figures(entries: int = 10_000) -> dict[str, float]:
-    from safetensors.torch import save_file
-
-    # One intra-op thread: the per-core cost, and steadier on a shared host (thin matrix products gain
-    # little from more threads and lose much when cores are oversubscribed).
-    torch.set_num_threads(1)
-    sd = sdxl_lora_state_dict()
-    modules = sum(k.endswith(".lora_down.weight") for k in sd)
-    params = sum(v.numel() for k, v in sd.items() if not k.endswith(".alpha"))
-    fingerprint_lora(sd)  # warm the projection cache and the allocator, as a running worker would be
-    fp_ms = _median_ms(lambda: fingerprint_lora(sd), 5)
-    query = fingerprint_lora(sd)
-    print(f"fingerprint of an SDXL-sized rank-32 LoRA ({modules} modules, {params / 1e6:.1f} M parameters, fp16): "
-          f"{fp_ms:.0f} ms on one CPU thread (target ≤ 2000 ms)")
-
-    with tempfile.TemporaryDirectory() as tmp:
-        db = Database(f"sqlite:///{tmp}/bench.db")
-        db.migrate()
-        rng = np.random.default_rng(0)
-        rows = []
-        for i in range(entries - 1):  # synthetic fingerprints, ~half the buckets used like a real LoRA
-            fp = rng.standard_normal((BUCKETS, DIM)).astype(np.float32) * (rng.random(BUCKETS) < 0.5)[:, None]
-            rows.append({"sha256": f"{i:064x}", "tensor_sha256": f"{i + 10**9:064x}", "fingerprint": fp.tobytes(),
-                         "fingerprint_meta": {"version": FINGERPRINT_VERSION, "modules": 100, "buckets": BUCKETS},
-                         "person": f"person {i}", "reason": "bench", "source": "", "created_by": ""})
-        with db.transaction() as s:
-            s.bulk_insert_mappings(LikenessEntry, rows)
-        blocklist = LikenessBlocklist(db.session)
-        path = Path(tmp) / "lora.safetensors"
-        save_file(sd, str(path))
-        blocklist.add(path, "the one to find", "bench")
-
-        t0 = time.perf_counter()
-        blocklist.refresh()
-        load_ms = (time.perf_counter() - t0) * 1000
-        hit = blocklist.match_fingerprint(query)
-        assert hit is not None and hit.person == "the one to find", hit
-        match_ms = _median_ms(lambda: blocklist.match_fingerprint(query), 50)
-        tmp_path = Path(tmp) / "copy.safetensors"
-        save_file({k: v.float() for k, v in sd.items()}, str(tmp_path))  # fp32 copy: no hash matches
-        check_ms = _median_ms(lambda: blocklist.check(tmp_path), 3)
-        assert blocklist.check(tmp_path).method == "fingerprint"
-        db.dispose()
-    print(f"blocklist of {entries} entries: loaded into memory in {load_ms:.0f} ms; one match "
-          f"(revalidation query + one matrix-vector product) {match_ms:.2f} ms (target ≤ 10 ms)")
-    print(f"full check of an unseen {tmp_path.name} (hash, read, fingerprint, match): {check_ms:.0f} ms")
-    return {
-        "fingerprint_sdxl_rank32_ms": round(fp_ms, 1),
-        "blocklist_match_10k_ms": round(match_ms, 3),
-        "blocklist_load_10k_ms": round(load_ms, 1),
-        "likeness_check_sdxl_rank32_fp32_file_ms": round(check_ms, 1),
-    }
-
-
-FIGURES: list[Callable[[], dict[str, float]]] = [prompt_audit_figures, likeness_figures]
+FIGURES: list[Callable[[], dict[str, float]]] = [corpus_figures, prompt_audit_figures]  # likeness: bench/likeness.py
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ uses, so both sides of the ratio share one process: on a shared host two process
 call differ by up to 2 % for the whole run (memory placement). The same call in this process is
 timed too and its ratio printed beside (`e2e_over_driver_direct_ratio`). `--transport` picks the HTTP ingress: HAProxy (the default here: what the RayService in
 deploy/ serves production traffic through) or Serve's proxy (what `genserve serve` uses on a shared
-host, see RUNBOOK section 10). The LoRA switch cost is the median time
+host, see RUNBOOK "Choose the HTTP ingress"). The LoRA switch cost is the median time
 to re-activate between two adapters already resident in the worker's LoRA cache (target <= 5 ms).
 
 `--device cuda --real-size`: a real-size random-weight SDXL UNet at 1024x1024, 30 steps with CFG,

@@ -11,6 +11,7 @@ from collections.abc import Iterable
 
 from genserve.core.errors import InvalidRequest
 from genserve.resources.cache import ResourceCache
+from genserve.resources.models import ResourceKind
 from genserve.resources.registry import ResolvedResource, ResourceRegistry
 from safety.gate import SafetyGate
 from safety.takedowns import TakedownRecord, Takedowns
@@ -32,12 +33,16 @@ class Moderation:
     def add_likeness(self, resource_id: str, person: str, reason: str = "", source: str = "") -> int:
         """Blocklist a registered resource's file; copies of it (renamed, re-exported) match too."""
         res = self._resource_file(resource_id)
+        blocklist = self.safety.blocklist
         with self.resource_cache.use(res.storage_key, res.sha256, "file") as path:
-            entry_id = self.safety.blocklist.add(path, person, reason, source=source or "admin-api",
-                                                 created_by="admin-api", resource_id=resource_id)
+            # a checkpoint is fingerprinted as its difference from its family's registered base; with no base
+            # registered it is blocklisted by its hashes alone (and the audit row says so)
+            hash_only = res.kind is ResourceKind.checkpoint and not blocklist.has_base(res.family)
+            entry_id = blocklist.add(path, person, reason, source=source or "admin-api", created_by="admin-api",
+                                     resource_id=resource_id, family=res.family, hash_only=hash_only)
         self.safety.audit.append("likeness", "block", rules=["likeness.admin"], subject=res.sha256,
                                  details={"entry_id": entry_id, "resource_id": resource_id, "person": person,
-                                          "reason": reason})
+                                          "reason": reason, "hash_only": hash_only})
         return entry_id
 
     def request_takedown(self, person: str, *, contact: str = "", resource_ids: Iterable[str] = (),

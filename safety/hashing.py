@@ -11,7 +11,7 @@ import hashlib
 import io
 import json
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -114,3 +114,54 @@ def load_tensors(src: Source) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     except SafetensorError as exc:
         raise NotSafetensors(f"{name}: not a valid safetensors file ({exc})") from exc
     return tensors, {str(k): str(v) for k, v in meta.items()}
+
+
+class SafetensorsFile(Mapping[str, torch.Tensor]):
+    """A safetensors file read lazily, one tensor at a time (a multi-GB checkpoint never sits in memory
+    whole): a read-only mapping of tensor name -> CPU tensor, with `shapes` and `metadata` from the header.
+    Use as a context manager. Never unpickles anything."""
+
+    def __init__(self, src: Source):
+        from safetensors import SafetensorError, safe_open
+        from safetensors.torch import load
+
+        self._name = _source_name(src)
+        try:
+            if isinstance(src, (bytes, bytearray, memoryview)):
+                data = bytes(src)
+                with io.BytesIO(data) as f:
+                    _, _, header = _read_header(f, self._name)
+                self._handle, self._tensors = None, load(data)
+            else:
+                with _open(src) as f:
+                    _, _, header = _read_header(f, self._name)
+                self._handle, self._tensors = safe_open(str(src), framework="pt", device="cpu"), None
+        except SafetensorError as exc:
+            raise NotSafetensors(f"{self._name}: not a valid safetensors file ({exc})") from exc
+        self.metadata = {str(k): str(v) for k, v in (header.get("__metadata__") or {}).items()}
+        self.shapes = {k: tuple(v.get("shape", ())) for k, v in header.items()
+                       if k != "__metadata__" and isinstance(v, dict)}
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        from safetensors import SafetensorError
+
+        if key not in self.shapes:
+            raise KeyError(key)
+        if self._tensors is not None:
+            return self._tensors[key]
+        try:
+            return self._handle.get_tensor(key)
+        except SafetensorError as exc:
+            raise NotSafetensors(f"{self._name}: cannot read tensor {key!r} ({exc})") from exc
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.shapes)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    def __enter__(self) -> SafetensorsFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._handle = self._tensors = None

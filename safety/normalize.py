@@ -1,23 +1,48 @@
 """Normalise prompt text and split it into tokens that rule lists are matched against.
 
-Obfuscation is undone before matching, never by regexes over the raw text: Unicode NFKC (full-width
-forms), diacritics dropped, zero-width and other invisible characters removed, Cyrillic/Greek
-look-alikes mapped to Latin, and case folded. Every normalised character remembers the index of the
-original character it came from, so a match reports a span of the ORIGINAL text.
+Obfuscation is undone before matching, never by regexes over the raw text. Each original character
+folds to two parallel forms of the same length:
 
-Tokens are runs of letters/digits; everything else (spaces, punctuation, A1111 syntax such as
-`(word:1.3)`, `[a|b]`, `<lora:name:0.8>`) separates them. Each token also carries a canonical form
-in which leetspeak classes are folded (0→o, 1/l→i, 3→e, 4→a, 5/$→s, 7→t, @→a), and runs of
-single-character tokens ("t.e.e.n", "t e e n") are reported separately so the auditor can scan their
-concatenation. All work is linear in the text length: no backtracking regexes.
+- the *native* form: NFKC (full-width, mathematical alphanumerics, circled letters), lower case,
+  diacritics dropped, invisible characters removed. Non-Latin words keep their script here, so the
+  Russian, Japanese, Chinese and Korean lexicons match real words in those languages;
+- the *skeleton* form: the native form with every look-alike of a Latin letter or digit replaced by
+  it (Cyrillic "е", Greek "ν", Armenian "ո", Cherokee, Lisu, ...). Latin-script rules match here.
+
+Where the look-alike data comes from: Unicode TR39's confusables table as shipped by the
+`confusable_homoglyphs` package (its `confusables.json` is generated from Unicode's
+`confusables.txt` and installed with the wheel, so nothing is downloaded at run time; the package is
+pure Python with no further dependencies). `unicodedata2` ships only the character database, not
+TR39, and the `confusables` package expands every string into all its variants, which is far too
+slow for a per-character table. TR39 lists a few letters only in capital form (Cyrillic "К",
+Greek "Κ"); their lower-case forms map through their capital. What TR39 does not treat as letters
+at all is read from the character's Unicode name: small capitals ("LATIN LETTER SMALL CAPITAL N"),
+negative squared/circled letters ("🅽"), regional indicators ("🇳") and parenthesised letters
+("⒩"). The short table `_EXTRA` holds the few italic look-alikes TR39 leaves out (Cyrillic "п"
+reads as "n" in most fonts); it is hand-written because no package lists them.
+
+Invisible characters are removed *inside* words: zero-width characters, format characters (tag
+characters, bidi controls), variation selectors and other non-spacing marks, emoji skin tones.
+Emoji that stand for a person fold to a word ("👧" -> " child "), so rules see them as words.
+
+Every normalised character remembers the index of the original character it came from, so a match
+reports a span of the ORIGINAL text. Tokens are runs of letters/digits; everything else (spaces,
+punctuation, A1111 syntax such as `(word:1.3)`, `[a|b]`, `<lora:name:0.8>`) separates them. Each
+token also carries a canonical form in which leetspeak classes are folded (0→o, 1/l→i, 3→e, 4→a,
+5/$→s, 7→t, @→a), and runs of single-character tokens ("t.e.e.n", "t e e n") are reported
+separately so the auditor can scan their concatenation. All work is linear in the text length: no
+backtracking regexes.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import unicodedata
-from dataclasses import dataclass
-from itertools import accumulate
+from bisect import bisect_left, bisect_right
+from functools import cache
+from importlib.resources import files
+from itertools import accumulate, islice
 
 # Characters that render as nothing (or as blank space) and are used to split words invisibly.
 _INVISIBLE = frozenset(
@@ -25,104 +50,195 @@ _INVISIBLE = frozenset(
     "\u202c\u202d\u202e\u2060\u2061\u2062\u2063\u2064\u2066\u2067\u2068\u2069\u206a\u206b\u206c"
     "\u206d\u206e\u206f\u2800\u3164\ufeff\uffa0"
 )
+_DROPPED_CATEGORIES = frozenset({"Cf", "Mn", "Me"})  # format chars, variation selectors, marks
+_SKIN_TONES = range(0x1F3FB, 0x1F400)
 
-# Look-alikes that NFKC keeps distinct (after lower-casing).
-_HOMOGLYPHS = {
-    # Cyrillic
-    "а": "a", "в": "b", "е": "e", "ё": "e", "з": "3", "і": "i", "ї": "i", "ј": "j", "к": "k", "м": "m",
-    "н": "h", "о": "o", "р": "p", "с": "c", "т": "t", "у": "y", "х": "x", "ѕ": "s", "ԁ": "d", "ԛ": "q",
-    "ԝ": "w", "һ": "h", "ӏ": "l", "ү": "y", "ь": "b", "п": "n", "г": "r",
-    # Greek
-    "α": "a", "β": "b", "γ": "y", "ε": "e", "η": "n", "ι": "i", "κ": "k", "ν": "v", "ο": "o", "ρ": "p",
-    "σ": "o", "ς": "c", "τ": "t", "υ": "u", "χ": "x", "ω": "w", "μ": "u",
-    # Latin look-alikes outside ASCII
-    "ı": "i", "ɡ": "g", "ɑ": "a", "ʟ": "l", "ɪ": "i", "ᴏ": "o", "ᴇ": "e", "ᴛ": "t", "ɴ": "n", "ꜱ": "s",
-    "ℓ": "l", "ø": "o", "ð": "d", "ß": "ss", "æ": "ae", "œ": "oe", "þ": "th",
+# Emoji read as words. A child emoji is a minor noun in every language; 🔞 marks adult content.
+_EMOJI_WORDS = {
+    **dict.fromkeys("👶🧒👧👦🚸🍼", " child "),
+    "🔞": " nsfw ",
+    "👙": " bikini ",
 }
+
+# Italic look-alikes TR39 does not list (see the module docstring).
+_EXTRA = {"п": "n", "ω": "w", "ς": "c", "ø": "o", "ð": "d", "ɩ": "i", "ʀ": "r"}
+
+# Ligatures and letters NFKD keeps whole, spelled out in both forms. "ñ" is a letter of its own in
+# Spanish, not an accented n: "niña" (girl) must not fold into the given name "Nina".
+_EXPAND = {"ß": "ss", "æ": "ae", "œ": "oe", "þ": "th", "ĳ": "ij", "ﬀ": "ff", "ﬁ": "fi", "ﬂ": "fl", "ñ": "ny"}
+
+# Letters that NFKC does not decompose but whose Unicode name says which Latin letter they draw.
+_NAMED_LETTER = re.compile(
+    r"^(?:LATIN LETTER SMALL CAPITAL|NEGATIVE (?:SQUARED|CIRCLED) LATIN CAPITAL LETTER|"
+    r"REGIONAL INDICATOR SYMBOL LETTER|PARENTHESIZED LATIN SMALL LETTER|SQUARED LATIN CAPITAL LETTER|"
+    r"CIRCLED LATIN (?:CAPITAL|SMALL) LETTER|MODIFIER LETTER (?:CAPITAL|SMALL)) ([A-Z])$"
+)
+_NO_SKELETON = ("CJK", "HIRAGANA", "KATAKANA", "HANGUL", "HALFWIDTH KATAKANA", "BOPOMOFO")
 
 # Leetspeak and symbol classes folded for matching (1 and l both fold to i: "1oli" == "loli").
 _LEET = str.maketrans({"0": "o", "1": "i", "l": "i", "3": "e", "4": "a", "5": "s", "7": "t"})
 
 # Symbols that stand for letters ("t@ylor", "$ex"); folded during normalisation so they join words.
 _WORD_SYMBOLS = str.maketrans({"@": "a", "$": "s"})
+# Symbols that stand for a letter only between two letters ("ch!ld", "nud€"; "wow!" keeps its "!").
+# Replaced one for one, so spans stay exact. "|" is left alone: it is A1111's alternation ("[a|b]").
+_INNER_SYMBOL_RE = re.compile(r"(?<=[^\W\d_])[!¡€](?=[^\W\d_])|(?<=[^\W\d_])€")
+_INNER_SYMBOLS = {"!": "i", "¡": "i", "€": "e"}
 
 # Words: runs of letters/digits, a digit prefix glued to letters cut off as its own word ("15yo" ->
 # 15, yo). The ASCII pattern gives the same words on ASCII text, only faster.
 _WORD_RE = re.compile(r"(\d+(?=[^\W\d_])|[^\W_]+)")
 _ASCII_WORD_RE = re.compile(r"([0-9]+(?=[a-z])|[a-z0-9]+)")
-_DIGITS_RE = re.compile(r"\d+")
-# Runs of single-character words a few separators apart ("t.e.e.n"); bounded repeats, no backtracking.
-_RUN_RE = re.compile(r"(?<![^\W_])[^\W_](?:[\W_]{1,3}[^\W_](?![^\W_]))+")
-_ASCII_RUN_RE = re.compile(r"(?<![a-z0-9])[a-z0-9](?:[^a-z0-9]{1,3}[a-z0-9](?![a-z0-9]))+")
 # Attention weights and schedule steps: "(x:1.3)", "<lora:name:0.8>", "[a:b:0.5]".
 _WEIGHT_RE = re.compile(r":[ \t]*[-+]?(\d+(?:\.\d+)?)[ \t]*(?=[)\]>:]|$)")
 _REPEAT_RE = re.compile(r"(.)\1+")
 _LONG_REPEAT_RE = re.compile(r"(.)\1\1+")
+# Scripts written without spaces (and Hangul, whose particles glue to nouns): matched by substring.
+_CJK_RE = re.compile(r"[\u1100-\u11ff\u3040-\u30ff\u3130-\u318f\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]")
 
 
+@cache
+def _skeleton_table() -> dict[str, str]:
+    """Character -> the ASCII letter or digit it is confusable with, from TR39's table."""
+    data = json.loads(files("confusable_homoglyphs").joinpath("confusables.json").read_text(encoding="utf-8"))
+    table: dict[str, str] = {}
 
-def _fold_char(ch: str) -> str:
-    """One original character -> its normalised replacement ('' when it is invisible)."""
-    if ch in _INVISIBLE:
-        return ""
+    def offer(char: str, ascii_char: str) -> None:
+        if len(char) != 1 or char.isascii() or not ascii_char.isalnum():
+            return
+        if unicodedata.name(char, "").startswith(_NO_SKELETON):
+            return
+        current = table.get(char)
+        if current is None or (current.isdigit() and ascii_char.isalpha()):  # letters win over digits
+            table[char] = ascii_char.lower()
+
+    for key, entries in data.items():
+        glyphs = [e["c"].strip("\u200e\u200f") for e in entries]
+        if len(key) == 1 and key.isascii():
+            for g in glyphs:
+                offer(g, key)
+        else:
+            for g in glyphs:
+                if len(g) == 1 and g.isascii():
+                    offer(key, g)
+    for char, latin in list(table.items()):  # "к" through "К"
+        low = char.lower()
+        if len(low) == 1 and low != char and low not in table:
+            table[low] = latin
+    table.update(_EXTRA)
+    return table
+
+
+def _fold_char(ch: str) -> tuple[str, str]:
+    """One original character -> (native, skeleton) replacements of equal length ('' when invisible)."""
+    if ch in _INVISIBLE or ord(ch) in _SKIN_TONES:
+        return "", ""
+    if ch in _EMOJI_WORDS:
+        word = _EMOJI_WORDS[ch]
+        return word, word
     cat = unicodedata.category(ch)
-    if cat == "Cf":
-        return ""
+    if cat in _DROPPED_CATEGORIES:
+        return "", ""
     if cat in ("Zs", "Zl", "Zp", "Cc"):
-        return " "
-    out = []
-    for c in unicodedata.normalize("NFKD", unicodedata.normalize("NFKC", ch).lower()):
-        if unicodedata.combining(c) or c in _INVISIBLE or unicodedata.category(c) == "Cf":
+        return " ", " "
+    named = _NAMED_LETTER.match(unicodedata.name(ch, ""))
+    if named:
+        letter = named.group(1).lower()
+        return letter, letter
+    skel_table = _skeleton_table()
+    native: list[str] = []
+    skel: list[str] = []
+    composed = unicodedata.normalize("NFKC", ch)
+    low = composed.lower()
+    if low in _EXPAND:
+        return _EXPAND[low], _EXPAND[low]
+    for c in unicodedata.normalize("NFKD", composed):
+        if c in _INVISIBLE or unicodedata.category(c) in _DROPPED_CATEGORIES:
             continue
-        c = _HOMOGLYPHS.get(c, c)
-        out.append(c)
-    return "".join(out).translate(_WORD_SYMBOLS)
+        low = c.lower()
+        if low in _EXPAND or len(low) != 1:
+            text = _EXPAND.get(low, low)
+            native.append(text)
+            skel.append(text)
+            continue
+        native.append(low)
+        skel.append(skel_table.get(c) or skel_table.get(low) or low)
+    return "".join(native).translate(_WORD_SYMBOLS), "".join(skel).translate(_WORD_SYMBOLS)
 
 
 class _FoldTable(dict):
-    """`str.translate` table: code point -> normalised text, filled on first sight of a character."""
+    """`str.translate` table: code point -> one of the two forms, filled on first sight of a character."""
+
+    def __init__(self, which: int):
+        super().__init__()
+        self.which = which
 
     def __missing__(self, code: int) -> str:
         if len(self) > _FOLD_TABLE_LIMIT:  # hostile input with endless distinct characters
             self.clear()
-        value = self[code] = _fold_char(chr(code))
+        value = self[code] = _fold_char(chr(code))[self.which]
         return value
 
 
 _FOLD_TABLE_LIMIT = 200_000
-_FOLD = _FoldTable()
+_NATIVE = _FoldTable(0)
+_FOLD = _FoldTable(1)
 
 
 class Normalized:
-    """Normalised text, and the way back from its positions to the original text's."""
+    """Normalised text (skeleton form), its native-script twin, and the way back to the original."""
 
-    __slots__ = ("source", "text", "_origin")
+    __slots__ = ("source", "text", "native", "_ends")
 
-    def __init__(self, source: str, text: str, identity: bool):
+    def __init__(self, source: str, text: str, native: str | None, identity: bool):
         self.source = source
         self.text = text
-        self._origin: tuple[int, ...] | None = () if not identity else None
+        self.native = native  # None when it equals `text`
+        # Per original character, where its normalised form ends; filled only as far as a reported
+        # span needs (None: normalising kept every index).
+        self._ends: list[int] | None = None if identity else []
+
+    def _ends_past(self, k: int) -> list[int]:
+        """The end offsets, filled at least until they pass normalised index k."""
+        ends = self._ends
+        source = self.source
+        while len(ends) < len(source) and (not ends or ends[-1] <= k):
+            chunk = source[len(ends):len(ends) + _SPAN_CHUNK]
+            sizes = map(len, map(_FOLD.__getitem__, map(ord, chunk)))
+            ends.extend(islice(accumulate(sizes, initial=ends[-1] if ends else 0), 1, None))
+        return ends
 
     @property
     def origin(self) -> tuple[int, ...] | None:
-        """Per normalised character, the index of its original character (None: the same index).
-        Computed on first use: only texts with a match need it."""
-        if self._origin == ():
-            self._origin = tuple(i for i, ch in enumerate(self.source) for _ in _FOLD[ord(ch)])
-        return self._origin
+        """Per normalised character, the index of its original character (None: the same index)."""
+        if self._ends is None:
+            return None
+        ends = self._ends_past(len(self.text))
+        return tuple(bisect_right(ends, k) for k in range(len(self.text)))
 
     def span(self, start: int, end: int) -> tuple[int, int]:
         """The original-text span `[a, b)` covering normalised characters `[start, end)`."""
-        origin = self.origin
-        if origin is None:
+        if self._ends is None:
             return start, end
-        return origin[start], origin[end - 1] + 1
+        ends = self._ends_past(end - 1)
+        return bisect_right(ends, start), bisect_right(ends, end - 1) + 1
+
+
+_SPAN_CHUNK = 512
+
+
+def _inner_symbols(text: str) -> str:
+    if "!" in text or "¡" in text or "€" in text:
+        return _INNER_SYMBOL_RE.sub(lambda m: _INNER_SYMBOLS[m.group()], text)
+    return text
 
 
 def normalize(text: str) -> Normalized:
     if text.isascii():
-        return Normalized(text, text.lower().translate(_WORD_SYMBOLS), identity=True)
-    return Normalized(text, text.translate(_FOLD), identity=False)
+        return Normalized(text, _inner_symbols(text.lower().translate(_WORD_SYMBOLS)), None, identity=True)
+    skel = _inner_symbols(text.translate(_FOLD))
+    native = _inner_symbols(text.translate(_NATIVE))
+    return Normalized(text, skel, native if native != skel else None, identity=False)
 
 
 def canonical(word: str) -> str:
@@ -151,27 +267,80 @@ def has_long_repeat(word: str) -> bool:
     return False
 
 
-@dataclass(slots=True)
+def is_cjk(word: str) -> bool:
+    return _CJK_RE.search(word) is not None
+
+
 class Tokens:
     """The words of a normalised text, as parallel lists (cheap to build: no object per word).
 
-    `canon[i]` is word i leet-folded; `span(i)` is its `[start, end)` in normalised text. `numbers`
-    maps the index of a whole-number word (not part of a decimal such as the weight in `(x:1.3)`)
-    to its value; `joined` maps a digit word glued to the next word ("7een", "15yo") to the canonical
-    form of both together. `weights` holds the digit words of A1111 attention weights, which
-    matchers may look past ("(15:1.0) yo" is "15 yo"). `runs` lists runs (2+ long) of single-character words close together
-    ("t.e.e.n"), as word indexes.
+    `canon[i]` is word i leet-folded; `span(i)` is its `[start, end)` in normalised text. `native`
+    maps the index of a word whose native-script form differs from its skeleton to that form
+    ("лет", not a Latin skeleton of it). `numbers` maps the index of a whole-number word (not part
+    of a decimal such as the weight in `(x:1.3)`) to its value; `joined` maps a digit word glued to
+    the next word ("7een", "15yo") to the canonical form of both together. `weights` holds the digit
+    words of A1111 attention weights, which matchers may look past ("(15:1.0) yo" is "15 yo").
+    `runs` lists runs (2+ long) of single-character words close together ("t.e.e.n"), as word
+    indexes. `cjk` lists words in scripts written without spaces, matched by substring.
+    `numbers` and `weights` are worked out on first use: only prompts with an age cue need them.
     """
 
-    canon: list[str]
-    offsets: list[int]  # offsets[2i+1], offsets[2i+2]: start and end of word i
-    numbers: dict[int, int]
-    joined: dict[int, str]
-    runs: list[list[int]]
-    weights: frozenset[int]  # digit words of attention weights / schedules: "(x:1.3)", "[a:b:0.5]"
+    __slots__ = ("canon", "offsets", "joined", "runs", "native", "cjk", "text", "_parts", "_digits", "_numbers",
+                 "_weights")
+
+    def __init__(self, canon: list[str], offsets: list[int], joined: dict[int, str], runs: list[list[int]],
+                 native: dict[int, str], cjk: list[int], text: str, parts: list[str], digits: list[int]):
+        self.canon = canon
+        self.offsets = offsets  # offsets[2i+1], offsets[2i+2]: start and end of word i
+        self.joined = joined
+        self.runs = runs
+        self.native = native
+        self.cjk = cjk
+        self.text = text
+        self._parts = parts  # sep, word, sep, ..., word, sep
+        self._digits = digits  # indexes of the words made of digits
+        self._numbers: dict[int, int] | None = None
+        self._weights: frozenset[int] | None = None
 
     def span(self, i: int) -> tuple[int, int]:
         return self.offsets[2 * i + 1], self.offsets[2 * i + 2]
+
+    def gap(self, i: int) -> str:
+        """The separator text between word i and word i + 1."""
+        return self.text[self.offsets[2 * i + 2]:self.offsets[2 * i + 3]]
+
+    @property
+    def numbers(self) -> dict[int, int]:
+        if self._numbers is None:
+            parts = self._parts
+            words = parts[1::2]
+            n = len(words)
+            numbers: dict[int, int] = {}
+            for i in self._digits:
+                before, after = parts[2 * i], parts[2 * i + 2]
+                decimal = (after in (".", ",") and i + 1 < n and words[i + 1][:1].isdecimal()) or (
+                    before in (".", ",") and i > 0 and words[i - 1][-1:].isdecimal())
+                if len(words[i]) <= 4 and not decimal:
+                    numbers[i] = int(words[i])
+            self._numbers = numbers
+        return self._numbers
+
+    @property
+    def weights(self) -> frozenset[int]:
+        """Digit words of attention weights / schedules: "(x:1.3)", "[a:b:0.5]"."""
+        if self._weights is None:
+            weights: set[int] = set()
+            offsets, n = self.offsets, len(self.canon)
+            if ":" in self.text:
+                for m in _WEIGHT_RE.finditer(self.text):
+                    a, b = m.span(1)
+                    k = bisect_left(offsets, a)  # word i starts at offsets[2i + 1]
+                    i = (k - 1) // 2 if k % 2 == 1 and offsets[k] == a else None
+                    while i is not None and i < n and offsets[2 * i + 1] < b:
+                        weights.add(i)
+                        i += 1
+            self._weights = frozenset(weights)
+        return self._weights
 
 
 def tokenize(norm: Normalized) -> Tokens:
@@ -182,27 +351,30 @@ def tokenize(norm: Normalized) -> Tokens:
     n = len(words)
     offsets = list(accumulate(map(len, parts), initial=0))
     canon = "\0".join(words).translate(_LEET).split("\0") if words else []
-    index_at = dict(zip(offsets[1:-1:2], range(n), strict=True))  # word start -> word index
-    numbers: dict[int, int] = {}
-    joined: dict[int, str] = {}
-    for m in _DIGITS_RE.finditer(text):
-        a, b = m.span()
-        i = index_at.get(a)
-        if i is None:  # digits inside a word ("w0x")
+    digits = [i for i, w in enumerate(words) if w.isdecimal()]  # digit words are whole words
+    # a digit word glued to the next word ("7een", "15yo"): no separator between them
+    joined = {i: canon[i] + canon[i + 1] for i in digits if i + 1 < n and not parts[2 * i + 2]}
+    # Runs of single-character words with short separators ("t.e.e.n"). "1.3" (a weight, a version)
+    # is two digits, not a spaced-out word; longer digit runs may be leet.
+    runs: list[list[int]] = []
+    run: list[int] = []
+    for i in [i for i, w in enumerate(words) if len(w) == 1]:
+        if run and run[-1] == i - 1 and 0 < len(parts[2 * i]) <= 3:
+            run.append(i)
             continue
-        if i + 1 < n and offsets[2 * i + 3] == b:  # glued to the next word ("7een", "15yo")
-            joined[i] = canon[i] + canon[i + 1]
-        decimal = (text[b:b + 1] in (".", ",") and text[b + 1:b + 2].isdigit()) or (
-            a >= 2 and text[a - 1] in (".", ",") and text[a - 2].isdigit())
-        if b - a <= 4 and not decimal:
-            numbers[i] = int(m.group())
-    weights: set[int] = set()
-    if ":" in text:
-        for m in _WEIGHT_RE.finditer(text):
-            a, b = m.span(1)
-            i = index_at.get(a)
-            while i is not None and i < n and offsets[2 * i + 1] < b:
-                weights.add(i)
-                i += 1
-    runs = [list(range(index_at[m.start()], index_at[m.end() - 1] + 1)) for m in (_ASCII_RUN_RE if ascii_text else _RUN_RE).finditer(text)]
-    return Tokens(canon, offsets, numbers, joined, runs, frozenset(weights))
+        if len(run) > 2 or (len(run) == 2 and not (words[run[0]] + words[run[1]]).isdecimal()):
+            runs.append(run)
+        run = [i]
+    if len(run) > 2 or (len(run) == 2 and not (words[run[0]] + words[run[1]]).isdecimal()):
+        runs.append(run)
+    native: dict[int, str] = {}
+    cjk: list[int] = []
+    if not ascii_text:
+        source = norm.native or text
+        for i in [i for i, w in enumerate(words) if not w.isascii()]:
+            own = source[offsets[2 * i + 1]:offsets[2 * i + 2]]
+            if own != words[i]:
+                native[i] = own
+            if _CJK_RE.search(own):
+                cjk.append(i)
+    return Tokens(canon, offsets, joined, runs, native, cjk, text, parts, digits)

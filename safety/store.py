@@ -25,7 +25,8 @@ class LikenessEntry(SafetyBase):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     sha256: Mapped[str] = mapped_column(String(64), index=True)
     tensor_sha256: Mapped[str | None] = mapped_column(String(64), index=True, nullable=True)
-    # Float32 bucket matrix (see safety.likeness.Fingerprint); None when the file holds no LoRA modules.
+    # Per-module names, energies and sketches (safety.likeness.Fingerprint.to_bytes; version in
+    # fingerprint_meta); None for a hash-only entry (embedding, explicit hash-only, nothing to fingerprint).
     fingerprint: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
     fingerprint_meta: Mapped[dict] = mapped_column(JSON, default=dict)
     person: Mapped[str] = mapped_column(String(200))

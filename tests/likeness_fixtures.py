@@ -158,12 +158,20 @@ def mix_basis(lora: Lora, seed: int = 1) -> Lora:
     return lora.map(f)
 
 
+def _svd_of_product(up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SVD of up @ down through QR of the thin factors (no large SVD)."""
+    q1, r1 = torch.linalg.qr(up)
+    q2, r2 = torch.linalg.qr(down.T)
+    u, s, vh = torch.linalg.svd(r1 @ r2.T)
+    return q1 @ u, s, vh @ q2.T
+
+
 def refactor(lora: Lora, rank: int) -> Lora:
     """SVD of ΔW re-split at `rank` (zero-padded above ΔW's rank, truncated below it)."""
 
     def f(p, up, down, a):  # noqa: ANN001, ANN202
-        delta = (1.0 if a is None else a / down.shape[0]) * up.double() @ down.double()
-        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+        scale = 1.0 if a is None else a / down.shape[0]
+        u, s, vh = _svd_of_product(scale * up.double(), down.double())
         k = min(rank, s.shape[0])
         new_up = torch.zeros(up.shape[0], rank, dtype=torch.float64)
         new_down = torch.zeros(rank, down.shape[1], dtype=torch.float64)
@@ -205,3 +213,187 @@ def sgm_renamed(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
                 break
         out[k] = v
     return out
+
+
+# ---- whole-ΔW encodings (LyCORIS kinds), decoys, partial copies, splits ------------------------------
+def kohya_key(path: str, sd1: bool = True) -> str:
+    return _kohya_name(path, sd1)
+
+
+def conv_modules() -> list[tuple[str, int, int]]:
+    """Resnet 3×3 convolutions (in_features = in·9) of the SD1-like U-Net, for LoCon-style LoRAs."""
+    return [(f"unet.down_blocks.{b}.resnets.{a}.conv{k}", c, c * 9) for b, c in ((0, 32), (1, 64)) for a in (0, 1)
+            for k in (1, 2)]
+
+
+def to_locon(lora: Lora, conv_paths: set[str], sd1: bool = True) -> dict[str, torch.Tensor]:
+    """kohya layout with 4-D factors for `conv_paths` (down (r, in, 3, 3), up (out, r, 1, 1))."""
+    sd = to_kohya(lora, sd1=sd1)
+    for path in conv_paths:
+        k = _kohya_name(path, sd1)
+        down = sd[f"{k}.lora_down.weight"]
+        sd[f"{k}.lora_down.weight"] = down.reshape(down.shape[0], -1, 3, 3).contiguous()
+        sd[f"{k}.lora_up.weight"] = sd[f"{k}.lora_up.weight"][:, :, None, None].contiguous()
+    return sd
+
+
+def to_loha(lora: Lora, sd1: bool = True, seed: int = 3) -> dict[str, torch.Tensor]:
+    """The same ΔW as LoHa: (w1a·w1b) ⊙ (w2a·w2b) with w1 = ΔW·c and w2 = 1/c everywhere (c random)."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for path, (up, down, _) in lora.modules.items():
+        k, r = _kohya_name(path, sd1), down.shape[0]
+        c = float(torch.rand(1, generator=g)) * 4 + 0.5
+        sd[f"{k}.hada_w1_a"] = (_scaled_up(lora, path) * c).float()
+        sd[f"{k}.hada_w1_b"] = down.float().reshape(r, -1)
+        sd[f"{k}.hada_w2_a"] = torch.full((up.shape[0], r), 1.0 / (r * c))
+        sd[f"{k}.hada_w2_b"] = torch.ones(r, down.reshape(r, -1).shape[1])
+        sd[f"{k}.alpha"] = torch.tensor(float(r))
+    return sd
+
+
+def _scaled_up(lora: Lora, path: str) -> torch.Tensor:
+    up, down, alpha = lora.modules[path]
+    return up.reshape(up.shape[0], -1).double() * (1.0 if alpha is None else alpha / down.shape[0])
+
+
+def to_lokr(lora: Lora, sd1: bool = True) -> dict[str, torch.Tensor]:
+    """The same ΔW as LoKr: kron(w1, w2) with a 1×1 w1 and w2 = w2_a·w2_b (alpha/rank of w2 applies)."""
+    sd = {}
+    for path, (_up, down, _) in lora.modules.items():
+        k, r = _kohya_name(path, sd1), down.shape[0]
+        sd[f"{k}.lokr_w1"] = torch.tensor([[2.0]])
+        sd[f"{k}.lokr_w2_a"] = (_scaled_up(lora, path) / 2).float()
+        sd[f"{k}.lokr_w2_b"] = down.float().reshape(r, -1)
+        sd[f"{k}.alpha"] = torch.tensor(float(r))
+    return sd
+
+
+def to_full(lora: Lora, sd1: bool = True) -> dict[str, torch.Tensor]:
+    """LyCORIS "full": ΔW itself under `.diff`."""
+    return {f"{_kohya_name(p, sd1)}.diff": lora.delta(p).float() for p in lora.modules}
+
+
+def to_dora(lora: Lora, sd1: bool = True, seed: int = 4) -> dict[str, torch.Tensor]:
+    """kohya DoRA: the LoRA pair plus a `dora_scale` magnitude per output row."""
+    g = torch.Generator().manual_seed(seed)
+    sd = to_kohya(lora, sd1=sd1)
+    for path, (up, _, _) in lora.modules.items():
+        sd[f"{_kohya_name(path, sd1)}.dora_scale"] = torch.rand(up.shape[0], 1, generator=g) + 0.5
+    return sd
+
+
+def from_deltas(deltas: dict[str, torch.Tensor]) -> Lora:
+    """An exact LoRA (full rank of each ΔW, alpha = None) holding the given ΔW per module."""
+    mods = {}
+    for path, d in deltas.items():
+        u, s, vh = torch.linalg.svd(d.double(), full_matrices=False)
+        k = int((s > s[0] * 1e-9).sum()) if s.numel() and s[0] > 0 else 1
+        mods[path] = ((u[:, :k] * s[:k]).float(), vh[:k].float(), None)
+    return Lora(mods)
+
+
+def lokr_native(spec: list[tuple[str, int, int]], seed: int = 0, sd1: bool = True) -> tuple[dict, Lora]:
+    """A LoKr trained as such (w1 4×4 full, w2 factorised at rank 4) and the same ΔW as a plain LoRA."""
+    g = torch.Generator().manual_seed(seed)
+    sd, deltas = {}, {}
+    for path, out, inp in spec:
+        if out % 4 or inp % 4:
+            continue
+        k = _kohya_name(path, sd1)
+        w1 = torch.randn(4, 4, generator=g)
+        w2a, w2b = torch.randn(out // 4, 4, generator=g) * 0.02, torch.randn(4, inp // 4, generator=g) / inp**0.5
+        sd.update({f"{k}.lokr_w1": w1, f"{k}.lokr_w2_a": w2a, f"{k}.lokr_w2_b": w2b, f"{k}.alpha": torch.tensor(4.0)})
+        deltas[path] = torch.kron(w1.double(), w2a.double() @ w2b.double())
+    return sd, from_deltas(deltas)
+
+
+def with_decoys(sd: dict[str, torch.Tensor], decoy_spec: list[tuple[str, int, int]], *, sd1: bool = True,
+                magnitude: float = 1e-6, seed: int = 5) -> dict[str, torch.Tensor]:
+    """`sd` plus near-zero modules on layers it does not adapt (their effect ~`magnitude`)."""
+    decoys = random_lora(decoy_spec, seed=seed).map(lambda p, up, down, a: (up * magnitude / 0.02, down, a))
+    return {**sd, **to_kohya(decoys, sd1=sd1)}
+
+
+def rescale_modules(lora: Lora, seed: int = 6) -> Lora:
+    """Each module's ΔW times its own random factor in [0.3, 3]."""
+    g = torch.Generator().manual_seed(seed)
+    return lora.map(lambda p, up, down, a: (up * (0.3 + 2.7 * float(torch.rand(1, generator=g))), down, a))
+
+
+def keep_modules(lora: Lora, keep) -> Lora:  # noqa: ANN001 - keep(path) -> bool
+    return Lora({p: v for p, v in lora.modules.items() if keep(p)})
+
+
+def some_modules(lora: Lora, share: float, seed: int = 7) -> Lora:
+    """A random `share` of the modules."""
+    g = torch.Generator().manual_seed(seed)
+    paths = list(lora.modules)
+    order = torch.randperm(len(paths), generator=g).tolist()
+    chosen = {paths[i] for i in order[: round(share * len(paths))]}
+    return keep_modules(lora, lambda p: p in chosen)
+
+
+def rank_slice(lora: Lora, start: int, stop: int | None = None) -> Lora:
+    """The rank components [start:stop] of every module, at the original scale."""
+    def f(p, up, down, a):  # noqa: ANN001, ANN202
+        r = down.shape[0]
+        scale = 1.0 if a is None else a / r
+        u, d = up[:, start:stop] * scale, down[start:stop]
+        return u, d, None
+    return lora.map(f)
+
+
+def add_loras(*loras: Lora) -> Lora:
+    """One LoRA whose ΔW is the sum (ranks concatenated, scales baked in)."""
+    mods = {}
+    for lora in loras:
+        for p, (up, down, a) in lora.modules.items():
+            u = up * (1.0 if a is None else a / down.shape[0])
+            if p in mods:
+                mods[p] = (torch.cat([mods[p][0], u], 1), torch.cat([mods[p][1], down], 0), None)
+            else:
+                mods[p] = (u, down, None)
+    return Lora(mods)
+
+
+def sgm_checkpoint_key(path: str) -> str:
+    """A fixture module path as an original single-file SD1 checkpoint key (without `.weight`)."""
+    import re
+
+    if path.startswith("text_encoder."):
+        return "cond_stage_model.transformer." + path.removeprefix("text_encoder.")
+    p = path.removeprefix("unet.")
+    if m := re.match(r"down_blocks\.(\d)\.attentions\.(\d)\.(.*)", p):
+        return f"model.diffusion_model.input_blocks.{3 * int(m[1]) + 1 + int(m[2])}.1.{m[3]}"
+    if m := re.match(r"up_blocks\.(\d)\.attentions\.(\d)\.(.*)", p):
+        return f"model.diffusion_model.output_blocks.{3 * int(m[1]) + int(m[2])}.1.{m[3]}"
+    if m := re.match(r"mid_block\.attentions\.0\.(.*)", p):
+        return f"model.diffusion_model.middle_block.1.{m[1]}"
+    raise ValueError(path)
+
+
+def sd1_checkpoint(seed: int = 0) -> dict[str, torch.Tensor]:
+    """A tiny original-layout SD1 checkpoint: every fixture module's weight, plus biases and a VAE conv."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for path, out, inp in sd1_modules():
+        key = sgm_checkpoint_key(path)
+        sd[f"{key}.weight"] = torch.randn(out, inp, generator=g) / inp**0.5
+        sd[f"{key}.bias"] = torch.zeros(out)
+    sd["first_stage_model.decoder.conv_in.weight"] = torch.randn(16, 4, 3, 3, generator=g) * 0.1
+    return sd
+
+
+def merge_into(checkpoint: dict[str, torch.Tensor], lora: Lora, strength: float = 1.0) -> dict[str, torch.Tensor]:
+    out = dict(checkpoint)
+    for path in lora.modules:
+        key = f"{sgm_checkpoint_key(path)}.weight"
+        out[key] = (out[key].double() + strength * lora.delta(path)).float()
+    return out
+
+
+def drift(checkpoint: dict[str, torch.Tensor], rel: float, seed: int = 8) -> dict[str, torch.Tensor]:
+    """Every weight moved by `rel` of its scale (a fine-tune that does not aim at anything in particular)."""
+    g = torch.Generator().manual_seed(seed)
+    return {k: v + rel * v.std() * torch.randn(v.shape, generator=g) if v.ndim >= 2 else v for k, v in checkpoint.items()}

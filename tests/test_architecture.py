@@ -69,7 +69,7 @@ def config_copy(tmp_path):
 def _set_threshold(config_dir: Path, value: float) -> None:
     path = config_dir / "safety" / "likeness.yaml"
     doc = yaml.safe_load(path.read_text())
-    doc["fingerprint_threshold"] = value
+    doc["containment_threshold"] = value
     path.write_text(yaml.safe_dump(doc))
 
 
@@ -83,7 +83,7 @@ def test_worker_and_ingress_read_the_same_likeness_config(config_copy, tmp_path)
     from genserve.generation.worker.core import WorkerCore
     from genserve.generation.worker.local import InProcessWorkers
 
-    for value in (0.61, 0.83):
+    for value in (0.31, 0.62):
         _set_threshold(config_copy, value)
         settings = load_settings(config_dir=config_copy, env={"GENSERVE_DATA_DIR": str(tmp_path / "data")})
         db = Database.from_settings(settings)
@@ -91,8 +91,8 @@ def test_worker_and_ingress_read_the_same_likeness_config(config_copy, tmp_path)
         store = object_store_from_settings(settings)
         worker = WorkerCore("sd1", settings, db=db, store=store)
         ingress = GenerationService(settings, db, store, InProcessWorkers({"sd1": worker}))
-        assert worker.blocklist.config.fingerprint_threshold == value
-        assert ingress.safety.blocklist.config.fingerprint_threshold == value
+        assert worker.blocklist.config.containment_threshold == value
+        assert ingress.safety.blocklist.config.containment_threshold == value
         worker.close()
 
 
@@ -101,7 +101,7 @@ def test_a_weakening_likeness_threshold_is_refused_at_start(config_copy, tmp_pat
     from genserve.core.db import Database
     from safety.gate import SafetyGate
 
-    _set_threshold(config_copy, 0.0)
+    _set_threshold(config_copy, 1.0)
     settings = load_settings(config_dir=config_copy, env={"GENSERVE_DATA_DIR": str(tmp_path / "data")})
     db = Database.from_settings(settings)
     db.migrate()

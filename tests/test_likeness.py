@@ -104,7 +104,7 @@ def test_every_evasion_is_caught_by_fingerprint(blocklist, tmp_path, family):
         if hit is None or hit.entry_id != entry_id or by_weights is None or by_weights.entry_id != entry_id:
             missed[name] = (hit, by_weights)
         else:
-            assert by_weights.similarity >= blocklist.config.fingerprint_threshold
+            assert by_weights.similarity >= blocklist.config.containment_threshold
     assert not missed, f"evasions not caught: {missed}"
 
 
@@ -252,3 +252,85 @@ def test_fingerprint_is_deterministic_and_serialisable():
     assert back.similarity(a) == pytest.approx(1.0, abs=1e-6)
     untrained = {k: (torch.zeros_like(v) if "lora_up" in k else v) for k, v in sd.items()}
     assert fingerprint_lora(untrained).empty
+
+
+def test_shipped_likeness_config_loads_and_weakening_values_are_refused(tmp_path):
+    from pathlib import Path
+
+    from safety.errors import RulesInvalid
+    from safety.likeness import LikenessConfig
+
+    shipped = LikenessConfig.load(Path(__file__).parents[1] / "configs" / "safety" / "likeness.yaml")
+    assert 0.2 <= shipped.containment_threshold <= 0.75
+    for text in ("containment_threshold: 1.0", "containment_threshold: 0", "containment_threshold: -0.5",
+                 "containment_threshold: 0.9", "containment_threshold: 0.05", "fingerprint_threshold: 0.9",
+                 "containment_threshold: [0.4]"):
+        path = tmp_path / "likeness.yaml"
+        path.write_text(text)
+        with pytest.raises(RulesInvalid):
+            LikenessConfig.load(path)
+    path.write_text("containment_threshold: 0.6")
+    assert LikenessConfig.load(path).containment_threshold == 0.6
+    with pytest.raises(RulesInvalid):
+        LikenessConfig.load(tmp_path / "missing.yaml")
+
+
+def test_entries_with_an_old_fingerprint_version_refuse_weight_checks_until_refingerprinted(db, blocklist, tmp_path):
+    from safety.errors import SafetyError
+    from safety.store import LikenessEntry
+
+    base = random_lora(sd1_modules(), seed=11)
+    old = write(tmp_path / "old.safetensors", to_kohya(base))
+    hashes = file_hashes(old)
+    with db.transaction() as s:  # as an earlier release stored it
+        s.add(LikenessEntry(sha256=hashes.sha256, tensor_sha256=hashes.tensor_sha256, fingerprint=b"\0" * 4096,
+                            fingerprint_meta={"version": "lfp1", "modules": 172, "buckets": 16},
+                            person="Jane Roe", reason="likeness"))
+    [entry] = blocklist.stale_entries()
+    assert entry.fingerprint_stale and entry.fingerprint_version == "lfp1"
+    assert blocklist.check(old).method == "sha256"  # hashes still match
+    variant = write(tmp_path / "variant.safetensors", to_diffusers(rescale(base, 2.0)))
+    with pytest.raises(SafetyError) as err:
+        blocklist.check(variant)
+    assert err.value.code == "likeness_fingerprint_stale"
+
+    with pytest.raises(SafetyError) as err:  # only the entry's own file may give it a fingerprint
+        blocklist.refingerprint(entry.id, variant)
+    assert err.value.code == "likeness_file_mismatch"
+    renewed = blocklist.refingerprint(entry.id, old)
+    assert not renewed.fingerprint_stale and renewed.fingerprint_modules == len(sd1_modules())
+    assert blocklist.stale_entries() == []
+    hit = blocklist.check(variant)
+    assert (hit.entry_id, hit.method) == (entry.id, "fingerprint")
+
+
+def test_a_request_reuses_single_file_verdicts_only_for_the_same_weights(blocklist, tmp_path):
+    base = random_lora(sd1_modules(), seed=12)
+    blocklist.add(write(tmp_path / "b.safetensors", to_kohya(base)), "Jane Roe", "likeness")
+    noisy = add_noise(base, 0.05)
+    # the same tensor payload under names of no layer: no fingerprint match ...
+    shuffled = {k.replace("lora_unet_", "lora_unet_zz_").replace("lora_te_", "lora_te_zz_"): v
+                for k, v in to_kohya(noisy).items()}
+    first = blocklist.prepare(write(tmp_path / "x.safetensors", shuffled))
+    assert blocklist.check_combined([(first, 1.0)]) is None
+    # ... then the same payload under the right names: a verdict cached for the first must not answer
+    second = blocklist.prepare(write(tmp_path / "y.safetensors", to_kohya(noisy)))
+    assert second.hashes.tensor_sha256 == first.hashes.tensor_sha256
+    assert blocklist.check_combined([(second, 1.0)]).method == "fingerprint"
+    # a repeated request is answered the same from the cache
+    assert blocklist.check_combined([(second, 1.0)]).method == "fingerprint"
+    assert blocklist.check_combined([(first, 1.0)]) is None
+
+
+def test_a_full_verdict_cache_is_emptied_without_losing_the_request_in_hand(blocklist, tmp_path, monkeypatch):
+    import safety.likeness.blocklist as module
+
+    monkeypatch.setattr(module, "_MAX_VERDICTS", 1)
+    base = random_lora(sd1_modules(), seed=13)
+    blocklist.add(write(tmp_path / "b.safetensors", to_kohya(base)), "Jane Roe", "likeness")
+    copies = [blocklist.prepare(write(tmp_path / f"c{i}.safetensors", to_diffusers(rescale(base, 1.0 + i))))
+              for i in range(3)]
+    for _ in range(2):  # the second round finds the cache emptied by the first
+        hit = blocklist.check_combined([(c, 1.0) for c in copies])
+        assert hit is not None and hit.method in ("fingerprint", "combined")
+        assert all(blocklist.check_combined([(c, 1.0)]).method == "fingerprint" for c in copies)

@@ -67,3 +67,37 @@ def test_bad_file_is_an_error_not_a_pass(cli, tmp_path):
     res = cli("likeness", "add", str(bad), "--person", "Jane Roe", "--reason", "x", "--json")
     assert res.exit_code == 1
     assert json.loads(cli("likeness", "list", "--json").stdout)["entries"] == []
+
+
+def test_check_takes_a_request_of_several_files_with_strengths(cli, tmp_path):
+    from likeness_fixtures import add_loras, keep_modules
+
+    base = random_lora(sd1_modules(), seed=7)
+    blocked = write(tmp_path / "jane.safetensors", to_kohya(base))
+    entry = json.loads(cli("likeness", "add", str(blocked), "--person", "Jane Roe", "--reason", "r", "--json").stdout)
+    # (blocked + U) at +1 and U at -1: neither file matches alone, the request does
+    u = rescale(random_lora(sd1_modules(), seed=9), 3.0)
+    plus = write(tmp_path / "plus.safetensors", to_kohya(add_loras(base, u)))
+    minus = write(tmp_path / "minus.safetensors", to_kohya(u))
+    for alone in (plus, minus):
+        assert cli("likeness", "check", str(alone), "--json").exit_code == 0
+
+    res = cli("likeness", "check", str(plus), str(minus), "--strength", "1", "--strength", "-1", "--json")
+    assert res.exit_code == 3, res.output
+    out = json.loads(res.stdout)
+    assert out["blocked"] is True
+    assert (out["match"]["entry_id"], out["match"]["method"], out["match"]["parts"]) == (entry["id"], "combined", [0, 1])
+    assert [f["strength"] for f in out["files"]] == [1.0, -1.0]
+    assert [f["kind"] for f in out["files"]] == ["lora", "lora"]
+
+    # the same pair at +1 / +1 adds U twice instead of cancelling it: not the blocked LoRA
+    res = cli("likeness", "check", str(plus), str(minus), "--json")
+    assert res.exit_code == 0 and json.loads(res.stdout)["match"] is None
+
+    res = cli("likeness", "check", str(plus), str(minus), "--strength", "1")  # one strength for two files
+    assert res.exit_code == 1 and "--strength" in res.output
+
+    half = write(tmp_path / "half.safetensors", to_kohya(keep_modules(base, lambda p: "up_blocks" not in p)))
+    rest = write(tmp_path / "rest.safetensors", to_kohya(keep_modules(base, lambda p: "up_blocks" in p)))
+    res = cli("likeness", "check", str(half), str(rest))
+    assert res.exit_code == 3 and "BLOCKED" in res.output

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -58,3 +59,72 @@ def test_spans_map_back_to_original_text(text):
         assert 0 <= start < end <= len(text)
         # The original slice normalises back to (at least) the word itself.
         assert normalize(text[start:end]).text.replace(" ", "").find(norm.text[a:b]) >= 0
+
+
+@pytest.mark.parametrize("text", [
+    "🅽🆄🅳🅴",  # negative squared
+    "🄽🅄🄳🄴",  # squared
+    "ⓝⓤⓓⓔ",  # circled
+    "⒩⒰⒟⒠",  # parenthesised
+    "🇳🇺🇩🇪",  # regional indicators
+    "ɴᴜᴅᴇ",  # small capitals
+    "𝓷𝓾𝓭𝓮",  # mathematical script
+    "𝖓𝖚𝖉𝖊",  # mathematical fraktur
+    "ｎｕｄｅ",  # full width
+    "ոսԁе",  # Armenian and Cyrillic look-alikes (TR39)
+    "ꓠꓴꓓꓰ",  # Lisu look-alikes (TR39)
+    "ΝUDΕ",  # Greek capitals
+])
+def test_enclosed_styled_and_foreign_look_alike_letters_fold_to_latin(text):
+    assert words(text) == ["nude"], text
+
+
+@pytest.mark.parametrize("text", [
+    "nu\ufe0fde",  # variation selector
+    "nu\U000e0041de",  # tag character
+    "nu\u200dde",  # zero-width joiner
+    "n\u0336u\u0336d\u0336e\u0336",  # combining strike-through
+    "nu\u00adde",  # soft hyphen
+])
+def test_invisible_marks_inside_a_word_do_not_split_it(text):
+    assert words(text) == ["nude"], ascii(text)
+
+
+def test_lower_case_letters_whose_capital_is_a_look_alike_fold_too():
+    # TR39 lists Cyrillic "К" and "Т" only as capitals; their small forms fold through them.
+    assert words("кіт") == ["kit"]
+    assert words("тееn") == ["teen"]
+
+
+def test_native_script_words_keep_their_own_form():
+    toks = tokenize(normalize("14 лет"))
+    assert toks.native[1] == "лет" and toks.canon[1] != "лет"
+
+
+def test_emoji_standing_for_a_child_become_a_word():
+    assert "chiid" in words("nude 👧🏻")  # leet-folded "child"; the skin tone is dropped
+    assert words("🚸") == ["chiid"]
+
+
+def test_spanish_enye_is_kept_apart_from_n():
+    assert words("niña") != words("nina")
+    assert words("NIÑA") == words("niña")
+
+
+def test_symbols_inside_words_read_as_letters_only_between_letters():
+    assert words("ch!ld nud€") == words("child nude")
+    assert words("wow! 5€") == ["wow", "s"]
+
+
+def test_cjk_words_are_listed_for_substring_matching():
+    toks = tokenize(normalize("十四歳の少女 and text"))
+    assert toks.cjk == [0]
+
+
+def test_spans_far_into_a_long_folded_text_map_back_exactly():
+    text = "ﬁé\u200b" * 400 + " ｎｕｄｅ " + "ß" * 300 + " tееn"
+    norm = normalize(text)
+    toks = tokenize(norm)
+    for i in (toks.canon.index("nude"), toks.canon.index("teen")):
+        start, end = norm.span(*toks.span(i))
+        assert text[start:end] in ("ｎｕｄｅ", "tееn")

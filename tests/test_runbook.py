@@ -22,8 +22,9 @@ ROOT = Path(__file__).resolve().parents[1]
 RUNBOOK = ROOT / "deploy" / "RUNBOOK.md"
 RAYSERVICE = ROOT / "deploy" / "kuberay" / "rayservice.yaml"
 SECRETS = ROOT / "deploy" / "kuberay" / "secrets.example.yaml"
-CLUSTER_TOOLS = {"kubectl", "serve", "ray", "pg_dump", "pg_restore"}
-LOCAL_TOOLS = {"sqlite3", "cp", "rm"}
+CLUSTER_TOOLS = {"kubectl", "pg_dump", "pg_restore", "psql", "sed"}
+LOCAL_TOOLS = {"sqlite3", "cp", "rm", "pgrep", "kill"}
+IN_POD_TOOLS = {"ray", "serve", "cat"}  # run inside a pod through `kubectl exec POD -- ...`
 # run for real against a scratch data dir: read-only or idempotent, and fast
 RUNNABLE = {("migrate",), ("buzz", "verify"), ("buzz", "reap"), ("audit", "verify"), ("audit", "log"),
             ("likeness", "list"), ("takedown", "list"), ("audit-prompt",)}
@@ -34,7 +35,8 @@ def _blocks(lang: str) -> list[str]:
 
 
 def _commands() -> list[tuple[bool, list[str]]]:
-    """(cluster_only, argv) of every shell command, environment assignments removed."""
+    """(cluster_only, argv) of every shell command, environment assignments removed; `export X="$(cmd)"`
+    counts as `cmd`."""
     out = []
     for block in _blocks("sh"):
         lines = block.strip().splitlines()
@@ -42,6 +44,9 @@ def _commands() -> list[tuple[bool, list[str]]]:
         for line in lines:
             if not line.strip() or line.lstrip().startswith("#"):
                 continue
+            captured = re.fullmatch(r'(?:export )?[A-Z_][A-Z0-9_]*="\$\((.*)\)"', line.strip())
+            if captured:
+                line = captured.group(1)
             for part in re.split(r"\s\|\s", line):  # each side of a pipe is a command of its own
                 argv = shlex.split(part)
                 while argv and re.match(r"^[A-Z_][A-Z0-9_]*=", argv[0]):
@@ -50,7 +55,15 @@ def _commands() -> list[tuple[bool, list[str]]]:
     return out
 
 
+def _in_pod(argv: list[str]) -> list[str] | None:
+    """The command `kubectl exec POD -- ...` runs in the pod, or None."""
+    if argv[:2] == ["kubectl", "exec"] and "--" in argv:
+        return argv[argv.index("--") + 1:]
+    return None
+
+
 COMMANDS = _commands()
+IN_POD = [inner for _, argv in COMMANDS if (inner := _in_pod(argv))]
 GENSERVE = [argv[1:] for _, argv in COMMANDS if argv[0] == "genserve"]
 
 
@@ -63,12 +76,91 @@ def test_the_runbook_has_commands_for_every_section():
     for topic in ("Scale", "checkpoint", "blocklist", "Drain", "Rotate tokens", "Restore the database",
                   "audit log", "takedown"):
         assert topic in text, topic
+    for topic in ("Upgrade the cluster", "A stuck job", "Drain a node", "The head pod"):
+        assert topic in text, topic
     assert len(GENSERVE) >= 20
     tools = {argv[0] for _, argv in COMMANDS}
     assert tools <= {"genserve", ".venv/bin/python"} | CLUSTER_TOOLS | LOCAL_TOOLS, tools - {"genserve"}
+    assert {inner[0] for inner in IN_POD} <= IN_POD_TOOLS
     for cluster, argv in COMMANDS:
-        if argv[0] in {"kubectl", "serve", "ray"}:
+        if argv[0] in CLUSTER_TOOLS:
             assert cluster, f"{' '.join(argv)} needs a cluster: put it in a '# cluster-only' block"
+
+
+def test_the_runbook_never_deploys_around_the_rayservice():
+    """`serve deploy` against a RayService's cluster drifts from serveConfigV2: the runbook changes the
+    cluster through the manifest only, and runs Ray's and Serve's CLIs only to look or to drain."""
+    text = RUNBOOK.read_text()
+    assert not [a for _, a in COMMANDS if a[:2] == ["serve", "deploy"]] + [a for a in IN_POD if a[:2] == ["serve", "deploy"]]
+    assert "`serve deploy`" in text and "never" in text.split("`serve deploy`")[0][-200:] + text.split("`serve deploy`")[1][:200]
+    assert {tuple(a[:2]) for a in IN_POD if a[0] in ("serve", "ray")} <= {
+        ("serve", "status"), ("ray", "list"), ("ray", "drain-node"), ("ray", "job")}
+    # a group's replica bounds are applied in place: no claim that they start a new cluster
+    scale = text.split("## 1.")[1].split("## 2.")[0]
+    assert "`maxReplicas`" in scale and "without starting a new one" in scale
+    assert not re.search(r"maxReplicas[^.]*(starts|brings up) a new cluster", text)
+
+
+def _section(title: str) -> str:
+    text = RUNBOOK.read_text()
+    return text.split(title, 1)[1].split("\n## ", 1)[0]
+
+
+def test_the_procedures_are_command_sequences():
+    drain = _section("## 5. Drain a node")
+    for command in ('kubectl cordon "$NODE"', 'kubectl drain "$NODE" --ignore-daemonsets --delete-emptydir-data',
+                    'kubectl uncordon "$NODE"', "ray drain-node"):
+        assert command in drain, command
+    rotate = _section("## 7. Rotate tokens")
+    assert rotate.count("--from-literal=previous_service_token=\"$OLD_SERVICE_TOKEN\"") == 1, "the overlap starts"
+    assert rotate.count("--from-literal=previous_service_token= ") == 1, "and ends"
+    assert rotate.count("kubectl wait --for=condition=UpgradeInProgress=false") == 2, "each phase rolls the pods"
+    assert rotate.count('GENSERVE_SERVICE_TOKEN="$OLD_SERVICE_TOKEN" genserve') == 2, "old token checked in and after"
+    restore = _section("## 8. Restore the database")
+    for command in ("REVOKE CONNECT ON DATABASE genserve", "pg_terminate_backend", "GRANT CONNECT ON DATABASE genserve",
+                    'kill -INT "$GENSERVE_PID"', 'pgrep -f "genserve serve"'):
+        assert command in restore, command
+    assert restore.index("REVOKE CONNECT") < restore.index("pg_restore") < restore.index("GRANT CONNECT")
+    assert restore.index("kill -INT") < restore.index("cp genserve-backup.db")
+    stuck = _section("## 6. A stuck job")
+    for command in ("genserve jobs cancel", "genserve train cancel", "ray job stop", "genserve buzz reap"):
+        assert command in stuck, command
+
+
+def test_ray_and_serve_commands_parse_against_their_clis():
+    from ray.scripts.scripts import cli as ray_cli
+    from ray.serve.scripts import cli as serve_cli
+
+    checked = 0
+    for argv in IN_POD:
+        group = {"ray": ray_cli, "serve": serve_cli}.get(argv[0])
+        if group is None:
+            continue
+        command, rest, path = group, list(argv[1:]), [argv[0]]
+        while hasattr(command, "commands") and rest and rest[0] in command.commands:
+            path.append(rest[0])
+            command = command.commands[rest.pop(0)]
+        assert not hasattr(command, "commands"), f"{' '.join(argv)}: names a group"
+        with command.make_context(" ".join(path), rest, resilient_parsing=False):
+            pass
+        checked += 1
+    assert checked >= 8
+
+
+def test_pod_selectors_and_rollout_annotation_exist_in_the_manifest():
+    doc = yaml.safe_load(RAYSERVICE.read_text())
+    cluster = doc["spec"]["rayClusterConfig"]
+    groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    labels = {f"{k}={v}" for g in groups for k, v in g["template"]["metadata"]["labels"].items()}
+    labels |= {"ray.io/node-type=head", "ray.io/node-type=worker"}  # set by KubeRay on every pod
+    for _, argv in COMMANDS:
+        if argv[0] == "kubectl" and "-l" in argv:
+            for selector in argv[argv.index("-l") + 1].split(","):
+                assert selector in labels, f"{' '.join(argv)}: no pod carries {selector}"
+    assert "genserve/rollout" in cluster["headGroupSpec"]["template"]["metadata"]["annotations"]
+    for _, argv in COMMANDS:
+        if argv[0] == "sed":
+            assert "genserve\\/rollout" in argv[2] and argv[-1] == "deploy/kuberay/rayservice.yaml"
 
 
 def _is_group(command) -> bool:  # noqa: ANN001 - typer ships its own click; groups have subcommands
@@ -139,6 +231,17 @@ def test_register_checkpoint_snippet_runs(scratch_env):
     assert "registered: tiny-sd1" in result.stdout and "tiny-sdxl" in result.stdout
 
 
+def _secret_keys() -> dict[str, set[str]]:
+    """Secret name -> the keys the RayService reads from it."""
+    doc = yaml.safe_load(RAYSERVICE.read_text())
+    refs = re.findall(r"secretKeyRef: \{name: ([\w-]+), key: (\w+)(, optional: true)?\}", RAYSERVICE.read_text())
+    out: dict[str, set[str]] = {}
+    for name, key, _optional in refs:
+        out.setdefault(name, set()).add(key)
+    assert doc and out
+    return out
+
+
 def _rayservice_names() -> dict[str, set[str]]:
     doc = yaml.safe_load(RAYSERVICE.read_text())
     secrets = {d["metadata"]["name"] for d in yaml.safe_load_all(SECRETS.read_text())}
@@ -161,21 +264,31 @@ def test_other_tools_name_files_and_resources_that_exist():
                 checked += 1
         if tool == "kubectl":
             verb = args[0]
-            if verb in ("get", "describe", "patch"):
+            if verb in ("get", "describe", "patch") and args[1] in names and len(args) > 2 and not args[2].startswith("-"):
                 kind, name = args[1], args[2]
                 assert name in names[kind], f"{' '.join(argv)}: no {kind} named {name}"
+            if verb == "wait":
+                kind, name = next(a for a in args if "/" in a and not a.startswith("-")).split("/")
+                assert kind != "rayservice" or name in names["rayservice"], argv
+            if verb == "port-forward":
+                assert args[1] == f"service/{names['rayservice'].copy().pop()}-serve-svc", argv
             if verb == "create":
                 kind, name = args[1], args[3 if args[1] == "secret" else 2]
                 assert name in names[kind], f"{' '.join(argv)}: no {kind} named {name}"
+                if kind == "secret":  # every key the manifest reads from it is written
+                    keys = {a.split("=", 1)[1] for a in args if a.startswith("--from-literal=")}
+                    written = {k.split("=", 1)[0] for k in keys}
+                    assert _secret_keys()[name] <= written, f"{name}: {_secret_keys()[name] - written} missing"
             if verb == "patch":
                 import json
 
-                patch = json.loads(args[args.index("-p") + 1])
-                cluster = yaml.safe_load(RAYSERVICE.read_text())["spec"]["rayClusterConfig"]
-                assert "template" in cluster["headGroupSpec"] and patch["spec"]["rayClusterConfig"]["headGroupSpec"]
+                doc = yaml.safe_load(RAYSERVICE.read_text())
+                for op in json.loads(args[args.index("-p") + 1]):  # JSON patches: each path exists
+                    node = doc
+                    for key in op["path"].strip("/").split("/"):
+                        node = node[int(key)] if isinstance(node, list) else node[key]
+                    assert isinstance(node, type(op["value"])), op
             checked += 1
-        if tool == "serve":
-            assert args[0] in ("deploy", "status"), argv
         if tool == ".venv/bin/python":
             script = ROOT / args[0]
             source = script.read_text()

@@ -642,3 +642,62 @@ def test_a_blocklisted_checkpoint_cannot_be_used(env, tmp_path):
         core.load_checkpoint(rid)
     assert refused.value.code == "likeness_blocked"
     assert core.resource(rid, ResourceKind.checkpoint).id == rid  # still registered: refused, not deleted
+
+
+def test_a_blocked_lora_split_across_two_files_is_caught_as_a_pair(env):
+    """(blocked + U) at +1 and U at -1 load as exactly the blocked LoRA; each file passes alone, the pair is
+    refused at admission (combined update) and again by the worker before it combines the adapters."""
+    import torch
+
+    from genserve.generation.worker.wire import LoraSpec, WorkerRequest
+
+    pipe = build_tiny_pipeline("sd1")
+    blocked = make_lora(pipe, seed=71, text_encoder=False)
+    other = make_lora(pipe, seed=72, text_encoder=False, scale=1.5)  # 9x the blocked LoRA's energy
+    carrier = {}
+    for key in (k for k in blocked if k.endswith(".lora_down.weight")):
+        base = key.removesuffix(".lora_down.weight")
+        carrier[f"{base}.lora_down.weight"] = torch.cat([blocked[key], other[key]])
+        carrier[f"{base}.lora_up.weight"] = torch.cat([blocked[f"{base}.lora_up.weight"], other[f"{base}.lora_up.weight"]], 1)
+        carrier[f"{base}.alpha"] = torch.tensor(8.0)  # rank 8 at alpha 8: the same scale 1 as both parts
+    tag = uuid.uuid4().hex[:6]
+    ids = {}
+    for name, sd in (("blocked", blocked), ("carrier", carrier), ("other", other)):
+        path = write_lora(env.lora_dir / f"split-{name}-{tag}.safetensors", sd)
+        ids[name] = f"split-{name}-{tag}"
+        env.service.registry.publish(path, id=ids[name], kind="lora", family="sd1")
+    _moderation(env).add_likeness(ids["blocked"], "D. Person")
+    caller = env.user()
+    env.service.quote(caller, _request(resources=[{"id": ids["carrier"]}]))  # alone: usable
+    env.service.quote(caller, _request(resources=[{"id": ids["other"], "strength": -1.0}]))
+    pair = [{"id": ids["carrier"], "strength": 1.0}, {"id": ids["other"], "strength": -1.0}]
+    with pytest.raises(SafetyBlocked) as info:
+        env.service.quote(caller, _request(resources=pair))
+    assert "likeness.combined" in info.value.details["rules"]
+    assert env.available(caller) == GRANT
+
+    core = env.service.workers.cores["sd1"]
+    request = WorkerRequest(job_id="split-pair", checkpoint_id="tiny-sd1", prompt="a portrait", steps=2, width=64,
+                            height=64, seeds=[1], loras=[LoraSpec(resource_id=ids["carrier"], strength=1.0),
+                                                         LoraSpec(resource_id=ids["other"], strength=-1.0)])
+    with pytest.raises(SafetyBlocked) as refused:
+        core.generate(request)
+    assert refused.value.code == "likeness_blocked" and "likeness.combined" in refused.value.details["rules"]
+
+
+MATURE_PROMPTS = {
+    "en": "nude woman on a bed, erotic photo", "de": "nackte Frau auf dem Bett, erotisches Foto",
+    "es": "mujer desnuda en la cama, foto erótica", "fr": "femme nue sur le lit, photo érotique",
+    "it": "donna nuda sul letto, foto erotica", "pt": "mulher nua na cama, foto erótica",
+    "ru": "обнажённая женщина на кровати, эротическое фото", "ja": "ベッドの上の裸の女性、エロ写真",
+    "zh": "床上的裸体女人，色情照片", "ko": "침대 위의 나체 여성, 에로 사진",
+}
+
+
+@pytest.mark.parametrize("lang", sorted(MATURE_PROMPTS))
+def test_a_mature_prompt_in_any_language_gets_the_minor_protection_embedding(env, lang):
+    """Asserted on the negative prompt the worker received; the caller's level (PG13) alone would not add it."""
+    caller = env.user(level=NsfwLevel.PG13)
+    job = _run(_finish(env.service, caller, _request(prompt=MATURE_PROMPTS[lang], steps=2)))
+    final = env.service.jobs.get(job.id).result["final_negative_prompt"]
+    assert final.startswith("<gs-safe-neg> <gs-safe-minor>"), (lang, final)

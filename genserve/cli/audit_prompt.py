@@ -54,7 +54,9 @@ def register(app: typer.Typer) -> None:
                 raise typer.Exit(EXIT_REFUSED)
             return
         try:
-            lines = file.read_text(encoding="utf-8").splitlines()
+            # JSON Lines ends a line at "\n" only: str.splitlines would also cut at U+2028, U+0085, ...
+            # which are legal, unescaped characters inside a JSON string.
+            lines = [line.removesuffix("\r") for line in file.read_text(encoding="utf-8").split("\n")]
         except OSError as exc:
             raise InvalidRequest(f"cannot read {file}: {exc}") from exc
         blocked = unreadable = False

@@ -82,21 +82,36 @@ def likeness_add(
 @handle_errors
 def likeness_check(
     ctx: typer.Context,
-    file: Path = typer.Argument(..., help="The LoRA (safetensors) to check"),
+    files: list[Path] = typer.Argument(..., help="The LoRAs / checkpoints (safetensors) of one request"),
+    strengths: list[float] = typer.Option([], "--strength", help="Each file's strength, in order (default 1)"),
+    base: Path | None = typer.Option(None, "--base", help="The family's base checkpoint, to check checkpoints "
+                                                          "by their difference from it"),
+    family: str | None = typer.Option(None, "--family", help="The family of --base (sd1, sdxl ...)"),
     as_json: bool = JsonOption,
 ) -> None:
-    """Exit 0 when FILE matches no entry, 3 when it is blocklisted (by sha256, tensor_sha256 or fingerprint)."""
-    from safety.hashing import file_hashes
-
+    """Check FILEs together as one request would use them: each file's hashes and weights, then their
+    combined update Σ strength·ΔW. Exit 0 when nothing matches, 3 when blocked."""
+    if strengths and len(strengths) != len(files):
+        raise InvalidRequest(f"give one --strength per file ({len(files)}), or none", code="strengths_mismatch")
+    if base is not None and not family:
+        raise InvalidRequest("--base needs --family", code="base_family_required")
+    strengths = strengths or [1.0] * len(files)
     with _components(ctx) as c:
-        hashes = file_hashes(file)
-        match = c["blocklist"].check(file)
-    data = {"file": str(file), "blocked": match is not None, **hashes.to_dict(),
-            "match": match.to_dict() if match else None}
+        blocklist = c["blocklist"]
+        if base is not None:
+            blocklist.register_base(family, base)
+        prepared = [blocklist.prepare(f, family=family) for f in files]
+        match = blocklist.check_combined(list(zip(prepared, strengths, strict=True)))
+    data = {"blocked": match is not None, "match": match.to_dict() if match else None,
+            "files": [{"file": str(f), "strength": s, "kind": p.kind,
+                       "fingerprint_modules": p.fingerprint.modules if p.fingerprint else 0, **p.hashes.to_dict()}
+                      for f, s, p in zip(files, strengths, prepared, strict=True)]}
+    names = ", ".join(str(f) for f in files)
     if match is None:
-        emit(data, as_json, f"clean: {file} matches no blocklist entry")
+        emit(data, as_json, f"clean: {names} match no blocklist entry" + (" together" if len(files) > 1 else ""))
         return
-    emit(data, as_json, f"BLOCKED: {file} matches entry {match.entry_id} ({match.person}) by {match.method}"
+    culprits = ", ".join(str(files[i]) for i in match.parts) or names
+    emit(data, as_json, f"BLOCKED: {culprits} match entry {match.entry_id} ({match.person}) by {match.method}"
                         f" (similarity {match.similarity:.4f})")
     raise typer.Exit(EXIT_REFUSED)
 

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, disable_created_metrics, generate_latest
 from prometheus_client import Counter as PromCounter
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -120,6 +120,7 @@ class ServicePage:
     """
 
     def __init__(self, read_jobs: Callable[[], tuple[dict[str, int], dict[str, int]]]):
+        disable_created_metrics()  # `_created` timestamps per series only double the page
         self.registry = CollectorRegistry(auto_describe=False)
         self._requests = PromCounter("genserve_http_requests", "HTTP requests by route and status code",
                                      ["route", "status"], registry=self.registry)

@@ -203,7 +203,7 @@ class LoraCache:
         try:
             match = self.blocklist.check(path)
         except SafetyError as exc:
-            if exc.code in ("not_safetensors", "lora_format_invalid"):
+            if exc.code in ("not_safetensors", "lora_format_invalid", "lora_format_unsupported"):
                 raise LoraInvalid(f"LoRA {sha256[:12]} is not a valid LoRA file: {exc.message}") from exc
             raise LikenessCheckFailed(f"likeness check failed for LoRA {sha256[:12]}: {exc.message}") from exc
         except Exception as exc:  # noqa: BLE001 - any failure of the check refuses the LoRA

@@ -11,7 +11,7 @@ functions of the request and the configuration.
 
 from __future__ import annotations
 
-from collections import OrderedDict
+import functools
 from dataclasses import dataclass
 
 from genserve.billing.economy import price_generation
@@ -40,13 +40,10 @@ from genserve.resources.registry import (
 )
 from safety.embeddings import uses_reserved_token
 from safety.gate import SafetyGate
-from safety.hashing import load_tensors
 from safety.levels import NsfwLevel
-from safety.likeness import Fingerprint, LikenessMatch, fingerprint_lora
+from safety.likeness import LikenessMatch, RequestCheck, RequestFile
 from safety.policy import LikenessHit, ResourceFlags
 from safety.verdict import Action, Verdict
-
-FINGERPRINT_CACHE_ENTRIES = 4096
 
 
 @dataclass(frozen=True)
@@ -185,7 +182,7 @@ class Admission:
         self.safety = safety
         self.resource_cache = resource_cache
         self.limits = limits
-        self._fingerprints: OrderedDict[str, Fingerprint] = OrderedDict()
+        self.likeness = RequestCheck(safety.blocklist)
 
     def check_queue(self, jobs: JobStore, caller: Caller, request: GenerationRequest) -> int:
         """Refuse (429) past the user's queue limit or the service's capacity; returns the active jobs."""
@@ -247,25 +244,20 @@ class Admission:
         return verdict
 
     def _likeness(self, resources: ResolvedResources) -> list[tuple[ResolvedResource, LikenessMatch]]:
-        """The checkpoint, every LoRA and every embedding against the likeness blocklist: hashes for all,
-        weights for LoRAs (so a renamed or re-exported copy still matches). A file that cannot be read
-        fails closed."""
+        """The request's resources against the likeness blocklist, as the worker will load them: every
+        file's hashes (the checkpoint's too), every LoRA's weights alone, and the combined update
+        Σ strengthᵢ·ΔWᵢ of all its LoRAs (a blocked LoRA split across files is caught as a pair). A file
+        that cannot be read fails closed."""
         hits = []
         for res in resources.all:
-            hit = self.safety.blocklist.check_hashes(res.sha256, res.tensor_sha256)
-            if hit is None and res.kind is ResourceKind.lora:
-                hit = self.safety.blocklist.match_fingerprint(self._fingerprint(res))
-            if hit is not None:
-                hits.append((res, hit))
+            if res.kind is not ResourceKind.lora:
+                hit = self.safety.blocklist.check_hashes(res.sha256, res.tensor_sha256)
+                if hit is not None:
+                    hits.append((res, hit))
+        loras = list(resources.loras)
+        match = self.likeness.check([RequestFile(
+            r.sha256, functools.partial(self.resource_cache.use, r.storage_key, r.sha256, "file"), r.family,
+            r.strength) for r in loras])
+        if match is not None:
+            hits += [(loras[i], match) for i in (match.parts or range(len(loras)))]
         return hits
-
-    def _fingerprint(self, res: ResolvedResource) -> Fingerprint:
-        fp = self._fingerprints.get(res.sha256)
-        if fp is None:
-            with self.resource_cache.use(res.storage_key, res.sha256, "file") as path:
-                fp = fingerprint_lora(*load_tensors(path))
-            self._fingerprints[res.sha256] = fp
-            while len(self._fingerprints) > FINGERPRINT_CACHE_ENTRIES:
-                self._fingerprints.popitem(last=False)
-        self._fingerprints.move_to_end(res.sha256)
-        return fp

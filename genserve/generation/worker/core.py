@@ -57,6 +57,7 @@ from genserve.resources.models import Resource, ResourceKind
 from genserve.resources.registry import ResourceRegistry
 from safety.embeddings import SafetyEmbeddings
 from safety.gate import SafetyGate
+from safety.likeness import RequestCheck
 
 logger = logging.getLogger(__name__)
 
@@ -84,10 +85,11 @@ class WorkerCore:
         self.store = store or object_store_from_settings(settings)
         self.cache = ResourceCache(self.store, self.config.cache_dir(settings.models_dir),
                                    self.config.resource_cache_max_bytes)
-        self.files = WorkerFiles(family, ResourceRegistry(self.db), self.cache, self.catalog, settings.models_dir)
         # the same rule files as the ingress: the likeness thresholds above all (defence in depth)
         self.safety = SafetyGate.build(settings.safety, settings.config_dir, self.db.session)
         self.blocklist = blocklist if blocklist is not None else self.safety.blocklist
+        self.files = WorkerFiles(family, ResourceRegistry(self.db), self.cache, self.catalog, settings.models_dir,
+                                 RequestCheck(self.blocklist))
         self._scanner = scanner
         self._scanner_error: str | None = None
         # each image is scanned and encoded on these while the pipeline goes on with the next image

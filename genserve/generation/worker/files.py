@@ -5,11 +5,12 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Sequence
 from pathlib import Path
 
 from genserve.engine.infotext import autov3
-from genserve.engine.lora_cache import LoraInvalid
+from genserve.engine.lora_cache import LikenessBlocked, LoraInvalid
 from genserve.generation.worker.checkpoint import ResolvedLora
 from genserve.generation.worker.errors import CheckpointConfigMissing, ReservedToken
 from genserve.generation.worker.wire import WorkerRequest
@@ -19,12 +20,14 @@ from genserve.resources.models import Resource, ResourceKind
 from genserve.resources.registry import ResourceRegistry
 from safety.embeddings import uses_reserved_token
 from safety.hashing import file_hashes
+from safety.likeness import RequestCheck, RequestFile
 
 
 class WorkerFiles:
     def __init__(self, family: str, registry: ResourceRegistry, cache: ResourceCache, catalog: ModelCatalog,
-                 models_dir: Path):
+                 models_dir: Path, likeness: RequestCheck):
         self.family = family
+        self.likeness = likeness
         self.registry = registry
         self.cache = cache
         self.catalog = catalog
@@ -62,6 +65,7 @@ class WorkerFiles:
             path = stack.enter_context(self.cache.use(row.storage_key, row.sha256, "file"))
             tensor_sha = row.tensor_sha256 or file_hashes(path).tensor_sha256
             out.append(ResolvedLora(row.id, row.name, row.sha256, path, autov3(tensor_sha), spec.strength))
+        self._check_together(out)
         return out
 
     def embeddings(self, request: WorkerRequest, stack: contextlib.ExitStack,
@@ -76,3 +80,12 @@ class WorkerFiles:
             path = stack.enter_context(self.cache.use(row.storage_key, row.sha256, "file"))
             out.append((row, path, token))
         return out
+
+    def _check_together(self, loras: Sequence[ResolvedLora]) -> None:
+        """The request's LoRAs as they are about to be combined, against the blocklist (defence in depth:
+        each file also passes alone through the adapter cache; a split pair is caught only together)."""
+        match = self.likeness.check([RequestFile(lora.sha256, functools.partial(contextlib.nullcontext, lora.path),
+                                                 self.family, lora.strength) for lora in loras])
+        if match is not None:
+            raise LikenessBlocked("these LoRAs reproduce a real person's likeness and cannot be used",
+                                  details={"rules": [match.rule_id], **match.to_dict()})

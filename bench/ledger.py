@@ -1,4 +1,5 @@
-"""Ledger throughput: hold -> capture cycles per second.
+"""Ledger throughput: hold -> capture cycles per second, each capture paying three parties
+(the platform, a resource owner's licence fee and a creator tip).
 
 SQLite: one process on a fresh file. PostgreSQL: 8 worker processes on a fresh database, each
 with its own user account, all capturing into the same (hot) revenue account. The PostgreSQL

@@ -24,6 +24,7 @@ from ray.serve.handle import DeploymentHandle
 from genserve.core.config import Settings, load_settings, settings_dump
 from genserve.core.errors import ConfigError
 from genserve.core.log import configure_logging
+from genserve.economy.api import build_router as build_economy_router
 from genserve.generation.service import GenerationService
 from genserve.generation.worker.deployment import FamilyWorker, ServeWorkers
 from genserve.ingress import create_api
@@ -61,7 +62,8 @@ class Ingress:
     def __serve_build_asgi_app__(self):  # noqa: ANN204 - the ASGI app
         return create_api(self.service, self.moderation,
                           routers=[functools.partial(build_training_router, self.trainings),
-                                   resources_router(self.resources)])
+                                   resources_router(self.resources),
+                                   functools.partial(build_economy_router, self.service)])
 
     def __del__(self) -> None:
         self.trainings.close()

@@ -14,6 +14,16 @@ from genserve.billing.ledger import REVENUE_GENERATION, Ledger
 from genserve.core.db import Database
 from genserve.core.errors import Conflict, InsufficientFunds
 
+# every capture pays three parties, as a generation with a fee-bearing LoRA and a creator tip does
+CREATORS = ("user:creator-a", "user:creator-b")
+
+
+def three_legs(amount: int) -> list[tuple[str, int, str]]:
+    """`amount` split between the platform and two creators (licence fee, tip); they sum to it."""
+    fee, tip = amount // 3, amount // 4
+    return [(REVENUE_GENERATION, amount - fee - tip, "capture"), (CREATORS[0], fee, "licence_fee"),
+            (CREATORS[1], tip, "creator_tip")]
+
 
 @dataclass
 class MixStats:
@@ -57,7 +67,7 @@ def random_mix(
             elif r < 0.8:
                 hold = open_holds.pop(rng.randrange(len(open_holds)))
                 args = ("capture", hold.id, rng.randint(0, hold.amount), f"c-{tag}")
-                result = ledger.capture(*args[1:])
+                result = ledger.capture(*args[1:], legs=three_legs(args[2]))
                 stats.captures += 1
                 stats.captured_buzz += result.captured
             else:
@@ -91,20 +101,25 @@ def replay_call(ledger: Ledger, args: tuple):  # noqa: ANN201 - HoldInfo
     if op == "hold":
         return ledger.hold(args[1], args[2], args[3], destination=REVENUE_GENERATION)
     if op == "capture":
-        return ledger.capture(args[1], args[2], args[3])
+        return ledger.capture(args[1], args[2], args[3], legs=three_legs(args[2]))
     return ledger.release(args[1], args[2])
 
 
-def hold_capture_cycles(url: str, account: str, n: int, prefix: str) -> tuple[float, float]:
-    """Run `n` hold -> capture cycles on `account`; returns (wall seconds, this process's CPU seconds)."""
+def hold_capture_cycles(url: str, account: str, n: int, prefix: str, owner: str | None = None
+                        ) -> tuple[float, float]:
+    """Run `n` hold -> capture cycles on `account`, each capture paying three parties (the platform,
+    a resource owner's fee and a creator tip, to `owner`, by default one per paying account); returns
+    (wall seconds, this process's CPU seconds)."""
     db = Database(url)
     ledger = Ledger(db)
     ledger.balance(account)  # connect and create system accounts outside the timed loop
+    owner = owner or f"{account}-owner"
+    legs = [(REVENUE_GENERATION, 1, "capture"), (owner, 1, "licence_fee"), (owner, 1, "creator_tip")]
     try:
         start, cpu = time.perf_counter(), time.process_time()
         for i in range(n):
-            hold = ledger.hold(account, 2, f"{prefix}-h{i}", destination=REVENUE_GENERATION)
-            ledger.capture(hold.id, 1, f"{prefix}-c{i}")
+            hold = ledger.hold(account, 4, f"{prefix}-h{i}", destination=REVENUE_GENERATION)
+            ledger.capture(hold.id, 3, f"{prefix}-c{i}", legs=legs)
         return time.perf_counter() - start, time.process_time() - cpu
     finally:
         ledger.close()

@@ -83,3 +83,15 @@ def test_verify_fails_on_a_tampered_entry(cli):
     assert any("entries sum to 10" in p for p in report["problems"])
     human = cli("verify")
     assert human.exit_code == 1 and "user:7" in human.output
+
+
+def test_allowance_once_per_day_and_earnings(cli):
+    first = cli("allowance", "77", "--json")
+    assert first.exit_code == 0, first.output
+    assert json.loads(first.stdout)["granted"] > 0
+    second = json.loads(cli("allowance", "77", "--json").stdout)
+    assert second["granted"] == 0 and second["already_claimed"]
+    res = cli("earnings", "77", "--since", "2026-01-01", "--json")
+    assert res.exit_code == 0 and json.loads(res.stdout)["total"] == 0
+    missing = cli("receipt", "0" * 32, "--json")
+    assert missing.exit_code != 0

@@ -14,7 +14,7 @@ import threading
 import time
 
 import pytest
-from ledger_loadgen import random_mix, replay_call
+from ledger_loadgen import CREATORS, random_mix, replay_call
 from sqlalchemy import text
 
 from genserve.billing.ledger import REVENUE_GENERATION, Ledger
@@ -34,8 +34,9 @@ def _assert_consistent(ledger: Ledger, captured: int) -> None:
     assert report.ok, report.problems
     balances = [ledger.balance(a) for a in HOT]
     assert all(b.posted >= 0 and b.held == 0 and b.available >= 0 for b in balances)
-    assert sum(b.posted for b in balances) + ledger.balance(REVENUE_GENERATION).posted == SEED_BUZZ * len(HOT)
-    assert ledger.balance(REVENUE_GENERATION).posted == captured
+    paid = ledger.balance(REVENUE_GENERATION).posted + sum(ledger.balance(c).posted for c in CREATORS)
+    assert sum(b.posted for b in balances) + paid == SEED_BUZZ * len(HOT)
+    assert paid == captured  # every capture paid three parties
     assert ledger.balance("mint").posted == -SEED_BUZZ * len(HOT)
 
 
@@ -103,6 +104,7 @@ PAUSED_CHILD = textwrap.dedent(
     from genserve.billing import ledger as L
     from genserve.core.db import Database
 
+    LEGS = [(L.REVENUE_GENERATION, 15, "capture"), ("user:owner", 7, "licence_fee"), ("user:tipped", 3, "creator_tip")]
     ledger = L.Ledger(Database(sys.argv[1]))
     ledger.grant("user:k", 100, "seed")
     hold = ledger.hold("user:k", 40, "hold", destination=L.REVENUE_GENERATION)
@@ -116,7 +118,7 @@ PAUSED_CHILD = textwrap.dedent(
         cls.commit = paused_commit
     armed = True
     if sys.argv[2] == "capture":
-        ledger.capture(hold.id, 25, "capture")
+        ledger.capture(hold.id, 25, "capture", legs=LEGS)
     else:
         ledger.grant("user:k", 500, "grant")
     """
@@ -136,7 +138,9 @@ LOOP_CHILD = textwrap.dedent(
         hold = ledger.hold("user:loop", 7, f"h{sys.argv[2]}-{i}", destination=L.REVENUE_GENERATION)
         print(i, flush=True)
         if i % 3:
-            ledger.capture(hold.id, i % 8, f"c{sys.argv[2]}-{i}")
+            n = i % 8
+            legs = [(L.REVENUE_GENERATION, n - n // 2, "capture"), ("user:owner", n // 2, "licence_fee")]
+            ledger.capture(hold.id, n, f"c{sys.argv[2]}-{i}", legs=legs)
         else:
             ledger.release(hold.id, f"r{sys.argv[2]}-{i}")
         i += 1
@@ -172,10 +176,12 @@ def _killed_mid_operation_leaves_no_partial_transfer(db: Database, op: str) -> N
         assert ledger.balance("user:k").to_dict() == {"posted": 600, "held": 40, "available": 560}
         assert ledger.verify().ok
         return
-    # The caller's retry with the same key completes the capture exactly once.
-    assert ledger.capture(hold_id, 25, "capture").captured == 25
-    assert ledger.capture(hold_id, 25, "capture").captured == 25
+    # The caller's retry with the same key completes the (three-party) capture exactly once.
+    legs = [(REVENUE_GENERATION, 15, "capture"), ("user:owner", 7, "licence_fee"), ("user:tipped", 3, "creator_tip")]
+    assert ledger.capture(hold_id, 25, "capture", legs=legs).captured == 25
+    assert ledger.capture(hold_id, 25, "capture", legs=legs).captured == 25
     assert ledger.balance("user:k").to_dict() == {"posted": 75, "held": 0, "available": 75}
+    assert (ledger.balance("user:owner").posted, ledger.balance("user:tipped").posted) == (7, 3)
     assert ledger.verify().ok
 
 
@@ -200,7 +206,7 @@ def _killed_at_random_keeps_invariants(db: Database) -> None:
     assert report.ok, report.problems
     assert report.stats["holds_total"] > 3
     bal = ledger.balance("user:loop")
-    assert bal.posted + ledger.balance(REVENUE_GENERATION).posted == 10**6
+    assert bal.posted + ledger.balance(REVENUE_GENERATION).posted + ledger.balance("user:owner").posted == 10**6
     assert bal.held == 7 * report.stats["holds_open"]
 
 

@@ -93,6 +93,13 @@ class GrantOps(LedgerBase):
 
         return self._run(tx_allowance)
 
+    def hold_entries(self, hold_id: str) -> list[LedgerEntry]:
+        """Every entry posted for a hold (each capture leg's debit and credit), oldest first."""
+        e = entries_t.c
+        with self.db.engine.connect() as conn:
+            rows = conn.execute(select(entries_t).where(e.hold_id == hold_id).order_by(e.id))
+            return [_entry(r) for r in rows]
+
     def history(self, account: str, limit: int = 100) -> list[LedgerEntry]:
         """The account's entries, newest first."""
         account = check_account(account)
@@ -101,11 +108,12 @@ class GrantOps(LedgerBase):
         e = entries_t.c
         with self.db.engine.connect() as conn:
             rows = conn.execute(select(entries_t).where(e.account_id == account).order_by(e.id.desc()).limit(limit))
-            return [
-                LedgerEntry(
-                    id=r.id, transfer_id=r.transfer_id, account=r.account_id, counterparty=r.counterparty_id,
-                    amount=r.amount, kind=r.kind, hold_id=r.hold_id, key=r.idempotency_key, reason=r.reason,
-                    created_at=as_utc(r.created_at),
-                )
-                for r in rows
-            ]
+            return [_entry(r) for r in rows]
+
+
+def _entry(r) -> LedgerEntry:  # noqa: ANN001 - a row of ledger_entries
+    return LedgerEntry(
+        id=r.id, transfer_id=r.transfer_id, account=r.account_id, counterparty=r.counterparty_id,
+        amount=r.amount, kind=r.kind, hold_id=r.hold_id, key=r.idempotency_key, reason=r.reason,
+        created_at=as_utc(r.created_at),
+    )

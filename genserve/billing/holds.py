@@ -3,7 +3,9 @@
 A hold moves buzz from the user's available balance into `held` without posting it anywhere.
 Capture and release lock the hold's row before any account row and act only on an open hold, so
 a hold is closed once. Capture posts at most the held amount to the hold's destination and gives
-the rest back; release and expiry post nothing. Every hold expires: past its expiry a capture is
+the rest back; release and expiry post nothing. A capture may split what it posts into legs (the platform,
+resource owners, tips): one transfer with the holder's single debit and a credit per leg, the legs
+summing exactly to the captured amount. Every hold expires: past its expiry a capture is
 refused and the reaper (`reap_expired`) gives the buzz back, so a caller that dies never strands a
 user's buzz.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -63,17 +66,37 @@ class HoldOps(LedgerBase):
             )
         return hold
 
-    def _close(self, tx: Tx, hold: HoldInfo, captured: int, now: dt.datetime) -> HoldInfo:
-        """Unreserve the hold, post `captured` of it to its destination, and mark it closed."""
-        deltas = {hold.account: (-captured, -hold.amount)}
-        if captured:
-            deltas[hold.destination] = (captured, 0)
-        self._move(tx, deltas)
-        if captured:
+    def _close(self, tx: Tx, hold: HoldInfo, captured: int, now: dt.datetime,
+               legs: tuple[tuple[str, int, str], ...] = ()) -> HoldInfo:
+        """Unreserve the hold, post `captured` of it (to its destination, or split over `legs`, which
+        sum to it), and mark it closed. Each leg is its own transfer of kind `leg kind`."""
+        if not captured:
+            legs = ()
+        elif not legs:
+            legs = ((hold.destination, captured, "capture"),)
+        deltas: dict[str, tuple[int, int]] = {hold.account: (-captured, -hold.amount)}
+        for destination, amount, _kind in legs:
+            posted, _ = deltas.get(destination, (0, 0))
+            deltas[destination] = (posted + amount, 0)
+        # the hold's own destination exists (the hold created it); an owner paid by a leg may not yet
+        credit = frozenset(d for d, _, _ in legs if d != hold.destination and not is_system_account(d))
+        self._move(tx, deltas, credit=credit, now=now)
+        if len(legs) == 1:
+            destination, amount, kind = legs[0]
             self._write_transfer(
-                tx, source=hold.account, destination=hold.destination, amount=captured, kind="capture",
+                tx, source=hold.account, destination=destination, amount=amount, kind=kind,
                 key=hold.key, reason=hold.reason, now=now, hold_id=hold.id, need_entry=False,
             )
+        elif legs:
+            # one transfer: the holder's single debit (what the user sees as the charge) and a credit
+            # per leg; its lines sum to zero like any transfer's
+            common = {"transfer_id": uuid.uuid4().hex, "hold_id": hold.id, "key": hold.key, "reason": hold.reason,
+                      "now": tx.ts(now)}
+            tx.write("insert_entry", {**common, "account": hold.account, "counterparty": hold.destination,
+                                      "amount": -captured, "kind": "capture"})
+            for destination, amount, kind in legs:
+                tx.write("insert_entry", {**common, "account": destination, "counterparty": hold.account,
+                                          "amount": amount, "kind": kind})
         status = "captured" if captured else "released"
         tx.write("close_hold", {"id": hold.id, "captured": captured, "status": status, "now": tx.ts(now)})
         return replace(hold, captured=captured, status=status, closed_at=now)
@@ -146,13 +169,23 @@ class HoldOps(LedgerBase):
             metrics.inc("genserve_buzz_total", amount, operation="held", destination=destination)
         return hold
 
-    def capture(self, hold_id: str, amount: int, key: str) -> HoldInfo:
-        """Post `amount` (<= the hold) to the hold's destination and void the rest; 0 is a release."""
+    def capture(self, hold_id: str, amount: int, key: str, *,
+                legs: Sequence[tuple[str, int, str]] | None = None) -> HoldInfo:
+        """Post `amount` (<= the hold) to the hold's destination and void the rest; 0 is a release.
+
+        With `legs` ((destination, amount, kind), ...) the posted amount is split between several
+        accounts (the platform, resource owners, tips) in the same transaction: the legs must sum
+        to `amount` exactly, so a multi-party capture creates and loses nothing.
+        """
         if not isinstance(hold_id, str):
             raise HoldNotFound(f"no hold {hold_id!r}")
         amount = check_amount(amount, self.config.max_amount, allow_zero=True)
         key = check_key(key)
-        request = self._request(hold_id=hold_id, amount=amount)
+        checked = check_legs(legs, amount, self.config.max_amount) if legs else ()
+        if checked:
+            request = self._request(hold_id=hold_id, amount=amount, legs=[list(leg) for leg in checked])
+        else:
+            request = self._request(hold_id=hold_id, amount=amount)
         fresh: list[bool] = []
 
         def tx_capture(tx: Tx) -> HoldInfo:
@@ -172,7 +205,9 @@ class HoldOps(LedgerBase):
                     f"capture of {amount} exceeds hold {hold_id} of {hold.amount}",
                     details={"hold_id": hold_id, "held": hold.amount, "requested": amount},
                 )
-            done = self._close(tx, hold, amount, now)
+            if any(destination == hold.account for destination, _, _ in checked):
+                raise InvalidAccount("a capture leg cannot pay the holder's own account", code="same_account")
+            done = self._close(tx, hold, amount, now, checked)
             self._remember(tx, key, "capture", request, done.to_dict(), now)
             fresh.append(True)
             return done
@@ -237,6 +272,28 @@ class HoldOps(LedgerBase):
             total += n
             if n < batch:
                 return total
+
+
+LEG_KINDS = ("capture", "licence_fee", "creator_tip", "platform_tip", "platform_share", "priority_fee",
+             "early_access")
+
+
+def check_legs(legs: Sequence[tuple[str, int, str]], amount: int, max_amount: int) -> tuple[tuple[str, int, str], ...]:
+    """Legs merged by (destination, kind) in a stable order, zero legs dropped; they must sum to `amount`."""
+    merged: dict[tuple[str, str], int] = {}
+    for leg in legs:
+        if not isinstance(leg, (tuple, list)) or len(leg) != 3:
+            raise InvalidRequest("a capture leg is (destination, amount, kind)", code="invalid_leg")
+        destination, leg_amount, kind = leg
+        destination = check_account(destination)
+        leg_amount = check_amount(leg_amount, max_amount, allow_zero=True)
+        if kind not in LEG_KINDS:
+            raise InvalidRequest(f"leg kind must be one of {LEG_KINDS}, got {kind!r}", code="invalid_leg")
+        merged[(destination, kind)] = merged.get((destination, kind), 0) + leg_amount
+    if sum(merged.values()) != amount:
+        raise InvalidRequest(f"capture legs sum to {sum(merged.values())}, not the captured {amount}",
+                             code="legs_mismatch", details={"amount": amount, "legs": sum(merged.values())})
+    return tuple((d, a, k) for (d, k), a in sorted(merged.items()) if a)
 
 
 def _record_close(hold: HoldInfo) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import random
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -52,6 +53,7 @@ class LedgerBase:
             self._connections = db.thread_connections
             self._tx_class = SqliteTx
         self._system_ready = False
+        self._system_lock = threading.Lock()
 
     def close(self) -> None:
         """Release the ledger's own connections (PostgreSQL); the Database stays the caller's."""
@@ -66,6 +68,9 @@ class LedgerBase:
         """Run `fn` in one transaction, retrying it whole on deadlock/serialization failures."""
         if not self._system_ready:
             self._create_system_accounts()
+        return self._retrying(fn)
+
+    def _retrying(self, fn: Callable[[Tx], T]) -> T:
         attempts = self.config.retry_attempts
         for attempt in range(attempts):
             try:
@@ -113,12 +118,12 @@ class LedgerBase:
             self._connections.release(handle)
 
     def _create_system_accounts(self) -> None:
-        self._system_ready = True
-        try:
-            self._run(self._insert_system_accounts)
-        except BaseException:
-            self._system_ready = False
-            raise
+        # under a lock, and marked ready only once they exist: a concurrent first call (32 allowance
+        # claims at once) must not run ahead and credit from a system account not yet created
+        with self._system_lock:
+            if not self._system_ready:
+                self._retrying(self._insert_system_accounts)
+                self._system_ready = True
 
     def _insert_system_accounts(self, tx: Tx) -> None:
         for account in SYSTEM_ACCOUNTS:
@@ -160,11 +165,16 @@ class LedgerBase:
             {"key": key, "operation": operation, "request": request, "result": json.dumps(result), "now": tx.ts(now)},
         )
 
-    def _move(self, tx: Tx, deltas: dict[str, tuple[int, int]]) -> None:
+    def _move(self, tx: Tx, deltas: dict[str, tuple[int, int]], *, credit: frozenset[str] = frozenset(),
+              now: dt.datetime | None = None) -> None:
         """Apply (posted, held) deltas to accounts, locking rows in the global order. A system
-        account's posted delta goes to one of its shards, picked at random."""
+        account's posted delta goes to one of its shards, picked at random. Accounts in `credit`
+        (user accounts only credited) are created by their credit if they do not exist yet."""
         for account in sorted(deltas, key=lock_order):
             d_posted, d_held = deltas[account]
+            if account in credit:
+                tx.write("credit_account", {"account": account, "posted": d_posted, "now": tx.ts(now)})
+                continue
             if is_system_account(account) and not d_held:
                 shard = random.randrange(self.config.system_account_shards)
                 tx.write("move_shard", {"account": account, "shard": shard, "posted": d_posted})

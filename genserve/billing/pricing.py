@@ -91,20 +91,34 @@ class Quote:
     per_image: int
     total: int
     items: tuple[QuoteItem, ...]
+    # who is paid what per delivered image, (account, amount, kind), summing to `per_image`; empty
+    # means everything goes to the hold's destination (`genserve.billing.economy` fills it)
+    legs_per_image: tuple[tuple[str, int, str], ...] = ()
 
     def for_delivered(self, n_images: int) -> int:
         """What to capture when `n_images` were delivered (never more than the total)."""
         n = _count("n_images", n_images)
         return self.per_image * min(n, self.quantity)
 
+    def legs_for_delivered(self, n_images: int) -> list[tuple[str, int, str]] | None:
+        """The capture's legs for `n_images` delivered (each party paid per delivered image only),
+        summing to `for_delivered(n_images)`; None for a plain capture to the hold's destination."""
+        n = min(_count("n_images", n_images), self.quantity)
+        if not self.legs_per_image or n == 0:
+            return None
+        return [(account, amount * n, kind) for account, amount, kind in self.legs_per_image]
+
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d = {
             "family": self.family,
             "quantity": self.quantity,
             "per_image": self.per_image,
             "total": self.total,
             "items": [item.__dict__ for item in self.items],
         }
+        if self.legs_per_image:
+            d["legs_per_image"] = [list(leg) for leg in self.legs_per_image]
+        return d
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,10 @@ _SQL = {
     "move_shard": "UPDATE ledger_account_shards SET posted = posted + :posted WHERE account_id = :account "
     "AND shard = :shard",
     "move": "UPDATE ledger_accounts SET posted = posted + :posted, held = held + :held WHERE id = :account",
+    # credits a user account, creating it on its first credit (a resource owner paid by a capture leg)
+    "credit_account": "INSERT INTO ledger_accounts (id, kind, posted, held, created_at) "
+    "VALUES (:account, 'user', :posted, 0, :now) ON CONFLICT (id) DO UPDATE SET posted = ledger_accounts.posted + "
+    "EXCLUDED.posted",
     "insert_hold": "INSERT INTO ledger_holds (id, account_id, destination_id, amount, captured, status, "
     "idempotency_key, reason, expires_at, created_at) VALUES (:id, :account, :destination, :amount, 0, 'open', "
     ":key, :reason, :expires_at, :now)",
@@ -59,6 +63,10 @@ _SQL = {
     "idempotency_key, reason, created_at) VALUES "
     "(:transfer_id, :source, :destination, -CAST(:amount AS BIGINT), :kind, :hold_id, :key, :reason, :now), "
     "(:transfer_id, :destination, :source, :amount, :kind, :hold_id, :key, :reason, :now) RETURNING id, amount",
+    # one line of a multi-leg transfer (a capture paying several parties: one debit, a credit per leg)
+    "insert_entry": "INSERT INTO ledger_entries (transfer_id, account_id, counterparty_id, amount, kind, hold_id, "
+    "idempotency_key, reason, created_at) VALUES (:transfer_id, :account, :counterparty, :amount, :kind, :hold_id, "
+    ":key, :reason, :now)",
     "expired_holds": "SELECT id, account_id, amount FROM ledger_holds WHERE status = 'open' AND expires_at <= :now "
     "ORDER BY id LIMIT :batch{for_update_skip_locked}",
     "expire_hold": "UPDATE ledger_holds SET status = 'expired', closed_at = :now WHERE id = :id AND status = 'open'",

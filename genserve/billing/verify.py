@@ -4,7 +4,8 @@
 - An account's posted balance (its row plus, for system accounts, its shards) equals the sum of
   its entries, and its `held` equals the sum of its open holds; `held` is never negative.
 - A user's posted and available balances are never negative.
-- A hold never captures more than its amount, and the entries posted for it match `captured`.
+- A hold never captures more than its amount, and the entries posted for it match `captured`: the
+  holder's debits and the legs' credits (several parties on a multi-party capture) each sum to it.
 - No hold stays open longer than `expired_hold_grace_s` past its expiry (the reaper runs).
 
 The checks read the tables with their own queries rather than the ledger's write path, so a bug
@@ -82,15 +83,27 @@ class Verification(LedgerBase):
 
             over = conn.execute(select(h.id, h.amount, h.captured).where(h.captured > h.amount).limit(20)).all()
             problems += [f"hold {i} captured {c} beyond its amount {amt}" for i, amt, c in over]
+            # a capture's legs (one transfer per party paid) sum to the captured amount, on both sides:
+            # what the holder was debited and what the parties were credited
             posted_by_hold = func.coalesce(func.sum(e.amount), 0)
             mismatched = conn.execute(
                 select(h.id, h.status, h.captured, posted_by_hold)
-                .outerjoin(entries_t, (e.hold_id == h.id) & (e.account_id == h.destination_id))
+                .outerjoin(entries_t, (e.hold_id == h.id) & (e.account_id != h.account_id))
                 .group_by(h.id, h.status, h.captured)
                 .having(posted_by_hold != h.captured)
                 .limit(20)
             ).all()
-            problems += [f"hold {i} ({s}) records {c} captured but its entries post {p}" for i, s, c, p in mismatched]
+            problems += [f"hold {i} ({s}) records {c} captured but its legs post {p}" for i, s, c, p in mismatched]
+            debited_by_hold = func.coalesce(func.sum(e.amount), 0)
+            mismatched = conn.execute(
+                select(h.id, h.status, h.captured, debited_by_hold)
+                .outerjoin(entries_t, (e.hold_id == h.id) & (e.account_id == h.account_id))
+                .group_by(h.id, h.status, h.captured)
+                .having(-debited_by_hold != h.captured)
+                .limit(20)
+            ).all()
+            problems += [f"hold {i} ({s}) records {c} captured but debits its account {-d}"
+                         for i, s, c, d in mismatched]
             grace = now - dt.timedelta(seconds=self.config.expired_hold_grace_s)
             stale = conn.execute(
                 select(h.id, h.expires_at).where(h.status == "open", h.expires_at < grace).limit(20)

@@ -8,7 +8,7 @@ import typer
 
 from genserve.cli.common import JsonOption, console, emit, get_settings, handle_errors
 
-buzz_app = typer.Typer(no_args_is_help=True, help="Buzz accounts: balance, grant, history, reap, verify.")
+buzz_app = typer.Typer(no_args_is_help=True, help="Buzz accounts: balance, grant, history, allowance, receipt, earnings, refund-unlock, reap, verify.")
 
 UserArg = typer.Argument(..., metavar="USER", help="User id (42 or user:42) or a system account (mint, revenue:generation ...)")
 
@@ -109,3 +109,70 @@ def verify(ctx: typer.Context, as_json: bool = JsonOption) -> None:
         console.print(human, markup=False, highlight=False)
     if not report.ok:
         raise typer.Exit(1)
+
+
+@buzz_app.command()
+@handle_errors
+def allowance(ctx: typer.Context, user: str = UserArg, as_json: bool = JsonOption) -> None:
+    """Claim today's (UTC) free buzz for a user; a second claim the same day grants nothing."""
+    account = _account(user)
+    ledger = _ledger(ctx)
+    entry = ledger.daily_allowance(account)
+    bal = ledger.balance(account)
+    granted = entry.amount if entry else 0
+    human = (f"granted {granted} buzz to {account}" if entry else f"{account} already claimed today's allowance")
+    emit({"account": account, "granted": granted, "already_claimed": entry is None, "balance": bal.to_dict()},
+         as_json, f"{human}; available now {bal.available}")
+
+
+@buzz_app.command()
+@handle_errors
+def receipt(ctx: typer.Context, job: str = typer.Argument(..., metavar="JOB", help="Generation job id"),
+            as_json: bool = JsonOption) -> None:
+    """A generation's receipt: prices applied, the hold, every capture leg, the release, audit rows."""
+    from genserve.economy.receipts import generation_receipt
+    from genserve.generation.jobs import JobStore
+    from safety.audit_log import AuditLog
+
+    ledger = _ledger(ctx)
+    body = generation_receipt(JobStore(ledger.db).get(job), ledger, AuditLog(ledger.db.session))
+    lines = [f"generation {body['job_id']} ({body['status']}): {body['delivered']} delivered, "
+             f"{body['withheld']} withheld; held {(body['hold'] or {}).get('amount', 0)}, captured "
+             f"{body['captured']}, released {body['released']}"]
+    lines += [f"  {leg['amount']:>8} -> {leg['to']} ({leg['kind']})" for leg in body["legs"]]
+    lines += [f"  audit #{a['id']} {a['kind']} {a['action']}" for a in body.get("audit", [])]
+    emit(body, as_json, "\n".join(lines))
+
+
+@buzz_app.command()
+@handle_errors
+def earnings(ctx: typer.Context, user: str = typer.Argument(..., metavar="USER", help="Owner's user id"),
+             since: str | None = typer.Option(None, "--since", help="ISO date/time (UTC), inclusive"),
+             until: str | None = typer.Option(None, "--until", help="ISO date/time (UTC), exclusive"),
+             as_json: bool = JsonOption) -> None:
+    """An owner's income (licence fees, creator tips, early access) net of the platform share."""
+    import datetime as dt
+
+    from genserve.billing.records import as_utc
+    from genserve.economy.store import Economy
+
+    def parse(value: str | None) -> dt.datetime | None:
+        return None if value is None else as_utc(dt.datetime.fromisoformat(value))
+
+    ledger = _ledger(ctx)
+    body = Economy(ledger.db, ledger).earnings(user.removeprefix("user:"), parse(since), parse(until))
+    lines = [f"{user}: {body['total']} buzz earned"] + [
+        f"  {kind}: {v['amount']} in {v['entries']} entries" for kind, v in sorted(body["by_kind"].items())]
+    emit(body, as_json, "\n".join(lines))
+
+
+@buzz_app.command("refund-unlock")
+@handle_errors
+def refund_unlock(ctx: typer.Context, unlock_id: int = typer.Argument(..., help="Unlock or contribution id"),
+                  reason: str = typer.Option("", "--reason"), as_json: bool = JsonOption) -> None:
+    """Admin: give an early-access unlock or contribution back to its buyer and revoke the unlock."""
+    from genserve.economy.store import Economy
+
+    ledger = _ledger(ctx)
+    body = Economy(ledger.db, ledger).refund(unlock_id, reason)
+    emit(body, as_json, f"refunded {body['amount']} buzz to user:{body['user_id']} (unlock {body['id']})")

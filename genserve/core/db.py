@@ -31,6 +31,7 @@ MODEL_MODULES = (
     "safety.store",
     "genserve.generation.jobs",
     "training.table",
+    "genserve.economy.models",
 )
 
 

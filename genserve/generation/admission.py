@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+from genserve.billing.economy import price_generation
 from genserve.billing.pricing import HiresParams, Pricing, Quote
 from genserve.core import metrics
 from genserve.core.config import Settings
@@ -24,6 +25,7 @@ from genserve.core.errors import (
     SafetyBlocked,
     Unavailable,
 )
+from genserve.economy.store import Economy
 from genserve.engine.prompt_syntax import extract_extra_networks, plain_text
 from genserve.generation.jobs import GenerationJob, JobStore
 from genserve.generation.protocol import MAX_HIRES_SIDE, GenerationRequest, Limits
@@ -97,7 +99,7 @@ class AdmissionPlan:
             clip_skip=r.clip_skip, width=self.size[0], height=self.size[1], seeds=seeds,
             loras=[LoraSpec(resource_id=x.id, strength=x.strength) for x in res.loras],
             embeddings=[x.id for x in res.embeddings], hires=self.hires, output_format=r.output_format,
-            quality=r.quality,
+            quality=r.quality, priority=r.priority.value,
         )
 
 
@@ -108,7 +110,7 @@ class AdmissionPlan:
         return GenerationJob(
             id=job_id, user_id=self.caller.user_id, family=self.family, checkpoint_id=self.resources.checkpoint.id,
             priority=request.priority.value, quantity=request.quantity, idempotency_key=request.idempotency_key,
-            request_hash=fingerprint, quote={"total": self.quote.total, "per_image": self.quote.per_image},
+            request_hash=fingerprint, quote=self.quote.to_dict(),
             quote_total=self.quote.total, hold_id=hold_id, owner=owner,
             request={
                 **worker_request.model_dump(mode="json", exclude={"schema_version"}),
@@ -207,9 +209,11 @@ class Admission:
     """Turns a request into an `AdmissionPlan` or a refusal; writes nothing but the precheck's audit row."""
 
     def __init__(self, settings: Settings, *, registry: ResourceRegistry, catalog: ModelCatalog, pricing: Pricing,
-                 safety: SafetyGate, resource_cache: ResourceCache, limits: Limits):
+                 safety: SafetyGate, resource_cache: ResourceCache, limits: Limits, economy: Economy | None = None):
         self.config = settings.generation
         self.max_pixels = settings.worker.max_pixels  # what the workers refuse above
+        self.economy_config = settings.billing.economy
+        self.economy = economy
         self.registry = registry
         self.catalog = catalog
         self.pricing = pricing
@@ -284,6 +288,8 @@ class Admission:
             request = request.model_copy(update={"checkpoint": checkpoint})
         uses = self.resource_uses(caller, request)
         resources = self.registry.resolve(request.checkpoint, uses, caller.user_id)
+        # early access is refused here, before any buzz is held; the owners' fees come with it
+        terms = self.economy.admit([r.id for r in resources.all], caller.user_id) if self.economy else []
         family = self.catalog.families.get(resources.family)
         free_extras = 0
         if request.draft:
@@ -304,6 +310,9 @@ class Admission:
             hires=HiresParams.upscaled(size[0], size[1], hires.scale, hires.steps or request.steps) if hires else None,
             output_format=request.output_format,
         )
+        quote = price_generation(quote, payer=caller.user_id, terms=terms, config=self.economy_config,
+                                 creator_tip_pct=request.creator_tip_pct, platform_tip_pct=request.platform_tip_pct,
+                                 priority=request.priority.value)
         timeout_s = self.config.job_timeout_s + self.config.timeout_per_resource_s * len(resources.extras)
         return AdmissionPlan(caller, request, resources, size, hires, allowed, verdict, quote, timeout_s)
 

@@ -127,6 +127,9 @@ class GenerationRequest(_Strict):
         None, description="lowers, never raises, the level the site's back end allows this user"
     )
     priority: Priority = Priority.normal
+    creator_tip_pct: int = Field(0, ge=0, le=100, multiple_of=5,
+                                 description="tip to the resources' owners, % of the base price (5 % steps)")
+    platform_tip_pct: int = Field(0, ge=0, le=100, multiple_of=5, description="tip to the platform, % of the base price")
     idempotency_key: str | None = Field(None, pattern=IDEMPOTENCY_KEY_PATTERN)
     output_format: Literal["png", "jpeg", "webp"] = Field(
         "png", description="the infotext goes in a PNG text chunk, or a JPEG/WebP EXIF UserComment (as A1111)")

@@ -31,6 +31,7 @@ from genserve.core.config import Settings
 from genserve.core.db import Database
 from genserve.core.errors import Conflict, NotFound
 from genserve.core.storage import ObjectStore, object_store_from_settings
+from genserve.economy.store import Economy
 from genserve.generation.admission import Admission, Caller
 from genserve.generation.jobs import (
     GenerationJob,
@@ -74,6 +75,7 @@ class GenerationService:
         self.jobs = JobStore(db)
         self.registry = ResourceRegistry(db, store)
         self.ledger = ledger or Ledger(db, settings.billing)
+        self.economy = Economy(db, self.ledger, settings.billing)
         self.safety = safety or SafetyGate.build(settings.safety, settings.config_dir, db.session)
         self.owner = f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
         self.resource_cache = ResourceCache(store, settings.models_dir / "ingress-cache",
@@ -81,7 +83,7 @@ class GenerationService:
         self.admission = Admission(
             settings, registry=self.registry, catalog=load_model_catalog(settings.models_file),
             pricing=pricing or Pricing.from_settings(settings), safety=self.safety, resource_cache=self.resource_cache,
-            limits=limits or Limits.load(settings.config_path(self.config.limits_file)),
+            limits=limits or Limits.load(settings.config_path(self.config.limits_file)), economy=self.economy,
         )
         self.staging = ImageStaging(store, self.config.store_threads)
         settlement = Settlement(jobs=self.jobs, ledger=self.ledger, safety=self.safety, staging=self.staging,

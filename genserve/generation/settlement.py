@@ -115,7 +115,8 @@ class Settlement:
             "model_hash": result.model_hash, "lora_hashes": result.lora_hashes, "timings_ms": result.timings_ms,
         }
         try:
-            self.ledger.capture(hold_id, charge, capture_key(job_id))
+            # each party (platform, resource owners, tips) is paid for the delivered images only
+            self.ledger.capture(hold_id, charge, capture_key(job_id), legs=plan.quote.legs_for_delivered(len(images)))
         except GenserveError as exc:
             logger.error("capture for %s failed: %s", job_id, exc.code)
             self.fail(job_id, "billing_failed", f"the charge could not be settled: {exc.code}")

@@ -5,6 +5,25 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 
 
+class EconomyConfig(BaseModel):
+    """What creators earn and what extras cost (issue 20); every figure is whole buzz or whole percent."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    licence_fee_cap: int = Field(100, ge=0, description="Highest per-image licence fee an owner may set")
+    tip_step_pct: int = Field(5, ge=1, le=100, description="Tips are percentages in steps of this many percent")
+    platform_share_pct: int = Field(
+        30, ge=0, le=100, description="The platform's share of creator income (licence fees, creator tips), rounded down"
+    )
+    priority_fee_per_image: dict[str, int] = Field(
+        default_factory=lambda: {"low": 0, "normal": 0, "high": 2},
+        description="Buzz per delivered image for each priority",
+    )
+    early_access_max_days: int = Field(60, ge=0, description="Longest early-access window an owner may set")
+    unlock_price_cap: int = Field(10_000, ge=0, description="Highest early-access unlock price")
+    max_contribution_goal: int = Field(1_000_000, ge=0, description="Highest contribution goal")
+
+
 class BillingConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -20,3 +39,4 @@ class BillingConfig(BaseModel):
         16, ge=1, le=256, description="Balance rows per system account, so concurrent captures do not queue on one"
     )
     retry_attempts: int = Field(12, ge=1, description="Tries per operation on PostgreSQL deadlock/serialization errors")
+    economy: EconomyConfig = Field(default_factory=EconomyConfig)

@@ -16,6 +16,7 @@ import torch
 from genserve.engine.generate import drop_pipeline_views
 from genserve.engine.infotext import autov2
 from genserve.generation.worker.errors import CheckpointEvicted
+from genserve.generation.worker.priority_lock import PriorityLock
 from genserve.resources.models import Resource
 
 logger = logging.getLogger(__name__)
@@ -46,7 +47,8 @@ class LoadedCheckpoint:
         self.pipe = pipe
         self.safety = safety
         self.loras = loras
-        self.lock = threading.Lock()  # one generation at a time: adapters live in the shared modules
+        # one generation at a time (adapters live in the shared modules), waiters served by priority
+        self.lock = PriorityLock()
         self._state = threading.Lock()
         self._users = 0
         self._closing = False

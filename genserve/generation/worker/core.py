@@ -273,7 +273,7 @@ class WorkerCore:
             embeddings = self.files.embeddings(request, files, loaded.safety.reserved_tokens)
             timings["fetch_ms"] = (time.perf_counter() - started) * 1000
             t_wait = time.perf_counter()
-            with loaded.lock, self._busy_marker():
+            with loaded.lock.prioritized(request.priority), self._busy_marker():
                 timings["queue_ms"] = (time.perf_counter() - t_wait) * 1000
                 self._sweep_disabled(loaded)
                 t_lora = time.perf_counter()

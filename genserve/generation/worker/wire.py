@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from safety.image_scan import ScanResult
 from safety.levels import NsfwLevel
 
-SCHEMA_VERSION = 3  # 3: output format and quality; EncodedImage.data + format
+SCHEMA_VERSION = 4  # 3: output format and quality; EncodedImage.data + format. 4: priority
 MAX_SEED = 2**63 - 1
 MAX_PROMPT_CHARS = 4000
 
@@ -74,6 +74,8 @@ class WorkerRequest(_Frozen):
     # how the images are encoded; the infotext goes where A1111 puts it (PNG text chunk, EXIF UserComment)
     output_format: Literal["png", "jpeg", "webp"] = "png"
     quality: int = Field(90, ge=1, le=100, description="JPEG/WebP quality")
+    # paid priority: the order in which waiting requests get the checkpoint (`PriorityLock`)
+    priority: Literal["low", "normal", "high"] = "normal"
 
     @field_validator("width", "height")
     @classmethod

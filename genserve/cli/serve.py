@@ -39,10 +39,13 @@ def serve_command(
     from genserve.resources.catalog import load_model_catalog
     from training.ray_jobs import local_ray_init_kwargs
 
+    from genserve.core.config import check_deployment
+
     settings = get_settings(ctx)
     overrides = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
     if overrides:
         settings = settings.model_copy(update={"server": settings.server.model_copy(update=overrides)})
+    check_deployment(settings)  # before anything starts: default or short tokens off this machine
     configure_logging(settings.logging.level, settings.logging.json_lines)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

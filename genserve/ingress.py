@@ -21,6 +21,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
+from http import HTTPStatus
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, FastAPI, Header, Path, Query, Request
@@ -254,6 +255,50 @@ class RequestContext:
         metrics.inc("genserve_requests_total", route=path, status=str(code))
 
 
+_STATUS_CODES = {400: "invalid_body", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large",
+                 415: "unsupported_media_type", 429: "too_many_requests", 500: "internal_error"}
+
+
+class JsonErrors:
+    """Every error leaves as `{"code", "message", "details"}` JSON, also the few that Starlette writes
+    itself as plain text before any handler runs (413 from a declared Content-Length past a route's
+    body limit). Plain ASGI, outermost after `RequestContext`."""
+
+    def __init__(self, app: Callable[..., Any]):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Callable[..., Any], send: Callable[..., Any]) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        replaced = False
+
+        async def send_json_errors(message: dict) -> None:
+            nonlocal replaced
+            if message["type"] == "http.response.start" and message["status"] >= 400:
+                headers = [(k, v) for k, v in message.get("headers", [])]
+                ctype = next((v for k, v in headers if k.lower() == b"content-type"), b"")
+                if not ctype.startswith(b"application/json"):
+                    replaced = True
+                    status = message["status"]
+                    code = _STATUS_CODES.get(status, "http_error")
+                    try:
+                        phrase = HTTPStatus(status).phrase
+                    except ValueError:
+                        phrase = "error"
+                    body = json.dumps({"code": code, "message": phrase, "details": {}}).encode()
+                    kept = [(k, v) for k, v in headers if k.lower() not in (b"content-type", b"content-length")]
+                    await send({"type": "http.response.start", "status": status, "headers": [
+                        *kept, (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+                    await send({"type": "http.response.body", "body": body})
+                    return
+            if replaced and message["type"] == "http.response.body":
+                return  # the plain-text body was replaced
+            await send(message)
+
+        await self.app(scope, receive, send_json_errors)
+
+
 RouterBuilder = Callable[[Callable[..., Any], Callable[..., Any]], APIRouter]
 
 
@@ -280,6 +325,7 @@ def create_api(service: GenerationService, moderation: Moderation, *, routers: S
     for exc_type in (GenserveError, SafetyError, RequestValidationError, StarletteHTTPException):
         app.add_exception_handler(exc_type, lambda _req, exc: map_error(exc))
 
+    app.add_middleware(JsonErrors)
     app.add_middleware(RequestContext, page=page)
 
     caller, admin = auth_dependencies(auth)

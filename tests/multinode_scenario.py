@@ -75,7 +75,9 @@ def main(root: Path, models: Path) -> dict:
     dashboard_port, http_port = free_port(), free_port()
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 1, "resources": {"head": 10}, "include_dashboard": True, "dashboard_host": "127.0.0.1",
-        "dashboard_port": dashboard_port})
+        "dashboard_port": dashboard_port,
+        # the job agent's default port is fixed (52365): another Ray on this host would leave us none
+        "dashboard_agent_listen_port": free_port()})
     workers = [cluster.add_node(num_cpus=2, resources={"gen": 1, "trainer": 1}) for _ in range(2)]
     ray.init(address=cluster.address, log_to_driver=False)
 
@@ -114,7 +116,7 @@ def main(root: Path, models: Path) -> dict:
     user = f"mn{uuid.uuid4().hex[:8]}"
     ledger.grant(user_account(user), 100_000, f"mn-grant:{user}")
     headers = {"Authorization": "Bearer local-service-token", "X-User-Id": user}
-    body = {"prompt": "a red fox in the snow", "checkpoint": "tiny-sd1", "steps": 50, "seed": 1}
+    body = {"prompt": "a red fox in the snow", "checkpoint": "tiny-sd1", "steps": 30, "seed": 1}
     accepted = []
     for i in range(4):
         r = http.post("/v1/generations", json={**body, "seed": i}, headers=headers)
@@ -150,20 +152,22 @@ def main(root: Path, models: Path) -> dict:
     # a spare node for the resumed attempt (the other one stays busy with the sd1 worker)
     workers.append(cluster.add_node(num_cpus=2, resources={"trainer": 1}))
     row = trainings.submit("trainee", toy_zip(root / "toy.zip"), Submission("sd1", real_person=False, params={
-        "epochs": 2, "repeats": 3, "batch_size": 2, "network_dim": 4, "network_alpha": 2, "seed": 21,
+        "epochs": 2, "repeats": 2, "batch_size": 2, "network_dim": 4, "network_alpha": 2, "seed": 21,
         "gradient_checkpointing": False}))
-    wait_for(lambda: (r := deps.records.get(row.id)).checkpoint_epoch == 1 and r.step >= 7, 400, "epoch 2")
+    wait_for(lambda: (r := deps.records.get(row.id)).checkpoint_epoch == 1 and r.step >= 5, 400, "epoch 2")
+    pid = wait_for(lambda: job_pid(row.id), 10, "the attempt's process")
+    os.kill(pid, signal.SIGSTOP)  # held mid-epoch while its node is found and killed
     # the attempt's process runs under its job's supervisor actor, on the node that has `trainer`
     supervisor = wait_for(lambda: [a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
                                    if a.class_name == "JobSupervisor" and row.ray_job_id in (a.name or "")],
                           60, "the training's supervisor")[0]
     train_node = worker_node(supervisor.node_id)
-    pid = job_pid(row.id)
+    frozen = deps.records.get(row.id)
+    assert frozen.checkpoint_epoch == 1 and frozen.step < frozen.total_steps  # killed mid-epoch 2
     cluster.remove_node(train_node, allow_graceful=False)
     # a real node takes every process along; here the attempt runs in its own session, so it goes too
-    if pid is not None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
     workers.remove(train_node)
     done = wait_for(lambda: (r := trainings.get(row.id, "trainee")).status in ("succeeded", "failed") and r, 600,
                     "the training to end", interval_s=1)

@@ -137,7 +137,9 @@ def prepare_data_dir(data: Path, models_dir: Path | None):  # noqa: ANN201 - Set
     settings = load_settings(env={**env, "GENSERVE_DATA_DIR": str(data)}, overrides=threads)
     db = Database.from_settings(settings)
     db.migrate()
-    bootstrap(settings, db, object_store_from_settings(settings), build_models=models_dir is None)
+    store = object_store_from_settings(settings)
+    store.ensure_bucket()  # an S3 bucket (GENSERVE_STORAGE_BACKEND=s3) that does not exist yet
+    bootstrap(settings, db, store, build_models=models_dir is None)
     db.dispose()
     return settings
 

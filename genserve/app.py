@@ -21,7 +21,13 @@ import yaml
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from genserve.core.config import Settings, load_settings, settings_dump
+from genserve.core.config import (
+    Settings,
+    check_deployment,
+    load_settings,
+    settings_from_handoff,
+    settings_handoff,
+)
 from genserve.core.errors import ConfigError
 from genserve.core.log import configure_logging
 from genserve.economy.api import build_router as build_economy_router
@@ -51,7 +57,7 @@ class Ingress:
     """HTTP front door: builds the generation and training services once per replica."""
 
     def __init__(self, settings: dict[str, Any], workers: dict[str, DeploymentHandle]):
-        self.settings = Settings.model_validate(settings)
+        self.settings = settings_from_handoff(settings)
         configure_logging(self.settings.logging.level, self.settings.logging.json_lines)
         self.service = GenerationService.from_settings(self.settings, ServeWorkers(workers))
         self.moderation = Moderation(self.service.registry, self.service.resource_cache, self.service.safety)
@@ -121,7 +127,8 @@ def build_app(settings: Settings, serve_config: dict[str, Any] | None = None, *,
     if serve_config is None:
         serve_config = load_serve_config(settings.config_path(settings.server.serve_config))
     options = deployment_options(serve_config)
-    dumped = settings_dump(settings)
+    # secrets by reference only: deployment arguments are kept by Serve's controller
+    dumped = settings_handoff(settings)
     workers = {
         family: worker.options(name=worker_name(family), **options.get(worker_name(family), {})).bind(
             family, dumped
@@ -138,6 +145,7 @@ def app_builder(args: dict[str, str]) -> serve.Application:
     config file itself, which Serve applies on top of the defaults here.
     """
     settings = load_settings(config_dir=args.get("config_dir"))
+    check_deployment(settings)
     return build_app(settings, serve_config={"applications": [{"name": APP_NAME, "deployments": []}]})
 
 

@@ -21,19 +21,21 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
+from http import HTTPStatus
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, FastAPI, Header, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr, model_validator
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from genserve.core import metrics
 from genserve.core.config import Settings
 from genserve.core.errors import Forbidden, GenserveError, InvalidRequest, QueueFull, Unauthenticated
+from genserve.core.ids import USER_ID_DESCRIPTION, is_user_id
 from genserve.core.log import log_context
 from genserve.engine.infotext import MEDIA_TYPES, image_format
 from genserve.engine.schedulers import sampler_catalog
@@ -45,6 +47,7 @@ from genserve.generation.protocol import (
     JobView,
     QuoteRequest,
     QuoteView,
+    refuse_nul,
 )
 from genserve.generation.service import GenerationService
 from genserve.moderation import Moderation
@@ -55,8 +58,12 @@ from safety.takedowns import TakedownNotFound, TakedownNotPending
 
 logger = logging.getLogger(__name__)
 
-USER_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:@\-]{1,64}$")
 PREFIX = f"/{API_VERSION}"
+# the body of a generation or a quote is a few KB; anything near this is not a request
+MAX_JSON_BODY_BYTES = 1 << 20
+# a `Last-Event-ID` past every event a job can have: the stream ends once the job has ended
+MAX_EVENT_SEQ = 1 << 62
+_DIGITS = re.compile(r"[0-9]+")
 
 # SafetyError subclasses that are the caller's fault; any other safety failure is ours (fail closed, 503)
 _SAFETY_STATUS: tuple[tuple[type[SafetyError], int], ...] = (
@@ -85,14 +92,29 @@ def map_error(exc: Exception) -> JSONResponse:
         return error_response(status, exc.code, exc.message)
     if isinstance(exc, RequestValidationError):
         errors = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
+        if any(e["type"] == "json_invalid" for e in errors):
+            return error_response(422, "invalid_json", "the body is not valid JSON", {"errors": errors})
         fields = sorted({".".join(str(p) for p in e["loc"][1:]) for e in errors if len(e["loc"]) > 1})
         return error_response(422, "invalid_request", f"invalid request: {', '.join(fields) or 'body'}",
                               {"errors": errors})
     if isinstance(exc, StarletteHTTPException):
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        if exc.status_code == 400:  # FastAPI could not parse the body at all (not UTF-8, a broken form)
+            return error_response(422, "invalid_body", "the body could not be parsed")
+        code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large",
+                415: "unsupported_media_type"}.get(exc.status_code, "http_error")
         return error_response(exc.status_code, code, str(exc.detail))
     logger.exception("unhandled error", exc_info=exc)
     return error_response(500, "internal_error", "internal error")
+
+
+def last_event_seq(header: str | None) -> int:
+    """The event a reconnecting client saw last. Anything but ASCII digits is ignored (0: from the
+    start, as the header is the client's echo of an id this service sent); a value past any real
+    event is clamped, so it reads as "after the last one"."""
+    value = (header or "").strip()
+    if not _DIGITS.fullmatch(value):
+        return 0
+    return MAX_EVENT_SEQ if len(value) > 18 else min(int(value), MAX_EVENT_SEQ)
 
 
 # --------------------------------------------------------------------------------------------- auth
@@ -130,8 +152,8 @@ class Auth:
                request_id: str) -> Caller:
         if not _matches(self._token(authorization), self._service):
             raise Unauthenticated("invalid service token", code="token_invalid")
-        if not user_id or not USER_ID_PATTERN.match(user_id):
-            raise Unauthenticated("X-User-Id must name the user (1-64 of A-Z a-z 0-9 . _ : @ -)", code="user_missing")
+        if not is_user_id(user_id):  # the ledger's rule too: every id accepted here has an account
+            raise Unauthenticated(f"X-User-Id must name the user ({USER_ID_DESCRIPTION})", code="user_missing")
         try:
             level = NsfwLevel.from_wire(nsfw) if nsfw else NsfwLevel.PG13
         except ValueError:
@@ -166,24 +188,30 @@ def auth_dependencies(auth: Auth) -> tuple[Callable[..., Caller], Callable[..., 
 # --------------------------------------------------------------------------------------------- bodies
 
 
-class LikenessAdd(BaseModel):
+class _Body(BaseModel):
     model_config = {"extra": "forbid"}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_nul(cls, data: Any) -> Any:
+        return refuse_nul(data)
+
+
+class LikenessAdd(_Body):
     resource_id: str = Field(min_length=1, max_length=64)
     person: str = Field(min_length=1, max_length=200)
     reason: str = Field("", max_length=2000)
     source: str = Field("", max_length=200)
 
 
-class TakedownCreate(BaseModel):
-    model_config = {"extra": "forbid"}
+class TakedownCreate(_Body):
     person: str = Field(min_length=1, max_length=200)
     contact: str = Field("", max_length=320)
     resource_ids: list[str] = Field(default_factory=list, max_length=100)
     reason: str = Field("", max_length=2000)
 
 
-class TakedownDecision(BaseModel):
-    model_config = {"extra": "forbid"}
+class TakedownDecision(_Body):
     moderator: str = Field(min_length=1, max_length=200)
     note: str = Field("", max_length=2000)
 
@@ -229,6 +257,50 @@ class RequestContext:
         metrics.inc("genserve_requests_total", route=path, status=str(code))
 
 
+_STATUS_CODES = {400: "invalid_body", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large",
+                 415: "unsupported_media_type", 429: "too_many_requests", 500: "internal_error"}
+
+
+class JsonErrors:
+    """Every error leaves as `{"code", "message", "details"}` JSON, also the few that Starlette writes
+    itself as plain text before any handler runs (413 from a declared Content-Length past a route's
+    body limit). Plain ASGI, outermost after `RequestContext`."""
+
+    def __init__(self, app: Callable[..., Any]):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Callable[..., Any], send: Callable[..., Any]) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        replaced = False
+
+        async def send_json_errors(message: dict) -> None:
+            nonlocal replaced
+            if message["type"] == "http.response.start" and message["status"] >= 400:
+                headers = [(k, v) for k, v in message.get("headers", [])]
+                ctype = next((v for k, v in headers if k.lower() == b"content-type"), b"")
+                if not ctype.startswith(b"application/json"):
+                    replaced = True
+                    status = message["status"]
+                    code = _STATUS_CODES.get(status, "http_error")
+                    try:
+                        phrase = HTTPStatus(status).phrase
+                    except ValueError:
+                        phrase = "error"
+                    body = json.dumps({"code": code, "message": phrase, "details": {}}).encode()
+                    kept = [(k, v) for k, v in headers if k.lower() not in (b"content-type", b"content-length")]
+                    await send({"type": "http.response.start", "status": status, "headers": [
+                        *kept, (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+                    await send({"type": "http.response.body", "body": body})
+                    return
+            if replaced and message["type"] == "http.response.body":
+                return  # the plain-text body was replaced
+            await send(message)
+
+        await self.app(scope, receive, send_json_errors)
+
+
 RouterBuilder = Callable[[Callable[..., Any], Callable[..., Any]], APIRouter]
 
 
@@ -255,6 +327,7 @@ def create_api(service: GenerationService, moderation: Moderation, *, routers: S
     for exc_type in (GenserveError, SafetyError, RequestValidationError, StarletteHTTPException):
         app.add_exception_handler(exc_type, lambda _req, exc: map_error(exc))
 
+    app.add_middleware(JsonErrors)
     app.add_middleware(RequestContext, page=page)
 
     caller, admin = auth_dependencies(auth)
@@ -267,7 +340,8 @@ def create_api(service: GenerationService, moderation: Moderation, *, routers: S
 
     # -- generations ----------------------------------------------------------------------------
 
-    @app.post(f"{PREFIX}/generations", response_model=JobView, status_code=202, tags=["generations"])
+    @app.post(f"{PREFIX}/generations", response_model=JobView, status_code=202, tags=["generations"],
+              max_body_size=MAX_JSON_BODY_BYTES)
     async def create_generation(
         who: CallerDep,
         body: GenerationRequest,
@@ -300,16 +374,16 @@ def create_api(service: GenerationService, moderation: Moderation, *, routers: S
     async def generation_events(
         who: CallerDep, job_id: JobId, last_event_id: Annotated[str | None, Header()] = None
     ) -> EventSourceResponse:
-        """Server-sent events: `status` and `progress`, ending with the terminal status. Resumable."""
-        after = int(last_event_id) if last_event_id and last_event_id.isdigit() else 0
+        """Server-sent events: `status` and `progress`, ending with the terminal status. Resumable:
+        `Last-Event-ID` resumes after that event; at or past the last one of an ended job the stream
+        ends at once (what a browser sends when it reconnects after the end)."""
+        after = last_event_seq(last_event_id)
+        await asyncio.to_thread(service.get, who, job_id)  # an unknown job is a 404 before the stream starts
         events = service.events(who, job_id, after)
-        first = await anext(events, None)  # an unknown job is a 404 before the stream starts
 
         async def stream() -> AsyncIterator[ServerSentEvent]:
-            event = first
-            while event is not None:
+            async for event in events:
                 yield ServerSentEvent(id=str(event.seq), event=event.kind, data=json.dumps(event.data, sort_keys=True))
-                event = await anext(events, None)
 
         # a comment line every `sse_ping_s` keeps a job queued for long past a load balancer's idle timeout
         return EventSourceResponse(stream(), ping=settings.generation.sse_ping_s, sep="\n",
@@ -323,7 +397,9 @@ def create_api(service: GenerationService, moderation: Moderation, *, routers: S
         redirect: bool = Query(False, description="307 to a presigned object-store URL instead of the bytes"),
     ) -> Response:
         if redirect:
-            return RedirectResponse(await asyncio.to_thread(service.image_url, who, job_id, index), status_code=307)
+            url = await asyncio.to_thread(service.image_url, who, job_id, index)
+            if url is not None:  # a store without HTTP URLs (local files) answers with the bytes
+                return RedirectResponse(url, status_code=307)
         _, png = await asyncio.to_thread(service.image, who, job_id, index)
         return Response(png, media_type=MEDIA_TYPES[image_format(png)],
                         headers={"Cache-Control": "private, max-age=3600"})
@@ -335,7 +411,7 @@ def create_api(service: GenerationService, moderation: Moderation, *, routers: S
 
     # -- billing --------------------------------------------------------------------------------
 
-    @app.post(f"{PREFIX}/quotes", response_model=QuoteView, tags=["billing"])
+    @app.post(f"{PREFIX}/quotes", response_model=QuoteView, tags=["billing"], max_body_size=MAX_JSON_BODY_BYTES)
     async def create_quote(who: CallerDep, body: QuoteRequest) -> QuoteView:
         """The price of a generation request, checked like a submit; nothing is held."""
         return await asyncio.to_thread(service.quote, who, body)

@@ -20,12 +20,34 @@ def cli(tmp_path):
     def run(*args: str):
         return runner.invoke(app, ["buzz", *args], env={"GENSERVE_DATA_DIR": str(data_dir)})
 
+    assert runner.invoke(app, ["migrate", "--json"], env={"GENSERVE_DATA_DIR": str(data_dir),
+                                                          "GENSERVE_SETTINGS_JSON": None}).exit_code == 0
     run.database_url = f"sqlite:///{(data_dir / 'genserve.db').resolve()}"
     return run
 
 
+@pytest.mark.parametrize("args", [["balance", "42"], ["verify"], ["grant", "42", "5"]])
+def test_buzz_from_another_folder_refuses_instead_of_creating_an_empty_database(tmp_path, args):
+    """Run where `./.genserve` holds no database: a clear refusal, nothing created, never "0 buzz"."""
+    data_dir = tmp_path / "elsewhere" / ".genserve"
+    res = CliRunner().invoke(app, ["buzz", *args, "--json"], env={"GENSERVE_DATA_DIR": str(data_dir),
+                                                                  "GENSERVE_SETTINGS_JSON": None})
+    assert res.exit_code == 1
+    error = json.loads(res.stdout)["error"]
+    assert error["code"] == "database_missing" and "GENSERVE_DATA_DIR" in error["message"]
+    assert not (data_dir / "genserve.db").exists()
+
+
+def test_buzz_on_an_unmigrated_database_refuses(tmp_path):
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    (data_dir / "genserve.db").touch()
+    res = CliRunner().invoke(app, ["buzz", "balance", "42", "--json"], env={"GENSERVE_DATA_DIR": str(data_dir),
+                                                                          "GENSERVE_SETTINGS_JSON": None})
+    assert res.exit_code == 1 and json.loads(res.stdout)["error"]["code"] == "database_not_migrated"
+
+
 def test_grant_balance_history_verify_json(cli):
-    # The database does not exist yet: the first command creates the schema.
     res = cli("grant", "42", "100", "--reason", "welcome", "--json")
     assert res.exit_code == 0, res.output
     body = json.loads(res.stdout)

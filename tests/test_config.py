@@ -190,11 +190,14 @@ def test_to_env_round_trip_reproduces_settings_with_secrets(config_dir: Path, tm
             "GENSERVE_SERVICE_TOKEN": "svc-secret",
             "GENSERVE_S3_SECRET_ACCESS_KEY": "s3-secret",
             "GENSERVE_DATABASE_URL": "postgresql+psycopg2://u:p@db/gs",
+            "GENSERVE_DATA_DIR": str(tmp_path / "data"),
         },
         overrides={"storage": {"local_root": str(tmp_path / "objs")}},
     )
-    child_env = original.to_env()
+    child_env = original.to_env(env={})
     assert all(k.startswith("GENSERVE_") and isinstance(v, str) for k, v in child_env.items())
+    # the secrets travel by reference (a 0600 file), never in the environment handed over
+    assert not any(secret in v for v in child_env.values() for secret in ("svc-secret", "s3-secret", "u:p@db"))
     # A child's own stray variables do not change what the parent handed over.
     child = load_settings(env={**child_env, "GENSERVE_PORT": "1"})
     assert isinstance(child, Settings)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
+import time
 
 import pytest
 
@@ -135,3 +136,49 @@ def test_migration_matches_models(db):
         ctx = MigrationContext.configure(conn, opts={"compare_type": True})
         diff = [d for d in compare_metadata(ctx, Base.metadata) if "generation_job" in repr(d)]
     assert diff == []
+
+
+def test_admission_counted_in_the_insert_never_exceeds_a_limit(any_store):
+    """16 concurrent creates against a limit of 4, each pausing between its count and its insert: the
+    count and the insert are one step under the admission lock (PostgreSQL) or the one writer (SQLite)."""
+    from genserve.core.errors import QueueFull
+
+    store = any_store
+    barrier = threading.Barrier(16)
+    created: list[bool] = []
+    refused: list[QueueFull] = []
+
+    def admit(user_active: int, active: int) -> None:
+        if user_active >= 4:
+            raise QueueFull("full", code="queue_limit")
+        time.sleep(0.05)  # a wide window between the count and the insert
+
+    def create() -> None:
+        barrier.wait()
+        try:
+            created.append(store.create(_job(user="burst"), admit=admit)[1])
+        except QueueFull as exc:
+            refused.append(exc)
+
+    threads = [threading.Thread(target=create) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert (len(created), len(refused)) == (4, 12)
+    assert store.active_counts("burst") == (4, 4)
+
+
+def test_a_retry_of_an_admitted_request_is_its_job_not_a_refusal(any_store):
+    from genserve.core.errors import QueueFull
+
+    store = any_store
+    first, _ = store.create(_job(user="retry", key="k1"))
+
+    def full(user_active: int, active: int) -> None:
+        raise QueueFull("full", code="queue_limit")
+
+    again, created = store.create(_job(user="retry", key="k1"), admit=full)
+    assert (again.id, created) == (first.id, False)
+    with pytest.raises(QueueFull):
+        store.create(_job(user="retry", key="k2"), admit=full)

@@ -31,7 +31,7 @@ from typer.testing import CliRunner
 from genserve.cli import app as cli_app
 from genserve.core.db import Database
 from genserve.core.errors import GenserveError
-from genserve.ingress import map_error
+from genserve.ingress import JsonErrors, map_error
 from training.client import TrainingClient
 from training.deps import TrainingDeps
 from training.ray_jobs import JobState
@@ -195,3 +195,49 @@ def test_cli_submits_a_kohya_config_and_downloads_each_epoch(server, tmp_path: P
     assert bad.exit_code != 0
     error = json.loads(bad.stdout)["error"]
     assert error["code"] == "unsupported_training_options" and error["details"]["options"] == ["network_weights"]
+
+
+def test_upload_limit_holds_while_the_body_streams(tmp_path: Path) -> None:
+    """Past the limit the upload is refused (413) at once from Content-Length, or at the first bytes
+    past it when the length is not known: the body is never read to the end nor spooled."""
+    import asyncio
+
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    settings = training_settings(tmp_path)
+    db = Database.from_settings(settings)
+    db.migrate()
+    deps = TrainingDeps.from_settings(settings, db)
+    deps.limits = deps.limits.model_copy(update={"intake": deps.limits.intake.model_copy(
+        update={"max_upload_bytes": 256 << 10})})
+    service = TrainingService(deps, launcher=ThreadLauncher())
+    app = FastAPI()
+    for exc_type in (GenserveError, RequestValidationError, StarletteHTTPException):
+        app.add_exception_handler(exc_type, lambda _req, exc: map_error(exc))
+    app.include_router(build_router_with_ingress_auth(service))
+    app.add_middleware(JsonErrors)
+    headers = {"Authorization": f"Bearer {settings.auth.service_token.get_secret_value()}", "X-User-Id": "alice",
+               "Content-Type": "multipart/form-data; boundary=b"}
+    chunk = 64 << 10
+    pulled: list[int] = []
+
+    async def body():
+        yield b'--b\r\nContent-Disposition: form-data; name="dataset"; filename="d.zip"\r\n\r\n'
+        for i in range(256):  # 16 MiB, far past the limit
+            pulled.append(i)
+            yield b"\0" * chunk
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            streamed = await client.post("/v1/trainings", content=body(), headers=headers)
+            declared = await client.post("/v1/trainings", content=b"x" * (1 << 20), headers=headers)
+            return streamed, declared
+
+    streamed, declared = asyncio.run(go())
+    try:
+        assert (streamed.status_code, streamed.json()["code"]) == (413, "payload_too_large")
+        assert len(pulled) <= (256 << 10) // chunk + 2, f"{len(pulled)} chunks read"
+        assert (declared.status_code, declared.json()["code"]) == (413, "payload_too_large")
+        assert not list((deps.work_dir / "uploads").glob("*")) if (deps.work_dir / "uploads").exists() else True
+    finally:
+        db.dispose()

@@ -172,3 +172,30 @@ def test_whole_dataset_refusals(tmp_path: Path) -> None:
     report = run_intake(total, tmp_path / "o4", IntakeLimits(max_total_bytes=size_a + 10))
     assert [(s.name, s.reason) for s in report.skipped] == [("b.png", "total_size_exceeded")]
     assert [i.name for i in report.images] == ["a.png"]
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A small PNG whose header claims `width` x `height` (what a decompression bomb looks like)."""
+    import struct
+    import zlib
+
+    buf = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(buf, format="PNG")
+    data = bytearray(buf.getvalue())
+    ihdr = data.index(b"IHDR")
+    data[ihdr + 4:ihdr + 12] = struct.pack(">II", width, height)
+    data[ihdr + 17:ihdr + 21] = struct.pack(">I", zlib.crc32(bytes(data[ihdr:ihdr + 17])))
+    return bytes(data)
+
+
+@pytest.mark.parametrize("side", [20_000, 100_000])
+def test_huge_images_are_too_many_pixels_not_corrupt(tmp_path: Path, side: int) -> None:
+    """Pillow refuses these at open() (its own bomb bound): reported as too_many_pixels all the same."""
+    zip_path = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(zip_path, "w") as zf:
+        zf.writestr("bomb.png", _png_claiming(side, side))
+        buf = io.BytesIO()
+        noise(64, 64, 1).save(buf, format="PNG")
+        zf.writestr("ok.png", buf.getvalue())
+    report = run_intake(zip_path, tmp_path / "out", IntakeLimits())
+    assert [(s.name, s.reason) for s in report.skipped] == [("bomb.png", "too_many_pixels")]

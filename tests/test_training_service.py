@@ -300,3 +300,30 @@ def test_a_real_person_lora_is_enabled_only_with_its_blocklist_entry(tmp_path: P
     assert not resource.generation_enabled
     assert deps.blocklist.list() == []  # the entry rolled back with the enable
     assert isinstance(deps.blocklist, LikenessBlocklist)
+
+
+def test_canceled_denied_and_failed_datasets_are_deleted_from_the_store(tmp_path: Path, make_service) -> None:
+    service = make_service()
+    store = service.deps.store
+    queued = service.submit("alice", toy_zip(tmp_path / "q.zip"), Submission("sd1", real_person=False, params=SMALL))
+    assert store.exists(queued.dataset_key)
+    service.cancel(queued.id, "alice")
+    assert not store.exists(queued.dataset_key)
+
+    flagged = service.submit("alice", toy_zip(tmp_path / "f.zip", captions={0: "a young girl, smiling"}),
+                             Submission("sd1", real_person=False, params=SMALL))
+    assert flagged.status == "review" and store.exists(flagged.dataset_key)
+    service.cancel(flagged.id, "alice")  # the owner withdraws it while in review
+    assert not store.exists(flagged.dataset_key)
+
+    refused = service.submit("alice", toy_zip(tmp_path / "r.zip", captions={0: "a young girl, smiling"}),
+                             Submission("sd1", real_person=False, params=SMALL))
+    service.deny(refused.id, reason="minors")
+    assert not store.exists(refused.dataset_key)
+
+    dead = service.submit("alice", toy_zip(tmp_path / "d.zip"), Submission("sd1", real_person=False, params=SMALL))
+    service.deps.records.transition(dead.id, ["queued"], "failed", error_code="training_failed")
+    service.reconcile()
+    assert not store.exists(dead.dataset_key)
+    assert available(service.deps, "alice") == 1000
+    assert list(store.list("trainings/")) == []

@@ -73,3 +73,11 @@ def build_router_with_ingress_auth(service):  # noqa: ANN001, ANN201 - a Trainin
     from training.api import build_router
 
     return build_router(service, *auth_dependencies(Auth(service.deps.settings)))
+
+
+def register_base_models_from(deps, models_dir: Path) -> None:  # noqa: ANN001 - TrainingDeps
+    """`register_base_models` for a process without the `tiny_models` fixture: the tiny models under
+    `models_dir` (as `build_tiny_models` lays them out)."""
+    from genserve.tinymodels import build_tiny_models
+
+    register_base_models(deps, build_tiny_models(models_dir, seed=0))

@@ -23,6 +23,7 @@ from training.table import Training
 
 PREFIX = "/v1"
 TrainingId = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$")]
+FORM_SLACK_BYTES = 64 << 10
 
 
 class ProgressView(BaseModel):
@@ -111,7 +112,12 @@ def build_router(service: TrainingService, auth_dependency: Callable[..., Any],
     caller = Depends(auth_dependency)
     admin = Depends(admin_dependency)
 
-    @router.post("/trainings", response_model=TrainingView, status_code=202, tags=["trainings"])
+    # the upload limit holds while the body streams in (413 at the first byte past it, or at once from
+    # Content-Length), not after a whole body was spooled to disk; the slack is the form's other parts
+    upload_limit = service.deps.limits.intake.max_upload_bytes + FORM_SLACK_BYTES
+
+    @router.post("/trainings", response_model=TrainingView, status_code=202, tags=["trainings"],
+                 max_body_size=upload_limit)
     def create_training(
         *,
         who: Any = caller,

@@ -236,7 +236,9 @@ def decode_image(data: bytes, limits: IntakeLimits) -> tuple[Image.Image, bool, 
         img = ImageOps.exif_transpose(img)
     except _Rejected:
         raise
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError, MemoryError) as exc:
+    except Image.DecompressionBombError as exc:  # Pillow's own bound, met at open() for the largest images
+        raise _Rejected(Reason.TOO_MANY_PIXELS, str(exc)) from exc
+    except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as exc:
         raise _Rejected(Reason.CORRUPT_IMAGE, f"{type(exc).__name__}: {exc}") from exc
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")

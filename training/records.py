@@ -20,9 +20,23 @@ from genserve.billing.ledger import Ledger
 from genserve.billing.pricing import QuoteItem, TrainingQuote
 from genserve.core.db import Database
 from genserve.core.errors import Conflict, NotFound
+from genserve.core.storage import ObjectStore
 from training.table import TERMINAL_STATUSES, Training, TrainingStatus
 
 log = logging.getLogger(__name__)
+
+# a job in one of these never reads its dataset again
+DATASET_DISCARDED = frozenset({TrainingStatus.canceled.value, TrainingStatus.denied.value, TrainingStatus.failed.value})
+
+
+def discard_dataset(store: ObjectStore, row: Training) -> None:
+    """Delete the uploaded dataset of an ended job that did not succeed (best effort: logged, never raised)."""
+    if row.status not in DATASET_DISCARDED or not row.dataset_key:
+        return
+    try:
+        store.delete(row.dataset_key)
+    except Exception:  # noqa: BLE001 - the job's outcome stands; the object is found by a sweep
+        log.warning("training %s: could not delete dataset %s", row.id, row.dataset_key, exc_info=True)
 
 ACTIVE_STATUSES = (TrainingStatus.queued.value, TrainingStatus.running.value)
 
@@ -133,11 +147,15 @@ class TrainingRecords:
         with self.db.session() as s:
             return bool(s.scalar(select(Training.cancel_requested).where(Training.id == training_id)))
 
-    def settle(self, ledger: Ledger, training_id: str) -> Training:
-        """Capture what a finished job owes and release the rest; a no-op once done (idempotent keys)."""
+    def settle(self, ledger: Ledger, training_id: str, store: ObjectStore | None = None) -> Training:
+        """Capture what a finished job owes and release the rest; a no-op once done (idempotent keys).
+        With `store`, the dataset of a job that will never train again (canceled, denied, failed) is
+        deleted from it: nobody asked to keep a refused or abandoned upload."""
         row = self.get(training_id)
         if row.status not in {s.value for s in TERMINAL_STATUSES}:
             raise Conflict(f"training {training_id} is still {row.status}", code="training_not_finished")
+        if store is not None:
+            discard_dataset(store, row)
         if row.charged is not None or row.hold_id is None:
             return row
         amount = amount_owed(row)

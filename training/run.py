@@ -216,7 +216,7 @@ class JobRunner:
             try:
                 self.records.transition(self.id, [TrainingStatus.running.value], TrainingStatus.failed.value,
                                         error_code=code, error_message=f"{type(exc).__name__}: {exc}"[:2000])
-                self.records.settle(self.deps.ledger, self.id)
+                self.records.settle(self.deps.ledger, self.id, self.deps.store)
             except GenserveError:
                 log.exception("training %s: could not record the failure", self.id)
             return 1
@@ -263,7 +263,7 @@ class JobRunner:
         self._write(step=result.step, epoch=result.epoch, progress_at=utcnow(), eta_s=0.0 if result.completed else None)
         if not result.completed:
             self.records.transition(self.id, [TrainingStatus.running.value], TrainingStatus.canceled.value)
-            self.records.settle(self.deps.ledger, self.id)
+            self.records.settle(self.deps.ledger, self.id, self.deps.store)
             log.info("training %s canceled at step %d", self.id, result.step)
             return 0
 
@@ -285,7 +285,7 @@ class JobRunner:
         except BaseException:
             self.deps.registry.disable(resource.id, f"training {self.id} did not finish")
             raise
-        self.records.settle(self.deps.ledger, self.id)
+        self.records.settle(self.deps.ledger, self.id, self.deps.store)
         log.info("training %s succeeded: %s", self.id, resource.id)
         return 0
 

@@ -316,7 +316,7 @@ class TrainingService:
         except Exception as exc:
             self.records.transition(row.id, ACTIVE_STATUSES, TrainingStatus.failed.value,
                                     error_code=getattr(exc, "code", "training_launch_failed"), error_message=str(exc))
-            self.records.settle(self.deps.ledger, row.id)
+            self.records.settle(self.deps.ledger, row.id, self.deps.store)
             raise
         return row
 
@@ -421,7 +421,7 @@ class TrainingService:
                 return self.cancel(training_id, user_id)  # it just started running
             if row.ray_job_id:
                 self.launcher.stop(row.ray_job_id)
-            return self.records.settle(self.deps.ledger, row.id)
+            return self.records.settle(self.deps.ledger, row.id, self.deps.store)
         if row.status == TrainingStatus.running.value:
             self.records.set_fields(row.id, cancel_requested=True)
             return self.records.get(row.id)
@@ -438,14 +438,14 @@ class TrainingService:
                                       error_code="dataset_denied", error_message=reason or "denied by a moderator")
         self.deps.audit.append("training_dataset", "deny", job_id=training_id, user_id=row.user_id,
                                details={"moderator": moderator, "reason": reason})
-        return self.records.settle(self.deps.ledger, training_id)
+        return self.records.settle(self.deps.ledger, training_id, self.deps.store)
 
     # ------------------------------------------------------------------------------------ reconcile
 
     def reconcile_one(self, row: Training) -> Training:
         """Bring the row in line with its Ray Job: settle finished jobs, resume or fail dead ones."""
         if row.status in _TERMINAL:
-            return self.records.settle(self.deps.ledger, row.id) if row.charged is None else row
+            return self.records.settle(self.deps.ledger, row.id, self.deps.store) if row.charged is None else row
         if not row.ray_job_id:
             return row
         state = self.launcher.state(row.ray_job_id)
@@ -459,7 +459,7 @@ class TrainingService:
             self.launcher.stop(row.ray_job_id)
         if fresh.cancel_requested:
             done = self.records.transition(row.id, ACTIVE_STATUSES, TrainingStatus.canceled.value)
-            return self.records.settle(self.deps.ledger, done.id)
+            return self.records.settle(self.deps.ledger, done.id, self.deps.store)
         if fresh.attempts < self.deps.settings.training.max_attempts:
             log.warning("training %s: attempt %s ended (%s) without finishing; resuming from epoch %d",
                         row.id, row.ray_job_id, state.value, fresh.checkpoint_epoch)
@@ -469,7 +469,7 @@ class TrainingService:
         done = self.records.transition(
             row.id, ACTIVE_STATUSES, TrainingStatus.failed.value, error_code="training_process_died",
             error_message=f"the training process ended ({state.value}) {fresh.attempts} times without finishing")
-        return self.records.settle(self.deps.ledger, done.id)
+        return self.records.settle(self.deps.ledger, done.id, self.deps.store)
 
     def _silent_too_long(self, row: Training) -> bool:
         last = row.heartbeat_at or row.started_at

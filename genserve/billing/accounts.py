@@ -16,6 +16,7 @@ from genserve.billing.errors import (
     InvalidIdempotencyKey,
 )
 from genserve.core.errors import InvalidRequest
+from genserve.core.ids import USER_ID_DESCRIPTION, USER_ID_RULE, is_user_id
 
 MINT = "mint"
 PROMO = "promo"
@@ -25,7 +26,7 @@ SYSTEM_ACCOUNTS = (MINT, PROMO, REVENUE_GENERATION, REVENUE_TRAINING)
 USER_PREFIX = "user:"
 GRANT_KINDS = ("admin_grant", "purchase", "compensation")
 
-_USER_ACCOUNT = re.compile(r"user:[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
+_USER_ACCOUNT = re.compile(USER_PREFIX + USER_ID_RULE, re.ASCII)
 _MAX_KEY_LEN = 200
 _MAX_REASON_LEN = 200
 
@@ -35,8 +36,11 @@ def is_system_account(account: str) -> bool:
 
 
 def user_account(user_id: str) -> str:
-    """The account name for a user id (`"42"` -> `"user:42"`)."""
-    return user_id if user_id.startswith(USER_PREFIX) else USER_PREFIX + user_id
+    """The account name for a user id (`"42"` -> `"user:42"`). The id follows the one rule the ingress
+    checks (`genserve.core.ids`): a prefixed name such as `"user:42"` is not a user id."""
+    if not is_user_id(user_id):
+        raise InvalidAccount(f"malformed user id {user_id!r} ({USER_ID_DESCRIPTION})")
+    return USER_PREFIX + user_id
 
 
 def check_account(account: Any) -> str:
@@ -48,7 +52,7 @@ def check_account(account: Any) -> str:
     if account.startswith(USER_PREFIX):
         if _USER_ACCOUNT.fullmatch(account):
             return account
-        raise InvalidAccount(f"malformed user account {account!r} (user:<id>, id of letters, digits, _.@-)")
+        raise InvalidAccount(f"malformed user account {account!r} (user:<id>, id of {USER_ID_DESCRIPTION})")
     raise AccountNotFound(f"unknown account {account!r}", details={"known": list(SYSTEM_ACCOUNTS)})
 
 

@@ -6,7 +6,7 @@ import uuid
 
 import typer
 
-from genserve.cli.common import JsonOption, console, emit, get_settings, handle_errors
+from genserve.cli.common import JsonOption, console, emit, get_settings, handle_errors, open_database
 
 buzz_app = typer.Typer(no_args_is_help=True, help="Buzz accounts: balance, grant, history, allowance, receipt, earnings, refund-unlock, reap, verify.")
 
@@ -18,17 +18,11 @@ def register(app: typer.Typer) -> None:
 
 
 def _ledger(ctx: typer.Context):  # noqa: ANN202 - Ledger, imported lazily to keep `--help` fast
-    """The ledger on the configured database; creates the schema when the database is still empty."""
-    from sqlalchemy import inspect
-
+    """The ledger on the configured database, which must exist (never created here: see `open_database`)."""
     from genserve.billing.ledger import Ledger
-    from genserve.core.db import Database
 
     settings = get_settings(ctx)
-    db = Database.from_settings(settings)
-    if not inspect(db.engine).has_table("ledger_accounts"):
-        db.migrate()
-    return Ledger(db, settings.billing)
+    return Ledger(open_database(settings, "ledger_accounts"), settings.billing)
 
 
 def _account(name: str) -> str:

@@ -8,7 +8,15 @@ from pathlib import Path
 
 import typer
 
-from genserve.cli.common import EXIT_ERROR, EXIT_REFUSED, JsonOption, emit, get_settings, handle_errors
+from genserve.cli.common import (
+    EXIT_ERROR,
+    EXIT_REFUSED,
+    JsonOption,
+    emit,
+    get_settings,
+    handle_errors,
+    open_database,
+)
 from genserve.core.errors import Conflict, InvalidRequest, NotFound
 
 likeness_app = typer.Typer(no_args_is_help=True, help="The likeness blocklist: LoRAs of real people that never load.")
@@ -41,12 +49,11 @@ def _safety_errors() -> Iterator[None]:
 @contextlib.contextmanager
 def _components(ctx: typer.Context) -> Iterator[dict]:
     """The database and the safety components built on it, for one command."""
-    from genserve.core.db import Database
     from safety.gate import SafetyGate
     from safety.takedowns import Takedowns
 
     settings = get_settings(ctx)
-    db = Database.from_settings(settings)
+    db = open_database(settings, "safety_audit_log")
     try:
         with _safety_errors():
             gate = SafetyGate.build(settings.safety, settings.config_dir, db.session)

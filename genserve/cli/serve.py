@@ -33,6 +33,7 @@ def serve_command(
 
     from genserve.app import APP_NAME, build_app, ingress_environment, load_serve_config, required_cpus
     from genserve.bootstrap import bootstrap
+    from genserve.core.config import check_deployment
     from genserve.core.db import Database
     from genserve.core.log import configure_logging
     from genserve.core.storage import object_store_from_settings
@@ -43,6 +44,7 @@ def serve_command(
     overrides = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
     if overrides:
         settings = settings.model_copy(update={"server": settings.server.model_copy(update=overrides)})
+    check_deployment(settings)  # before anything starts: default or short tokens off this machine
     configure_logging(settings.logging.level, settings.logging.json_lines)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -224,15 +224,21 @@ class Admission:
 
     def check_queue(self, jobs: JobStore, caller: Caller, request: GenerationRequest) -> int:
         """Refuse (429) past the user's queue limit or the service's capacity; returns the active jobs."""
-        tier = self.limits.tier(caller.tier)
         user_active, active = jobs.active_counts(caller.user_id)
+        self.check_counts(caller, request, user_active, active)
+        return active
+
+    def check_counts(self, caller: Caller, request: GenerationRequest, user_active: int, active: int) -> None:
+        """Refuse (429) when `user_active` / `active` jobs leave no room for this request. `JobStore.create`
+        calls it again inside the insert's transaction, under the admission lock, so a burst of
+        concurrent submits never gets past the limits (the earlier call only refuses before a hold)."""
+        tier = self.limits.tier(caller.tier)
         if user_active >= tier.queue:
             raise QueueFull(f"{tier.queue} generations are already queued or running for this user",
                             code="queue_limit", retry_after_s=self.limits.retry_after_s, details={"limit": tier.queue})
         if not self.limits.admits(request.priority, active):
             raise QueueFull("the service is at capacity; try again shortly", code="queue_full",
                             retry_after_s=self.limits.retry_after_s)
-        return active
 
     def resource_uses(self, caller: Caller, request: GenerationRequest) -> list[ResourceUse]:
         """The listed resources, then the LoRAs the prompt's `<lora:name:w>` tags name (by resource id, else

@@ -17,7 +17,7 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from sqlalchemy import (
@@ -37,13 +37,14 @@ from sqlalchemy import (
     func,
     insert,
     select,
+    text,
     update,
 )
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from genserve.core.db import Base, Database
-from genserve.core.errors import NotFound
+from genserve.core.errors import NotFound, QueueFull
 
 
 class JobStatus(str, enum.Enum):
@@ -162,6 +163,11 @@ _ACTIVE_COUNTS = select(
 ).where(_JOBS.c.status.in_(ACTIVE))
 
 
+# PostgreSQL advisory lock taken by every admitting insert (the bytes of "gs-admit"): admissions are
+# counted and inserted one at a time, while reads and the jobs' own updates never wait on it.
+ADMISSION_LOCK_KEY = int.from_bytes(b"gs-admit", "big") & 0x7FFF_FFFF_FFFF_FFFF
+
+
 class JobStore:
     """All reads and writes of generation jobs; each method is one transaction."""
 
@@ -257,9 +263,15 @@ class JobStore:
 
     # -- writes -------------------------------------------------------------------------------
 
-    def create(self, job: GenerationJob) -> tuple[GenerationJob, bool]:
+    def create(self, job: GenerationJob,
+               admit: Callable[[int, int], None] | None = None) -> tuple[GenerationJob, bool]:
         """Insert a queued job and its first event. `(job, True)` when new; when the same
-        (user, idempotency key) already exists, `(that job, False)` and nothing is written."""
+        (user, idempotency key) already exists, `(that job, False)` and nothing is written.
+
+        `admit(user_active, active)` is called with the active jobs of the job's user and of the
+        service, counted in the insert's own transaction while no other admission can run (SQLite:
+        the transaction began IMMEDIATE, the one writer; PostgreSQL: a transaction-scoped advisory
+        lock), and refuses by raising (`QueueFull`): queue limits hold under any burst."""
         now = utcnow()
         job.status = JobStatus.queued
         job.created_at = job.updated_at = now
@@ -269,9 +281,20 @@ class JobStore:
         job.progress = job.progress or {}
         try:
             with self.db.transaction() as s:
+                if admit is not None:
+                    if not self.db.is_sqlite:
+                        s.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": ADMISSION_LOCK_KEY})
+                    user_active, active = s.execute(_ACTIVE_COUNTS, {"user_id": job.user_id}).one()
+                    admit(int(user_active), int(active))
                 s.execute(insert(_JOBS), {c: getattr(job, c) for c in _JOB_COLUMNS})
                 self._append_event(s, job.id, "status", {"status": JobStatus.queued.value})
             return job, True
+        except QueueFull:
+            # a retry of an admitted request (same idempotency key) is that job, not a refusal
+            existing = self.find_idempotent(job.user_id, job.idempotency_key) if job.idempotency_key else None
+            if existing is None:
+                raise
+            return existing, False
         except IntegrityError:
             existing = (
                 self.find_idempotent(job.user_id, job.idempotency_key) if job.idempotency_key else None

@@ -72,8 +72,33 @@ class Priority(str, enum.Enum):
     high = "high"
 
 
+def refuse_nul(data: Any) -> Any:
+    """A request body's values, refused when any string in them holds a NUL character (no prompt needs
+    one, PostgreSQL cannot store one, and C libraries end the string there)."""
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                raise ValueError("NUL characters are not allowed")
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return data
+
+
 class _Strict(BaseModel):
+    """Request bodies: unknown fields refused, numbers only as JSON numbers (`"steps": true` or
+    `"seed": "1"` is a 422, not 1 step or seed 1; fields say `strict=True`), no NUL characters."""
+
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_nul(cls, data: Any) -> Any:
+        return refuse_nul(data)
 
 
 # --------------------------------------------------------------------------------------------- requests
@@ -83,15 +108,15 @@ class ResourceRef(_Strict):
     """A LoRA or textual-inversion embedding by registry id or AIR alias. `strength` applies to LoRAs."""
 
     id: str = Field(min_length=1, max_length=256)  # an AIR alias is longer than an id
-    strength: float = Field(1.0, ge=-1.0, le=2.0)
+    strength: float = Field(1.0, ge=-1.0, le=2.0, strict=True)
 
 
 class HiresFix(_Strict):
     """A second img2img pass on the upscaled first image (A1111's hires fix)."""
 
-    scale: float = Field(1.5, ge=1.0, le=2.0, description="upscale factor of the first image")
-    denoise: float = Field(0.4, ge=0.0, le=0.75)
-    steps: int = Field(10, ge=1, le=150, description="steps of the second pass")
+    scale: float = Field(1.5, ge=1.0, le=2.0, strict=True, description="upscale factor of the first image")
+    denoise: float = Field(0.4, ge=0.0, le=0.75, strict=True)
+    steps: int = Field(10, ge=1, le=150, strict=True, description="steps of the second pass")
     upscaler: Literal["latent", "lanczos"] = Field(
         "latent", description='A1111\'s names too: "Latent", "Lanczos" (any case), as the infotext writes them')
 
@@ -115,13 +140,13 @@ class GenerationRequest(_Strict):
     checkpoint: str = Field(min_length=1, max_length=64, description="checkpoint resource id")
     resources: list[ResourceRef] = Field(default_factory=list, max_length=MAX_EXTRA_RESOURCES)
     sampler: Sampler = Sampler.euler_a
-    steps: int = Field(20, ge=1, le=150)
-    cfg_scale: float = Field(7.0, ge=1.0, le=30.0)
-    clip_skip: int = Field(1, ge=1, le=4)
-    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="random when absent; always returned")
-    width: int | None = Field(None, ge=8, le=4096, description="default: the family's default size")
-    height: int | None = Field(None, ge=8, le=4096)
-    quantity: int = Field(1, ge=1, le=20)
+    steps: int = Field(20, ge=1, le=150, strict=True)
+    cfg_scale: float = Field(7.0, ge=1.0, le=30.0, strict=True)
+    clip_skip: int = Field(1, ge=1, le=4, strict=True)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, strict=True, description="random when absent; always returned")
+    width: int | None = Field(None, ge=8, le=4096, strict=True, description="default: the family's default size")
+    height: int | None = Field(None, ge=8, le=4096, strict=True)
+    quantity: int = Field(1, ge=1, le=20, strict=True)
     hires: HiresFix | None = None
     nsfw_level: WireNsfwLevel | None = Field(
         None, description="lowers, never raises, the level the site's back end allows this user"
@@ -141,6 +166,13 @@ class GenerationRequest(_Strict):
     @classmethod
     def _a1111_aliases(cls, data: Any) -> Any:
         return fold_aliases(data)
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _version_is_an_integer(cls, value: Any) -> Any:
+        if type(value) is not int:  # noqa: E721 - `true` and `1.0` are not version 1
+            raise ValueError("version must be the integer 1")
+        return value
 
     @field_validator("resources")
     @classmethod

@@ -193,7 +193,9 @@ class GenerationService:
         hold = self.ledger.hold(user_account(caller.user_id), plan.quote.total, hold_key(job_id),
                                 destination=REVENUE_GENERATION, expires_at=expires, reason=f"generation {job_id}")
         try:
-            job, created = self.jobs.create(plan.job_row(job_id, worker_request, fingerprint, hold.id, self.owner))
+            job, created = self.jobs.create(
+                plan.job_row(job_id, worker_request, fingerprint, hold.id, self.owner),
+                admit=lambda user_active, active: self.admission.check_counts(caller, request, user_active, active))
         except Exception:
             self.runner.settlement.release(job_id, hold.id)
             raise
@@ -256,6 +258,14 @@ class GenerationService:
         while True:
             wakeup = self._notify.get(job_id)
             rows = await asyncio.to_thread(self.jobs.events_after, job_id, seq)
+            if not rows:
+                # an ended job with nothing after `seq`: the caller has every event (a client that
+                # reconnects after the end, or names an id past the last); the status is read before
+                # the events again, and a job's terminal status and its last event commit together
+                if (await asyncio.to_thread(self.jobs.get, job_id, caller.user_id)).status.terminal:
+                    rows = await asyncio.to_thread(self.jobs.events_after, job_id, seq)
+                    if not rows:
+                        return
             for row in rows:
                 seq = row.seq
                 yield row
@@ -278,9 +288,15 @@ class GenerationService:
         """Jobs by status, and active jobs by family, of the whole service (the database's)."""
         return self.jobs.count_by_status(), self.jobs.count_active_by_family()
 
-    def image_url(self, caller: Caller, job_id: str, index: int) -> str:
-        key, _ = self.image(caller, job_id, index)
-        return self.store.presigned_get_url(key, self.settings.storage.presign_expiry_s)
+    def image_url(self, caller: Caller, job_id: str, index: int) -> str | None:
+        """A presigned HTTP(S) URL of a delivered image, or None when the store has none to give (the
+        local store's would be a `file://` path on this server: never handed to a client)."""
+        job = self.jobs.get(job_id, caller.user_id)
+        key = next((i["key"] for i in (job.result or {}).get("images", []) if i["index"] == index), None)
+        if key is None:
+            raise NotFound(f"generation {job_id} has no delivered image {index}", code="image_not_found")
+        url = self.store.presigned_get_url(key, self.settings.storage.presign_expiry_s)
+        return url if url.startswith(("https://", "http://")) else None
 
 
 def _same_request(job: GenerationJob, fingerprint: str) -> GenerationJob:

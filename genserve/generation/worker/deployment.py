@@ -17,7 +17,7 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
-from genserve.core.config import Settings
+from genserve.core.config import settings_from_handoff
 from genserve.core.errors import Unavailable
 from genserve.engine.loading import disable_progress_bars
 from genserve.engine.streaming import stream_from_thread
@@ -46,7 +46,7 @@ class FamilyWorker:
 
     def __init__(self, family: str, settings: dict[str, Any]):
         disable_progress_bars()
-        self.core = WorkerCore(family, Settings.model_validate(settings))
+        self.core = WorkerCore(family, settings_from_handoff(settings))
 
         self._loaded: dict[str, LoadedCheckpoint] = {}
 

@@ -11,6 +11,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from engine_support import load_tiny, one_torch_thread
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -150,3 +151,17 @@ def ray_session(tmp_path_factory):
         serve.shutdown()
     finally:
         ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def pipes(tiny_models):
+    """family -> (pipeline, safety embeddings), each loaded once for the module."""
+    loaded = {}
+
+    def get(family):  # noqa: ANN001, ANN202
+        if family not in loaded:
+            with one_torch_thread():
+                loaded[family] = load_tiny(tiny_models[family])
+        return loaded[family]
+
+    return get

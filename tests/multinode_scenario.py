@@ -21,6 +21,7 @@ import uuid
 from pathlib import Path
 
 import httpx
+from training_support import job_pid  # run as a script: tests/ is first on the path
 
 
 def free_port() -> int:
@@ -37,20 +38,6 @@ def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.25): 
             return value
         time.sleep(interval_s)
     raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-
-
-def job_pid(training_id: str) -> int | None:
-    """The pid of `python -m training.run TRAINING_ID` on this host."""
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            args = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"training.run" in args and training_id.encode() in args:
-            return int(entry.name)
-    return None
 
 
 def main(root: Path, models: Path) -> dict:

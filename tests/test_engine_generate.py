@@ -5,27 +5,13 @@ from __future__ import annotations
 import threading
 
 import pytest
-from engine_support import differ, load_tiny, one_torch_thread
+from engine_support import differ, one_torch_thread
 
 from genserve.engine.generate import ModelInfo, generate
 from genserve.engine.infotext import parse_hash_list, read_png_infotext
 from genserve.generation.worker.wire import HiresSpec, WorkerRequest
 
 MODEL = ModelInfo(name="tiny-sd1", model_hash="0123456789", lora_hashes={"style": "abcdefabcdef"})
-
-
-@pytest.fixture(scope="module")
-def pipes(tiny_models):
-    """family -> (pipeline, safety embeddings), each loaded once for the module."""
-    loaded = {}
-
-    def get(family):
-        if family not in loaded:
-            with one_torch_thread():
-                loaded[family] = load_tiny(tiny_models[family])
-        return loaded[family]
-
-    return get
 
 
 @pytest.fixture(params=["sd1", "sdxl"])

@@ -4,24 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from engine_support import load_tiny, one_torch_thread
+from engine_support import one_torch_thread
 
 from genserve.engine.prompt_encoding import CHUNK_LENGTH, PromptEncoder, a1111_layer
 
 W = CHUNK_LENGTH + 2  # one chunk's length in the sequence
-
-
-@pytest.fixture(scope="module")
-def pipes(tiny_models):
-    loaded = {}
-
-    def get(family):
-        if family not in loaded:
-            with one_torch_thread():
-                loaded[family] = load_tiny(tiny_models[family])
-        return loaded[family]
-
-    return get
 
 
 @pytest.fixture(params=["sd1", "sdxl"])

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load
-from training_support import available, fund, register_base_models, toy_zip, training_settings
+from training_support import available, fund, job_pid, register_base_models, toy_zip, training_settings
 
 from genserve.core.db import Database
 from training.config import IntakeLimits
@@ -28,20 +28,6 @@ pytestmark = pytest.mark.ray
 
 PARAMS = {"epochs": 2, "repeats": 3, "batch_size": 2, "network_dim": 4, "network_alpha": 2, "unet_lr": 1e-2,
           "lr_scheduler": "cosine", "gradient_checkpointing": False, "seed": 21}
-
-
-def job_pid(training_id: str) -> int | None:
-    """The pid of `python -m training.run TRAINING_ID` on this host."""
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            args = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"training.run" in args and training_id.encode() in args:
-            return int(entry.name)
-    return None
 
 
 def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.02):  # noqa: ANN001, ANN201

@@ -81,3 +81,17 @@ def register_base_models_from(deps, models_dir: Path) -> None:  # noqa: ANN001 -
     from genserve.tinymodels import build_tiny_models
 
     register_base_models(deps, build_tiny_models(models_dir, seed=0))
+
+
+def job_pid(training_id: str) -> int | None:
+    """The pid of `python -m training.run TRAINING_ID` on this host."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            args = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"training.run" in args and training_id.encode() in args:
+            return int(entry.name)
+    return None

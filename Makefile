@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml Makefile
 	  if command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q torch; \
 	  else $(PY) -m pip install -q $(TORCH_CPU); fi; \
 	fi
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,train]"
 	@touch $(STAMP)
 
 install: $(STAMP)

@@ -9,6 +9,10 @@ matching status. The calling back end authenticates with the service token and n
 service, so the routes also run in-process (tests, benchmarks). Routes never block their event loop:
 database and object-store calls run in threads, because in Serve's throughput mode (the HAProxy
 ingress) the routes share the loop that also carries the replica's own control traffic.
+
+Past 450 lines on purpose: every `/v1` generation, billing, admin and operations route sits beside the
+one auth and the one error mapping they share; the resource, training and economy routes are routers of
+their own, mounted here.
 """
 
 

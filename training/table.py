@@ -31,6 +31,7 @@ class TrainingStatus(str, enum.Enum):
 
 
 TERMINAL_STATUSES = frozenset({TrainingStatus.succeeded, TrainingStatus.failed, TrainingStatus.canceled, TrainingStatus.denied})
+TERMINAL_VALUES = frozenset(status.value for status in TERMINAL_STATUSES)
 
 
 class Training(Base):

@@ -20,6 +20,9 @@ Checks: `check(file)` for one file, `check_combined([(resource, strength), ...])
 Old fingerprints (another FINGERPRINT_VERSION) are never silently ignored: their hashes still match, and
 every check that needs weights raises `likeness_fingerprint_stale` (fail closed) until each such entry is
 re-fingerprinted from its file (`refingerprint`) or removed; `stale_entries()` lists them.
+
+A little past 450 lines on purpose: the in-memory index, its revalidation and every check that reads it
+share one lock and one refresh; split, a check could read an index another part had half rebuilt.
 """
 
 from __future__ import annotations

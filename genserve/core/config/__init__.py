@@ -5,6 +5,10 @@ inside the service reads the environment. Precedence: explicit overrides > envir
 > defaults. Besides the flat names in `ENV_ALIASES`, any field can be set with
 `GENSERVE_<SECTION>__<FIELD>` (`null`, lists and mappings in YAML syntax; other values are
 converted by the field's type).
+
+Past 450 lines on purpose: the root of the tree, its environment loading and the deployment check that
+refuses unsafe settings read the same fields, and one file keeps what an operator may set in one place
+(each section's own fields are in the sibling modules).
 """
 
 from __future__ import annotations

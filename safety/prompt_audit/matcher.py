@@ -1,0 +1,488 @@
+"""The prompt audit's compiled matcher: term index, Aho-Corasick runs, the age parser and its context.
+
+One module (a little over 450 lines) on purpose: the term index and the age parser read the same
+per-word kind table (term start, age cue, number word, name part) in one lookup per distinct word, which
+is what keeps a 20,000-character prompt linear; split apart, each would need its own pass.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from safety.normalize import (
+    Tokens,
+    has_long_repeat,
+    is_cjk,
+    shorten_repeats,
+    squeeze,
+)
+from safety.prompt_audit.rules import _HITS_PER_GROUP, AgeRule, _canon_set, _phrase_tokens
+from safety.verdict import Action
+
+# ---------------------------------------------------------------------------------------------
+# Compiled matcher
+
+
+@functools.lru_cache(maxsize=65_536)
+
+
+@dataclass(frozen=True, eq=False)
+class _Group:
+    """One compiled rule: what a hit means."""
+
+    id: str
+    message: str
+    signals: tuple[str, ...]
+    action: Action | None
+    when: frozenset[str]
+    fields: frozenset[str]
+    role: Literal["term", "benign", "young_adj", "young_noun", "negation", "garment", "removal"] = "term"
+    weak: bool = False
+    quiet: bool = False
+    min_hits: int = 1
+    except_near: frozenset[str] = frozenset()
+    except_before: tuple[tuple[str, ...], ...] = ()
+    near_window: int = 3
+
+    @functools.cached_property
+    def cancellable(self) -> bool:
+        return bool(self.except_near or self.except_before)
+
+    @functools.cached_property
+    def except_before_by_last(self) -> dict[str, list[tuple[str, ...]]]:
+        """`except_before` phrases by their last word: one lookup per word before a hit."""
+        out: dict[str, list[tuple[str, ...]]] = {}
+        for phrase in self.except_before:
+            out.setdefault(phrase[-1], []).append(phrase)
+        return out
+
+
+class _AhoCorasick:
+    """Substring automaton over canonical terms, used on the letters of spaced-out runs ("t e e n")."""
+
+    def __init__(self, patterns: dict[str, tuple[int, ...]]):
+        goto: list[dict[str, int]] = [{}]
+        out: list[list[tuple[int, tuple[int, ...]]]] = [[]]
+        for word, groups in patterns.items():
+            node = 0
+            for ch in word:
+                nxt = goto[node].get(ch)
+                if nxt is None:
+                    goto.append({})
+                    out.append([])
+                    nxt = len(goto) - 1
+                    goto[node][ch] = nxt
+                node = nxt
+            out[node].append((len(word), groups))
+        fail = [0] * len(goto)
+        queue = list(goto[0].values())
+        for node in queue:
+            for ch, nxt in goto[node].items():
+                queue.append(nxt)
+                f = fail[node]
+                while f and ch not in goto[f]:
+                    f = fail[f]
+                cand = goto[f].get(ch, 0)
+                fail[nxt] = cand if cand != nxt else 0
+                out[nxt] = out[nxt] + out[fail[nxt]]
+        self._goto, self._fail, self._out = goto, fail, out
+
+    def finditer(self, text: str) -> Iterable[tuple[int, int, tuple[int, ...]]]:
+        """(start, end, groups) of every pattern occurrence; linear in len(text) plus matches."""
+        goto, fail, out = self._goto, self._fail, self._out
+        node = 0
+        for i, ch in enumerate(text):
+            while node and ch not in goto[node]:
+                node = fail[node]
+            node = goto[node].get(ch, 0)
+            for length, groups in out[node]:
+                yield i + 1 - length, i + 1, groups
+
+
+_EMPTY: tuple = ()
+_NO_PHRASES: dict = {}
+_NOTHING: tuple = ((), _NO_PHRASES, 0)  # lookup result of a word that matches nothing
+
+# What else a word is, besides a term: looked up once per distinct word together with the terms, so
+# the other layers visit only the few words that concern them.
+JOIN_START = 1  # the beginning of a one-word term ("nu" of "nude"): pieces may be joined from here
+AGE_CUE = 2  # a word that says a nearby number is an age ("years", "aged", "歳")
+NUMBER_WORD = 4  # "thirteen", "treize", "열세"
+NAME_PART = 8  # a first name, surname or whole name on the protected-persons list
+NAME_TYPO = 16  # a protected name written together with one typo ("taylorswfit")
+_CACHE_LIMIT = 50_000
+_JOIN_MAX_PIECES = 4
+_JOIN_GAPS = frozenset({" ", ".", "-", "_", "·", "'", "*", "~", "+", "|", "/"})
+
+
+class _TermIndex:
+    """Canonical token -> groups, phrases by first token, prefixes by length, the run automaton,
+    the split-word join table and the automaton for scripts written without spaces."""
+
+    def __init__(self, entries: Sequence[tuple[int, str, bool]], flags: dict[str, int],
+                 classify: Callable[[str], int] = lambda word: 0):
+        single: dict[str, list[int]] = {}
+        phrases: dict[str, list[tuple[tuple[str, ...], int]]] = {}
+        prefixes: dict[str, list[int]] = {}
+        cjk: dict[str, list[int]] = {}
+        for group, term, is_prefix in entries:
+            words = _phrase_tokens(term)
+            joined = "".join(words)
+            if any(is_cjk(w) for w in words):
+                cjk.setdefault(joined, []).append(group)  # matched as a substring: no word breaks
+            if is_prefix:
+                prefixes.setdefault(joined, []).append(group)
+                continue
+            single.setdefault(joined, []).append(group)  # also "taylorswift", "yearold"
+            if len(words) > 1:
+                phrases.setdefault(words[0], []).append((words[1:], group))
+        self.single = {k: tuple(dict.fromkeys(v)) for k, v in single.items()}
+        self.squeezed: dict[str, tuple[int, ...]] = {}
+        for k, v in self.single.items():
+            self.squeezed[squeeze(k)] = tuple(dict.fromkeys(self.squeezed.get(squeeze(k), ()) + v))
+        # first word -> second word -> (the words after the first, group): one lookup rejects a phrase
+        self.phrases: dict[str, dict[str, tuple[tuple[tuple[str, ...], int], ...]]] = {}
+        for first, entries in phrases.items():
+            by_second: dict[str, list[tuple[tuple[str, ...], int]]] = {}
+            for rest, g in entries:
+                by_second.setdefault(rest[0], []).append((rest, g))
+            self.phrases[first] = {k: tuple(v) for k, v in by_second.items()}
+        self.prefixes = {k: tuple(dict.fromkeys(v)) for k, v in prefixes.items()}
+        self.prefix_lengths = sorted({len(k) for k in self.prefixes})
+        self.runs = _AhoCorasick({**self.single, **self.prefixes})
+        self.cjk = _AhoCorasick({k: tuple(dict.fromkeys(v)) for k, v in cjk.items()}) if cjk else None
+        # Every beginning of a one-word term, so joining pieces stops as soon as it cannot succeed.
+        self.join_starts = frozenset(k[:i] for k in (*self.single, *self.prefixes) for i in range(2, len(k) + 1))
+        self.flags = dict(flags)
+        self.classify = classify  # flags that need a computation, done once per distinct word
+        for start in self.join_starts:
+            self.flags[start] = self.flags.get(start, 0) | JOIN_START
+        self._cache: dict[str, tuple[tuple[int, ...], dict, int]] = {}
+        self._cjk_cache: dict[str, list[int]] = {}
+
+    def lookup(self, canon: str) -> tuple[tuple[int, ...], dict[str, tuple[tuple[tuple[str, ...], int], ...]], int]:
+        """Groups matched by one token on its own, phrases that may start with it, and its flags."""
+        hit = self._cache.get(canon)
+        if hit is not None:
+            return hit
+        groups = list(self.single.get(canon, _EMPTY))
+        stem = canon[:-1] if len(canon) > 3 and canon[-1] == "s" else None
+        if stem:
+            groups += self.single.get(stem, _EMPTY)
+        for k in self.prefix_lengths:
+            if len(canon) < k:
+                break
+            groups += self.prefixes.get(canon[:k], _EMPTY)
+        if not groups and has_long_repeat(canon):  # stretched words: "teeeen", "nuuude"
+            groups += self.lookup(shorten_repeats(canon))[0]
+            groups += self.squeezed.get(squeeze(canon), _EMPTY)
+        phrases = self.phrases.get(canon, _NO_PHRASES)
+        if stem and stem in self.phrases:
+            phrases = {k: phrases.get(k, ()) + v for k, v in self.phrases[stem].items()} | {
+                k: v for k, v in phrases.items() if k not in self.phrases[stem]}
+        flags = self.flags.get(canon, 0) | self.classify(canon)
+        result = (tuple(dict.fromkeys(groups)), phrases, flags) if groups or phrases or flags else _NOTHING
+        if len(self._cache) >= _CACHE_LIMIT:
+            self._cache.clear()
+        self._cache[canon] = result
+        return result
+
+    def scan(self, tokens: Tokens, ordinary: frozenset[str]) -> tuple[list[tuple[int, int, int]], dict[int, int]]:
+        """(group, first word, last word) of every term occurrence, and word index -> flags of the
+        words that have any."""
+        hits: list[tuple[int, int, int]] = []
+        canon = tokens.canon
+        n = len(canon)
+        cache_get, lookup = self._cache.get, self.lookup
+        found = [cache_get(w) or lookup(w) for w in canon]
+        special = [i for i, r in enumerate(found) if r is not _NOTHING]
+        flagged = {i: found[i][2] for i in special if found[i][2]}
+        for i in special:
+            groups, phrases, _ = found[i]
+            for g in groups:
+                hits.append((g, i, i))
+            if phrases and i + 1 < n:
+                nxt = canon[i + 1]
+                candidates = phrases.get(nxt, ()) + (phrases.get(nxt[:-1], ()) if len(nxt) > 3 and nxt[-1] == "s" else ())
+                for rest, g in candidates:
+                    end = i + len(rest)
+                    if end < n and all(_same(canon[i + 1 + k], w) for k, w in enumerate(rest)):
+                        hits.append((g, i, end))
+        for i, word in tokens.joined.items():  # "7een" split into 7 + een: the whole word too
+            for g in lookup(word)[0]:
+                hits.append((g, i, i + 1))
+        for run in tokens.runs:
+            letters = "".join(canon[i] for i in run)
+            for start, end, groups in self.runs.finditer(letters):
+                if end - start > 1:
+                    for g in groups:
+                        hits.append((g, run[start], run[end - 1]))
+        if self.cjk is not None:
+            for i in tokens.cjk:
+                for g in self._cjk_groups(canon[i]):
+                    hits.append((g, i, i))
+        hits.extend(self._joins(tokens, found, flagged, ordinary))
+        return hits, flagged
+
+    def _cjk_groups(self, word: str) -> list[int]:
+        """Groups whose terms occur inside a word written without spaces (cached per word)."""
+        groups = self._cjk_cache.get(word)
+        if groups is None:
+            groups = [g for _, _, gs in self.cjk.finditer(word) for g in gs]
+            if len(self._cjk_cache) >= _CACHE_LIMIT:
+                self._cjk_cache.clear()
+            self._cjk_cache[word] = groups
+        return groups
+
+    def _joins(self, tokens: Tokens, found: list, flagged: dict[int, int],
+               ordinary: frozenset[str]) -> list[tuple[int, int, int]]:
+        """Words split into multi-letter pieces ("nu de", "ch-ild", "lo_li"): the joined form counts when
+        it is a term and not every piece is an ordinary word ("an al fresco" stays apart)."""
+        canon, starts, out = tokens.canon, self.join_starts, []
+        n = len(canon)
+        for i in [i for i, f in flagged.items() if f & JOIN_START]:
+            joined = canon[i]
+            if found[i][0] or i + 1 >= n or len(out) >= _HITS_PER_GROUP:  # already a term on its own
+                continue
+            for j in range(i + 1, min(n, i + _JOIN_MAX_PIECES)):
+                gap = tokens.gap(j - 1)
+                if not gap or len(gap) > 2 or not _JOIN_GAPS.issuperset(gap):
+                    break
+                joined += canon[j]
+                if joined not in starts:
+                    break
+                pieces = canon[i:j + 1]
+                # A lone letter is not a word ("se x"), except "a" and "i" (also the leet form of "l").
+                if max(map(len, pieces)) < 2 or all(p in ordinary and (len(p) > 1 or p in "ai") for p in pieces):
+                    continue
+                for g in self.lookup(joined)[0]:
+                    out.append((g, i, j))
+        return out
+
+
+def _same(token: str, word: str) -> bool:
+    return token == word or (len(token) > 3 and token[-1] == "s" and token[:-1] == word)
+
+
+_CJK_DIGITS = {"〇": 0, "零": 0, "一": 1, "二": 2, "两": 2, "兩": 2, "三": 3, "四": 4, "五": 5, "六": 6, "七": 7,
+               "八": 8, "九": 9}
+_CJK_NUMBER_RE = re.compile(r"([〇零一二两兩三四五六七八九十]{1,3})")
+
+
+def _cjk_number(text: str) -> int | None:
+    """A Chinese/Japanese numeral up to 99 ("十四" -> 14, "二十" -> 20); None if it is not one."""
+    if "十" in text:
+        tens, _, units = text.partition("十")
+        if "十" in units or (tens and tens not in _CJK_DIGITS) or (units and units not in _CJK_DIGITS):
+            return None
+        return (_CJK_DIGITS[tens] if tens else 1) * 10 + (_CJK_DIGITS[units] if units else 0)
+    return _CJK_DIGITS.get(text) if len(text) == 1 else None
+
+
+@dataclass
+class _Ages:
+    minors: list[tuple[int, int]]  # (first, last) words of each minor age
+    adults: list[tuple[int, int]]  # explicit adult ages ("40 years old", "18+")
+
+
+class _AgeMatcher:
+    """Ages written with a cue that says the number is an age, and whose it is.
+
+    The cue comes after the number ("15 years old", "15yo", "15 Jahre", "15 лет", "15歳", "15th
+    birthday") or before it ("aged 15", "age of 15", "turned 15", "almost 18", "girl, 15", "she is 15",
+    "born in 2012", "class of 2032"). A duration is not an age: "15 years later", "for 15 years",
+    "16 years of marriage". A number right after an animal ("a cat, 15 years old") is the animal's.
+    """
+
+    def __init__(self, rule: AgeRule, current_year: int, animals: frozenset[str]):
+        self.max_age = rule.max_age
+        self.year = current_year
+        self.words = {"".join(_phrase_tokens(w)): v for w, v in rule.number_words.items()}
+        self.tens = {"".join(_phrase_tokens(w)): v for w, v in rule.tens_words.items()}
+        self.ordinal_words = {"".join(_phrase_tokens(w)): v for w, v in rule.ordinal_words.items()}
+        self.years = _canon_set(rule.years)
+        self.years_old = _canon_set(rule.years_old)
+        self.old = _canon_set(rule.old)
+        self.before = _canon_set(rule.before)
+        self.of = _canon_set(rule.of)
+        self.ordinals = _canon_set(rule.ordinals)
+        self.ordinal_nouns = _canon_set(rule.ordinal_nouns)
+        self.grade_nouns = _canon_set(rule.grade_nouns)
+        self.not_after = _canon_set(rule.not_after)
+        self.not_before = _canon_set(rule.not_before)
+        self.turned = _canon_set(rule.turned)
+        self.approx = _canon_set(rule.approx)
+        self.person_nouns = _canon_set(rule.person_nouns)
+        self.copulas = _canon_set(rule.copulas)
+        self.birth = _canon_set(rule.birth)
+        self.birth_joiners = _canon_set(rule.birth_joiners)
+        self.birth_after = _canon_set(rule.birth_after)
+        self.class_of = _canon_set(rule.class_of)
+        self.animals = animals
+        cjk_units = [u for u in (*rule.years_old, *rule.years) if is_cjk(u)]
+        self.cjk_age = re.compile(_CJK_NUMBER_RE.pattern + "(" + "|".join(
+            re.escape("".join(_phrase_tokens(u))) for u in cjk_units) + ")") if cjk_units else None
+        # Words that make a number nearby (two words at most) someone's age; "of", "is", "in" count
+        # only next to one of these ("age of 15", "she is 15", "born in 2012").
+        self.cues = (self.years | self.years_old | self.ordinals | self.before | self.turned | self.approx
+                     | self.person_nouns | self.birth | self.birth_after | self.class_of | self.grade_nouns)
+
+    def _values(self, tokens: Tokens, number_words: list[int]) -> dict[int, tuple[int, int]]:
+        """Word index -> (number, its last word) for digits, number words and "twenty one"."""
+        canon, words, tens = tokens.canon, self.words, self.tens
+        values = {i: (v, i) for i, v in tokens.numbers.items()}
+        n = len(canon)
+        for i in number_words:
+            w = canon[i]
+            if w in tens and i + 1 < n and canon[i + 1] in words and 0 < words[canon[i + 1]] < 10:
+                values[i] = (tens[w] + words[canon[i + 1]], i + 1)
+            elif w in words and i not in values and (i == 0 or canon[i - 1] not in tens):
+                values[i] = (words[w], i)
+        return values
+
+    def scan(self, tokens: Tokens, flagged: dict[int, int], minors_needed: bool = True) -> _Ages:
+        """Ages in the text; `flagged` holds the word flags from the term index (AGE_CUE, NUMBER_WORD).
+        Stops once it has enough evidence: `_HITS_PER_GROUP` minor ages where minors count (an adult
+        age found later would only cancel weak words, and a minor age is not weak), else as many
+        adult ages (in the negative prompt, where they are what counts)."""
+        canon = tokens.canon
+        ages = _Ages([], [])
+        cue_at = {i for i, f in flagged.items() if f & AGE_CUE}
+        if cue_at:  # a digit's leet form ("5" -> "s") is never a cue word
+            cue_at.difference_update(tokens.numbers)
+        if cue_at or tokens.cjk:
+            values = self._values(tokens, sorted(i for i, f in flagged.items() if f & NUMBER_WORD))
+            reach = 6 if tokens.weights else 2  # cues may sit past an attention weight: "(15:1.0) yo"
+            offsets, text, n = tokens.offsets, tokens.text, len(canon)
+            memo: dict[str, tuple[int, int, int] | None] = {}  # a hostile prompt repeats its ages
+            for i, (v, j) in sorted(values.items()):
+                if len(ages.minors if minors_needed else ages.adults) >= _HITS_PER_GROUP:
+                    break
+                if "+" not in tokens.gap(j)[:1] and not any(k in cue_at for k in range(i - reach, j + reach + 1)):
+                    continue  # the common case, decided without looking further
+                lo, hi = max(0, i - 4), min(n - 1, j + 4)
+                key = text[offsets[2 * lo + 1]:offsets[2 * hi + 2]] + f"|{i - lo}|{j - lo}"
+                if key in memo:
+                    cached = memo[key]
+                    found = None if cached is None else (cached[0], cached[1] + i, cached[2] + i)
+                else:
+                    found = self._read(tokens, i, j, v)
+                    memo[key] = None if found is None else (found[0], found[1] - i, found[2] - i)
+                if found is None:
+                    continue
+                age, first, last = found
+                if age < 0:
+                    continue
+                if age <= self.max_age:
+                    if not self._animals_own(tokens, first):
+                        ages.minors.append((first, last))
+                elif age < 130:
+                    ages.adults.append((first, last))
+        elif "+" in tokens.text:
+            for i, v in tokens.numbers.items():  # "18+" needs no cue word
+                if v < 130 and "+" in tokens.gap(i)[:1] and self._read(tokens, i, i, v) is not None and v > self.max_age:
+                    ages.adults.append((i, i))
+        for i in cue_at:
+            if i > 0 and canon[i] in self.grade_nouns and canon[i - 1] in self.ordinal_words:
+                ages.minors.append((i - 1, i))  # "seventh grader"
+        if self.cjk_age is not None:
+            memo: dict[str, list[int]] = {}
+            for i in tokens.cjk:
+                word = canon[i]
+                found_ages = memo.get(word)
+                if found_ages is None:
+                    found_ages = memo[word] = [a for m in self.cjk_age.finditer(word)
+                                               if (a := _cjk_number(m.group(1))) is not None]
+                for age in found_ages:
+                    (ages.minors if age <= self.max_age else ages.adults).append((i, i))
+                if len(ages.minors if minors_needed else ages.adults) >= _HITS_PER_GROUP:
+                    break
+        return ages
+
+    def _read(self, tokens: Tokens, i: int, j: int, v: int) -> tuple[int, int, int] | None:
+        """(age, first word, last word) if the number at words i..j is someone's age."""
+        canon = tokens.canon
+        nxt, after = _neighbours(tokens, j, +1)
+        prev, before = _neighbours(tokens, i, -1)
+        numbers = tokens.numbers
+        at = lambda k: canon[k] if k is not None and k not in numbers else ""  # noqa: E731
+        is_digits = i in tokens.numbers
+        if at(nxt) in self.years_old:
+            return v, i, nxt
+        if at(nxt) in self.years:
+            if at(after) in self.old:
+                return v, i, after
+            if at(after) in self.of:
+                third = _neighbours(tokens, after, +1)[0]
+                return (v, i, third) if at(third) in self.before else None  # "of age" / "of marriage"
+            if at(after) in self.not_after or at(prev) in self.not_before:
+                return None
+            return v, i, nxt
+        if at(nxt) in self.birth_after and v > 1900:
+            return self.year - v, i, nxt
+        if at(nxt) in self.ordinals and at(after) in self.ordinal_nouns:
+            return v, i, after
+        if at(nxt) in self.grade_nouns and v <= 13 and "." in tokens.gap(j)[:1]:  # German "7. Klasse"
+            return v, i, nxt
+        if at(prev) in self.grade_nouns and v <= 13:  # "grade 7"
+            return v, prev, j
+        if at(prev) in self.before or (at(prev) in self.of and at(before) in self.before):
+            return v, (before if at(prev) in self.of else prev), j
+        if at(prev) in self.turned:
+            return v, prev, j
+        if at(prev) in self.approx and v <= self.max_age + 1:
+            return v - 1, prev, j
+        if v > 1900:
+            if at(prev) in self.birth or (at(prev) in self.birth_joiners and at(before) in self.birth):
+                return self.year - v, (before if at(prev) in self.birth_joiners else prev), j
+            if at(prev) in self.of and at(before) in self.class_of and v >= self.year + 5:
+                return 0, before, j  # still at school
+            return None
+        if "+" in tokens.gap(j)[:1] and is_digits:
+            return v, i, j  # "18+"
+        if is_digits and 5 <= v:
+            if at(prev) in self.person_nouns and not _barrier(tokens, prev, i, allow=",("):
+                return v, prev, j  # "girl, 13", "girl (13)"
+            if at(prev) in self.copulas and at(before) in self.person_nouns:
+                return v, before, j  # "she is 13"
+            if v >= 8 and at(nxt) in self.person_nouns and not _barrier(tokens, j, nxt, allow=""):
+                return v, i, nxt  # "13 girl" (a count would take the plural)
+        return None
+
+    def _animals_own(self, tokens: Tokens, first: int) -> bool:
+        """True when the age follows an animal with no person word in between ("a cat, 15 years old")."""
+        canon = tokens.canon
+        for k in range(first - 1, max(-1, first - 4), -1):
+            if canon[k] in self.person_nouns:
+                return False
+            if canon[k] in self.animals:
+                return True
+        return False
+
+
+def _barrier(tokens: Tokens, a: int, b: int, allow: str) -> bool:
+    """True when the text between words a and b holds punctuation other than spaces and `allow`."""
+    return any(not (c.isspace() or c in allow) for k in range(a, b) for c in tokens.gap(k))
+
+
+def _neighbours(tokens: Tokens, i: int, step: int) -> tuple[int | None, int | None]:
+    """The next two words from i in direction `step`, looking past attention weights
+    ("(15:1.0) yo" reads as "15 yo"); a weight has at most two digit words, so the search is bounded."""
+    n = len(tokens.canon)
+    if not tokens.weights:
+        a, b = i + step, i + 2 * step
+        return (a if 0 <= a < n else None), (b if 0 <= b < n else None)
+    out: list[int] = []
+    j = i + step
+    while 0 <= j < n and len(out) < 2 and abs(j - i) <= 6:
+        if j not in tokens.weights:
+            out.append(j)
+        j += step
+    out += [None] * (2 - len(out))
+    return out[0], out[1]
+
+

@@ -29,12 +29,12 @@ from genserve.economy.store import Economy
 from genserve.engine.prompt_syntax import extract_extra_networks, plain_text
 from genserve.generation.jobs import GenerationJob, JobStore
 from genserve.generation.protocol import MAX_HIRES_SIDE, GenerationRequest, Limits
-from genserve.generation.worker.errors import ReservedToken
 from genserve.generation.worker.wire import HiresSpec, LoraSpec, WorkerRequest
 from genserve.resources.cache import ResourceCache
 from genserve.resources.catalog import FamilyEntry, ModelCatalog
 from genserve.resources.models import ResourceKind
 from genserve.resources.registry import (
+    ReservedToken,
     ResolvedResource,
     ResolvedResources,
     ResourceNotFound,

@@ -61,6 +61,18 @@ class ResourceUnavailable(ResourceRefused, InvalidRequest):
     code = "resource_unavailable"
 
 
+class CheckpointConfigMissing(ResourceRefused, InvalidRequest):
+    """A single-file checkpoint with no diffusers config folder to load it with."""
+
+    code = "checkpoint_config_missing"
+
+
+class ReservedToken(InvalidRequest):
+    """A user embedding whose token imitates a mandatory safety token (at upload, admission or loading)."""
+
+    code = "reserved_token"
+
+
 class FlagLocked(Forbidden):
     """A moderator set this flag; only a moderator changes it."""
 

@@ -39,7 +39,13 @@ from genserve.resources.cache import ResourceCache, publish_file, publish_folder
 from genserve.resources.catalog import ModelCatalog
 from genserve.resources.inspect import Inspection, inspect_or_refuse
 from genserve.resources.models import Resource, ResourceKind, Visibility
-from genserve.resources.registry import FLAGS, RESOURCE_PREFIX, ResourceRegistry
+from genserve.resources.registry import (
+    FLAGS,
+    RESOURCE_PREFIX,
+    CheckpointConfigMissing,
+    ReservedToken,
+    ResourceRegistry,
+)
 from safety.embeddings import uses_reserved_token
 from safety.errors import SafetyError
 from safety.gate import SafetyGate
@@ -72,14 +78,6 @@ class UploadCheckFailed(Unavailable):
 
 class StagedKeyForbidden(Forbidden):
     code = "staged_key_forbidden"
-
-
-class ReservedTokenUpload(InvalidRequest):
-    code = "reserved_token"
-
-
-class CheckpointConfigMissing(InvalidRequest):
-    code = "checkpoint_config_missing"
 
 
 @dataclass(frozen=True)
@@ -262,7 +260,7 @@ class ResourceService:
         entry = self.catalog.families.get(family or "")
         reserved = [e.token for e in entry.safety_embeddings.values()] if entry is not None else []
         if uses_reserved_token(token, reserved):
-            raise ReservedTokenUpload(f"the token {token!r} contains a reserved safety token",
+            raise ReservedToken(f"the token {token!r} contains a reserved safety token",
                                       details={"token": token})
         return token
 

@@ -1,23 +1,13 @@
 """The worker's refusals, each with a stable code (the ingress maps them like every `GenserveError`).
 
-Resource refusals are the registry's (`genserve.resources.registry`): the worker asks the same
-`usable` question the ingress asked, so a resource is refused with one code whoever refuses it.
+Resource refusals (not found, unusable, reserved token, missing checkpoint config) are the registry's
+(`genserve.resources.registry`): the worker asks the same `usable` question the ingress asked, so a
+resource is refused with one code whoever refuses it.
 """
 
 from __future__ import annotations
 
 from genserve.core.errors import InvalidRequest, Unavailable
-from genserve.resources.registry import ResourceRefused
-
-
-class CheckpointConfigMissing(ResourceRefused, InvalidRequest):
-    code = "checkpoint_config_missing"
-
-
-class ReservedToken(InvalidRequest):
-    """A user embedding whose token imitates a mandatory safety token."""
-
-    code = "reserved_token"
 
 
 class CheckpointMismatch(InvalidRequest):

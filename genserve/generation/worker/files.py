@@ -12,12 +12,11 @@ from pathlib import Path
 from genserve.engine.infotext import autov3
 from genserve.engine.lora_cache import LikenessBlocked, LoraInvalid
 from genserve.generation.worker.checkpoint import ResolvedLora
-from genserve.generation.worker.errors import CheckpointConfigMissing, ReservedToken
 from genserve.generation.worker.wire import WorkerRequest
 from genserve.resources.cache import ResourceCache
 from genserve.resources.catalog import ModelCatalog
 from genserve.resources.models import Resource, ResourceKind
-from genserve.resources.registry import ResourceRegistry
+from genserve.resources.registry import CheckpointConfigMissing, ReservedToken, ResourceRegistry
 from safety.embeddings import uses_reserved_token
 from safety.hashing import file_hashes
 from safety.likeness import RequestCheck, RequestFile

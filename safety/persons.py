@@ -13,6 +13,7 @@ write names:
 - middle names and initials between first and last name: "taylor alison swift", "jane q. example"
   (up to two; a short function word such as "a" or "the" ends the name, and so does punctuation,
   so "taylor, a swift runner" does not match);
+- spelled out in full, every word of it, however short its words are;
 - written together: "taylorswift";
 - one typo (edit distance 1, transpositions included) in a token of 5+ letters, when the other token
   is exact and the whole name has 8+ letters: "scarlet johansson", "taylor swfit", "gal gadott".
@@ -96,6 +97,9 @@ class PersonIndex:
         self._whole: dict[str, int] = {}  # "taylorswift", "swifttaylor", mononyms -> name id
         self._pairs: dict[str, list[tuple[int, str, bool]]] = {}  # token -> (id, other token, is_first)
         self._deletes: dict[str, set[str]] = {}  # deletion variant -> names written together (typo lookup)
+        # names of 3+ words, spelled out in full, anchored on their longest word: the looser first/last
+        # reading stops at short everyday words, which may be a name's own ("Zorvana Sit Quillfeather")
+        self._sequences: dict[str, list[tuple[int, tuple[str, ...], int]]] = {}
         self._cache: dict[str, tuple[str, ...]] = {}
         ordinary = ordinary_words()
         for name in names:
@@ -109,6 +113,9 @@ class PersonIndex:
                 if len(word) >= _MONONYM_MIN and word not in ordinary:
                     self._whole[word] = pid
                 continue
+            if len(toks) > 2:
+                anchor = max(range(len(toks)), key=lambda k: len(toks[k]))
+                self._sequences.setdefault(toks[anchor], []).append((pid, toks, anchor))
             first, last = toks[0], toks[-1]
             together = {"".join(toks), last + first, first + last}  # "taylorswift", "swifttaylor"
             for tok in together:
@@ -119,7 +126,8 @@ class PersonIndex:
             self._pairs.setdefault(first, []).append((pid, last, True))
             self._pairs.setdefault(last, []).append((pid, first, False))
         # every word that can anchor a match here (name parts of one letter cannot)
-        self.keys = frozenset(self._whole) | frozenset(w for w in self._pairs if len(w) > 1)
+        self.keys = (frozenset(self._whole) | frozenset(w for w in self._pairs if len(w) > 1)
+                     | frozenset(self._sequences))
         self._longest = max(map(len, self._whole), default=0)  # longer words cannot be a name with one typo
         self.count = len(self.names) + (base.count if base else 0)
 
@@ -175,6 +183,10 @@ class PersonIndex:
                 pid = whole.get(word)
                 if pid is not None:
                     hits.append((i, i, layer.names[pid]))
+                for pid, toks, anchor in layer._sequences.get(word, ()):
+                    start = i - anchor
+                    if start >= 0 and tuple(canon[start:start + len(toks)]) == toks:
+                        hits.append((start, start + len(toks) - 1, layer.names[pid]))
                 entries = pairs.get(word)
                 if not entries:
                     continue

@@ -37,12 +37,18 @@ HEADER = """\
 """
 
 
-def closure(root: str = "genserve") -> dict[str, str]:
-    """canonical name -> installed version of every run-time requirement reachable from `root`."""
+# The `train` extra (bitsandbytes for adamw8bit, prodigyopt for prodigy) is part of both images: a
+# training job may land on any GPU node, and an optimizer missing there would refuse Civitai's default.
+IMAGE_EXTRAS = ("train",)
+
+
+def closure(root: str = "genserve", extras: tuple[str, ...] = IMAGE_EXTRAS) -> dict[str, str]:
+    """canonical name -> installed version of every run-time requirement reachable from `root`
+    (with its `extras`)."""
     env = default_environment()
     seen: dict[str, str] = {}
     visited: set[tuple[str, frozenset[str]]] = set()
-    todo: list[tuple[str, frozenset[str]]] = [(root, frozenset())]
+    todo: list[tuple[str, frozenset[str]]] = [(root, frozenset(extras))]
     while todo:
         name, extras = todo.pop()
         dist = metadata.distribution(name)

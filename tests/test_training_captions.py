@@ -119,6 +119,48 @@ def test_a_tagger_minor_tag_sends_the_dataset_to_review_and_with_explicit_blocks
     assert {"name": "img2.png", "rules": ["tagger.rating.explicit"]} in err.value.details["findings"]
 
 
+def test_auto_captioning_is_priced_per_image_in_proposals_and_at_intake(tmp_path: Path, make_service,  # noqa: F811
+                                                                        tagger_files) -> None:
+    """configs/pricing.yaml prices captioning per captioned image: a proposal is charged for the images
+    the captioner ran on (held first, captured after), an auto-captioned submit carries a `captioning`
+    line in its quote that is captured with the run, and captions the user supplies cost nothing."""
+    service = with_tagger(make_service(), tagger_files)
+    ledger, pricing = service.deps.ledger, service.deps.pricing
+    per_image = pricing.prices.training.captioning_millibuzz_per_image
+    assert per_image > 0
+    data = colour_zip(tmp_path / "p.zip", [RED, YELLOW, GREEN], captions={YELLOW: "mine"})
+    before = ledger.balance("user:alice").posted
+    proposed = service.propose_captions("alice", data)
+    assert proposed["charged"] == pricing.captioning_cost(2) == -(-2 * per_image // 1000)
+    assert ledger.balance("user:alice").posted == before - proposed["charged"]
+    assert ledger.balance("user:alice").held == 0
+    everything = service.propose_captions("alice", data, overwrite=True)
+    assert everything["charged"] == pricing.captioning_cost(3)
+
+    mine = service.submit("alice", data, Submission("sd1", real_person=False, params=SMALL,
+                                                    captions={"img0.png": "a", "img2.png": "b"}, auto_caption=True))
+    assert "captioning" not in {item["name"] for item in mine.quote["items"]}
+    data = colour_zip(tmp_path / "a.zip", [RED, YELLOW], captions={YELLOW: "mine"})
+    auto = service.submit("alice", data, Submission("sd1", real_person=False, params=SMALL, auto_caption=True))
+    items = {item["name"]: item for item in auto.quote["items"]}
+    assert items["captioning"]["amount"] == pricing.captioning_cost(1)
+    assert auto.quote_total == sum(item["amount"] for item in auto.quote["items"])
+    posted = ledger.balance("user:alice").posted
+    assert JobRunner(service.deps, auto.id, auto.ray_job_id).run() == 0
+    assert ledger.balance("user:alice").posted == posted - auto.quote_total
+
+
+def test_a_captioning_proposal_the_user_cannot_pay_for_is_refused_before_the_captioner_runs(
+        tmp_path: Path, make_service, tagger_files) -> None:  # noqa: F811
+    from genserve.billing.errors import InsufficientBuzz
+
+    service = with_tagger(make_service(), tagger_files)
+    data = colour_zip(tmp_path / "p.zip", [RED])
+    with pytest.raises(InsufficientBuzz):
+        service.propose_captions("bob", data)  # bob has no buzz
+    assert service.deps.ledger.balance("user:bob").held == 0
+
+
 def test_without_a_captioner_auto_captioning_is_refused(tmp_path: Path, make_service) -> None:  # noqa: F811 - the imported fixture
     service = make_service()
     data = colour_zip(tmp_path / "d.zip", [RED])

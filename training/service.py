@@ -136,7 +136,8 @@ class TrainingService(CaptionSteps, TrainingOutputs, TrainingUpkeep):
             if verdict.action is Action.block:
                 raise SafetyBlocked("the dataset cannot be trained on", code="dataset_blocked",
                                     details={"rules": verdict.rule_ids, "findings": verdict.to_dict()["findings"]})
-            quote = self.deps.pricing.quote_training(sub.family, total, params.epochs)
+            captioned = len(report.warnings.get("auto_captioned", []))
+            quote = self.deps.pricing.quote_training(sub.family, total, params.epochs, captioned_images=captioned)
             return self._hold_and_create(training_id, user_id, sub, triggers, params, report, staging,
                                          verdict.to_dict(), allowed, quote, per_epoch, total, mapped.ignored)
         finally:

@@ -7,19 +7,25 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from training.service import Submission
 
+import contextlib
+import datetime as dt
 import json
 import shutil
 import tempfile
+import uuid
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
+from genserve.billing.ledger import REVENUE_TRAINING, user_account
 from genserve.core.errors import InvalidRequest
 from safety.dataset_policy import TagSignal
 from training.captioning import Caption, Captioner, CaptionerUnavailable, CaptionProposal, build_captioner
 from training.intake import MANIFEST_NAME, IntakeReport, KeptImage, run_intake
+from training.records import utcnow
 
 
 class CaptionSteps:
@@ -84,8 +90,9 @@ class CaptionSteps:
     def propose_captions(self, user_id: str, dataset: Path, *, overwrite: bool = False) -> dict[str, Any]:
         """Captions for review before a submit: the upload's own, and the captioner's for images without
         one (every image with `overwrite`), each with the prompt audit's verdict and the tagger's
-        rating and age-related tags. Nothing is stored or charged; the user edits and submits them as
-        `captions` (or in the zip)."""
+        rating and age-related tags. Nothing is stored; the images captioned are charged (held before
+        the captioner runs, captured when it is done, released if it fails). The user edits and
+        submits them as `captions` (or in the zip), which are not captioned or charged again."""
         captioner = self.captioner()
         staging = Path(tempfile.mkdtemp(dir=self._scratch(), prefix="captions."))
         try:
@@ -94,7 +101,9 @@ class CaptionSteps:
                 raise InvalidRequest(f"at most {self.deps.limits.captioning.max_images} images per captioning request",
                                      code="dataset_too_large")
             todo = [i for i in report.images if overwrite or not i.caption]
-            generated = dict(zip([i.name for i in todo], self._caption_images(staging, todo), strict=True))
+            price = self.deps.pricing.captioning_cost(len(todo))
+            with self._captioning_charge(user_id, price):
+                generated = dict(zip([i.name for i in todo], self._caption_images(staging, todo), strict=True))
             proposals = []
             for image in report.images:
                 made = generated.get(image.name)
@@ -108,7 +117,26 @@ class CaptionSteps:
             self.deps.audit.append("training_captions", "propose", user_id=user_id,
                                    details={"images": len(proposals), "generated": len(generated),
                                             "captioner": captioner.kind})
-            return {"captioner": captioner.kind, "images": proposals,
+            return {"captioner": captioner.kind, "images": proposals, "charged": price,
                     "skipped": [{"name": s.name, "reason": s.reason} for s in report.skipped]}
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+
+    @contextlib.contextmanager
+    def _captioning_charge(self, user_id: str, amount: int) -> Iterator[None]:
+        """Hold `amount` before the captioner runs (a short balance refuses before any work), capture it
+        when the block succeeds, release it when it raises."""
+        if amount == 0:
+            yield
+            return
+        charge = f"captions:{uuid.uuid4().hex}"
+        ttl = min(self.deps.settings.training.hold_ttl_s, self.deps.settings.billing.max_hold_ttl_s)
+        hold = self.deps.ledger.hold(user_account(user_id), amount, key=f"{charge}:hold",
+                                     destination=REVENUE_TRAINING, reason=f"auto-captioning {charge}",
+                                     expires_at=utcnow() + dt.timedelta(seconds=ttl))
+        try:
+            yield
+        except BaseException:
+            self.deps.ledger.release(hold.id, key=f"{charge}:release")
+            raise
+        self.deps.ledger.capture(hold.id, amount, key=f"{charge}:capture")

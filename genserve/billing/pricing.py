@@ -50,6 +50,9 @@ class TrainingFamilyPrice(_Strict):
 
 
 class TrainingPrices(_Strict):
+    # auto-captioning (tagger or vision-language captioner), per image captioned, wherever it runs:
+    # proposed captions and captions filled in at intake
+    captioning_millibuzz_per_image: StrictInt = Field(0, ge=0)
     families: dict[str, TrainingFamilyPrice]
 
 
@@ -123,7 +126,8 @@ class Quote:
 
 @dataclass(frozen=True)
 class TrainingQuote:
-    """A training run's price: a per-step part and a per-saved-epoch part."""
+    """A training run's price: a per-step part, a per-saved-epoch part and the images auto-captioned
+    at intake (a quote stored before captioning was priced reads as none captioned)."""
 
     family: str
     steps: int
@@ -132,12 +136,20 @@ class TrainingQuote:
     buzz_per_saved_epoch: int
     total: int
     items: tuple[QuoteItem, ...]
+    captioned_images: int = 0
+    captioning_millibuzz_per_image: int = 0
+
+    @property
+    def captioning_cost(self) -> int:
+        return _ceil_div(self.captioned_images * self.captioning_millibuzz_per_image, MILLI)
 
     def for_progress(self, steps_run: int, epochs_saved: int) -> int:
-        """What to capture after `steps_run` steps and `epochs_saved` saved epochs (capped at the plan)."""
+        """What to capture after `steps_run` steps and `epochs_saved` saved epochs (capped at the plan).
+        The captions were made and shown at intake, so they are owed whatever the run did next."""
         steps = min(_count("steps_run", steps_run), self.steps)
         epochs = min(_count("epochs_saved", epochs_saved), self.saved_epochs)
-        return _ceil_div(steps * self.millibuzz_per_step, MILLI) + epochs * self.buzz_per_saved_epoch
+        return (_ceil_div(steps * self.millibuzz_per_step, MILLI) + epochs * self.buzz_per_saved_epoch
+                + self.captioning_cost)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -234,8 +246,12 @@ class Pricing:
             items.append(QuoteItem("rounding", rest, f"rounded up to whole buzz, at least {gen.min_per_image}/image"))
         return Quote(family=family, quantity=quantity, per_image=per_image, total=total, items=tuple(items))
 
-    def quote_training(self, family: str, steps: int, saved_epochs: int) -> TrainingQuote:
-        """Price a LoRA training run by its steps and the epochs it saves."""
+    def captioning_cost(self, images: int) -> int:
+        """Whole buzz for auto-captioning `images` images (rounded up once, not per image)."""
+        return _ceil_div(_count("images", images) * self.prices.training.captioning_millibuzz_per_image, MILLI)
+
+    def quote_training(self, family: str, steps: int, saved_epochs: int, captioned_images: int = 0) -> TrainingQuote:
+        """Price a LoRA training run by its steps, the epochs it saves and the images captioned at intake."""
         fam = self.prices.training.families.get(family)
         if fam is None:
             raise InvalidRequest(
@@ -245,6 +261,8 @@ class Pricing:
             )
         steps = _count("steps", steps, minimum=1)
         saved_epochs = _count("saved_epochs", saved_epochs)
+        caption_mb = self.prices.training.captioning_millibuzz_per_image
+        caption_cost = self.captioning_cost(captioned_images)
         steps_mb = steps * fam.millibuzz_per_step
         step_cost = _ceil_div(steps_mb, MILLI)
         epoch_cost = saved_epochs * fam.buzz_per_saved_epoch
@@ -255,7 +273,12 @@ class Pricing:
                 epoch_cost * MILLI,
             ),
         )
+        if captioned_images:
+            items += (QuoteItem("captioning", caption_cost,
+                                f"{captioned_images} images auto-captioned x {caption_mb} millibuzz, rounded up",
+                                captioned_images * caption_mb),)
         return TrainingQuote(
             family=family, steps=steps, saved_epochs=saved_epochs, millibuzz_per_step=fam.millibuzz_per_step,
-            buzz_per_saved_epoch=fam.buzz_per_saved_epoch, total=step_cost + epoch_cost, items=items,
+            buzz_per_saved_epoch=fam.buzz_per_saved_epoch, total=step_cost + epoch_cost + caption_cost, items=items,
+            captioned_images=captioned_images, captioning_millibuzz_per_image=caption_mb,
         )

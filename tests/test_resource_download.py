@@ -1,7 +1,8 @@
 """`GET /v1/resources/{id}/download` in-process, mounted as `genserve.app` mounts it (with the economy's
 routes): early access (refused before unlock, allowed after, for everyone once the window ends),
-visibility (another user's private resource is missing), take-downs, the served bytes against the
-registered SHA-256 (a corrupted object is never delivered whole), and `genserve resources download`."""
+visibility (another user's private resource is missing), take-downs and the likeness blocklist, the
+served bytes against the registered SHA-256 (a corrupted object is never delivered whole), and
+`genserve resources download`."""
 
 from __future__ import annotations
 
@@ -113,9 +114,12 @@ def test_private_taken_down_and_folder_resources(env, tmp_path):  # noqa: F811
     private, data = _publish(env, tmp_path, "dl-private-lora", 702, "pia", "private")
     public, _ = _publish(env, tmp_path, "dl-down-lora", 703, "pia", "public")
     env.service.registry.disable(public.id, "takedown test")
-    other, missing, mine, down, down_mine, folder = _call(
+    likeness, likeness_data = _publish(env, tmp_path, "dl-likeness-lora", 706, "pia", "public")
+    env.service.safety.blocklist.add(likeness_data, "Jane Roe", "likeness", source="test", hash_only=True)
+    other, missing, mine, down, down_mine, folder, blocked, blocked_mine = _call(
         env, _get(private.id, "otto"), _get("dl-no-such-lora", "otto"), _get(private.id, "pia"),
-        _get(public.id, "otto"), _get(public.id, "pia"), _get("tiny-sd1", "otto"))
+        _get(public.id, "otto"), _get(public.id, "pia"), _get("tiny-sd1", "otto"),
+        _get(likeness.id, "otto"), _get(likeness.id, "pia"))
     # another user's private resource is answered exactly like one that does not exist
     assert other.status_code == missing.status_code == 404
     assert other.json()["code"] == missing.json()["code"] == "resource_not_found"
@@ -123,6 +127,11 @@ def test_private_taken_down_and_folder_resources(env, tmp_path):  # noqa: F811
     assert down.status_code == 422 and down.json()["code"] == "resource_disabled"
     assert down_mine.status_code == 200  # a taken-down resource stays its owner's
     assert folder.status_code == 409 and folder.json()["code"] == "resource_not_downloadable"
+    # a file on the likeness blocklist is handed to nobody but its owner, and the refusal is audited
+    assert blocked.status_code == 403 and blocked.json()["code"] == "likeness_blocked"
+    assert blocked_mine.status_code == 200 and blocked_mine.content == likeness_data
+    rows = env.service.safety.audit.query(kind="resource_download")
+    assert [(r.action, r.user_id) for r in rows] == [("block", "otto")]
 
 
 def test_a_corrupted_stored_file_is_never_delivered_whole(env, tmp_path):  # noqa: F811
@@ -143,7 +152,8 @@ def test_a_corrupted_stored_file_is_never_delivered_whole(env, tmp_path):  # noq
 @pytest.fixture
 def http_server(env):  # noqa: F811
     # no lifespan: its exit would close the module-wide service for the tests after
-    server = uvicorn.Server(uvicorn.Config(_app(env), host="127.0.0.1", port=0, log_level="warning", lifespan="off"))
+    config = uvicorn.Config(_app(env), host="127.0.0.1", port=0, log_level="warning", lifespan="off")
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -174,13 +184,15 @@ def test_cli_download_saves_the_file_and_exits_non_zero_when_locked(env, http_se
     stored = env.service.store._path(row.storage_key)
     stored.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))
     try:
-        cut = cli("resources", "download", row.id, "--out", str(tmp_path / "cut.safetensors"), "--user", "otto")
+        cut = cli("resources", "download", row.id, "--out", str(tmp_path / "cut.safetensors"), "--user",
+                  "otto")
     finally:
         stored.write_bytes(data)
     assert cut.exit_code != 0 and json.loads(cut.output)["error"]["code"] == "download_failed"
     assert not list(tmp_path.glob("cut.safetensors*"))
 
     env.service.economy.set_terms("olga", row.id, early_access_days=3, unlock_price=10)
-    locked = cli("resources", "download", row.id, "--out", str(tmp_path / "locked.safetensors"), "--user", "otto")
+    locked = cli("resources", "download", row.id, "--out", str(tmp_path / "locked.safetensors"),
+                 "--user", "otto")
     assert locked.exit_code != 0 and json.loads(locked.output)["error"]["code"] == "early_access"
     assert not (tmp_path / "locked.safetensors").exists()

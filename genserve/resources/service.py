@@ -83,6 +83,12 @@ class StagedKeyForbidden(Forbidden):
     code = "staged_key_forbidden"
 
 
+class DownloadBlocked(SafetyBlocked):
+    """The file is on the likeness blocklist: handed to nobody but its owner."""
+
+    code = "likeness_blocked"
+
+
 class DownloadsUnavailable(Unavailable):
     """No early-access check was given: downloads refuse rather than skip it (fail closed)."""
 
@@ -292,16 +298,35 @@ class ResourceService:
 
     def download(self, resource_id: str, user_id: str) -> ResourceDownload:
         """The resource's file for `user_id`. Visibility first, so another user's private resource is
-        missing (404 `resource_not_found`) rather than locked; a taken-down one is only its owner's
-        (`resource_disabled`); then early access (403 `early_access` until unlocked or the window ends)."""
+        missing (404 `resource_not_found`) rather than locked; a taken-down or blocklisted one is only its
+        owner's (`resource_disabled`, `likeness_blocked`); then early access (403 `early_access` until
+        unlocked or the window ends)."""
         row = self.registry.visible(resource_id, user_id)
-        if not row.generation_enabled and row.owner_user_id != user_id:
-            raise ResourceUnavailable(f"resource {resource_id} is not available", code="resource_disabled",
-                                      details={"id": resource_id})
+        if row.owner_user_id != user_id:
+            if not row.generation_enabled:
+                raise ResourceUnavailable(f"resource {resource_id} is not available",
+                                          code="resource_disabled", details={"id": resource_id})
+            self._download_likeness(row, user_id)
         if self.access_check is None:
             raise DownloadsUnavailable("downloads need the early-access check; this service has none")
         self.access_check(row.id, user_id)
         return open_download(self.store, row)
+
+    def _download_likeness(self, row: Resource, user_id: str) -> None:
+        """The blocklist by the registered hashes (no file read): a likeness the generator refuses to
+        load is not handed out either. A check that fails refuses (fail closed); a match is audited."""
+        subject = [h for h in (row.sha256, row.tensor_sha256) if h]
+        try:
+            match = self.safety.blocklist.check_hashes(row.sha256, row.tensor_sha256)
+        except Exception as exc:  # noqa: BLE001 - any failure of the check refuses the download
+            raise UploadCheckFailed(f"the likeness check failed: {type(exc).__name__}: {exc}") from exc
+        if match is None:
+            return
+        self.safety.audit.append("resource_download", "block", rules=[match.rule_id], subject=subject,
+                                 user_id=user_id,
+                                 details={"resource_id": row.id, "likeness": match.to_dict()})
+        raise DownloadBlocked("this file reproduces a real person's likeness and is not handed out",
+                              details={"rules": [match.rule_id], "id": row.id})
 
     # -- changes ----------------------------------------------------------------------------------
 

@@ -83,9 +83,11 @@ class Ingress:
 
 
 def resource_service(settings: Settings, service: GenerationService) -> ResourceService:
-    """Resource registration over the generation service's registry, object store, gate and cache."""
+    """Resource registration and downloads over the generation service's registry, object store, gate,
+    cache and early-access rule."""
     return ResourceService.from_parts(settings, service.registry, service.store, service.safety,
-                                      resource_cache=service.resource_cache)
+                                      resource_cache=service.resource_cache,
+                                      access_check=service.economy.check_download)
 
 
 def resources_router(resources: ResourceService) -> functools.partial:

@@ -11,9 +11,9 @@ import pytest
 from sqlalchemy import text
 
 import genserve.billing.ledger as ledger_module
-from genserve.billing.economy import CreatorTerms, price_generation
-from genserve.billing.ledger import Ledger, user_account
-from genserve.billing.pricing import Quote, QuoteItem
+from genserve.billing.economy import CreatorTerms, price_generation, price_training
+from genserve.billing.ledger import REVENUE_TRAINING, Ledger, user_account
+from genserve.billing.pricing import Quote, QuoteItem, TrainingQuote
 from genserve.core.config.billing import BillingConfig, EconomyConfig
 from genserve.core.errors import Conflict, InvalidRequest
 from genserve.economy.store import EarlyAccessLocked, Economy
@@ -95,6 +95,26 @@ def test_multi_party_capture_pays_each_party_for_delivered_images_only(any_ledge
     assert report.ok, report.problems
     with pytest.raises(Conflict):  # the same key with other legs
         ledger.capture(hold.id, q.for_delivered(3), "job:capture", legs=q.legs_for_delivered(2) + [(REV, 44, "capture")])
+
+
+def test_a_training_capture_pays_the_base_model_owner_once_on_both_databases(any_ledger):
+    ledger = any_ledger
+    items = (QuoteItem("steps", 3, "10 x 300 millibuzz"), QuoteItem("saved_epochs", 10, "2 x 5"))
+    plain = TrainingQuote(family="sd1", steps=10, saved_epochs=2, millibuzz_per_step=300,
+                          buzz_per_saved_epoch=5, total=3 + 10, items=items)
+    q = price_training(plain, payer="tara", base=CreatorTerms("ckpt", "olga", 40), config=CFG)
+    ledger.grant("user:tara", 200, "g")
+    done = ledger.hold("user:tara", q.total, "t1:hold", destination=REVENUE_TRAINING)
+    legs = q.legs_for_progress(10, 2, delivered=True, destination=REVENUE_TRAINING)
+    ledger.capture(done.id, q.for_progress(10, 2, delivered=True), "t1:capture", legs=legs)
+    stopped = ledger.hold("user:tara", q.total, "t2:hold", destination=REVENUE_TRAINING)
+    assert q.legs_for_progress(4, 0, delivered=False, destination=REVENUE_TRAINING) is None
+    ledger.capture(stopped.id, q.for_progress(4, 0), "t2:capture")  # canceled: steps only, no fee
+    assert ledger.balance("user:tara").to_dict() == {"posted": 200 - 53 - 2, "held": 0, "available": 145}
+    assert ledger.balance("user:olga").posted == 40 - 12  # once, less the 30 % platform share
+    assert ledger.balance(REVENUE_TRAINING).posted == 13 + 12 + 2
+    report = ledger.verify()
+    assert report.ok, report.problems
 
 
 def test_legs_must_sum_to_the_capture_and_never_pay_the_holder(any_ledger):

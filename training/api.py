@@ -49,6 +49,8 @@ class TrainingView(BaseModel):
     dataset: dict[str, Any]
     safety: dict[str, Any]
     quote_total: int
+    # the quote's lines: steps, saved epochs and, for a fee-bearing base model, `licence_fee:<id>`
+    quote_items: list[dict[str, Any]] = []
     charged: int | None
     resource_id: str | None
     output_sha256: str | None
@@ -73,7 +75,8 @@ class TrainingView(BaseModel):
                                                               if k not in ("images", "config")}},
             config=(row.intake_report or {}).get("config") or {"ignored": {}},
             safety={"action": verdict.get("action"), "rules": verdict.get("rules", [])},
-            quote_total=row.quote_total, charged=row.charged, resource_id=row.resource_id,
+            quote_total=row.quote_total, quote_items=list((row.quote or {}).get("items") or []),
+            charged=row.charged, resource_id=row.resource_id,
             output_sha256=row.output_sha256,
             samples=[{k: v for k, v in s.items() if k != "key"} for s in row.samples or []],
             error={"code": row.error_code, "message": row.error_message or ""} if row.error_code else None,

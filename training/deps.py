@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from genserve.billing.ledger import Ledger
@@ -10,6 +11,7 @@ from genserve.billing.pricing import Pricing
 from genserve.core.config import Settings
 from genserve.core.db import Database
 from genserve.core.storage import ObjectStore, object_store_from_settings
+from genserve.economy.store import Economy
 from genserve.resources.registry import ResourceRegistry
 from safety.audit_log import AuditLog
 from safety.gate import SafetyGate
@@ -52,6 +54,11 @@ class TrainingDeps:
             safety=safety,
             scanner=scanner or safety.image_scanner(),
         )
+
+    @cached_property
+    def economy(self) -> Economy:
+        """Owners' terms on resources: the base model's licence fee and early access."""
+        return Economy(self.db, self.ledger, self.settings.billing)
 
     @property
     def blocklist(self) -> LikenessBlocklist:

@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy import select, update
 
 from genserve.billing.errors import HoldClosed, HoldNotFound
-from genserve.billing.ledger import Ledger
+from genserve.billing.ledger import REVENUE_TRAINING, Ledger
 from genserve.billing.pricing import QuoteItem, TrainingQuote
 from genserve.core.db import Database
 from genserve.core.errors import Conflict, NotFound
@@ -58,18 +58,25 @@ def quote_to_dict(quote: TrainingQuote) -> dict[str, Any]:
 
 
 def quote_from_dict(data: dict[str, Any]) -> TrainingQuote:
-    return TrainingQuote(**{**data, "items": tuple(QuoteItem(**i) for i in data["items"])})
+    # JSON keeps the legs as lists; the quote (and the capture's idempotent request) compares tuples
+    legs = tuple(tuple(leg) for leg in data.get("owner_fee_legs") or ())
+    items = tuple(QuoteItem(**i) for i in data["items"])
+    return TrainingQuote(**{**data, "items": items, "owner_fee_legs": legs})
 
 
-def amount_owed(row: Training) -> int:
-    """Succeeded: every step and saved epoch. Canceled: the steps run (nothing was delivered).
-    Failed or denied: nothing (a failure of the service refunds fully)."""
+def charge_owed(row: Training) -> tuple[int, list[tuple[str, int, str]] | None]:
+    """What a finished job captures, and its legs (None: all to the hold's destination).
+    Succeeded: every step and saved epoch, and the base model's owner fee (the LoRA was delivered).
+    Canceled: the steps run and no fee (nothing was delivered). Failed or denied: nothing (a failure
+    of the service refunds fully)."""
     quote = quote_from_dict(row.quote)
     if row.status == TrainingStatus.succeeded.value:
-        return quote.for_progress(row.total_steps, row.epochs)
+        steps, epochs = row.total_steps, row.epochs
+        return (quote.for_progress(steps, epochs, delivered=True),
+                quote.legs_for_progress(steps, epochs, delivered=True, destination=REVENUE_TRAINING))
     if row.status == TrainingStatus.canceled.value:
-        return quote.for_progress(row.step, 0)
-    return 0
+        return quote.for_progress(row.step, 0), None
+    return 0, None
 
 
 class TrainingRecords:
@@ -158,10 +165,10 @@ class TrainingRecords:
             discard_dataset(store, row)
         if row.charged is not None or row.hold_id is None:
             return row
-        amount = amount_owed(row)
+        amount, legs = charge_owed(row)
         try:
             if amount > 0:
-                ledger.capture(row.hold_id, amount, key=f"training:{row.id}:capture")
+                ledger.capture(row.hold_id, amount, key=f"training:{row.id}:capture", legs=legs)
             else:
                 ledger.release(row.hold_id, key=f"training:{row.id}:release")
         except (HoldClosed, HoldNotFound) as exc:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from genserve.billing.economy import price_training
 from genserve.billing.ledger import REVENUE_TRAINING, user_account
 from genserve.core.errors import Conflict, InvalidRequest, SafetyBlocked
 from safety.dataset_policy import DatasetPolicy
@@ -112,6 +113,9 @@ class TrainingService(CaptionSteps, TrainingOutputs, TrainingUpkeep):
         if sub.real_person and not (sub.person or sub.name).strip():
             raise InvalidRequest("a real-person training needs the person's name", code="person_required")
         allowed = NsfwLevel.parse(sub.allowed_level).name
+        # the base model's owner terms: a base model still in early access refuses users who did not
+        # unlock it (403 `early_access`), before anything is read or held, as a generation does
+        base = self.deps.economy.admit([limits.base_models[sub.family].checkpoint], user_id)
         training_id = uuid.uuid4().hex
         staging = Path(tempfile.mkdtemp(dir=self._scratch(), prefix=f"{training_id}."))
         try:
@@ -137,7 +141,9 @@ class TrainingService(CaptionSteps, TrainingOutputs, TrainingUpkeep):
                 raise SafetyBlocked("the dataset cannot be trained on", code="dataset_blocked",
                                     details={"rules": verdict.rule_ids, "findings": verdict.to_dict()["findings"]})
             captioned = len(report.warnings.get("auto_captioned", []))
-            quote = self.deps.pricing.quote_training(sub.family, total, params.epochs, captioned_images=captioned)
+            quote = price_training(
+                self.deps.pricing.quote_training(sub.family, total, params.epochs, captioned_images=captioned),
+                payer=user_id, base=base[0] if base else None, config=self.deps.settings.billing.economy)
             return self._hold_and_create(training_id, user_id, sub, triggers, params, report, staging,
                                          verdict.to_dict(), allowed, quote, per_epoch, total, mapped.ignored)
         finally:

@@ -17,6 +17,10 @@ pays nobody. Per delivered image:
 
 Fees and tips are never paid to the payer themselves (a user's own resource costs no fee and takes
 no tip). All arithmetic is on integers, and the legs sum to the per-image price by construction.
+
+A training run pays its base model's owner the same licence fee once, for the one LoRA it delivers
+(`price_training`): the fee is added to the quote and the hold, and captured only when the run
+succeeds; a canceled or failed run pays the owner nothing.
 """
 
 from __future__ import annotations
@@ -24,8 +28,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from genserve.billing.accounts import REVENUE_GENERATION, user_account
-from genserve.billing.pricing import Quote, QuoteItem
+from genserve.billing.accounts import REVENUE_GENERATION, REVENUE_TRAINING, user_account
+from genserve.billing.pricing import MILLI, Quote, QuoteItem, TrainingQuote
 from genserve.core.config.billing import EconomyConfig
 from genserve.core.errors import InvalidRequest
 
@@ -105,3 +109,22 @@ def price_generation(quote: Quote, *, payer: str, terms: Sequence[CreatorTerms],
     plain = len(legs) == 1 and legs[0][2] == "capture"  # nothing but the base: a plain capture
     return replace(quote, per_image=per_image, total=per_image * q, items=tuple(items),
                    legs_per_image=() if plain else tuple(legs))
+
+
+def price_training(quote: TrainingQuote, *, payer: str, base: CreatorTerms | None, config: EconomyConfig,
+                   platform: str = REVENUE_TRAINING) -> TrainingQuote:
+    """`quote` with the base model owner's licence fee (capped like a generation's) added once: a run
+    delivers one LoRA, as a generation delivers images. No owner, no fee, or the payer's own base
+    model: the quote unchanged."""
+    if base is None or base.owner_user_id is None or base.owner_user_id == payer:
+        return quote
+    fee = min(base.licence_fee, config.licence_fee_cap)
+    if not fee:
+        return quote
+    owner, rid = base.owner_user_id, base.resource_id
+    legs = tuple(leg for leg in split_owner_income(owner, fee, "licence_fee", config, platform) if leg[1])
+    item = QuoteItem(f"licence_fee:{rid}", fee,
+                     f"licence fee of base model {rid} (owner {owner}): {fee} once, only if the run delivers "
+                     "its LoRA", fee * MILLI)
+    return replace(quote, total=quote.total + fee, items=(*quote.items, item), owner_fee=fee,
+                   owner_fee_legs=legs)

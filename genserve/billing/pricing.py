@@ -138,27 +138,46 @@ class TrainingQuote:
     items: tuple[QuoteItem, ...]
     captioned_images: int = 0
     captioning_millibuzz_per_image: int = 0
+    # the base model owner's licence fee, charged once and only when the run delivers its LoRA (a
+    # canceled or failed run delivers nothing, so it pays no fee), and who it pays, (account, amount,
+    # kind) summing to it: the owner and the platform's share (`genserve.billing.economy` fills both)
+    owner_fee: int = 0
+    owner_fee_legs: tuple[tuple[str, int, str], ...] = ()
 
     @property
     def captioning_cost(self) -> int:
         return _ceil_div(self.captioned_images * self.captioning_millibuzz_per_image, MILLI)
 
-    def for_progress(self, steps_run: int, epochs_saved: int) -> int:
-        """What to capture after `steps_run` steps and `epochs_saved` saved epochs (capped at the plan).
-        The captions were made and shown at intake, so they are owed whatever the run did next."""
+    def for_progress(self, steps_run: int, epochs_saved: int, *, delivered: bool = False) -> int:
+        """What to capture after `steps_run` steps and `epochs_saved` saved epochs (capped at the plan),
+        plus the owner fee when the run `delivered` its LoRA. The captions were made and shown at
+        intake, so they are owed whatever the run did next."""
         steps = min(_count("steps_run", steps_run), self.steps)
         epochs = min(_count("epochs_saved", epochs_saved), self.saved_epochs)
+        fee = self.owner_fee if delivered else 0
         return (_ceil_div(steps * self.millibuzz_per_step, MILLI) + epochs * self.buzz_per_saved_epoch
-                + self.captioning_cost)
+                + self.captioning_cost + fee)
+
+    def legs_for_progress(self, steps_run: int, epochs_saved: int, *, delivered: bool,
+                          destination: str) -> list[tuple[str, int, str]] | None:
+        """The capture's legs: the run's own price to `destination` (the hold's) and, when the LoRA was
+        delivered, the owner fee's legs; None for a plain capture (no fee owed)."""
+        if not delivered or not self.owner_fee_legs:
+            return None
+        return [(destination, self.for_progress(steps_run, epochs_saved), "capture"), *self.owner_fee_legs]
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d = {
             "family": self.family,
             "steps": self.steps,
             "saved_epochs": self.saved_epochs,
             "total": self.total,
             "items": [item.__dict__ for item in self.items],
         }
+        if self.owner_fee:
+            d["owner_fee"] = self.owner_fee
+            d["owner_fee_legs"] = [list(leg) for leg in self.owner_fee_legs]
+        return d
 
 
 def _count(name: str, value: Any, *, minimum: int = 0) -> int:

@@ -1,5 +1,5 @@
-"""`genserve resources add|list|show|disable|enable`: client calls to the running service's resource API
-(`disable`/`enable` and `list --all` with the admin token from the settings)."""
+"""`genserve resources add|list|show|download|disable|enable`: client calls to the running service's
+resource API (`disable`/`enable` and `list --all` with the admin token from the settings)."""
 
 from __future__ import annotations
 
@@ -111,6 +111,17 @@ def show(ctx: typer.Context, resource_id: str = typer.Argument(..., metavar="ID"
         r = client.get(resource_id)
     emit(r, as_json, _line(r) + f"\n  sha256 {r['hashes']['sha256']}  AutoV3 {r['hashes']['autov3']}  "
                                f"{r['size_bytes']} bytes  owner {r['owner']}")
+
+
+@resources_app.command("download")
+@handle_errors
+def download(ctx: typer.Context, resource_id: str = typer.Argument(..., metavar="ID", help="Id or AIR alias"),
+             out: Path = typer.Option(Path("."), "--out", help="A file, or a folder for the server's name"),
+             user: str | None = UserOption, url: str | None = UrlOption, as_json: bool = JsonOption) -> None:
+    """Save a resource's file (refused during early access until the user unlocked it)."""
+    with _client(ctx, user, url) as client:
+        r = client.download(resource_id, out)
+    emit(r, as_json, f"saved {r['path']}  {r['bytes']} bytes  sha256 {r['sha256']}")
 
 
 @resources_app.command("disable")

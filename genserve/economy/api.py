@@ -6,6 +6,7 @@
     GET  /v1/resources/{id}/terms                 licence fee, early-access window, unlock price, goal
     PUT  /v1/resources/{id}/terms                 the owner sets them
     GET  /v1/resources/{id}/access                200 when the caller may generate with / download it
+                                                  (the file itself: the resources router's /download)
     POST /v1/resources/{id}/unlock                buy early access (idempotent)
     POST /v1/resources/{id}/contributions         give toward the goal (idempotent per key)
     POST /v1/admin/unlocks/{unlock_id}/refund     admin: refund an unlock or contribution

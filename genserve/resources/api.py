@@ -3,7 +3,8 @@ moderators' flags and switch. A router the ingress mounts (`create_api(..., rout
 its caller and admin dependencies handed in, so errors and auth are the ingress's own.
 
 A user sees public resources and their own; a private resource of someone else answers 404 exactly
-like a missing one. Every route runs its database and object-store work in a thread.
+like a missing one. `GET /v1/resources/{id}/download` streams a resource's file under the same rule
+and the economy's early access. Every route runs its database and object-store work in a thread.
 """
 
 
@@ -12,7 +13,7 @@ from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, File, Form, Path, Query, UploadFile
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from genserve.core.errors import InvalidRequest
 from genserve.resources.catalog import ModelCatalog
@@ -115,6 +116,19 @@ def build_router(resources: ResourceService, catalog: ModelCatalog, caller: Call
     @router.get("/resources/{resource_id}", response_model=ResourceView, tags=["resources"])
     async def get_resource(who: CallerDep, resource_id: ResourceRef) -> ResourceView:
         return ResourceView.of(await asyncio.to_thread(registry.visible, resource_id, who.user_id))
+
+    @router.get("/resources/{resource_id}/download", tags=["resources"], response_class=StreamingResponse,
+                responses={200: {"content": {"application/octet-stream": {}},
+                                 "description": "the safetensors file; ETag is its SHA-256"},
+                           403: {"description": "early_access: unlock it, or wait until the window ends"},
+                           404: {"description": "resource_not_found (also another user's private resource)"},
+                           409: {"description": "resource_not_downloadable: a diffusers folder"},
+                           422: {"description": "resource_disabled: taken down (its owner still may)"}})
+    async def download_resource(who: CallerDep, resource_id: ResourceRef) -> StreamingResponse:
+        """The resource's file, for a caller who may see it and is past its early access."""
+        found = await asyncio.to_thread(resources.download, resource_id, who.user_id)
+        # a plain iterator: Starlette reads it in a worker thread, off the event loop
+        return StreamingResponse(found.chunks, media_type=found.content_type, headers=found.headers())
 
     @router.patch("/resources/{resource_id}", response_model=ResourceView, tags=["resources"])
     async def update_resource(who: CallerDep, resource_id: ResourceRef, body: ResourceUpdate) -> ResourceView:

@@ -8,7 +8,8 @@ content-addressed and registered under its owner.
 A refusal stores nothing and charges nothing; a likeness block is written to the audit log with
 the rule that matched. Disabling (a moderator) turns a resource off for every replica at once: the
 ingress and the workers ask `ResourceRegistry.usable` on every request, and a worker evicts the
-adapter of a resource it finds disabled.
+adapter of a resource it finds disabled. Downloads (`download`) hand a file to whoever may see the
+resource, past its early-access window, streamed and checked against its registered hash.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import logging
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -37,6 +38,7 @@ from genserve.engine.lycoris import LycorisInvalid, lycoris_to_lora
 from genserve.resources.air import AirInvalid, parse_air
 from genserve.resources.cache import ResourceCache, publish_file, publish_folder
 from genserve.resources.catalog import ModelCatalog
+from genserve.resources.download import ResourceDownload, open_download
 from genserve.resources.inspect import Inspection, inspect_or_refuse
 from genserve.resources.models import Resource, ResourceKind, Visibility
 from genserve.resources.registry import (
@@ -45,6 +47,7 @@ from genserve.resources.registry import (
     CheckpointConfigMissing,
     ReservedToken,
     ResourceRegistry,
+    ResourceUnavailable,
 )
 from safety.embeddings import uses_reserved_token
 from safety.errors import SafetyError
@@ -80,6 +83,18 @@ class StagedKeyForbidden(Forbidden):
     code = "staged_key_forbidden"
 
 
+class DownloadBlocked(SafetyBlocked):
+    """The file is on the likeness blocklist: handed to nobody but its owner."""
+
+    code = "likeness_blocked"
+
+
+class DownloadsUnavailable(Unavailable):
+    """No early-access check was given: downloads refuse rather than skip it (fail closed)."""
+
+    code = "downloads_unavailable"
+
+
 @dataclass(frozen=True)
 class UploadSpec:
     """What the owner declares with a file: everything optional but the owner."""
@@ -109,7 +124,8 @@ class Registered:
 class ResourceService:
     def __init__(self, registry: ResourceRegistry, store: ObjectStore, safety: SafetyGate, catalog: ModelCatalog,
                  models_dir: Path, staging_dir: Path, *, resource_cache: ResourceCache | None = None,
-                 max_bytes: dict[ResourceKind, int] | None = None):
+                 max_bytes: dict[ResourceKind, int] | None = None,
+                 access_check: Callable[[str, str], None] | None = None):
         self.registry = registry
         self.store = store
         self.safety = safety
@@ -118,16 +134,20 @@ class ResourceService:
         self.staging_dir = Path(staging_dir)
         self.resource_cache = resource_cache
         self.max_bytes = {**MAX_UPLOAD_BYTES, **(max_bytes or {})}
+        # (resource id, user id) -> None or the refusal: the economy's early-access rule for downloads
+        # (`Economy.check_download`), handed in so resources never import the economy above them
+        self.access_check = access_check
         self.staging_dir.mkdir(parents=True, exist_ok=True)
 
     @classmethod
     def from_parts(cls, settings: Any, registry: ResourceRegistry, store: ObjectStore, safety: SafetyGate, *,
-                   resource_cache: ResourceCache | None = None) -> ResourceService:
+                   resource_cache: ResourceCache | None = None,
+                   access_check: Callable[[str, str], None] | None = None) -> ResourceService:
         """The service over the generation service's own registry, store and gate (`settings`: Settings)."""
         from genserve.resources.catalog import load_model_catalog
 
         return cls(registry, store, safety, load_model_catalog(settings.models_file), settings.models_dir,
-                   settings.data_dir / "staging", resource_cache=resource_cache)
+                   settings.data_dir / "staging", resource_cache=resource_cache, access_check=access_check)
 
     # -- staging ----------------------------------------------------------------------------------
 
@@ -273,6 +293,40 @@ class ResourceService:
                 return {"storage_key": published.storage_key, "sha256": published.sha256}
         raise CheckpointConfigMissing(f"no {family} config folder is configured for single-file checkpoints "
                                       "(a single-file checkpoint with `config:` in models.yaml)")
+
+    # -- downloads --------------------------------------------------------------------------------
+
+    def download(self, resource_id: str, user_id: str) -> ResourceDownload:
+        """The resource's file for `user_id`. Visibility first, so another user's private resource is
+        missing (404 `resource_not_found`) rather than locked; a taken-down or blocklisted one is only its
+        owner's (`resource_disabled`, `likeness_blocked`); then early access (403 `early_access` until
+        unlocked or the window ends)."""
+        row = self.registry.visible(resource_id, user_id)
+        if row.owner_user_id != user_id:
+            if not row.generation_enabled:
+                raise ResourceUnavailable(f"resource {resource_id} is not available",
+                                          code="resource_disabled", details={"id": resource_id})
+            self._download_likeness(row, user_id)
+        if self.access_check is None:
+            raise DownloadsUnavailable("downloads need the early-access check; this service has none")
+        self.access_check(row.id, user_id)
+        return open_download(self.store, row)
+
+    def _download_likeness(self, row: Resource, user_id: str) -> None:
+        """The blocklist by the registered hashes (no file read): a likeness the generator refuses to
+        load is not handed out either. A check that fails refuses (fail closed); a match is audited."""
+        subject = [h for h in (row.sha256, row.tensor_sha256) if h]
+        try:
+            match = self.safety.blocklist.check_hashes(row.sha256, row.tensor_sha256)
+        except Exception as exc:  # noqa: BLE001 - any failure of the check refuses the download
+            raise UploadCheckFailed(f"the likeness check failed: {type(exc).__name__}: {exc}") from exc
+        if match is None:
+            return
+        self.safety.audit.append("resource_download", "block", rules=[match.rule_id], subject=subject,
+                                 user_id=user_id,
+                                 details={"resource_id": row.id, "likeness": match.to_dict()})
+        raise DownloadBlocked("this file reproduces a real person's likeness and is not handed out",
+                              details={"rules": [match.rule_id], "id": row.id})
 
     # -- changes ----------------------------------------------------------------------------------
 

@@ -145,6 +145,12 @@ def pipeline_view(pipe: DiffusionPipeline, cls: type[DiffusionPipeline]) -> Diff
         return view
 
 
+def pipeline_views(pipe: DiffusionPipeline) -> list[DiffusionPipeline]:
+    """The views made over `pipe` so far (a component swapped on `pipe` must be swapped on them too)."""
+    with _views_lock:
+        return list(_views.get(pipe, {}).values())
+
+
 def drop_pipeline_views(pipe: DiffusionPipeline) -> None:
     """Forget `pipe`'s views now (a checkpoint being unloaded), so they hold none of its modules."""
     with _views_lock:

@@ -58,7 +58,7 @@ def build_router(resources: ResourceService, catalog: ModelCatalog, caller: Call
         who: CallerDep,
         file: Annotated[UploadFile | None, File(description="a .safetensors file")] = None,
         key: Annotated[str | None, Form(description="or: an object already staged under uploads/<user>/")] = None,
-        kind: Annotated[ResourceKind | None, Form(description="checkpoint | lora | embedding (default: detected)")] = None,
+        kind: Annotated[ResourceKind | None, Form(description="checkpoint | lora | embedding | vae (default: detected)")] = None,
         family: Annotated[ModelFamily | None, Form(description="sd1 | sdxl (default: detected)")] = None,
         name: Annotated[str | None, Form(max_length=200)] = None,
         visibility: Annotated[Visibility, Form()] = Visibility.private,

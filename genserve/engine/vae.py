@@ -69,13 +69,15 @@ def load_vae(path: Path, like: AutoencoderKL) -> AutoencoderKL:
 class VaeCache:
     """The VAEs one loaded checkpoint has used recently (by file SHA-256), and the checkpoint's own."""
 
-    def __init__(self, own: AutoencoderKL, max_entries: int = 2):
+    def __init__(self, own: AutoencoderKL | None, max_entries: int = 2):
         self.own = own
         self.max_entries = max_entries
         self._vaes: OrderedDict[str, AutoencoderKL] = OrderedDict()
         self._lock = threading.Lock()
 
     def get(self, sha256: str, path: Path) -> AutoencoderKL:
+        if self.own is None:
+            raise RuntimeError("this VAE cache's checkpoint was unloaded")
         with self._lock:
             vae = self._vaes.get(sha256)
             if vae is not None:
@@ -94,6 +96,11 @@ class VaeCache:
     def clear(self) -> None:
         with self._lock:
             self._vaes.clear()
+
+    def close(self) -> None:
+        """Drop every module, the checkpoint's own too (its checkpoint is being unloaded)."""
+        self.clear()
+        self.own = None
 
 
 @contextlib.contextmanager

@@ -28,6 +28,8 @@ class WorkerConfig(BaseModel):
     # checkpoints resident per replica (Serve multiplexing, LRU)
     max_models_per_replica: int = Field(2, ge=1)
     lora_cache: LoraCacheLimits = LoraCacheLimits()
+    # VAEs that requests chose, kept built per loaded checkpoint (an SD1/SDXL VAE is ~160 MB in fp16)
+    vae_cache_size: int = Field(2, ge=1)
     # local copies of published checkpoints/LoRAs/embeddings; None: <models_dir>/cache
     resource_cache_dir: Path | None = None
     resource_cache_max_bytes: int = Field(64 << 30, ge=1)

@@ -215,6 +215,39 @@ def test_user_embedding_applies_to_one_request_only(env, core):
     core.check_health()  # the safety embeddings' rows survived the load and unload
 
 
+def test_a_requests_vae_is_checked_cached_and_for_that_job_only(env, core, lora):
+    from genserve.resources.models import Resource
+    from genserve.resources.registry import ResourceRefused
+    from genserve.tinymodels import write_tiny_vae
+
+    loaded = core.checkpoint("tiny-sd1")
+    path = write_tiny_vae(env["root"] / "worker-vae.safetensors", seed=4)
+    row = env["registry"].publish(path, id="vae-a", kind="vae", family="sd1", name="vae_a")
+    with one_torch_thread():
+        _, own = _generate(core, _request(seeds=[4]))
+        _, chosen = _generate(core, _request(seeds=[4], vae="vae-a"))
+        _, again = _generate(core, _request(seeds=[4]))
+    assert row.sha256 in loaded.vaes and loaded.pipe.vae is loaded.vaes.own
+    assert read_png_infotext(chosen[0]).params["VAE hash"] == row.sha256[:10]
+    a, b, c = (read_png_infotext(pngs[0]) for pngs in (own, chosen, again))
+    assert "VAE" not in a.params and a == c
+    import io
+
+    from PIL import Image
+
+    own_img, chosen_img, again_img = (Image.open(io.BytesIO(pngs[0])) for pngs in (own, chosen, again))
+    assert own_img.tobytes() == again_img.tobytes() != chosen_img.tobytes()
+    # the worker asks the registry again: a LoRA named as a VAE, or a VAE disabled since admission
+    with pytest.raises(ResourceRefused) as err:
+        core.generate(_request(vae="lora-a"))
+    assert err.value.code == "resource_unusable"
+    with env["db"].transaction() as s:
+        s.get(Resource, "vae-a").generation_enabled = False
+    with pytest.raises(ResourceRefused) as err:
+        core.generate(_request(vae="vae-a"))
+    assert err.value.code == "resource_disabled"
+
+
 def test_check_health_fails_when_the_safety_embedding_is_removed(core):
     from safety.errors import EmbeddingUnavailable
 

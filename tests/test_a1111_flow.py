@@ -246,6 +246,8 @@ def test_a_registered_vae_decodes_the_job_and_the_next_job_gets_the_checkpoints_
     by_file_name = GenerationRequest.model_validate({"infotext": job.infotext.replace(
         "VAE: tiny_vae_ft", "VAE: tiny_vae_ft.safetensors")})
     assert service.quote(caller, by_file_name).total == service.quote(caller, _req(hires=hires)).total  # no charge
+    # beside an infotext, `"vae": null` asks for the checkpoint's own (fields next to it win)
+    assert GenerationRequest.model_validate({"infotext": job.infotext, "vae": None}).vae is None
     assert "tiny-vae-sd1" in [r["id"] for r in service.jobs.get(job.id).request["resources"]]
 
 

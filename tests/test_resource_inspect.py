@@ -157,6 +157,10 @@ def test_vae_files_in_either_layout_are_vaes_of_the_declared_family(tmp_path, ti
     prefixed = _save(tmp_path / "cut.safetensors", {"first_stage_model.encoder.conv_in.weight": torch.zeros(2),
                                                     "first_stage_model.decoder.conv_in.weight": torch.zeros(2)})
     assert inspect_file(prefixed, declared_kind="vae", declared_family="sd1").layout == "ldm"
+    flux = _save(tmp_path / "flux.safetensors", {"encoder.conv_in.weight": torch.zeros(8, 3, 3, 3),
+                                                 "decoder.conv_in.weight": torch.zeros(8, 16, 3, 3)})
+    with pytest.raises(FamilyUnsupported):
+        inspect_file(flux, declared_family="sdxl")
     # a checkpoint holds a VAE too, but it is a checkpoint; an encoder alone is no VAE
     assert inspect_file(tiny_models["sd1"].single_file).kind is ResourceKind.checkpoint
     with pytest.raises(ResourceKindUnknown):

@@ -326,6 +326,11 @@ def _vae_layout(tensors: dict[str, TensorInfo]) -> str | None:
         return None
     if not any(n.startswith("encoder.") for n in names) or not any(n.startswith("decoder.") for n in names):
         return None
+    # SD1 and SDXL latents have 4 channels; an SD3 or Flux VAE (16) would only fail at the worker
+    conv_in = next((info for n, info in tensors.items() if n.endswith("decoder.conv_in.weight")), None)
+    if conv_in is not None and len(conv_in.shape) == 4 and conv_in.shape[1] != 4:
+        raise FamilyUnsupported(f"a VAE of {conv_in.shape[1]} latent channels; SD1 and SDXL VAEs have 4",
+                                details={"latent_channels": conv_in.shape[1]})
     return "diffusers" if any(".up_blocks." in n or ".down_blocks." in n for n in names) else "ldm"
 
 

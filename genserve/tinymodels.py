@@ -42,7 +42,7 @@ from transformers import (
 )
 
 from genserve.engine.loading import disable_progress_bars
-from genserve.engine.single_file import pipeline_to_ldm
+from genserve.engine.single_file import pipeline_to_ldm, vae_to_ldm
 
 FAMILIES = ("sd1", "sdxl")
 MANIFEST_VERSION = 1
@@ -250,6 +250,19 @@ def build_tiny_pipeline(family: str, seed: int = 0) -> StableDiffusionPipeline |
         pipe = _BUILDERS[family]()
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def write_tiny_vae(path: Path, seed: int = 1, layout: str = "ldm") -> Path:
+    """A stand-alone VAE file for the tiny models of either family (they share one VAE architecture),
+    drawn from `seed` (the checkpoints' own VAEs come from their build seed, so another seed decodes
+    differently). `layout` "ldm" writes the keys A1111/Civitai VAE files have, "diffusers" diffusers'."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(zlib.crc32(f"vae/{seed}".encode()))
+        vae = _vae()
+    tensors = vae_to_ldm(vae, prefix="") if layout == "ldm" else vae.state_dict()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, path, metadata={"format": "pt"})
+    return path
 
 
 def build_safety_embeddings(family: str, seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:

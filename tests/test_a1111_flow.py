@@ -214,3 +214,52 @@ def test_a_checkpoint_is_found_by_its_name_as_infotext_names_it(env, tiny_models
     with pytest.raises(Exception) as err:
         service.quote(caller, _req(checkpoint="No Such Model"))
     assert err.value.code == "resource_not_found"
+
+
+@pytest.fixture(scope="module")
+def vaes(env, tmp_path_factory):
+    """A registered SD1 VAE (A1111's LDM layout, other weights than the tiny checkpoint's own) and an SDXL one."""
+    from genserve.tinymodels import write_tiny_vae
+
+    service, _ = env
+    root = tmp_path_factory.mktemp("vaes")
+    service.registry.publish(write_tiny_vae(root / "sd1-vae.safetensors", seed=5), id="tiny-vae-sd1", kind="vae",
+                             family="sd1", name="tiny_vae_ft")
+    service.registry.publish(write_tiny_vae(root / "xl-vae.safetensors", seed=6, layout="diffusers"),
+                             id="tiny-vae-sdxl", kind="vae", family="sdxl")
+    return service.registry.get("tiny-vae-sd1")
+
+
+def test_a_registered_vae_decodes_the_job_and_the_next_job_gets_the_checkpoints_own(env, vaes):
+    service, ledger = env
+    caller = _caller(ledger)
+    hires = {"scale": 1.5, "denoise": 0.5, "steps": 2}
+    own, own_job = _png(service, caller, _req(hires=hires))
+    chosen, job = _png(service, caller, _req(hires=hires, vae="tiny-vae-sd1"))
+    after, _ = _png(service, caller, _req(hires=hires))
+    assert _pixels(chosen) != _pixels(own) == _pixels(after)
+    assert "VAE" not in own_job.infotext
+    assert f"Model: tiny-sd1, VAE hash: {vaes.sha256[:10]}, VAE: tiny_vae_ft," in job.infotext
+    # the infotext names the VAE as A1111 does, and brings it back (A1111 writes the file's name)
+    again, _ = _png(service, caller, GenerationRequest.model_validate({"infotext": job.infotext}))
+    assert _pixels(again) == _pixels(chosen)
+    by_file_name = GenerationRequest.model_validate({"infotext": job.infotext.replace(
+        "VAE: tiny_vae_ft", "VAE: tiny_vae_ft.safetensors")})
+    assert service.quote(caller, by_file_name).total == service.quote(caller, _req(hires=hires)).total  # no charge
+    # beside an infotext, `"vae": null` asks for the checkpoint's own (fields next to it win)
+    assert GenerationRequest.model_validate({"infotext": job.infotext, "vae": None}).vae is None
+    assert "tiny-vae-sd1" in [r["id"] for r in service.jobs.get(job.id).request["resources"]]
+
+
+@pytest.mark.parametrize("vae, code", [("no-such-vae", "vae_not_found"), ("tag-lora-1", "not_a_vae"),
+                                       ("tiny-vae-sdxl", "family_mismatch")])
+def test_a_vae_that_cannot_be_used_is_refused_before_anything_is_charged(env, vaes, vae, code):
+    from genserve.core.errors import GenserveError
+
+    service, ledger = env
+    caller = _caller(ledger)
+    with pytest.raises(GenserveError) as err:
+        asyncio.run(service.submit(caller, _req(vae=vae)))
+    assert err.value.code == code
+    balance = ledger.balance(user_account(caller.user_id))
+    assert (balance.available, balance.held) == (1000, 0)

@@ -76,3 +76,16 @@ def test_png_without_chunk():
     buf = io.BytesIO()
     Image.new("RGB", (4, 4)).save(buf, format="PNG")
     assert read_png_infotext(buf.getvalue()) is None
+
+
+def test_a_chosen_vae_is_written_after_the_model_as_a1111_does_and_read_back():
+    from genserve.engine.infotext import request_fields
+
+    text = build_infotext(prompt="a cat", negative_prompt="", steps=20, sampler="Euler a", cfg_scale=7, seed=1,
+                          width=512, height=512, model_hash=autov2(SHA), model_name="m", vae_name="sdxl_vae, fp16",
+                          vae_hash=autov2(SHA[::-1])).render()
+    assert 'Model: m, VAE hash: fedcba9876, VAE: "sdxl_vae, fp16", Version' in text
+    assert request_fields(text)["vae"] == "sdxl_vae, fp16"
+    plain = build_infotext(prompt="a cat", negative_prompt="", steps=20, sampler="Euler a", cfg_scale=7, seed=1,
+                           width=512, height=512, model_hash=autov2(SHA), model_name="m").render()
+    assert "VAE" not in plain and "vae" not in request_fields(plain)

@@ -131,4 +131,9 @@ def test_flags_and_listing(registry):
     assert [r.id for r in registry.list(kind=ResourceKind.lora)] == ["l1"]
     assert [r.id for r in registry.list(family="sd1")] == ["ck", "l1"]
     with pytest.raises(InvalidRequest):
-        registry.list(kind="vae")
+        registry.list(kind="hypernetwork")
+    _register(registry, "v1", "vae")
+    assert [r.id for r in registry.list(kind="vae")] == ["v1"]
+    with pytest.raises(InvalidRequest) as err:  # a VAE is the request's `vae`, never an extra resource
+        registry.resolve("ck", [ResourceRef(id="v1")])
+    assert err.value.code == "extra_vae"

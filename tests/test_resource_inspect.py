@@ -145,6 +145,30 @@ def test_embeddings_and_checkpoints(tmp_path, tiny_models):
         assert (found.kind, found.family, found.layout) == (ResourceKind.checkpoint, family, "ldm")
 
 
+def test_vae_files_in_either_layout_are_vaes_of_the_declared_family(tmp_path, tiny_models):
+    from genserve.tinymodels import write_tiny_vae
+
+    for layout in ("ldm", "diffusers"):
+        path = write_tiny_vae(tmp_path / f"{layout}.safetensors", layout=layout)
+        with pytest.raises(FamilyUndetected):  # SD1 and SDXL share the VAE architecture
+            inspect_file(path)
+        found = inspect_file(path, declared_family="sdxl")
+        assert (found.kind, found.family, found.format, found.layout) == (ResourceKind.vae, "sdxl", "vae", layout)
+    prefixed = _save(tmp_path / "cut.safetensors", {"first_stage_model.encoder.conv_in.weight": torch.zeros(2),
+                                                    "first_stage_model.decoder.conv_in.weight": torch.zeros(2)})
+    assert inspect_file(prefixed, declared_kind="vae", declared_family="sd1").layout == "ldm"
+    flux = _save(tmp_path / "flux.safetensors", {"encoder.conv_in.weight": torch.zeros(8, 3, 3, 3),
+                                                 "decoder.conv_in.weight": torch.zeros(8, 16, 3, 3)})
+    with pytest.raises(FamilyUnsupported):
+        inspect_file(flux, declared_family="sdxl")
+    # a checkpoint holds a VAE too, but it is a checkpoint; an encoder alone is no VAE
+    assert inspect_file(tiny_models["sd1"].single_file).kind is ResourceKind.checkpoint
+    with pytest.raises(ResourceKindUnknown):
+        inspect_file(_save(tmp_path / "half.safetensors", {"encoder.conv_in.weight": torch.zeros(2),
+                                                                  "encoder.conv_out.weight": torch.zeros(2)}),
+                     declared_family="sd1")
+
+
 def test_declared_kind_and_family_are_checked_against_the_keys(tmp_path):
     path = _save(tmp_path / "a.safetensors", _pair(SD1_K, 4, 320, 768))
     with pytest.raises(FamilyMismatch) as info:
@@ -187,7 +211,8 @@ def test_air_aliases_are_canonical():
                                                                        "328553", "368189")
     assert canonical_air("urn:air:pony:lycoris:CivitAI:1@2") == "urn:air:sdxl:lora:civitai:1@2"
     assert canonical_air("urn:air:sd1:embedding:civitai:7") == "urn:air:sd1:embedding:civitai:7"
-    for bad in ("urn:air:flux1:lora:civitai:1@2", "urn:air:sdxl:vae:civitai:1@2", "urn:air:sdxl:lora:civitai",
+    assert parse_air("urn:air:sdxl:vae:civitai:1@2").kind is ResourceKind.vae
+    for bad in ("urn:air:flux1:lora:civitai:1@2", "urn:air:sdxl:hypernet:civitai:1@2", "urn:air:sdxl:lora:civitai",
                 "civitai:1@2", "urn:air:sdxl:lora:civitai:1@2@3"):
         with pytest.raises(AirInvalid):
             parse_air(bad)

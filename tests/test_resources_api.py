@@ -365,3 +365,33 @@ def test_textual_inversion_upload_and_reserved_tokens(env, tmp_path):  # noqa: F
     assert (reserved.status_code, reserved.json()["code"]) == (422, "reserved_token")
     (job,) = _call(env, _generate(user.user_id, "tiny-sd1", up.json()["id"], prompt="a <fox-ti> fox"))
     assert job.status_code == 200 and job.json()["status"] == "succeeded", job.text
+
+
+def test_vae_upload_then_generate_with_it_and_refusals_by_code(env, tmp_path):  # noqa: F811
+    import io
+
+    from PIL import Image
+
+    from genserve.tinymodels import write_tiny_vae
+
+    owner, other = env.user(), env.user()
+    data = write_tiny_vae(tmp_path / "fox_vae.safetensors", seed=8).read_bytes()
+    undeclared, up = _call(env, _upload(data, owner.user_id, "fox_vae.safetensors"),
+                           _upload(data, owner.user_id, "fox_vae.safetensors", family="sd1"))
+    assert (undeclared.status_code, undeclared.json()["code"]) == (422, "family_undetected")
+    assert up.status_code == 201, up.text
+    assert (up.json()["kind"], up.json()["family"], up.json()["name"]) == ("vae", "sd1", "fox_vae")
+    rid = up.json()["id"]
+    own, chosen, theirs, listed = _call(
+        env, _generate(owner.user_id, "tiny-sd1"), _generate(owner.user_id, "tiny-sd1", vae=rid),
+        _generate(other.user_id, "tiny-sd1", vae=rid),  # a private VAE is nobody else's to name
+        _generate(owner.user_id, "tiny-sd1", rid))
+    assert chosen.status_code == 200 and chosen.json()["status"] == "succeeded", chosen.text
+    assert "VAE: fox_vae" in chosen.json()["infotext"] and "VAE" not in own.json()["infotext"]
+    pngs = _call(env, *[("GET", f"/v1/generations/{job.json()['id']}/images/0", {"headers": _headers(owner.user_id)})
+                        for job in (own, chosen)])
+    own_pixels, chosen_pixels = (Image.open(io.BytesIO(png.content)).convert("RGB").tobytes() for png in pngs)
+    assert own_pixels != chosen_pixels  # the same seed and prompt, decoded by another VAE
+    assert (theirs.status_code, theirs.json()["code"]) == (404, "vae_not_found")
+    assert env.available(other) == GRANT
+    assert (listed.status_code, listed.json()["code"]) == (422, "extra_vae")

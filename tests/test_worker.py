@@ -26,7 +26,10 @@ def env(tiny_models, tmp_path_factory):
     from genserve.resources.registry import ResourceRegistry
 
     root = tmp_path_factory.mktemp("worker")
-    settings = load_settings(env={"GENSERVE_DATA_DIR": str(root / "data")}, overrides={"worker": {"cpu_threads": 1}})
+    # one by one: most tests here follow a request image by image (progress, a scan overlapping the next
+    # image, a cancel between images); `test_quantity_runs_in_batches_of_the_configured_size` batches
+    settings = load_settings(env={"GENSERVE_DATA_DIR": str(root / "data")},
+                             overrides={"worker": {"cpu_threads": 1, "batch_size": {"sd1": 1}}})
     shutil.copytree(tiny_models["sd1"].embeddings["general"].parent, settings.models_dir / "embeddings")
     db = Database.from_settings(settings)
     db.migrate()
@@ -215,6 +218,39 @@ def test_user_embedding_applies_to_one_request_only(env, core):
     core.check_health()  # the safety embeddings' rows survived the load and unload
 
 
+def test_a_requests_vae_is_checked_cached_and_for_that_job_only(env, core, lora):
+    from genserve.resources.models import Resource
+    from genserve.resources.registry import ResourceRefused
+    from genserve.tinymodels import write_tiny_vae
+
+    loaded = core.checkpoint("tiny-sd1")
+    path = write_tiny_vae(env["root"] / "worker-vae.safetensors", seed=4)
+    row = env["registry"].publish(path, id="vae-a", kind="vae", family="sd1", name="vae_a")
+    with one_torch_thread():
+        _, own = _generate(core, _request(seeds=[4]))
+        _, chosen = _generate(core, _request(seeds=[4], vae="vae-a"))
+        _, again = _generate(core, _request(seeds=[4]))
+    assert row.sha256 in loaded.vaes and loaded.pipe.vae is loaded.vaes.own
+    assert read_png_infotext(chosen[0]).params["VAE hash"] == row.sha256[:10]
+    a, b, c = (read_png_infotext(pngs[0]) for pngs in (own, chosen, again))
+    assert "VAE" not in a.params and a == c
+    import io
+
+    from PIL import Image
+
+    own_img, chosen_img, again_img = (Image.open(io.BytesIO(pngs[0])) for pngs in (own, chosen, again))
+    assert own_img.tobytes() == again_img.tobytes() != chosen_img.tobytes()
+    # the worker asks the registry again: a LoRA named as a VAE, or a VAE disabled since admission
+    with pytest.raises(ResourceRefused) as err:
+        core.generate(_request(vae="lora-a"))
+    assert err.value.code == "resource_unusable"
+    with env["db"].transaction() as s:
+        s.get(Resource, "vae-a").generation_enabled = False
+    with pytest.raises(ResourceRefused) as err:
+        core.generate(_request(vae="vae-a"))
+    assert err.value.code == "resource_disabled"
+
+
 def test_check_health_fails_when_the_safety_embedding_is_removed(core):
     from safety.errors import EmbeddingUnavailable
 
@@ -281,6 +317,37 @@ def test_evicted_checkpoint_is_freed_after_its_last_request(core):
     assert loaded.freed and loaded.pipe is None and pipe.unet is None and loras.cleared == 1
     loaded.__del__()
     assert loras.cleared == 1
+
+
+def test_quantity_runs_in_batches_of_the_configured_size(env, core):
+    """Seeds 1, 2, 3 at batch size 2: two pipeline calls (progress under images 0 and 2), every image
+    streamed and scanned, each the one-by-one image (up to 1/255 per channel: batched float kernels)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from genserve.generation.worker.core import WorkerCore
+
+    settings = env["settings"]
+    batched = WorkerCore("sd1", settings.model_copy(update={"worker": settings.worker.model_copy(
+        update={"batch_size": {"sd1": 2}})}), db=env["db"], store=env["store"], scanner=core.scanner)
+    request = _request(seeds=[1, 2, 3], steps=2)
+    try:
+        with one_torch_thread():
+            events: list = []
+            result = batched.generate(request, events.append)
+            _, alone = _generate(core, request)
+    finally:
+        batched.close()
+    assert result.timings_ms["batch_size"] == 2 and [i.index for i in result.images] == [0, 1, 2]
+    progress = [(e.image_index, e.step) for e in events if isinstance(e, ProgressEvent)]
+    assert progress == [(0, 1), (0, 2), (2, 1), (2, 2)]
+    pngs = _pngs(events)
+    for index in range(3):
+        a, b = (np.asarray(Image.open(io.BytesIO(p[index])), dtype=int) for p in (pngs, alone))
+        assert np.abs(a - b).max() <= 1
+        assert read_png_infotext(pngs[index]).params["Seed"] == str(request.seeds[index])
 
 
 def test_worker_limits_and_unknown_sampler(env, core):

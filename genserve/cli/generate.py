@@ -53,7 +53,7 @@ def _body(prompt: str | None, **opts: Any) -> dict[str, Any]:
         "sampler": opts["sampler"], "steps": opts["steps"], "cfg_scale": opts["cfg_scale"],
         "clip_skip": opts["clip_skip"], "quantity": opts["quantity"], "priority": opts["priority"],
     }
-    for name in ("seed", "width", "height", "nsfw_level", "idempotency_key"):
+    for name in ("seed", "width", "height", "nsfw_level", "idempotency_key", "vae"):
         if opts[name] is not None:
             body[name] = opts[name]
     if opts["hires_scale"] is not None:
@@ -113,6 +113,7 @@ def generate(
     checkpoint: str = typer.Option("tiny-sd1", "--checkpoint", help="Checkpoint resource id"),
     lora: list[str] = typer.Option([], "--lora", help="LoRA resource ID or ID:STRENGTH (repeatable)"),
     embedding: list[str] = typer.Option([], "--embedding", help="Embedding resource id (repeatable)"),
+    vae: str | None = typer.Option(None, "--vae", help="VAE resource id or name (default: the checkpoint's own)"),
     sampler: str = typer.Option("Euler a", "--sampler"),
     steps: int = typer.Option(20, "--steps"),
     cfg_scale: float = typer.Option(7.0, "--cfg"),

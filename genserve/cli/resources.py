@@ -11,7 +11,7 @@ import typer
 from genserve.cli.common import JsonOption, emit, get_settings, handle_errors
 
 resources_app = typer.Typer(no_args_is_help=True,
-                            help="User resources (LoRAs, embeddings, checkpoints): register, discover, disable.")
+                            help="User resources (LoRAs, embeddings, VAEs, checkpoints): register, discover, disable.")
 
 UserOption = typer.Option(None, "--user", help="User id (default: the settings' demo user)")
 UrlOption = typer.Option(None, "--url", envvar="GENSERVE_URL", help="Service URL (default: http://<server.host>:<server.port>)")
@@ -51,9 +51,9 @@ def _line(r: dict[str, Any]) -> str:
 @handle_errors
 def add(
     ctx: typer.Context,
-    file: Path | None = typer.Argument(None, help="A .safetensors file (LoRA, embedding or single-file checkpoint)"),
+    file: Path | None = typer.Argument(None, help="A .safetensors file (LoRA, embedding, VAE or single-file checkpoint)"),
     key: str | None = typer.Option(None, "--key", help="Register an object already staged under uploads/<user>/"),
-    kind: str | None = typer.Option(None, "--kind", help="checkpoint | lora | embedding (default: detected)"),
+    kind: str | None = typer.Option(None, "--kind", help="checkpoint | lora | embedding | vae (default: detected)"),
     family: str | None = typer.Option(None, "--family", help="sd1 | sdxl (default: detected from the keys)"),
     name: str | None = typer.Option(None, "--name"),
     public: bool = typer.Option(False, "--public", help="Visible to every user (default: private)"),

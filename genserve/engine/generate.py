@@ -85,12 +85,15 @@ class GenerationOutcome:
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """What the infotext says about the checkpoint and the LoRAs (name -> AutoV3 hash)."""
+    """What the infotext says about the checkpoint, the LoRAs (name -> AutoV3 hash) and the VAE."""
 
     name: str
     model_hash: str
     lora_hashes: Mapping[str, str] = field(default_factory=dict)
     ti_hashes: Mapping[str, str] = field(default_factory=dict)
+    # a VAE other than the checkpoint's own: its name and AutoV2 hash
+    vae_name: str | None = None
+    vae_hash: str | None = None
 
 
 class _QuietCastWarning(logging.Filter):
@@ -143,6 +146,12 @@ def pipeline_view(pipe: DiffusionPipeline, cls: type[DiffusionPipeline]) -> Diff
             view = views[cls] = cls.from_pipe(pipe)
             view.set_progress_bar_config(disable=True)
         return view
+
+
+def pipeline_views(pipe: DiffusionPipeline) -> list[DiffusionPipeline]:
+    """The views made over `pipe` so far (a component swapped on `pipe` must be swapped on them too)."""
+    with _views_lock:
+        return list(_views.get(pipe, {}).values())
 
 
 def drop_pipeline_views(pipe: DiffusionPipeline) -> None:
@@ -261,7 +270,7 @@ def generate(
             schedule_type=schedule_type,
             cfg_scale=request.cfg_scale, seed=seed, width=request.width, height=request.height,
             model_hash=model.model_hash, model_name=model.name, clip_skip=request.clip_skip,
-            lora_hashes=model.lora_hashes, ti_hashes=model.ti_hashes,
+            lora_hashes=model.lora_hashes, ti_hashes=model.ti_hashes, vae_name=model.vae_name, vae_hash=model.vae_hash,
             hires_scale=hires.scale if hires else None,
             hires_steps=(hires.steps or request.steps) if hires else None,
             hires_denoise=hires.denoise if hires else None,

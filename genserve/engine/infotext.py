@@ -96,6 +96,8 @@ def build_infotext(
     hires_denoise: float | None = None,
     hires_upscaler: str | None = None,
     schedule_type: str | None = None,
+    vae_name: str | None = None,
+    vae_hash: str | None = None,
 ) -> Infotext:
     """The parameters of one image in A1111's order and spelling. `width`/`height` are the first pass's.
     `sampler` is written as A1111 >= 1.9 does: the sampler, then its "Schedule type" when it has one."""
@@ -108,6 +110,9 @@ def build_infotext(
         "Size": f"{width}x{height}",
         "Model hash": model_hash,
         "Model": model_name,
+        # only for a VAE other than the checkpoint's own, as A1111 writes them (the hash is AutoV2)
+        "VAE hash": vae_hash,
+        "VAE": vae_name,
     }
     if hires_scale is not None:
         params["Denoising strength"] = float(hires_denoise or 0.0)
@@ -264,7 +269,7 @@ def _as(kind: type, key: str, value: str) -> Any:
 def request_fields(text: str) -> dict[str, Any]:
     """The generation-request fields (`/v1/generations` names) an A1111 infotext asks for: prompts,
     steps, sampler (with A1111 >= 1.9's separate "Schedule type"), CFG scale, seed, size, clip skip,
-    the model (as the checkpoint), hires fix. LoRAs come back through the `<lora:...>` tags the
+    the model (as the checkpoint), the VAE, hires fix. LoRAs come back through the `<lora:...>` tags the
     prompt carries; parameters with no request field (Version, hashes ...) are ignored."""
     info = parse_infotext(text)
     p = info.params
@@ -288,6 +293,8 @@ def request_fields(text: str) -> dict[str, Any]:
         out["clip_skip"] = _as(int, "Clip skip", p["Clip skip"])
     if "Model" in p:
         out["checkpoint"] = unquote(p["Model"])
+    if "VAE" in p:
+        out["vae"] = unquote(p["VAE"])
     if "Hires upscale" in p:
         hires: dict[str, Any] = {"scale": _as(float, "Hires upscale", p["Hires upscale"])}
         if "Denoising strength" in p:

@@ -1,6 +1,6 @@
 """Admission: everything decided about a request before any buzz is held, as one frozen plan.
 
-    tier limits ─▶ resolve resources ─▶ reserved tokens ─▶ size ─▶ hires ─▶ allowed level
+    tier limits ─▶ resolve resources (and the VAE) ─▶ reserved tokens ─▶ size ─▶ hires ─▶ allowed level
     ─▶ likeness + safety precheck (audited) ─▶ quote            = `AdmissionPlan`
 
 The plan is computed once per request and read by everything after it (the hold, the job row, the
@@ -11,6 +11,7 @@ functions of the request and the configuration.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -40,6 +41,7 @@ from genserve.resources.registry import (
     ResourceNotFound,
     ResourceRegistry,
 )
+from genserve.resources.vae import resolve_vae
 from safety.embeddings import uses_reserved_token
 from safety.gate import SafetyGate
 from safety.levels import NsfwLevel
@@ -99,7 +101,7 @@ class AdmissionPlan:
             clip_skip=r.clip_skip, width=self.size[0], height=self.size[1], seeds=seeds,
             loras=[LoraSpec(resource_id=x.id, strength=x.strength) for x in res.loras],
             embeddings=[x.id for x in res.embeddings], hires=self.hires, output_format=r.output_format,
-            quality=r.quality, priority=r.priority.value,
+            quality=r.quality, priority=r.priority.value, vae=res.vae.id if res.vae else None,
         )
 
 
@@ -294,6 +296,9 @@ class Admission:
             request = request.model_copy(update={"checkpoint": checkpoint})
         uses = self.resource_uses(caller, request)
         resources = self.registry.resolve(request.checkpoint, uses, caller.user_id)
+        if request.vae is not None:  # refused here (unknown, not a VAE, other family) before anything is held
+            resources = dataclasses.replace(
+                resources, vae=resolve_vae(self.registry, request.vae, resources.family, caller.user_id))
         # early access is refused here, before any buzz is held; the owners' fees come with it
         terms = self.economy.admit([r.id for r in resources.all], caller.user_id) if self.economy else []
         family = self.catalog.families.get(resources.family)
@@ -303,7 +308,8 @@ class Admission:
             if draft_lora not in {u.id for u in uses}:
                 uses.append(ResourceUse(draft_lora, 1.0))
                 free_extras = 1  # the draft LoRA is part of the mode, not a resource the user added
-            resources = self.registry.resolve(request.checkpoint, uses, caller.user_id)
+            resources = dataclasses.replace(self.registry.resolve(request.checkpoint, uses, caller.user_id),
+                                            vae=resources.vae)
         check_tokens(family, resources)
         size = image_size(family, resources.family, request)
         hires = hires_spec(request, size, self.max_pixels)
@@ -319,7 +325,8 @@ class Admission:
         quote = price_generation(quote, payer=caller.user_id, terms=terms, config=self.economy_config,
                                  creator_tip_pct=request.creator_tip_pct, platform_tip_pct=request.platform_tip_pct,
                                  priority=request.priority.value)
-        timeout_s = self.config.job_timeout_s + self.config.timeout_per_resource_s * len(resources.extras)
+        fetched = len(resources.extras) + (resources.vae is not None)  # files the worker may have to fetch
+        timeout_s = self.config.job_timeout_s + self.config.timeout_per_resource_s * fetched
         return AdmissionPlan(caller, request, resources, size, hires, allowed, verdict, quote, timeout_s)
 
     def _precheck(self, caller: Caller, request: GenerationRequest, resources: ResolvedResources,

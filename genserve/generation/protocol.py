@@ -139,6 +139,8 @@ class GenerationRequest(_Strict):
     negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
     checkpoint: str = Field(min_length=1, max_length=64, description="checkpoint resource id")
     resources: list[ResourceRef] = Field(default_factory=list, max_length=MAX_EXTRA_RESOURCES)
+    vae: str | None = Field(None, min_length=1, max_length=256,
+                            description="VAE resource id, AIR alias or name; absent: the checkpoint's own")
     sampler: Sampler = Sampler.euler_a
     steps: int = Field(20, ge=1, le=150, strict=True)
     cfg_scale: float = Field(7.0, ge=1.0, le=30.0, strict=True)

@@ -29,6 +29,7 @@ TYPES = {
     "checkpoint": ResourceKind.checkpoint, "model": ResourceKind.checkpoint,
     "lora": ResourceKind.lora, "lycoris": ResourceKind.lora, "locon": ResourceKind.lora, "dora": ResourceKind.lora,
     "embedding": ResourceKind.embedding, "textualinversion": ResourceKind.embedding, "ti": ResourceKind.embedding,
+    "vae": ResourceKind.vae,
 }
 
 
@@ -64,7 +65,7 @@ def parse_air(value: str) -> Air:
     if family is None:
         raise AirInvalid(f"AIR ecosystem {m['ecosystem']!r} is not served here", details={"air": value})
     if kind is None:
-        raise AirInvalid(f"AIR type {m['type']!r} is not a checkpoint, LoRA or embedding", details={"air": value})
+        raise AirInvalid(f"AIR type {m['type']!r} is not a checkpoint, LoRA, embedding or VAE", details={"air": value})
     return Air(family, kind, m["source"].lower(), m["id"], m["version"])
 
 

@@ -59,7 +59,7 @@ def build_router(resources: ResourceService, catalog: ModelCatalog, caller: Call
         who: CallerDep,
         file: Annotated[UploadFile | None, File(description="a .safetensors file")] = None,
         key: Annotated[str | None, Form(description="or: an object already staged under uploads/<user>/")] = None,
-        kind: Annotated[ResourceKind | None, Form(description="checkpoint | lora | embedding (default: detected)")] = None,
+        kind: Annotated[ResourceKind | None, Form(description="checkpoint | lora | embedding | vae (default: detected)")] = None,
         family: Annotated[ModelFamily | None, Form(description="sd1 | sdxl (default: detected)")] = None,
         name: Annotated[str | None, Form(max_length=200)] = None,
         visibility: Annotated[Visibility, Form()] = Visibility.private,
@@ -71,8 +71,9 @@ def build_router(resources: ResourceService, catalog: ModelCatalog, caller: Call
         trigger_words: Annotated[str, Form(description="comma-separated")] = "",
         token: Annotated[str | None, Form(max_length=100, description="an embedding's prompt token")] = None,
     ) -> JSONResponse:
-        """Register a LoRA (kohya, diffusers/PEFT, LyCORIS, DoRA), a textual inversion or a single-file
-        checkpoint. Safetensors only; its family is read from its keys and must match a declared one;
+        """Register a LoRA (kohya, diffusers/PEFT, LyCORIS, DoRA), a textual inversion, a VAE (its family
+        declared: the keys do not tell) or a single-file checkpoint. Safetensors only; its family is read
+        from its keys and must match a declared one;
         it is checked against the likeness blocklist before anything is stored. Uploads cost nothing."""
         if (file is None) == (key is None):
             raise InvalidRequest("send either a file or the key of a staged upload", code="upload_source")

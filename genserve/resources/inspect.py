@@ -6,7 +6,7 @@ exactly (no gap, no overlap, nothing past the end, nothing unindexed), and no na
 A file that is not safetensors at all (a pickle `.ckpt`, a zip) is `not_safetensors`; one whose
 header lies is `safetensors_header_invalid`.
 
-`inspect_file` then tells the kind (checkpoint, LoRA in its flavours, textual inversion) and the
+`inspect_file` then tells the kind (checkpoint, LoRA in its flavours, textual inversion, VAE) and the
 model family from the tensor names and shapes only (SD1's cross-attention context is 768 wide with
 one text encoder, SDXL's 2048 with two), and the hashes a site knows resources by: SHA-256 of the
 file, AutoV2 (its first 10 hex digits) and AutoV3 (12 hex digits of the tensor-payload SHA-256).
@@ -184,6 +184,8 @@ _LYCORIS_UNSUPPORTED = re.compile(r"\.(hada_t1|hada_t2|lokr_t2|diff|diff_b|lokr_
 _CHECKPOINT_PREFIX = "model.diffusion_model."
 _TE2_MARKERS = ("lora_te2_", "text_encoder_2.", "conditioner.embedders.1.")
 _EMBEDDING_SDXL_KEYS = {"clip_l", "clip_g"}
+_VAE_PARTS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
+_VAE_PREFIXES = ("first_stage_model.", "vae.")  # a VAE cut out of a full checkpoint keeps its prefix
 
 
 @dataclass(frozen=True)
@@ -192,7 +194,7 @@ class Inspection:
 
     kind: ResourceKind
     family: str | None
-    format: str  # checkpoint | lora | locon | loha | lokr | dora | embedding
+    format: str  # checkpoint | lora | locon | loha | lokr | dora | embedding | vae
     layout: str  # ldm | kohya | diffusers | peft | lycoris | embedding
     sha256: str
     tensor_sha256: str
@@ -316,6 +318,22 @@ def _embedding(tensors: dict[str, TensorInfo]) -> tuple[str | None, int] | None:
     return None
 
 
+def _vae_layout(tensors: dict[str, TensorInfo]) -> str | None:
+    """"ldm" or "diffusers" when the file is a VAE alone (encoder and decoder, nothing else), else None.
+    SD1 and SDXL VAEs have one architecture, so a VAE never tells its family: it is declared."""
+    names = [next((n[len(p):] for p in _VAE_PREFIXES if n.startswith(p)), n) for n in tensors]
+    if not names or not all(n.startswith(_VAE_PARTS) for n in names):
+        return None
+    if not any(n.startswith("encoder.") for n in names) or not any(n.startswith("decoder.") for n in names):
+        return None
+    # SD1 and SDXL latents have 4 channels; an SD3 or Flux VAE (16) would only fail at the worker
+    conv_in = next((info for n, info in tensors.items() if n.endswith("decoder.conv_in.weight")), None)
+    if conv_in is not None and len(conv_in.shape) == 4 and conv_in.shape[1] != 4:
+        raise FamilyUnsupported(f"a VAE of {conv_in.shape[1]} latent channels; SD1 and SDXL VAEs have 4",
+                                details={"latent_channels": conv_in.shape[1]})
+    return "diffusers" if any(".up_blocks." in n or ".down_blocks." in n for n in names) else "ldm"
+
+
 def inspect_file(path: str | Path, *, declared_kind: ResourceKind | str | None = None,
                  declared_family: str | None = None) -> Inspection:
     """Check, classify and hash a file. A declared kind or family that the keys contradict is refused;
@@ -329,12 +347,14 @@ def inspect_file(path: str | Path, *, declared_kind: ResourceKind | str | None =
     elif (emb := _embedding(tensors)) is not None:
         kind, fmt, layout = ResourceKind.embedding, "embedding", "embedding"
         family, vectors = emb
+    elif (vae_layout := _vae_layout(tensors)) is not None:
+        kind, fmt, layout, family = ResourceKind.vae, "vae", vae_layout, None
     elif any(_LORA_WEIGHT.search(n) or _LOHA.search(n) or _LOKR.search(n) for n in tensors):
         kind = ResourceKind.lora
         fmt, layout = _lora_format(tensors)
         family = _detect_lora_family(tensors)
     else:
-        raise ResourceKindUnknown("not a checkpoint (LDM single file), LoRA or textual inversion: "
+        raise ResourceKindUnknown("not a checkpoint (LDM single file), LoRA, textual inversion or VAE: "
                                   f"e.g. {next(iter(tensors))!r}")
     if declared_kind is not None and ResourceKind(declared_kind) is not kind:
         raise ResourceKindMismatch(f"declared a {ResourceKind(declared_kind).value}, but the file is a {kind.value}",

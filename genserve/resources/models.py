@@ -1,4 +1,4 @@
-"""The resource table: checkpoints, LoRAs and embeddings the generator and trainer know by id (or by
+"""The resource table: checkpoints, LoRAs, embeddings and VAEs the generator and trainer know by id (or by
 an AIR alias), with their owner, visibility and the flags the safety policy reads."""
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ class ResourceKind(str, enum.Enum):
     checkpoint = "checkpoint"
     lora = "lora"
     embedding = "embedding"
+    # an autoencoder a request may decode (and hires-encode) with instead of the checkpoint's own
+    vae = "vae"
 
 
 class ModelFamily(str, enum.Enum):

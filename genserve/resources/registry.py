@@ -1,5 +1,5 @@
-"""The resource registry: which checkpoints, LoRAs and embeddings exist, where their bytes are, what
-they may be used for.
+"""The resource registry: which checkpoints, LoRAs, embeddings and VAEs exist, where their bytes are,
+what they may be used for.
 
 Files are published content-addressed into the object store (`genserve.resources.cache`), and the
 row records the SHA-256 every download is verified against, the tensor-payload hash the likeness
@@ -21,13 +21,7 @@ from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from genserve.core.db import Database
-from genserve.core.errors import (
-    Conflict,
-    Forbidden,
-    GenserveError,
-    InvalidRequest,
-    NotFound,
-)
+from genserve.core.errors import Conflict, Forbidden, GenserveError, InvalidRequest, NotFound
 from genserve.core.storage import ObjectStore
 from genserve.resources.air import canonical_air, is_air
 from genserve.resources.cache import publish_file, publish_folder
@@ -117,11 +111,13 @@ class ResolvedResource:
 
 @dataclass(frozen=True)
 class ResolvedResources:
-    """The checkpoint and extra resources of one request, all checked to fit together."""
+    """The checkpoint, extra resources and VAE (None: the checkpoint's own) of one request, all checked
+    to fit together. A VAE is in `all` (flags, fees, receipts) but no extra (it is not priced as one)."""
 
     checkpoint: ResolvedResource
     loras: tuple[ResolvedResource, ...] = ()
     embeddings: tuple[ResolvedResource, ...] = ()
+    vae: ResolvedResource | None = None
     family: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -133,7 +129,7 @@ class ResolvedResources:
 
     @property
     def all(self) -> tuple[ResolvedResource, ...]:
-        return (self.checkpoint, *self.extras)
+        return (self.checkpoint, *self.extras, *((self.vae,) if self.vae else ()))
 
 
 class ResourceRegistry:
@@ -399,9 +395,9 @@ class ResourceRegistry:
         for ref in refs:
             row = rows[ref.id]
             kind = ResourceKind(row.kind)
-            if kind is ResourceKind.checkpoint:
-                raise ResourceUnavailable(f"{ref.id} is a checkpoint; a request has one", code="extra_checkpoint",
-                                          details={"id": ref.id})
+            if kind in (ResourceKind.checkpoint, ResourceKind.vae):
+                raise ResourceUnavailable(f"{ref.id} is a {kind.value}; a request names its one {kind.value} apart",
+                                          code=f"extra_{kind.value}", details={"id": ref.id})
             if row.family != checkpoint.family:
                 raise ResourceUnavailable(
                     f"{ref.id} is a {ModelFamily(row.family).value} resource; the checkpoint is "

@@ -58,7 +58,8 @@ logger = logging.getLogger(__name__)
 
 CONFIG_PREFIX = f"{RESOURCE_PREFIX}/config"
 STAGING_PREFIX = "uploads"  # `uploads/<user>/...`: where a user's client may stage a file for registering
-MAX_UPLOAD_BYTES = {ResourceKind.checkpoint: 16 << 30, ResourceKind.lora: 2 << 30, ResourceKind.embedding: 16 << 20}
+MAX_UPLOAD_BYTES = {ResourceKind.checkpoint: 16 << 30, ResourceKind.lora: 2 << 30, ResourceKind.embedding: 16 << 20,
+                    ResourceKind.vae: 1 << 30}
 _COPY_CHUNK = 1 << 20
 
 

@@ -1,4 +1,4 @@
-"""A checkpoint resident in a worker replica, and a LoRA as one request uses it."""
+"""A checkpoint resident in a worker replica, and a LoRA or VAE as one request uses it."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import torch
 
 from genserve.engine.generate import drop_pipeline_views
 from genserve.engine.infotext import autov2
+from genserve.engine.vae import VaeCache
 from genserve.generation.worker.errors import CheckpointEvicted
 from genserve.generation.worker.priority_lock import PriorityLock
 from genserve.resources.models import Resource
@@ -32,21 +33,34 @@ class ResolvedLora:
     strength: float
 
 
+@dataclass
+class ResolvedVae:
+    """A request's VAE file, as the worker fetched it for one job."""
+
+    resource_id: str
+    name: str
+    sha256: str
+    path: Path
+
+
 class LoadedCheckpoint:
-    """A pipeline resident in a replica, with its safety embeddings, LoRA cache and generation lock.
+    """A pipeline resident in a replica, with its safety embeddings, LoRA and VAE caches and generation lock.
 
     Serve's multiplexer calls `__del__` when it evicts the model (and Python may call it again at
     collection), while a request that already holds the object may still be generating; so `close`
     is idempotent and frees the GPU memory only once the last user has finished.
     """
 
-    def __init__(self, checkpoint_id: str, resource: Resource, pipe: Any, safety: Any, loras: Any):
+    def __init__(self, checkpoint_id: str, resource: Resource, pipe: Any, safety: Any, loras: Any,
+                 max_vaes: int = 2):
         self.checkpoint_id = checkpoint_id
         self.name = resource.name
         self.sha256 = resource.sha256
         self.pipe = pipe
         self.safety = safety
         self.loras = loras
+        # VAEs requests chose, built on this checkpoint's VAE config; `vaes.own` is the checkpoint's
+        self.vaes = VaeCache(getattr(pipe, "vae", None), max_vaes)
         # one generation at a time (adapters live in the shared modules), waiters served by priority
         self.lock = PriorityLock()
         self._state = threading.Lock()
@@ -97,6 +111,7 @@ class LoadedCheckpoint:
             self._freed = True
         with contextlib.suppress(Exception):
             self.loras.clear()
+        self.vaes.close()
         pipe, self.pipe = self.pipe, None
         self.loras = None
         if pipe is not None:

@@ -33,10 +33,12 @@ from genserve.engine.generate import (
     generate,
     prepare_pipeline,
 )
+from genserve.engine.infotext import autov2
 from genserve.engine.loading import default_device, load_pipeline
 from genserve.engine.lora_cache import LikenessBlocked, LoraCache
 from genserve.engine.schedulers import sampler_spec
 from genserve.engine.textual_inversion import user_embeddings
+from genserve.engine.vae import vae_swapped
 from genserve.generation.worker.checkpoint import LoadedCheckpoint
 from genserve.generation.worker.errors import (
     CheckpointMismatch,
@@ -158,7 +160,7 @@ class WorkerCore(WorkerUpkeep):
                           max_bytes=self.config.lora_cache.max_bytes, recheck_s=self.config.blocklist_refresh_s)
         logger.info("loaded checkpoint %s (%s) on %s in %.0f ms", checkpoint_id, row.format, self.device,
                     (time.perf_counter() - started) * 1000)
-        return LoadedCheckpoint(checkpoint_id, row, pipe, safety, loras)
+        return LoadedCheckpoint(checkpoint_id, row, pipe, safety, loras, max_vaes=self.config.vae_cache_size)
 
     def checkpoint(self, checkpoint_id: str) -> LoadedCheckpoint:
         """The Ray-less multiplexer: an LRU of `max_models_per_replica` loaded checkpoints."""
@@ -269,7 +271,12 @@ class WorkerCore(WorkerUpkeep):
                     self._drop_disabled(loaded, exc.details.get("id"))
                 raise
             embeddings = self.files.embeddings(request, files, loaded.safety.reserved_tokens)
+            vae = self.files.vae(request, files)
             timings["fetch_ms"] = (time.perf_counter() - started) * 1000
+            # built outside the generation lock: a VAE only joins the pipeline for the job, below
+            t_vae = time.perf_counter()
+            vae_module = loaded.vaes.get(vae.sha256, vae.path) if vae is not None else None
+            timings["vae_load_ms"] = (time.perf_counter() - t_vae) * 1000
             t_wait = time.perf_counter()
             with loaded.lock.prioritized(request.priority), self._busy_marker():
                 timings["queue_ms"] = (time.perf_counter() - t_wait) * 1000
@@ -284,8 +291,10 @@ class WorkerCore(WorkerUpkeep):
                     name=loaded.name, model_hash=loaded.model_hash,
                     lora_hashes={_infotext_name(lora.name): lora.autov3 for lora in loras},
                     ti_hashes={token: row.sha256[:12] for row, _, token in embeddings},
+                    vae_name=vae.name if vae else None, vae_hash=autov2(vae.sha256) if vae else None,
                 )
-                with user_embeddings(loaded.pipe, self.family, [(path, token) for _, path, token in embeddings]):
+                with vae_swapped(loaded.pipe, vae_module, loaded.vaes.own), \
+                        user_embeddings(loaded.pipe, self.family, [(path, token) for _, path, token in embeddings]):
                     outcome = generate(loaded.pipe, request, safety=loaded.safety, model=model,
                                        on_progress=progress, cancel=cancel, on_image=finished,
                                        batch_size=self.config.batch_size.get(self.family, 1))

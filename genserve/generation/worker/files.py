@@ -11,7 +11,8 @@ from pathlib import Path
 
 from genserve.engine.infotext import autov3
 from genserve.engine.lora_cache import LikenessBlocked, LoraInvalid
-from genserve.generation.worker.checkpoint import ResolvedLora
+from genserve.engine.vae import VaeInvalid
+from genserve.generation.worker.checkpoint import ResolvedLora, ResolvedVae
 from genserve.generation.worker.wire import WorkerRequest
 from genserve.resources.cache import ResourceCache
 from genserve.resources.catalog import ModelCatalog
@@ -79,6 +80,16 @@ class WorkerFiles:
             path = stack.enter_context(self.cache.use(row.storage_key, row.sha256, "file"))
             out.append((row, path, token))
         return out
+
+    def vae(self, request: WorkerRequest, stack: contextlib.ExitStack) -> ResolvedVae | None:
+        """The request's VAE file (None: the checkpoint's own), a safetensors file from the verified cache."""
+        if request.vae is None:
+            return None
+        row = self.resource(request.vae, ResourceKind.vae)
+        if row.format != "safetensors":
+            raise VaeInvalid(f"VAE {row.id} is not a safetensors file")
+        path = stack.enter_context(self.cache.use(row.storage_key, row.sha256, "file"))
+        return ResolvedVae(row.id, row.name, row.sha256, path)
 
     def _check_together(self, loras: Sequence[ResolvedLora]) -> None:
         """The request's LoRAs as they are about to be combined, against the blocklist (defence in depth:

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from safety.image_scan import ScanResult
 from safety.levels import NsfwLevel
 
-SCHEMA_VERSION = 4  # 3: output format and quality; EncodedImage.data + format. 4: priority
+SCHEMA_VERSION = 5  # 3: output format and quality; EncodedImage.data + format. 4: priority. 5: vae
 MAX_SEED = 2**63 - 1
 MAX_PROMPT_CHARS = 4000
 
@@ -70,6 +70,8 @@ class WorkerRequest(_Frozen):
     loras: list[LoraSpec] = Field(default_factory=list, max_length=16)
     # textual-inversion resource ids the prompt may use by their tokens
     embeddings: list[str] = Field(default_factory=list, max_length=16)
+    # a VAE resource id to decode (and hires-encode) with; None: the checkpoint's own
+    vae: str | None = Field(None, min_length=1, max_length=64)
     hires: HiresSpec | None = None
     # how the images are encoded; the infotext goes where A1111 puts it (PNG text chunk, EXIF UserComment)
     output_format: Literal["png", "jpeg", "webp"] = "png"

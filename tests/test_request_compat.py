@@ -135,3 +135,16 @@ def test_generate_from_png_sends_the_images_infotext(tmp_path):
     assert (req.prompt, req.seed, req.steps, req.sampler.value, req.quantity, req.output_format) == (
         "a (red:1.2) fox <lora:style:0.5>", 42, 12, "DPM++ 2M Karras", 2, "jpeg")
     assert GenerationRequest.model_validate(_body_from_image("a cat", **{**opts, "seed": 7})).seed == 7
+
+
+def test_a1111_override_settings_choose_the_vae_and_clip_skip_and_refuse_the_rest_by_name():
+    """A1111's API sends the VAE and clip skip as `override_settings`; they mean the request's fields,
+    "Automatic"/"None" is the checkpoint's own VAE, and a setting that cannot be honoured is named."""
+    req = _req(override_settings={"sd_vae": "kl-f8-anime.safetensors", "CLIP_stop_at_last_layers": 2})
+    assert (req.vae, req.clip_skip) == ("kl-f8-anime.safetensors", 2)
+    assert _req(override_settings={"sd_vae": "Automatic"}).vae is None
+    assert _req(override_settings={"sd_vae": "None"}, vae=None).vae is None
+    with pytest.raises(ValidationError, match="sd_model_checkpoint"):
+        _req(override_settings={"sd_model_checkpoint": "other.safetensors", "sd_vae": "x"})
+    with pytest.raises(ValidationError, match="disagree"):
+        _req(clip_skip=1, override_settings={"CLIP_stop_at_last_layers": 2})

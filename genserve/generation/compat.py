@@ -5,6 +5,9 @@
   schedule type that goes with it ("DPM++ 2M" + "Karras" = "DPM++ 2M Karras"); A1111, Civitai and
   ComfyUI spellings of a sampler all become the engine's name (`engine.schedulers.canonical_sampler`).
 * `seed: -1` means random, as in A1111 and Civitai's API: the same as leaving `seed` out.
+* `override_settings` (A1111's API): `sd_vae` is `vae` ("Automatic" and "None" mean the checkpoint's
+  own) and `CLIP_stop_at_last_layers` is `clip_skip`; any other setting is refused by name, since
+  silently ignoring it would give another image than the sender expects.
 
 Anything not recognised is left as it is, so the request model's own validation reports it.
 """
@@ -17,6 +20,9 @@ from genserve.engine.infotext import request_fields
 from genserve.engine.schedulers import UnknownSampler, canonical_sampler
 
 RANDOM_SEED = -1
+# A1111's override_settings keys that map onto request fields
+_OVERRIDES = {"sd_vae": "vae", "CLIP_stop_at_last_layers": "clip_skip"}
+_CHECKPOINT_OWN_VAE = frozenset({"automatic", "none"})  # A1111's names for "no separate VAE"
 
 
 def _same_sampler(a: Any, b: Any) -> bool:
@@ -26,10 +32,30 @@ def _same_sampler(a: Any, b: Any) -> bool:
         return a == b
 
 
+def _fold_overrides(data: dict[str, Any]) -> None:
+    overrides = data.pop("override_settings")
+    if not isinstance(overrides, dict):
+        raise ValueError("override_settings must be an object of A1111 setting names")
+    unknown = sorted(set(overrides) - set(_OVERRIDES))
+    if unknown:
+        raise ValueError(f"override_settings not supported: {unknown}; supported: {sorted(_OVERRIDES)}")
+    for key, field in _OVERRIDES.items():
+        if key not in overrides:
+            continue
+        value = overrides[key]
+        if field == "vae" and isinstance(value, str) and value.strip().lower() in _CHECKPOINT_OWN_VAE:
+            value = None
+        if field in data and data[field] != value:
+            raise ValueError(f"{field} and override_settings.{key} disagree")
+        data[field] = value
+
+
 def fold_aliases(data: Any) -> Any:
     if not isinstance(data, dict):
         return data
     data = dict(data)
+    if "override_settings" in data:
+        _fold_overrides(data)
     if "sampler_name" in data:
         alias = data.pop("sampler_name")
         if "sampler" in data and not _same_sampler(data["sampler"], alias):

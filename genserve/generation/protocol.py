@@ -131,7 +131,8 @@ class GenerationRequest(_Strict):
 
     Also accepted, folded into these fields before validation (`generation.compat`): `infotext`
     (A1111's parameters text in place of the fields it names), `sampler_name`, `scheduler` (A1111 >= 1.9's
-    schedule type, or ComfyUI's), A1111/Civitai/ComfyUI sampler spellings, and `seed: -1` (random).
+    schedule type, or ComfyUI's), A1111/Civitai/ComfyUI sampler spellings, `seed: -1` (random), and
+    A1111's `override_settings` (`sd_vae`, `CLIP_stop_at_last_layers`).
     """
 
     version: Literal[1] = 1

@@ -7,7 +7,8 @@ image-scan configuration. The checks write their own audit rows, so no caller ca
 and forget to record it:
 
 - `precheck_request`: prompt audit + resource flags + likeness hits -> `Verdict` (audited);
-- `judge_image`: one image's scan against the request's verdict and level -> `ImageDecision` (audited).
+- `judge_image`: one image's scan against the request's verdict and level -> `ImageDecision` (audited);
+- `check_input_image`: an img2img/inpaint input's scan against the request -> `InputDecision` (audited).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from safety.audit_log import AuditLog
 from safety.config import SafetyConfig
 from safety.embeddings import SafetyEmbeddings
 from safety.image_scan import ImageScanner, ScanResult
+from safety.input_policy import InputDecision, judge_input
 from safety.levels import NsfwLevel
 from safety.likeness import LikenessBlocklist, LikenessConfig
 from safety.policy import ImageDecision, LikenessHit, ResourceFlags, SafetyPolicy
@@ -45,6 +47,8 @@ class SafetyGate:
     blocklist: LikenessBlocklist
     audit: AuditLog
     policy: SafetyPolicy = field(init=False)
+    # the scanner inputs are judged with, built on first use (the ingress holds no other); settable (tests)
+    input_scanner: ImageScanner | None = field(default=None, init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -132,6 +136,28 @@ class SafetyGate:
                                    "allowed": NsfwLevel.parse(allowed_level).to_wire(),
                                    "severity": decision.severity.value, "scan_errors": list(scan.scanner_errors)})
         return ImageJudgement(deliver, decision.level, tuple(reasons), decision)
+
+
+    def check_input_image(self, image: Any, *, workflow: str, prompt_verdict: Verdict, allowed_level: NsfwLevel,
+                          field_name: str = "init_image", subject: str | None = None, user_id: str | None = None,
+                          request_id: str | None = None) -> InputDecision:
+        """Scan an input image and judge it before anything is charged; its audit row is written here. A
+        scanner that cannot be built or that errors fails closed (`input.scan_failed`)."""
+        try:
+            with self._lock:
+                if self.input_scanner is None:
+                    self.input_scanner = self.image_scanner(threads=1)
+                scanner = self.input_scanner
+            scan = scanner.scan(image)
+        except Exception as exc:  # noqa: BLE001 - fail closed
+            scan = ScanResult(NsfwLevel.X, scanner_errors=(f"{type(exc).__name__}: {exc}",))
+        decision = judge_input(scan, workflow=workflow, prompt_mature=prompt_verdict.mature,
+                               allowed=NsfwLevel.parse(allowed_level))
+        self.audit.append_verdict(decision.verdict, kind="input_image", subject=subject, request_id=request_id,
+                                  user_id=user_id, details={"field": field_name, "workflow": workflow,
+                                                            "scan": scan.to_dict(),
+                                                            "allowed": NsfwLevel.parse(allowed_level).to_wire()})
+        return decision
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ from diffusers import (
 from PIL import Image
 
 from genserve.core.config.worker import WorkerConfig
+from genserve.engine import img2img as init_pass
 from genserve.engine.infotext import build_infotext, encode_image
 from genserve.engine.prompt_encoding import (
     PromptEncoder,
@@ -214,6 +215,7 @@ def generate(
     cancel: threading.Event | None = None,
     on_image: Callable[[GeneratedImage], None] | None = None,
     batch_size: int = 1,
+    init: tuple[Image.Image, Image.Image | None] | None = None,
 ) -> GenerationOutcome:
     """Generate `len(request.seeds)` images on `pipe`; the caller holds the pipeline's lock.
 
@@ -221,7 +223,8 @@ def generate(
     gives the images one-by-one runs give (samplers that seed their own noise run one by one).
     `on_image` sees each finished image as soon as its batch is decoded, before the next batch starts.
     No PNG is encoded here: the worker encodes and scans each image on other threads, so the
-    pipeline (and its lock) is free for the next image or request meanwhile."""
+    pipeline (and its lock) is free for the next image or request meanwhile. `init` is the decoded input
+    image and mask of an img2img / inpaint request (`request.init`), run by `img2img.run_one`."""
     sampler_spec(request.sampler)  # an unknown sampler is refused before any work
     cancel = cancel or threading.Event()
     timings: dict[str, float] = {}
@@ -254,6 +257,8 @@ def generate(
     info_prompt = infotext_prompt(prompt, {x.resource_id: x.strength for x in request.loras}, negative)
 
     images: list[GeneratedImage] = []
+    spec = request.init
+    init_fields = _init_infotext(spec) if spec is not None else {}
 
     def emit(index: int, seed: int, image: Image.Image) -> None:
         info = build_infotext(
@@ -265,13 +270,20 @@ def generate(
             hires_scale=hires.scale if hires else None,
             hires_steps=(hires.steps or request.steps) if hires else None,
             hires_denoise=hires.denoise if hires else None,
-            hires_upscaler=_UPSCALER_NAMES[hires.upscaler] if hires else None,
+            hires_upscaler=_UPSCALER_NAMES[hires.upscaler] if hires else None, extra=init_fields,
         )
         images.append(GeneratedImage(index=index, seed=seed, image=image, infotext=info.render()))
         if on_image is not None:
             on_image(images[-1])
 
     canceled = False
+    if spec is not None:
+        if init is None:
+            raise ValueError("an img2img / inpaint request needs its decoded input")
+        canceled, denoise_ms = _run_init(pipe, request, init, first_cond, sdxl, emit, on_progress, cancel)
+        timings.update(denoise_ms=denoise_ms, generate_ms=(time.perf_counter() - started) * 1000, batch_size=1.0)
+        return GenerationOutcome(images=images, canceled=canceled, final_prompt=prompt,
+                                 final_negative_prompt=negative, timings_ms=timings)
     denoise_ms = 0.0
     size = 1 if sampler_spec(request.sampler).seeded_noise else max(1, batch_size)
     seeds = list(enumerate(request.seeds))
@@ -296,6 +308,47 @@ def generate(
     timings["batch_size"] = float(size)
     return GenerationOutcome(images=images, canceled=canceled, final_prompt=prompt,
                              final_negative_prompt=negative, timings_ms=timings)
+
+
+def _init_infotext(spec: Any) -> dict[str, object]:
+    """An img2img / inpaint image's own infotext fields, as A1111 names them."""
+    fields: dict[str, object] = {"Denoising strength": float(spec.denoise)}
+    if spec.workflow == "inpaint":
+        fields["Mask blur"] = spec.mask_blur
+        if spec.only_masked:
+            fields.update({"Inpaint area": "Only masked", "Masked area padding": spec.padding})
+    return fields
+
+
+def _run_init(pipe: DiffusionPipeline, request: WorkerRequest, init: tuple[Image.Image, Image.Image | None],
+              cond: ScheduledConditioning, sdxl: bool, emit: Callable[[int, int, Image.Image], None],
+              on_progress: ProgressCallback | None, cancel: threading.Event) -> tuple[bool, float]:
+    """The img2img / inpaint images one by one; (canceled, denoise ms)."""
+    spec = request.init
+    assert spec is not None
+    view = pipeline_view(pipe, init_pass.pipeline_class(pipe, spec.workflow))
+    prepared = init_pass.prepare(spec, init[0], init[1], request.width, request.height)
+    started = time.perf_counter()
+    for index, seed in enumerate(request.seeds):
+        if cancel.is_set():
+            return True, (time.perf_counter() - started) * 1000
+        scheduler = make_scheduler(request.sampler, pipe.scheduler.config, seed)
+        total = max(1, _planned_steps(make_scheduler(request.sampler, pipe.scheduler.config, seed), request.steps,
+                                      spec.denoise))
+        done = [0]
+
+        def on_step(index: int = index, total: int = total, done: list[int] = done) -> None:
+            done[0] += 1
+            if on_progress is not None:
+                on_progress(index, min(done[0], total), total)
+
+        image = init_pass.run_one(view, spec, prepared, cond, seed=seed, steps=request.steps,
+                                  cfg_scale=request.cfg_scale, width=request.width, height=request.height,
+                                  scheduler=scheduler, sdxl=sdxl, on_step=on_step, cancel=cancel)
+        if image is None:
+            return True, (time.perf_counter() - started) * 1000
+        emit(index, seed, image)
+    return False, (time.perf_counter() - started) * 1000
 
 
 def _batch(

@@ -41,6 +41,8 @@ class GenerationPrices(_Strict):
     hires_permille: StrictInt = Field(1000, ge=0)
     # per image by output format (png, jpeg, webp); a format not listed costs nothing extra
     output_format_millibuzz: dict[str, StrictInt] = Field(default_factory=dict)
+    # per image by workflow (txt2img, img2img, inpaint): the input's encode and the mask's compositing
+    workflow_millibuzz: dict[str, StrictInt] = Field(default_factory=dict)
     families: dict[str, GenerationFamilyPrice]
 
 
@@ -192,8 +194,10 @@ class Pricing:
         extra_resources: int = 0,
         hires: HiresParams | None = None,
         output_format: str = "png",
+        workflow: str = "txt2img",
     ) -> Quote:
-        """Price `quantity` images; each costs at least `min_per_image`."""
+        """Price `quantity` images; each costs at least `min_per_image`. For img2img and inpaint, `steps`
+        are the steps the denoise runs (steps x strength, A1111's count), which may be 0."""
         gen = self.prices.generation
         fam = gen.families.get(family)
         if fam is None:
@@ -203,13 +207,15 @@ class Pricing:
                 details={"known": self.generation_families},
             )
         width, height = _count("width", width, minimum=1), _count("height", height, minimum=1)
-        steps, quantity = _count("steps", steps, minimum=1), _count("quantity", quantity, minimum=1)
+        steps = _count("steps", steps, minimum=0 if workflow != "txt2img" else 1)
+        quantity = _count("quantity", quantity, minimum=1)
         extra_resources = _count("extra_resources", extra_resources)
         base_units = fam.base_width * fam.base_height * fam.base_steps
 
         parts: list[tuple[str, int, str]] = []
         image_mb = _ceil_div(fam.base_millibuzz * width * height * steps, base_units)
-        parts.append(("image", image_mb, f"{family} {width}x{height}, {steps} steps"))
+        label = "" if workflow == "txt2img" else f" {workflow}"
+        parts.append(("image", image_mb, f"{family}{label} {width}x{height}, {steps} steps"))
         if hires is not None:
             h_w, h_h = _count("hires.width", hires.width, minimum=1), _count("hires.height", hires.height, minimum=1)
             h_steps = _count("hires.steps", hires.steps, minimum=1)
@@ -220,6 +226,9 @@ class Pricing:
                 ("extra_resources", extra_resources * gen.extra_resource_millibuzz, f"{extra_resources} extra resources")
             )
 
+        workflow_mb = gen.workflow_millibuzz.get(workflow, 0)
+        if workflow_mb:
+            parts.append(("workflow", workflow_mb, f"{workflow} input handling"))
         format_mb = gen.output_format_millibuzz.get(output_format, 0)
         if format_mb:
             parts.append(("output_format", format_mb, f"{output_format} output"))

@@ -1,7 +1,8 @@
 """Admission: everything decided about a request before any buzz is held, as one frozen plan.
 
     tier limits ─▶ resolve resources ─▶ reserved tokens ─▶ size ─▶ hires ─▶ allowed level
-    ─▶ likeness + safety precheck (audited) ─▶ quote            = `AdmissionPlan`
+    ─▶ likeness + safety precheck (audited) ─▶ input images: decoded, scanned, judged (audited)
+    ─▶ quote                                                      = `AdmissionPlan`
 
 The plan is computed once per request and read by everything after it (the hold, the job row, the
 worker request, the runner's timeout, the postcheck), so no later stage recomputes a value the
@@ -20,6 +21,7 @@ from genserve.core import metrics
 from genserve.core.config import Settings
 from genserve.core.errors import (
     Forbidden,
+    InputImageRefused,
     InvalidRequest,
     QueueFull,
     SafetyBlocked,
@@ -27,9 +29,10 @@ from genserve.core.errors import (
 )
 from genserve.economy.store import Economy
 from genserve.engine.prompt_syntax import extract_extra_networks, plain_text
+from genserve.generation.inputs import DecodedInput, InputImages, check_mask
 from genserve.generation.jobs import GenerationJob, JobStore
 from genserve.generation.protocol import MAX_HIRES_SIDE, GenerationRequest, Limits
-from genserve.generation.worker.wire import HiresSpec, LoraSpec, WorkerRequest
+from genserve.generation.worker.wire import HiresSpec, InitSpec, LoraSpec, WorkerRequest, denoise_steps
 from genserve.resources.cache import ResourceCache
 from genserve.resources.catalog import FamilyEntry, ModelCatalog
 from genserve.resources.models import ResourceKind
@@ -67,6 +70,14 @@ class Caller:
 
 
 @dataclass(frozen=True)
+class PlanInputs:
+    """An img2img/inpaint request's decoded input (and mask), judged safe, not yet stored."""
+
+    image: DecodedInput
+    mask: DecodedInput | None = None
+
+
+@dataclass(frozen=True)
 class AdmissionPlan:
     """A request as admitted: what it runs, what it may see, what it costs."""
 
@@ -79,6 +90,7 @@ class AdmissionPlan:
     verdict: Verdict
     quote: Quote
     timeout_s: float
+    inputs: PlanInputs | None = None
 
     @property
     def family(self) -> str:
@@ -91,7 +103,17 @@ class AdmissionPlan:
         prompt says so."""
         return self.verdict.mature or self.allowed.mature
 
-    def worker_request(self, job_id: str, seeds: list[int]) -> WorkerRequest:
+    def init_spec(self, image_key: str, mask_key: str | None = None) -> InitSpec | None:
+        """The worker's input spec once the inputs are stored under `image_key` (and `mask_key`)."""
+        if self.inputs is None:
+            return None
+        r, mask = self.request, self.inputs.mask
+        return InitSpec(workflow=r.workflow, image_key=image_key, image_sha256=self.inputs.image.sha256,
+                        mask_key=mask_key, mask_sha256=mask.sha256 if mask else None, denoise=r.denoise,
+                        resize_mode=r.resize_mode, mask_blur=r.mask_blur, only_masked=r.inpaint_only_masked,
+                        padding=r.inpaint_padding)
+
+    def worker_request(self, job_id: str, seeds: list[int], init: InitSpec | None = None) -> WorkerRequest:
         r, res = self.request, self.resources
         return WorkerRequest(
             job_id=job_id, checkpoint_id=res.checkpoint.id, prompt=r.prompt, negative_prompt=r.negative_prompt,
@@ -99,7 +121,7 @@ class AdmissionPlan:
             clip_skip=r.clip_skip, width=self.size[0], height=self.size[1], seeds=seeds,
             loras=[LoraSpec(resource_id=x.id, strength=x.strength) for x in res.loras],
             embeddings=[x.id for x in res.embeddings], hires=self.hires, output_format=r.output_format,
-            quality=r.quality, priority=r.priority.value,
+            quality=r.quality, priority=r.priority.value, init=init,
         )
 
 
@@ -194,6 +216,28 @@ def check_tokens(family: FamilyEntry | None, resources: ResolvedResources) -> No
             raise ReservedToken(f"embedding {res.id} uses a reserved safety token", details={"id": res.id})
 
 
+# an input refusal's code: the gravest rule that fired names it (every rule is in `details`)
+_INPUT_CODES = (("input.likeness_nudify", "input_image_nudify"), ("input.minor_mature", "input_image_minor"),
+                ("input.level_above_allowed", "input_image_level"), ("input.scan_failed", "input_image_scan_failed"))
+
+
+def check_workflow(request: GenerationRequest) -> None:
+    """The fields a workflow needs, and none it cannot use (stable codes, before anything is decoded)."""
+    wants_image, wants_mask = request.workflow != "txt2img", request.workflow == "inpaint"
+    if wants_image and request.init_image is None:
+        raise InputImageRefused(f"{request.workflow} needs `init_image`", code="input_image_missing",
+                                details={"field": "init_image"})
+    if wants_mask and request.mask is None:
+        raise InputImageRefused("inpaint needs `mask`", code="input_image_missing", details={"field": "mask"})
+    for name, given, wanted in (("init_image", request.init_image, wants_image), ("mask", request.mask, wants_mask)):
+        if given is not None and not wanted:
+            raise InputImageRefused(f"`{name}` is not used by {request.workflow}", code="input_image_unexpected",
+                                    details={"field": name, "workflow": request.workflow})
+    if wants_image and request.hires is not None:
+        raise InputImageRefused("hires fix is a txt2img pass; send the size you want instead",
+                                code="input_image_with_hires")
+
+
 def audit_text(prompt: str) -> str:
     """What the prompt audit reads: the prompt as written and, when it uses A1111 syntax, its words
     without it on a line of their own (weights, BREAK, escapes and editing could otherwise split or hide
@@ -209,7 +253,8 @@ class Admission:
     """Turns a request into an `AdmissionPlan` or a refusal; writes nothing but the precheck's audit row."""
 
     def __init__(self, settings: Settings, *, registry: ResourceRegistry, catalog: ModelCatalog, pricing: Pricing,
-                 safety: SafetyGate, resource_cache: ResourceCache, limits: Limits, economy: Economy | None = None):
+                 safety: SafetyGate, resource_cache: ResourceCache, limits: Limits, economy: Economy | None = None,
+                 inputs: InputImages | None = None):
         self.config = settings.generation
         self.max_pixels = settings.worker.max_pixels  # what the workers refuse above
         self.economy_config = settings.billing.economy
@@ -221,6 +266,7 @@ class Admission:
         self.resource_cache = resource_cache
         self.limits = limits
         self.likeness = RequestCheck(safety.blocklist)
+        self.inputs = inputs
 
     def check_queue(self, jobs: JobStore, caller: Caller, request: GenerationRequest) -> int:
         """Refuse (429) past the user's queue limit or the service's capacity; returns the active jobs."""
@@ -289,6 +335,7 @@ class Admission:
 
     def plan(self, caller: Caller, request: GenerationRequest) -> AdmissionPlan:
         check_tier(self.limits, caller, request)
+        check_workflow(request)
         checkpoint = self._checkpoint_id(request.checkpoint, caller.user_id)
         if checkpoint != request.checkpoint:
             request = request.model_copy(update={"checkpoint": checkpoint})
@@ -308,10 +355,14 @@ class Admission:
         size = image_size(family, resources.family, request)
         hires = hires_spec(request, size, self.max_pixels)
         allowed = NsfwLevel.lowest(caller.max_nsfw_level, request.nsfw_level)
+        inputs = self._decode_inputs(caller, request)
         with metrics.stage_timer("audit", resources.family):
             verdict = self._precheck(caller, request, resources, allowed)
+            if inputs is not None:
+                self._check_input(caller, request, inputs, verdict, allowed)
+        steps = request.steps if inputs is None else denoise_steps(request.steps, request.denoise)
         quote = self.pricing.quote_generation(
-            resources.family, size[0], size[1], request.steps, request.quantity,
+            resources.family, size[0], size[1], steps, request.quantity, workflow=request.workflow,
             extra_resources=len(resources.extras) - free_extras,
             hires=HiresParams.upscaled(size[0], size[1], hires.scale, hires.steps or request.steps) if hires else None,
             output_format=request.output_format,
@@ -320,7 +371,33 @@ class Admission:
                                  creator_tip_pct=request.creator_tip_pct, platform_tip_pct=request.platform_tip_pct,
                                  priority=request.priority.value)
         timeout_s = self.config.job_timeout_s + self.config.timeout_per_resource_s * len(resources.extras)
-        return AdmissionPlan(caller, request, resources, size, hires, allowed, verdict, quote, timeout_s)
+        return AdmissionPlan(caller, request, resources, size, hires, allowed, verdict, quote, timeout_s, inputs)
+
+    def _decode_inputs(self, caller: Caller, request: GenerationRequest) -> PlanInputs | None:
+        if request.init_image is None:
+            return None
+        if self.inputs is None:
+            raise Unavailable("this service takes no input images", code="input_images_unavailable")
+        image = self.inputs.load(request.init_image, caller.user_id, field="init_image")
+        mask = None
+        if request.mask is not None:
+            mask = self.inputs.load(request.mask, caller.user_id, field="mask", mask=True)
+            check_mask(mask, image)
+        return PlanInputs(image, mask)
+
+    def _check_input(self, caller: Caller, request: GenerationRequest, inputs: PlanInputs, verdict: Verdict,
+                     allowed: NsfwLevel) -> None:
+        """The input image judged like a delivered one, plus the nudify rule; refused before any hold."""
+        decision = self.safety.check_input_image(
+            inputs.image.image, workflow=request.workflow, prompt_verdict=verdict, allowed_level=allowed,
+            subject=inputs.image.sha256, user_id=caller.user_id, request_id=caller.request_id)
+        if decision.verdict.blocked:
+            for rule in decision.verdict.rule_ids:
+                metrics.inc("genserve_prompts_blocked_total", rule=rule)
+            rules = decision.verdict.rule_ids
+            code = next((c for rule, c in _INPUT_CODES if rule in rules), "input_image_blocked")
+            raise SafetyBlocked("the input image was refused by the safety policy", code=code,
+                                details={"rules": rules, "reasons": [r.to_dict() for r in decision.verdict.reasons]})
 
     def _precheck(self, caller: Caller, request: GenerationRequest, resources: ResolvedResources,
                   allowed: NsfwLevel) -> Verdict:

@@ -1,0 +1,242 @@
+"""img2img and inpaint through the generation service (real engine, ledger, audit log, object store, NudeNet).
+
+Refusals are checked for what they must leave behind: nothing held or charged, no job row, nothing
+stored, an audit row. Where a test needs the scanner to see a face, nudity or a minor in a synthetic
+input, it replaces only the NudeNet detector's (or the age slot's) raw output, saying so; the policy
+that judges that output is the real one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import os
+import uuid
+import zlib
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+from generation_support import in_process_service
+from PIL import Image, ImageDraw
+from sqlalchemy import select
+
+from genserve.billing.ledger import Ledger, user_account
+from genserve.bootstrap import bootstrap
+from genserve.core.config import load_settings
+from genserve.core.db import Database
+from genserve.core.errors import GenserveError, SafetyBlocked
+from genserve.core.storage import object_store_from_settings
+from genserve.engine.infotext import read_infotext_text
+from genserve.generation.admission import Caller
+from genserve.generation.jobs import GenerationJob, image_prefix
+from genserve.generation.protocol import GenerationRequest
+from safety.audit_log import AuditLog
+from safety.image_scan import ImageScanner, ScannerOutput
+from safety.levels import NsfwLevel
+
+GRANT = 1000
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, tiny_models):
+    root = tmp_path_factory.mktemp("img2img")
+    data = root / "data"
+    data.mkdir()
+    os.symlink(tiny_models["sd1"].root.parent, data / "models")
+    settings = load_settings(env={"GENSERVE_DATA_DIR": str(data)},
+                             overrides={"worker": {"resource_cache_dir": str(root / "cache")}})
+    db = Database.from_settings(settings)
+    db.migrate()
+    store = object_store_from_settings(settings)
+    bootstrap(settings, db, store, build_models=False)
+    scanner = ImageScanner.from_config(settings.config_path(settings.safety.rules_dir))  # real NudeNet
+    service = in_process_service(settings, db=db, store=store, scanner=scanner)
+    yield service, Ledger(db, settings.billing), db, store
+    db.dispose()
+
+
+def _caller(ledger: Ledger, level: NsfwLevel = NsfwLevel.PG13) -> Caller:
+    uid = f"u{uuid.uuid4().hex[:10]}"
+    ledger.grant(user_account(uid), GRANT, f"test-grant:{uid}")
+    return Caller(user_id=uid, max_nsfw_level=level, request_id=uuid.uuid4().hex)
+
+
+def _landscape(width: int = 64, height: int = 64) -> Image.Image:
+    """Sky, hills, a sun: no person in it."""
+    image = Image.new("RGB", (width, height), (110, 160, 230))
+    draw = ImageDraw.Draw(image)
+    draw.polygon([(0, height), (0, height * 2 // 3), (width // 3, height // 2), (width, height * 3 // 4),
+                  (width, height)], fill=(40, 120, 50))
+    draw.ellipse((width * 2 // 3, 4, width * 2 // 3 + 12, 16), fill=(250, 220, 60))
+    return image
+
+
+def _b64(image: Image.Image, fmt: str = "PNG") -> str:
+    out = io.BytesIO()
+    image.save(out, format=fmt)
+    return base64.b64encode(out.getvalue()).decode()
+
+
+def _request(**kw) -> GenerationRequest:
+    body = {"prompt": "a landscape in autumn", "checkpoint": "tiny-sd1", "steps": 4, "seed": 99,
+            "workflow": "img2img", "init_image": {"data": _b64(_landscape())}, "denoise": 0.5, **kw}
+    return GenerationRequest.model_validate(body)
+
+
+def _finish(service, caller, request):  # noqa: ANN001, ANN202
+    async def go():  # noqa: ANN202
+        view, _ = await service.submit(caller, request)
+        return await service.wait(caller, view.id, 120)
+
+    return asyncio.run(go())
+
+
+def _refused(env, caller, request) -> GenserveError:  # noqa: ANN001
+    """The refusal, checked to have left nothing: no hold, no charge, no job row, nothing stored."""
+    service, ledger, db, store = env
+    with pytest.raises(GenserveError) as info:
+        asyncio.run(service.submit(caller, request))
+    balance = ledger.balance(user_account(caller.user_id))
+    assert balance.available == GRANT and balance.held == 0
+    with db.session() as s:
+        assert s.scalars(select(GenerationJob).where(GenerationJob.user_id == caller.user_id)).all() == []
+    assert list(store.list(f"images/{caller.user_id}/")) == []
+    return info.value
+
+
+@contextmanager
+def _input_scanner(service, detections=(), minor=False, error=None):  # noqa: ANN001
+    """The input scanner with NudeNet's detector replaced by one that reports `detections` (the raw
+    output the real model would give for such an image) and, with `minor`, an age slot reporting a
+    minor. The thresholds and the policy are the real ones."""
+
+    class Detector:
+        def detect(self, bgr):  # noqa: ANN001, ANN202
+            if error:
+                raise RuntimeError(error)
+            return [dict(d) for d in detections]
+
+    class AgeSlot:
+        name = "age"
+
+        def scan(self, image):  # noqa: ANN001, ANN202
+            return ScannerOutput(NsfwLevel.PG, (), minor)
+
+    gate = service.safety
+    saved = gate.input_scanner
+    rules = service.settings.config_path(service.settings.safety.rules_dir)
+    gate.input_scanner = ImageScanner.from_config(rules, detector=Detector(), extra=[AgeSlot()])
+    try:
+        yield
+    finally:
+        gate.input_scanner = saved
+
+
+FACE = {"class": "FACE_FEMALE", "score": 0.9, "box": [20, 10, 24, 24]}
+BREAST = {"class": "FEMALE_BREAST_EXPOSED", "score": 0.9, "box": [20, 36, 20, 16]}
+
+
+@pytest.mark.parametrize("checkpoint", ["tiny-sd1", "tiny-sdxl"])
+def test_benign_img2img_runs_is_priced_by_the_steps_it_runs_and_leaves_no_input_behind(env, checkpoint):
+    service, ledger, _, store = env
+    caller = _caller(ledger)
+    request = _request(checkpoint=checkpoint, steps=8, denoise=0.5)
+    quote = service.quote(caller, request)
+    assert "4 steps" in quote.items[0].detail and "img2img" in quote.items[0].detail  # 8 x 0.5, as A1111 runs
+    job = _finish(service, caller, request)  # the input is scanned by the real NudeNet
+    assert job.status.value == "succeeded", job.error
+    assert job.charged == quote.total
+    assert ledger.balance(user_account(caller.user_id)).available == GRANT - quote.total
+    info = job.infotext or ""
+    assert "Denoising strength: 0.5" in info and "Steps: 8" in info
+    assert not [k for k in store.list(image_prefix(caller.user_id, job.id)) if "/input-" in k]
+    audit = AuditLog(service.db.session).query(kind="input_image", user_id=caller.user_id)
+    assert [r.action for r in audit] == ["allow", "allow"]  # the quote's check and the submit's
+
+
+def test_a_delivered_image_is_an_input_for_its_owner_only(env):
+    service, ledger, _, _ = env
+    caller, other = _caller(ledger), _caller(ledger)
+    first = _finish(service, caller, GenerationRequest.model_validate(
+        {"prompt": "a hill", "checkpoint": "tiny-sd1", "steps": 2, "seed": 5}))
+    ref = {"job_id": first.id, "index": 0}
+    second = _finish(service, caller, _request(init_image=ref, denoise=0.0))
+    assert second.status.value == "succeeded", second.error
+    # strength 0: the delivered image comes back (re-encoded: the PNG differs only by its infotext)
+    a = Image.open(io.BytesIO(service.image(caller, first.id, 0)[1])).convert("RGB")
+    b = Image.open(io.BytesIO(service.image(caller, second.id, 0)[1])).convert("RGB")
+    assert np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).max() <= 1
+    assert _refused(env, other, _request(init_image=ref)).code == "input_image_not_found"
+
+
+def test_inpaint_end_to_end_keeps_the_unmasked_pixels(env):
+    service, ledger, _, _ = env
+    caller = _caller(ledger)
+    source = _landscape(96, 64)
+    mask = Image.new("L", source.size, 0)
+    ImageDraw.Draw(mask).rectangle((10, 10, 30, 30), fill=255)
+    job = _finish(service, caller, _request(workflow="inpaint", mask={"data": _b64(mask)}, mask_blur=0,
+                                            init_image={"data": _b64(source)}, denoise=1.0))
+    assert job.status.value == "succeeded", job.error
+    out = Image.open(io.BytesIO(service.image(caller, job.id, 0)[1])).convert("RGB")
+    assert out.size == source.size
+    keep = np.asarray(mask) == 0
+    delta = np.abs(np.asarray(out, np.int16) - np.asarray(source, np.int16)).max(axis=2)
+    assert delta[keep].max() == 0 and delta[~keep].mean() > 5
+    assert "Inpaint area: Only masked" in (read_infotext_text(service.image(caller, job.id, 0)[1]) or "")
+
+
+def test_hostile_inputs_are_refused_with_their_codes_and_cost_nothing(env):
+    _, ledger, _, _ = env
+    bomb = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(bomb, format="PNG")
+    data = bytearray(bomb.getvalue())
+    data[16:24] = (60000).to_bytes(4, "big") * 2  # the header now declares 60000 x 60000
+    data[29:33] = (zlib.crc32(bytes(data[12:29])) & 0xFFFFFFFF).to_bytes(4, "big")
+    gif = io.BytesIO()
+    _landscape().save(gif, format="GIF")
+    cases = [
+        ({"init_image": {"data": base64.b64encode(bytes(data)).decode()}}, "input_image_bomb"),
+        ({"init_image": {"data": base64.b64encode(gif.getvalue()).decode()}}, "input_image_format"),
+        ({"init_image": {"data": "A" * (12 << 20)}}, "input_image_too_large"),
+        ({"init_image": {"data": _b64(Image.new("RGB", (4200, 8)))}}, "input_image_dimensions"),
+        ({"init_image": None}, "input_image_missing"),
+        ({"workflow": "inpaint"}, "input_image_missing"),
+        ({"workflow": "txt2img"}, "input_image_unexpected"),
+        ({"hires": {"scale": 1.5}}, "input_image_with_hires"),
+    ]
+    for change, code in cases:
+        assert _refused(env, _caller(ledger), _request(**change)).code == code, change
+
+
+def test_the_nudify_pattern_is_refused_before_any_hold_and_audited(env):
+    service, ledger, _, _ = env
+    with _input_scanner(service, [FACE]):  # the detector reports a face in the synthetic portrait
+        mature_prompt = _caller(ledger, NsfwLevel.X)
+        error = _refused(env, mature_prompt, _request(prompt="make her naked, nsfw"))
+        assert isinstance(error, SafetyBlocked) and error.code == "input_image_nudify"
+        assert "input.likeness_nudify" in error.details["rules"]
+        rows = AuditLog(service.db.session).query(kind="input_image", user_id=mature_prompt.user_id)
+        assert rows[0].action == "block" and "input.likeness_nudify" in rows[0].rules
+        # a mature level alone is enough: the face could be turned nude at that level
+        mature_level = _caller(ledger, NsfwLevel.R)
+        assert _refused(env, mature_level, _request()).code == "input_image_nudify"
+        # a face, a benign prompt and a PG13 level: a portrait made autumnal is fine
+        job = _finish(service, _caller(ledger), _request())
+        assert job.status.value == "succeeded", job.error
+
+
+def test_input_scan_refusals(env):
+    service, ledger, _, _ = env
+    with _input_scanner(service, [BREAST]):  # the detector reports exposure: level R by the real thresholds
+        error = _refused(env, _caller(ledger, NsfwLevel.PG13), _request())
+        assert error.code == "input_image_level" and "input.level_above_allowed" in error.details["rules"]
+    with _input_scanner(service, minor=True):  # the age slot reports a minor
+        assert _refused(env, _caller(ledger, NsfwLevel.X), _request()).code == "input_image_minor"
+        job = _finish(service, _caller(ledger, NsfwLevel.PG13), _request())  # nothing mature: allowed
+        assert job.status.value == "succeeded", job.error
+    with _input_scanner(service, error="onnxruntime failed"):  # fail closed
+        error = _refused(env, _caller(ledger), _request())
+        assert error.code == "input_image_scan_failed"

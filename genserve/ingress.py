@@ -65,6 +65,12 @@ logger = logging.getLogger(__name__)
 PREFIX = f"/{API_VERSION}"
 # the body of a generation or a quote is a few KB; anything near this is not a request
 MAX_JSON_BODY_BYTES = 1 << 20
+
+
+def generation_body_bytes(settings: Any) -> int:
+    """A generation or quote body's limit: room for a base64 input image and mask at the configured
+    byte bound (4/3 of it each), plus the rest of the body."""
+    return 2 * (settings.generation.input_images.max_bytes * 4 // 3 + 4) + MAX_JSON_BODY_BYTES
 # a `Last-Event-ID` past every event a job can have: the stream ends once the job has ended
 MAX_EVENT_SEQ = 1 << 62
 _DIGITS = re.compile(r"[0-9]+")
@@ -345,7 +351,7 @@ def create_api(service: GenerationService, moderation: Moderation, *, routers: S
     # -- generations ----------------------------------------------------------------------------
 
     @app.post(f"{PREFIX}/generations", response_model=JobView, status_code=202, tags=["generations"],
-              max_body_size=MAX_JSON_BODY_BYTES)
+              max_body_size=generation_body_bytes(settings))
     async def create_generation(
         who: CallerDep,
         body: GenerationRequest,
@@ -415,7 +421,8 @@ def create_api(service: GenerationService, moderation: Moderation, *, routers: S
 
     # -- billing --------------------------------------------------------------------------------
 
-    @app.post(f"{PREFIX}/quotes", response_model=QuoteView, tags=["billing"], max_body_size=MAX_JSON_BODY_BYTES)
+    @app.post(f"{PREFIX}/quotes", response_model=QuoteView, tags=["billing"],
+              max_body_size=generation_body_bytes(settings))
     async def create_quote(who: CallerDep, body: QuoteRequest) -> QuoteView:
         """The price of a generation request, checked like a submit; nothing is held."""
         return await asyncio.to_thread(service.quote, who, body)

@@ -11,19 +11,26 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 import os
+import threading
+import time
 import uuid
 import zlib
 from contextlib import contextmanager
 
+import httpx
 import numpy as np
 import pytest
+import uvicorn
 from generation_support import in_process_service
 from PIL import Image, ImageDraw
 from sqlalchemy import select
+from typer.testing import CliRunner
 
 from genserve.billing.ledger import Ledger, user_account
 from genserve.bootstrap import bootstrap
+from genserve.cli import app as cli_app
 from genserve.core.config import load_settings
 from genserve.core.db import Database
 from genserve.core.errors import GenserveError, SafetyBlocked
@@ -32,6 +39,8 @@ from genserve.engine.infotext import read_infotext_text
 from genserve.generation.admission import Caller
 from genserve.generation.jobs import GenerationJob, image_prefix
 from genserve.generation.protocol import GenerationRequest
+from genserve.ingress import create_api
+from genserve.moderation import Moderation
 from safety.audit_log import AuditLog
 from safety.image_scan import ImageScanner, ScannerOutput
 from safety.levels import NsfwLevel
@@ -240,3 +249,54 @@ def test_input_scan_refusals(env):
     with _input_scanner(service, error="onnxruntime failed"):  # fail closed
         error = _refused(env, _caller(ledger), _request())
         assert error.code == "input_image_scan_failed"
+
+
+@pytest.fixture()
+def http_server(env):
+    """The ingress over the module's service on a loopback port (no lifespan: its exit would close the
+    module-wide service for the tests after)."""
+    service = env[0]
+    moderation = Moderation(service.registry, service.resource_cache, service.safety)
+    app = create_api(service, moderation, start_background=False)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def test_http_and_cli_run_img2img_and_inpaint(env, http_server, tmp_path, monkeypatch):
+    service, ledger, _, _ = env
+    caller = _caller(ledger)
+    big = Image.effect_noise((1024, 1024), 80).convert("RGB")  # ~3 MB as PNG: past the plain 1 MiB body limit
+    body = _request(init_image={"data": _b64(big)}).model_dump(mode="json", exclude_none=True)
+    headers = {"Authorization": "Bearer local-service-token", "X-User-Id": caller.user_id}
+    response = httpx.post(f"{http_server}/v1/generations?wait=true&timeout=120", json=body, headers=headers,
+                          timeout=120)
+    assert response.status_code == 200, response.text
+    assert response.json()["status"] == "succeeded"
+    gif = io.BytesIO()
+    _landscape().save(gif, format="GIF")
+    body["init_image"] = {"data": base64.b64encode(gif.getvalue()).decode()}
+    refused = httpx.post(f"{http_server}/v1/generations", json=body, headers=headers, timeout=60)
+    assert refused.status_code == 422 and refused.json()["code"] == "input_image_format"
+
+    monkeypatch.setenv("GENSERVE_DATA_DIR", str(service.settings.data_dir))
+    source, mask = tmp_path / "in.jpg", tmp_path / "mask.png"
+    _landscape(96, 64).save(source, format="JPEG")
+    cut = Image.new("L", (96, 64), 0)
+    ImageDraw.Draw(cut).rectangle((50, 20, 70, 40), fill=255)
+    cut.save(mask)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli_app, ["generate", "a landscape in autumn", "--out", str(out), "--steps", "4",
+                                          "--init-image", str(source), "--mask", str(mask), "--denoise", "0.8",
+                                          "--user", caller.user_id, "--url", http_server, "--json"],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    job = json.loads(result.output)
+    assert job["status"] == "succeeded" and "Mask blur: 4" in job["infotext"]
+    assert len(list(out.glob("*.png"))) == 1

@@ -7,10 +7,10 @@ import pytest
 from engine_support import differ, one_torch_thread, pixels
 from PIL import Image, ImageDraw
 
-from genserve.engine import img2img
+from genserve.engine import face_fix, img2img
 from genserve.engine.generate import ModelInfo, generate
 from genserve.engine.infotext import read_png_infotext
-from genserve.generation.worker.wire import InitSpec, WorkerRequest
+from genserve.generation.worker.wire import FaceFixSpec, InitSpec, WorkerRequest
 
 MODEL = ModelInfo(name="tiny", model_hash="0123456789")
 DIGEST = "0" * 64
@@ -37,7 +37,7 @@ def _spec(workflow: str = "img2img", **kw) -> InitSpec:
     return InitSpec(**{**base, **kw})
 
 
-def _request(spec: InitSpec, **kw) -> WorkerRequest:
+def _request(spec: InitSpec | None, **kw) -> WorkerRequest:
     base = dict(job_id="job-1", checkpoint_id="tiny", prompt="a photo of a cat", sampler="Euler a", steps=4,
                 width=64, height=64, seeds=[7], init=spec)
     return WorkerRequest(**{**base, **kw})
@@ -125,3 +125,36 @@ def test_crop_region_grows_to_the_working_aspect_inside_the_image():
     assert (x2 - x1) == 2 * (y2 - y1) and 0 <= x1 and x2 <= 100
     x1, y1, x2, y2 = img2img.expand_to_ratio((0, 0, 10, 90), 64, 64, 100, 100)
     assert (x1, x2) == (0, 90) and (y1, y2) == (0, 90)
+
+
+def test_face_fix_repaints_only_the_reported_face_box(tiny):
+    """The detector is forced to report one face box (a synthetic image has no face NudeNet would find):
+    everything outside that box, its 4 px dilation and the mask blur's reach stays as generated."""
+    pipe, safety = tiny
+    box = (16, 12, 40, 36)
+    calls = []
+
+    def detector(image, min_score):  # noqa: ANN001, ANN202
+        calls.append(min_score)
+        return [(box, 0.9), ((0, 0, 4, 4), 0.1)]  # the second is under the confidence: ignored
+
+    base = _request(None, steps=3)
+    plain = _run(pipe, safety, base, None).images[0].image
+    spec = FaceFixSpec(denoise=1.0, mask_blur=2, padding=8)
+    fixed_out = _run_face(pipe, safety, base.model_copy(update={"face_fix": spec}), detector)
+    fixed = fixed_out.images[0].image
+    assert calls == [0.3]
+    reach = face_fix.DILATE_PX + 3 * spec.mask_blur + 1
+    outside = np.ones((64, 64), bool)
+    outside[max(box[1] - reach, 0):box[3] + reach, max(box[0] - reach, 0):box[2] + reach] = False
+    delta = np.abs(pixels(fixed) - pixels(plain)).max(axis=2)
+    assert delta[outside].max() <= 1 and delta[box[1]:box[3], box[0]:box[2]].mean() > 5
+    info = read_png_infotext(fixed_out.images[0].encode())
+    assert info.params["ADetailer denoising strength"] == "1" and info.params["ADetailer confidence"] == "0.3"
+    nothing = _run_face(pipe, safety, base.model_copy(update={"face_fix": spec}), lambda image, score: [])
+    assert nothing.images[0].image.tobytes() == plain.tobytes()  # no face found: the image as generated
+
+
+def _run_face(pipe, safety, request, detector):  # noqa: ANN001, ANN202
+    with one_torch_thread():
+        return generate(pipe, request, safety=safety, model=MODEL, face_detector=detector)

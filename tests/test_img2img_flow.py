@@ -294,9 +294,45 @@ def test_http_and_cli_run_img2img_and_inpaint(env, http_server, tmp_path, monkey
     out = tmp_path / "out"
     result = CliRunner().invoke(cli_app, ["generate", "a landscape in autumn", "--out", str(out), "--steps", "4",
                                           "--init-image", str(source), "--mask", str(mask), "--denoise", "0.8",
+                                          "--face-fix",
                                           "--user", caller.user_id, "--url", http_server, "--json"],
                                 catch_exceptions=False)
     assert result.exit_code == 0, result.output
     job = json.loads(result.output)
     assert job["status"] == "succeeded" and "Mask blur: 4" in job["infotext"]
+    assert "ADetailer model" in job["infotext"]  # asked for; the real NudeNet found no face to fix
     assert len(list(out.glob("*.png"))) == 1
+
+
+def test_face_fix_end_to_end_changes_only_the_face_box_and_is_priced(env):
+    """The worker's NudeNet detector is forced to report one face box in the generated image (a tiny
+    random model draws no face); the policy and thresholds that judge the image are the real ones."""
+    service, ledger, _, _ = env
+    core = service.workers.cores["sd1"]
+    box = [20, 16, 16, 16]  # x, y, w, h as NudeNet reports it
+
+    class FaceDetector:
+        def detect(self, bgr):  # noqa: ANN001, ANN202
+            return [{"class": "FACE_FEMALE", "score": 0.8, "box": box}]
+
+    rules = service.settings.config_path(service.settings.safety.rules_dir)
+    saved, core._scanner = core._scanner, ImageScanner.from_config(rules, detector=FaceDetector())
+    try:
+        caller = _caller(ledger)
+        body = {"prompt": "a portrait", "checkpoint": "tiny-sd1", "steps": 4, "seed": 3}
+        plain = GenerationRequest.model_validate(body)
+        fixed = GenerationRequest.model_validate({**body, "face_fix": {"denoise": 1.0, "mask_blur": 2, "padding": 8}})
+        quote, base = service.quote(caller, fixed), service.quote(caller, plain)
+        assert [i.name for i in quote.items if i.name == "face_fix"] and quote.total >= base.total
+        a, b = _finish(service, caller, plain), _finish(service, caller, fixed)
+        assert a.status.value == b.status.value == "succeeded", (a.error, b.error)
+        assert b.charged == quote.total and "ADetailer denoising strength: 1" in (b.infotext or "")
+    finally:
+        core._scanner = saved
+    one = np.asarray(Image.open(io.BytesIO(service.image(caller, a.id, 0)[1])).convert("RGB"), np.int16)
+    two = np.asarray(Image.open(io.BytesIO(service.image(caller, b.id, 0)[1])).convert("RGB"), np.int16)
+    delta = np.abs(one - two).max(axis=2)
+    reach = 4 + 3 * 2 + 1
+    outside = np.ones(delta.shape, bool)
+    outside[box[1] - reach:box[1] + box[3] + reach, box[0] - reach:box[0] + box[2] + reach] = False
+    assert delta[outside].max() <= 1 and delta[box[1]:box[1] + box[3], box[0]:box[0] + box[2]].mean() > 5

@@ -39,6 +39,8 @@ class GenerationPrices(_Strict):
     min_per_image: StrictInt = Field(1, ge=1)
     extra_resource_millibuzz: StrictInt = Field(0, ge=0)
     hires_permille: StrictInt = Field(1000, ge=0)
+    # a face-fix pass, priced like a generation at the working size and the steps it runs, per face
+    face_fix_permille: StrictInt = Field(1000, ge=0)
     # per image by output format (png, jpeg, webp); a format not listed costs nothing extra
     output_format_millibuzz: dict[str, StrictInt] = Field(default_factory=dict)
     # per image by workflow (txt2img, img2img, inpaint): the input's encode and the mask's compositing
@@ -72,6 +74,16 @@ class HiresParams:
     def upscaled(cls, width: int, height: int, scale: float, steps: int) -> HiresParams:
         """The pass for upscaling `width`x`height` by `scale`, sizes rounded to multiples of 8."""
         return cls(width=int(round(width * scale / 8)) * 8, height=int(round(height * scale / 8)) * 8, steps=steps)
+
+
+@dataclass(frozen=True)
+class FaceFixParams:
+    """The face fix of one image: up to `faces` inpaint passes at `width`x`height`, each running `steps`."""
+
+    width: int
+    height: int
+    steps: int
+    faces: int
 
 
 @dataclass(frozen=True)
@@ -195,6 +207,7 @@ class Pricing:
         hires: HiresParams | None = None,
         output_format: str = "png",
         workflow: str = "txt2img",
+        face_fix: FaceFixParams | None = None,
     ) -> Quote:
         """Price `quantity` images; each costs at least `min_per_image`. For img2img and inpaint, `steps`
         are the steps the denoise runs (steps x strength, A1111's count), which may be 0."""
@@ -221,6 +234,11 @@ class Pricing:
             h_steps = _count("hires.steps", hires.steps, minimum=1)
             hires_mb = _ceil_div(fam.base_millibuzz * h_w * h_h * h_steps * gen.hires_permille, base_units * MILLI)
             parts.append(("hires_fix", hires_mb, f"second pass {h_w}x{h_h}, {h_steps} steps"))
+        if face_fix is not None:
+            f_units = face_fix.width * face_fix.height * _count("face_fix.steps", face_fix.steps) * face_fix.faces
+            face_mb = _ceil_div(fam.base_millibuzz * f_units * gen.face_fix_permille, base_units * MILLI)
+            parts.append(("face_fix", face_mb, f"up to {face_fix.faces} face(s) at {face_fix.width}x"
+                                               f"{face_fix.height}, {face_fix.steps} steps each"))
         if extra_resources:
             parts.append(
                 ("extra_resources", extra_resources * gen.extra_resource_millibuzz, f"{extra_resources} extra resources")

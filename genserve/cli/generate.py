@@ -57,6 +57,8 @@ def _body(prompt: str | None, **opts: Any) -> dict[str, Any]:
         if opts[name] is not None:
             body[name] = opts[name]
     body.update(_inputs(opts))
+    if opts["face_fix"]:
+        body["face_fix"] = {"prompt": opts["face_prompt"], "denoise": opts["face_denoise"]}
     if opts["hires_scale"] is not None:
         body["hires"] = {"scale": opts["hires_scale"], "denoise": opts["hires_denoise"], "steps": opts["hires_steps"]}
     body["output_format"], body["quality"] = opts["output_format"], opts["quality"]
@@ -159,6 +161,9 @@ def generate(
     inpaint_padding: int = typer.Option(32, "--inpaint-padding", help="pixels around the mask's box"),
     inpaint_whole: bool = typer.Option(False, "--inpaint-whole", help="repaint at the whole image's size, "
                                        "not only the masked box"),
+    face_fix: bool = typer.Option(False, "--face-fix", help="ADetailer-style: repaint each detected face"),
+    face_prompt: str = typer.Option("", "--face-prompt", help="The faces' prompt (default: the image's)"),
+    face_denoise: float = typer.Option(0.4, "--face-denoise"),
     priority: str = typer.Option("normal", "--priority", help="low | normal | high"),
     nsfw_level: str | None = typer.Option(None, "--nsfw-level", help="Lower the allowed level for this request"),
     idempotency_key: str | None = typer.Option(None, "--idempotency-key"),

@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -31,7 +30,8 @@ from diffusers import (
 from PIL import Image
 
 from genserve.core.config.worker import WorkerConfig
-from genserve.engine import img2img as init_pass
+from genserve.engine import passes
+from genserve.engine.face_fix import FaceDetector
 from genserve.engine.infotext import build_infotext, encode_image
 from genserve.engine.prompt_encoding import (
     PromptEncoder,
@@ -40,6 +40,8 @@ from genserve.engine.prompt_encoding import (
 )
 from genserve.engine.prompt_syntax import extract_extra_networks, lora_tag
 from genserve.engine.schedulers import infotext_sampler, make_scheduler, sampler_spec
+from genserve.engine.views import drop_pipeline_views as drop_pipeline_views  # re-exported: the worker's
+from genserve.engine.views import pipeline_view
 from genserve.generation.worker.wire import WorkerRequest, hires_size
 from safety.embeddings import InjectedPrompts
 
@@ -129,29 +131,6 @@ def prepare_pipeline(pipe: DiffusionPipeline, config: WorkerConfig) -> Diffusion
     return pipe
 
 
-_views_lock = threading.Lock()
-_views: weakref.WeakKeyDictionary[DiffusionPipeline, dict[type, DiffusionPipeline]] = weakref.WeakKeyDictionary()
-
-
-def pipeline_view(pipe: DiffusionPipeline, cls: type[DiffusionPipeline]) -> DiffusionPipeline:
-    """A `cls` pipeline over `pipe`'s components, made on first use and kept while `pipe` lives:
-    `from_pipe` costs more than the rest of a small image's setup. The view's scheduler is the
-    caller's to set per image; views are never shared by two requests at once (the checkpoint lock)."""
-    with _views_lock:
-        views = _views.setdefault(pipe, {})
-        view = views.get(cls)
-        if view is None:
-            view = views[cls] = cls.from_pipe(pipe)
-            view.set_progress_bar_config(disable=True)
-        return view
-
-
-def drop_pipeline_views(pipe: DiffusionPipeline) -> None:
-    """Forget `pipe`'s views now (a checkpoint being unloaded), so they hold none of its modules."""
-    with _views_lock:
-        _views.pop(pipe, None)
-
-
 def img2img_class(pipe: DiffusionPipeline) -> type[DiffusionPipeline]:
     for base, img2img in _IMG2IMG.items():
         if isinstance(pipe, base):
@@ -216,6 +195,7 @@ def generate(
     on_image: Callable[[GeneratedImage], None] | None = None,
     batch_size: int = 1,
     init: tuple[Image.Image, Image.Image | None] | None = None,
+    face_detector: FaceDetector | None = None,
 ) -> GenerationOutcome:
     """Generate `len(request.seeds)` images on `pipe`; the caller holds the pipeline's lock.
 
@@ -224,7 +204,8 @@ def generate(
     `on_image` sees each finished image as soon as its batch is decoded, before the next batch starts.
     No PNG is encoded here: the worker encodes and scans each image on other threads, so the
     pipeline (and its lock) is free for the next image or request meanwhile. `init` is the decoded input
-    image and mask of an img2img / inpaint request (`request.init`), run by `img2img.run_one`."""
+    image and mask of an img2img / inpaint request (`request.init`); `face_detector` finds the faces a
+    `request.face_fix` repaints (`passes`)."""
     sampler_spec(request.sampler)  # an unknown sampler is refused before any work
     cancel = cancel or threading.Event()
     timings: dict[str, float] = {}
@@ -258,9 +239,16 @@ def generate(
 
     images: list[GeneratedImage] = []
     spec = request.init
-    init_fields = _init_infotext(spec) if spec is not None else {}
+    init_fields = passes.infotext_fields(request)
+    fixer = passes.FaceFixer.build(pipe, request, face_detector, safety, encoder, sdxl, on_progress, cancel)
 
-    def emit(index: int, seed: int, image: Image.Image) -> None:
+    def emit(index: int, seed: int, image: Image.Image) -> bool:
+        """Finish one image (its face fix) and hand it on; False when a cancel stopped the face fix."""
+        if fixer is not None:
+            fixed = fixer.apply(index, seed, image)
+            if fixed is None:
+                return False
+            image = fixed
         info = build_infotext(
             prompt=info_prompt, negative_prompt=negative, steps=request.steps, sampler=sampler_base,
             schedule_type=schedule_type,
@@ -275,12 +263,13 @@ def generate(
         images.append(GeneratedImage(index=index, seed=seed, image=image, infotext=info.render()))
         if on_image is not None:
             on_image(images[-1])
+        return True
 
     canceled = False
     if spec is not None:
         if init is None:
             raise ValueError("an img2img / inpaint request needs its decoded input")
-        canceled, denoise_ms = _run_init(pipe, request, init, first_cond, sdxl, emit, on_progress, cancel)
+        canceled, denoise_ms = passes.run_init(pipe, request, init, first_cond, sdxl, emit, on_progress, cancel)
         timings.update(denoise_ms=denoise_ms, generate_ms=(time.perf_counter() - started) * 1000, batch_size=1.0)
         return GenerationOutcome(images=images, canceled=canceled, final_prompt=prompt,
                                  final_negative_prompt=negative, timings_ms=timings)
@@ -301,54 +290,14 @@ def generate(
         if out is None or cancel.is_set():  # interrupted mid-batch: the partial images are dropped
             canceled = True
             break
-        for (index, seed), image in zip(batch, out, strict=True):
-            emit(index, seed, image)
+        if not all(emit(index, seed, image) for (index, seed), image in zip(batch, out, strict=True)):
+            canceled = True
+            break
     timings["denoise_ms"] = denoise_ms
     timings["generate_ms"] = (time.perf_counter() - started) * 1000
     timings["batch_size"] = float(size)
     return GenerationOutcome(images=images, canceled=canceled, final_prompt=prompt,
                              final_negative_prompt=negative, timings_ms=timings)
-
-
-def _init_infotext(spec: Any) -> dict[str, object]:
-    """An img2img / inpaint image's own infotext fields, as A1111 names them."""
-    fields: dict[str, object] = {"Denoising strength": float(spec.denoise)}
-    if spec.workflow == "inpaint":
-        fields["Mask blur"] = spec.mask_blur
-        if spec.only_masked:
-            fields.update({"Inpaint area": "Only masked", "Masked area padding": spec.padding})
-    return fields
-
-
-def _run_init(pipe: DiffusionPipeline, request: WorkerRequest, init: tuple[Image.Image, Image.Image | None],
-              cond: ScheduledConditioning, sdxl: bool, emit: Callable[[int, int, Image.Image], None],
-              on_progress: ProgressCallback | None, cancel: threading.Event) -> tuple[bool, float]:
-    """The img2img / inpaint images one by one; (canceled, denoise ms)."""
-    spec = request.init
-    assert spec is not None
-    view = pipeline_view(pipe, init_pass.pipeline_class(pipe, spec.workflow))
-    prepared = init_pass.prepare(spec, init[0], init[1], request.width, request.height)
-    started = time.perf_counter()
-    for index, seed in enumerate(request.seeds):
-        if cancel.is_set():
-            return True, (time.perf_counter() - started) * 1000
-        scheduler = make_scheduler(request.sampler, pipe.scheduler.config, seed)
-        total = max(1, _planned_steps(make_scheduler(request.sampler, pipe.scheduler.config, seed), request.steps,
-                                      spec.denoise))
-        done = [0]
-
-        def on_step(index: int = index, total: int = total, done: list[int] = done) -> None:
-            done[0] += 1
-            if on_progress is not None:
-                on_progress(index, min(done[0], total), total)
-
-        image = init_pass.run_one(view, spec, prepared, cond, seed=seed, steps=request.steps,
-                                  cfg_scale=request.cfg_scale, width=request.width, height=request.height,
-                                  scheduler=scheduler, sdxl=sdxl, on_step=on_step, cancel=cancel)
-        if image is None:
-            return True, (time.perf_counter() - started) * 1000
-        emit(index, seed, image)
-    return False, (time.perf_counter() - started) * 1000
 
 
 def _batch(

@@ -8,7 +8,7 @@
     overlay), so every pixel the blurred mask leaves at 0 is exactly the input's
 
 The diffusion runs on diffusers' (XL) img2img / inpaint pipelines, views over the loaded txt2img
-pipeline's components (`generate.pipeline_view`): the same weights, LoRAs, embeddings and safety
+pipeline's components (`views.pipeline_view`): the same weights, LoRAs, embeddings and safety
 tokens. Each image runs alone from its own seeded CPU generator, so image i depends only on seeds[i].
 """
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from diffusers import (
@@ -32,7 +32,7 @@ from diffusers import (
 from PIL import Image, ImageFilter, ImageOps
 
 from genserve.engine.prompt_encoding import ScheduledConditioning
-from genserve.generation.worker.wire import InitSpec, denoise_steps
+from genserve.generation.worker.wire import denoise_steps
 
 _PIPELINES: dict[tuple[type[DiffusionPipeline], str], type[DiffusionPipeline]] = {
     (StableDiffusionPipeline, "img2img"): StableDiffusionImg2ImgPipeline,
@@ -41,6 +41,17 @@ _PIPELINES: dict[tuple[type[DiffusionPipeline], str], type[DiffusionPipeline]] =
     (StableDiffusionXLPipeline, "inpaint"): StableDiffusionXLInpaintPipeline,
 }
 _LANCZOS = Image.Resampling.LANCZOS
+
+
+class PassSettings(Protocol):
+    """One img2img / inpaint pass's settings: a request's `InitSpec`, or a face-fix pass's."""
+
+    workflow: str
+    denoise: float
+    resize_mode: str
+    mask_blur: int
+    only_masked: bool
+    padding: int
 
 
 def pipeline_class(pipe: DiffusionPipeline, workflow: str) -> type[DiffusionPipeline]:
@@ -136,7 +147,7 @@ class PreparedInput:
         return out.convert("RGB")
 
 
-def prepare(spec: InitSpec, image: Image.Image, mask: Image.Image | None, width: int, height: int) -> PreparedInput:
+def prepare(spec: PassSettings, image: Image.Image, mask: Image.Image | None, width: int, height: int) -> PreparedInput:
     if spec.workflow == "img2img" or mask is None:
         return PreparedInput(resize_image(image, width, height, spec.resize_mode))
     mask = mask.convert("L")
@@ -163,14 +174,14 @@ def _overlay(image: Image.Image, mask: Image.Image) -> Image.Image:
 # ------------------------------------------------------------------------------------------ denoising
 
 
-def run_one(view: DiffusionPipeline, spec: InitSpec, prepared: PreparedInput, cond: ScheduledConditioning, *,
+def run_one(view: DiffusionPipeline, spec: PassSettings, prepared: PreparedInput, cond: ScheduledConditioning, *,
             seed: int, steps: int, cfg_scale: float, width: int, height: int, scheduler: Any, sdxl: bool,
             on_step: Callable[[], None], cancel: threading.Event) -> Image.Image | None:
     """One image: the denoise at `spec.denoise` from `prepared`, pasted back; None when canceled. With 0
     steps to run (strength 0, or steps x strength under 1) the prepared input comes back as it is."""
     if denoise_steps(steps, spec.denoise) == 0:
         return prepared.finish(prepared.image)
-    calls = {"n": 0, "total": max(1, _planned(scheduler, steps, spec.denoise))}
+    calls = {"n": 0, "total": max(1, planned_steps(scheduler, steps, spec.denoise))}
 
     def on_step_end(pipe: DiffusionPipeline, step: int, timestep: Any, kwargs: dict) -> dict:
         calls["n"] += 1
@@ -194,7 +205,7 @@ def run_one(view: DiffusionPipeline, spec: InitSpec, prepared: PreparedInput, co
     return None if cancel.is_set() else prepared.finish(out[0])
 
 
-def _planned(scheduler: Any, steps: int, strength: float) -> int:
+def planned_steps(scheduler: Any, steps: int, strength: float) -> int:
     """The step callbacks the pipeline will make at `strength` (a multi-stage sampler steps more often)."""
     scheduler.set_timesteps(steps, device="cpu")
     t_start = max(steps - min(int(steps * strength), steps), 0)

@@ -21,7 +21,6 @@ from genserve.core import metrics
 from genserve.core.config import Settings
 from genserve.core.errors import (
     Forbidden,
-    InputImageRefused,
     InvalidRequest,
     QueueFull,
     SafetyBlocked,
@@ -29,10 +28,24 @@ from genserve.core.errors import (
 )
 from genserve.economy.store import Economy
 from genserve.engine.prompt_syntax import extract_extra_networks, plain_text
-from genserve.generation.inputs import DecodedInput, InputImages, check_mask
+from genserve.generation.inputs import InputImages
 from genserve.generation.jobs import GenerationJob, JobStore
 from genserve.generation.protocol import MAX_HIRES_SIDE, GenerationRequest, Limits
-from genserve.generation.worker.wire import HiresSpec, InitSpec, LoraSpec, WorkerRequest, denoise_steps
+from genserve.generation.worker.wire import (
+    FaceFixSpec,
+    HiresSpec,
+    InitSpec,
+    LoraSpec,
+    WorkerRequest,
+    denoise_steps,
+)
+from genserve.generation.workflows import (
+    PlanInputs,
+    check_workflow,
+    decode_inputs,
+    face_fix_params,
+    judge_inputs,
+)
 from genserve.resources.cache import ResourceCache
 from genserve.resources.catalog import FamilyEntry, ModelCatalog
 from genserve.resources.models import ResourceKind
@@ -67,14 +80,6 @@ class Caller:
     tier: str | None = None
     max_nsfw_level: NsfwLevel = NsfwLevel.PG13
     request_id: str | None = None
-
-
-@dataclass(frozen=True)
-class PlanInputs:
-    """An img2img/inpaint request's decoded input (and mask), judged safe, not yet stored."""
-
-    image: DecodedInput
-    mask: DecodedInput | None = None
 
 
 @dataclass(frozen=True)
@@ -122,6 +127,7 @@ class AdmissionPlan:
             loras=[LoraSpec(resource_id=x.id, strength=x.strength) for x in res.loras],
             embeddings=[x.id for x in res.embeddings], hires=self.hires, output_format=r.output_format,
             quality=r.quality, priority=r.priority.value, init=init,
+            face_fix=FaceFixSpec(**r.face_fix.model_dump()) if r.face_fix else None,
         )
 
 
@@ -214,28 +220,6 @@ def check_tokens(family: FamilyEntry | None, resources: ResolvedResources) -> No
     for res in resources.embeddings:
         if uses_reserved_token(res.token or "", reserved):
             raise ReservedToken(f"embedding {res.id} uses a reserved safety token", details={"id": res.id})
-
-
-# an input refusal's code: the gravest rule that fired names it (every rule is in `details`)
-_INPUT_CODES = (("input.likeness_nudify", "input_image_nudify"), ("input.minor_mature", "input_image_minor"),
-                ("input.level_above_allowed", "input_image_level"), ("input.scan_failed", "input_image_scan_failed"))
-
-
-def check_workflow(request: GenerationRequest) -> None:
-    """The fields a workflow needs, and none it cannot use (stable codes, before anything is decoded)."""
-    wants_image, wants_mask = request.workflow != "txt2img", request.workflow == "inpaint"
-    if wants_image and request.init_image is None:
-        raise InputImageRefused(f"{request.workflow} needs `init_image`", code="input_image_missing",
-                                details={"field": "init_image"})
-    if wants_mask and request.mask is None:
-        raise InputImageRefused("inpaint needs `mask`", code="input_image_missing", details={"field": "mask"})
-    for name, given, wanted in (("init_image", request.init_image, wants_image), ("mask", request.mask, wants_mask)):
-        if given is not None and not wanted:
-            raise InputImageRefused(f"`{name}` is not used by {request.workflow}", code="input_image_unexpected",
-                                    details={"field": name, "workflow": request.workflow})
-    if wants_image and request.hires is not None:
-        raise InputImageRefused("hires fix is a txt2img pass; send the size you want instead",
-                                code="input_image_with_hires")
 
 
 def audit_text(prompt: str) -> str:
@@ -355,14 +339,15 @@ class Admission:
         size = image_size(family, resources.family, request)
         hires = hires_spec(request, size, self.max_pixels)
         allowed = NsfwLevel.lowest(caller.max_nsfw_level, request.nsfw_level)
-        inputs = self._decode_inputs(caller, request)
+        inputs = decode_inputs(self.inputs, caller.user_id, request)
         with metrics.stage_timer("audit", resources.family):
             verdict = self._precheck(caller, request, resources, allowed)
             if inputs is not None:
-                self._check_input(caller, request, inputs, verdict, allowed)
+                judge_inputs(self.safety, caller.user_id, caller.request_id, request, inputs, verdict, allowed)
         steps = request.steps if inputs is None else denoise_steps(request.steps, request.denoise)
         quote = self.pricing.quote_generation(
             resources.family, size[0], size[1], steps, request.quantity, workflow=request.workflow,
+            face_fix=face_fix_params(request, size),
             extra_resources=len(resources.extras) - free_extras,
             hires=HiresParams.upscaled(size[0], size[1], hires.scale, hires.steps or request.steps) if hires else None,
             output_format=request.output_format,
@@ -373,37 +358,13 @@ class Admission:
         timeout_s = self.config.job_timeout_s + self.config.timeout_per_resource_s * len(resources.extras)
         return AdmissionPlan(caller, request, resources, size, hires, allowed, verdict, quote, timeout_s, inputs)
 
-    def _decode_inputs(self, caller: Caller, request: GenerationRequest) -> PlanInputs | None:
-        if request.init_image is None:
-            return None
-        if self.inputs is None:
-            raise Unavailable("this service takes no input images", code="input_images_unavailable")
-        image = self.inputs.load(request.init_image, caller.user_id, field="init_image")
-        mask = None
-        if request.mask is not None:
-            mask = self.inputs.load(request.mask, caller.user_id, field="mask", mask=True)
-            check_mask(mask, image)
-        return PlanInputs(image, mask)
-
-    def _check_input(self, caller: Caller, request: GenerationRequest, inputs: PlanInputs, verdict: Verdict,
-                     allowed: NsfwLevel) -> None:
-        """The input image judged like a delivered one, plus the nudify rule; refused before any hold."""
-        decision = self.safety.check_input_image(
-            inputs.image.image, workflow=request.workflow, prompt_verdict=verdict, allowed_level=allowed,
-            subject=inputs.image.sha256, user_id=caller.user_id, request_id=caller.request_id)
-        if decision.verdict.blocked:
-            for rule in decision.verdict.rule_ids:
-                metrics.inc("genserve_prompts_blocked_total", rule=rule)
-            rules = decision.verdict.rule_ids
-            code = next((c for rule, c in _INPUT_CODES if rule in rules), "input_image_blocked")
-            raise SafetyBlocked("the input image was refused by the safety policy", code=code,
-                                details={"rules": rules, "reasons": [r.to_dict() for r in decision.verdict.reasons]})
-
     def _precheck(self, caller: Caller, request: GenerationRequest, resources: ResolvedResources,
                   allowed: NsfwLevel) -> Verdict:
         hits = self._likeness(resources)
+        face_prompt = request.face_fix.prompt if request.face_fix else ""
         verdict = self.safety.precheck_request(
-            audit_text(request.prompt), audit_text(request.negative_prompt),
+            audit_text(f"{request.prompt}\n{face_prompt}" if face_prompt else request.prompt),
+            audit_text(request.negative_prompt),
             resources=[ResourceFlags(r.id, r.minor, r.poi, r.sfw_only) for r in resources.all],
             likeness_hits=[LikenessHit(r.id, f"likeness.{hit.method}", f"matches a blocklisted likeness of {hit.person}")
                            for r, hit in hits],

@@ -128,6 +128,18 @@ class HiresFix(_Strict):
         return value.lower() if isinstance(value, str) else value
 
 
+class FaceFix(_Strict):
+    """ADetailer-style face fix after each image (any workflow): each face found is inpainted at the
+    image's working size and pasted back."""
+
+    prompt: str = Field("", max_length=MAX_PROMPT_CHARS, description="the faces' prompt; empty: the image's")
+    denoise: float = Field(0.4, ge=0.0, le=1.0, strict=True)
+    confidence: float = Field(0.3, ge=0.05, le=1.0, strict=True, description="the face detector's minimum score")
+    padding: int = Field(32, ge=0, le=256, strict=True)
+    mask_blur: int = Field(4, ge=0, le=64, strict=True)
+    max_faces: int = Field(2, ge=1, le=4, strict=True, description="faces fixed per image; priced per face")
+
+
 class InputImage(_Strict):
     """An input image: `data` (base64, or a `data:image/...;base64,` URL) or an image delivered to the
     same user earlier (`job_id` + `index`)."""
@@ -189,6 +201,7 @@ class GenerationRequest(_Strict):
     mask_blur: int = Field(4, ge=0, le=64, strict=True)
     inpaint_only_masked: bool = Field(True, description="repaint only the mask's padded box at full resolution")
     inpaint_padding: int = Field(32, ge=0, le=256, strict=True, description="pixels around the mask's box")
+    face_fix: FaceFix | None = None
 
     @model_validator(mode="before")
     @classmethod

@@ -292,7 +292,8 @@ class WorkerCore(WorkerUpkeep):
                 with user_embeddings(loaded.pipe, self.family, [(path, token) for _, path, token in embeddings]):
                     outcome = generate(loaded.pipe, request, safety=loaded.safety, model=model,
                                        on_progress=progress, cancel=cancel, on_image=finished,
-                                       batch_size=self.config.batch_size.get(self.family, 1), init=init)
+                                       batch_size=self.config.batch_size.get(self.family, 1), init=init,
+                                       face_detector=self._face_detector() if request.face_fix else None)
         timings.update(outcome.timings_ms)
         with self._heartbeat_lock:
             self.counters["requests"] += 1
@@ -322,6 +323,11 @@ class WorkerCore(WorkerUpkeep):
         """Ray-less entry point: pick (load) the checkpoint, then `run`."""
         self.validate(request)
         return self.run(self.checkpoint(request.checkpoint_id), request, on_event, cancel)
+
+    def _face_detector(self) -> Any | None:
+        """The face fix's detector: the image scanner's NudeNet model, already loaded for the scan."""
+        scanner = self.scanner
+        return getattr(scanner, "faces", None)
 
     def init_images(self, request: WorkerRequest) -> tuple[Image.Image, Image.Image | None] | None:
         """The input image (and mask) from the store, each checked against the digest the ingress judged

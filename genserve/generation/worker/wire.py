@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from safety.image_scan import ScanResult
 from safety.levels import NsfwLevel
 
-# 3: output format and quality; EncodedImage.data + format. 4: priority. 5: init (img2img, inpaint)
+# 3: output format and quality; EncodedImage.data + format. 4: priority. 5: init (img2img, inpaint), face_fix
 SCHEMA_VERSION = 5
 MAX_SEED = 2**63 - 1
 MAX_PROMPT_CHARS = 4000
@@ -82,6 +82,18 @@ class InitSpec(_Frozen):
         return [k for k in (self.image_key, self.mask_key) if k]
 
 
+class FaceFixSpec(_Frozen):
+    """ADetailer-style face fix after each image: every face the detector finds (up to `max_faces`, at
+    `confidence` or above) is inpainted, only masked, at the image's working size and pasted back."""
+
+    prompt: str = Field("", max_length=MAX_PROMPT_CHARS, description="empty: the image's own prompt")
+    denoise: float = Field(0.4, ge=0.0, le=1.0)
+    confidence: float = Field(0.3, ge=0.05, le=1.0)
+    padding: int = Field(32, ge=0, le=256)
+    mask_blur: int = Field(4, ge=0, le=64)
+    max_faces: int = Field(2, ge=1, le=4)
+
+
 class WorkerRequest(_Frozen):
     """One generation: `len(seeds)` images, image i drawn from `seeds[i]` alone (reproducible one by one)."""
 
@@ -111,6 +123,7 @@ class WorkerRequest(_Frozen):
     priority: Literal["low", "normal", "high"] = "normal"
     # img2img / inpaint: the input image (and mask) in the object store; None is txt2img
     init: InitSpec | None = None
+    face_fix: FaceFixSpec | None = None
 
     @field_validator("width", "height")
     @classmethod

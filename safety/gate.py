@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session
 from safety.audit_log import AuditLog
 from safety.config import SafetyConfig
 from safety.embeddings import SafetyEmbeddings
+from safety.image_hash import ImageHashBlocklist
 from safety.image_scan import ImageScanner, ScanResult
 from safety.input_policy import InputDecision, judge_input
 from safety.levels import NsfwLevel
@@ -46,6 +47,7 @@ class SafetyGate:
     auditor: PromptAuditor
     blocklist: LikenessBlocklist
     audit: AuditLog
+    image_hashes: ImageHashBlocklist = field(init=False)
     policy: SafetyPolicy = field(init=False)
     # the scanner inputs are judged with, built on first use (the ingress holds no other); settable (tests)
     input_scanner: ImageScanner | None = field(default=None, init=False)
@@ -53,6 +55,7 @@ class SafetyGate:
 
     def __post_init__(self) -> None:
         self.policy = SafetyPolicy(self.auditor)
+        self.image_hashes = ImageHashBlocklist(self.session_factory, self.config.image_hash_max_distance)
 
     @classmethod
     def build(cls, config: SafetyConfig, config_dir: Path, session_factory: SessionFactory) -> SafetyGate:
@@ -141,8 +144,14 @@ class SafetyGate:
     def check_input_image(self, image: Any, *, workflow: str, prompt_verdict: Verdict, allowed_level: NsfwLevel,
                           field_name: str = "init_image", subject: str | None = None, user_id: str | None = None,
                           request_id: str | None = None) -> InputDecision:
-        """Scan an input image and judge it before anything is charged; its audit row is written here. A
-        scanner that cannot be built or that errors fails closed (`input.scan_failed`)."""
+        """Scan an input image, compare its perceptual hash with the known-abusive ones, and judge it before
+        anything is charged; its audit row is written here. A scanner or a hash lookup that errors fails
+        closed (`input.scan_failed`)."""
+        hash_match, hash_error = None, None
+        try:
+            hash_match = self.image_hashes.match(image)
+        except Exception as exc:  # noqa: BLE001 - fail closed
+            hash_error = f"image hash lookup: {type(exc).__name__}: {exc}"
         try:
             with self._lock:
                 if self.input_scanner is None:
@@ -151,11 +160,15 @@ class SafetyGate:
             scan = scanner.scan(image)
         except Exception as exc:  # noqa: BLE001 - fail closed
             scan = ScanResult(NsfwLevel.X, scanner_errors=(f"{type(exc).__name__}: {exc}",))
+        if hash_error:
+            scan = ScanResult(scan.level, scan.detections, scan.minor_signal, (*scan.scanner_errors, hash_error))
         decision = judge_input(scan, workflow=workflow, prompt_mature=prompt_verdict.mature,
-                               allowed=NsfwLevel.parse(allowed_level))
+                               allowed=NsfwLevel.parse(allowed_level), blocklisted=hash_match is not None)
         self.audit.append_verdict(decision.verdict, kind="input_image", subject=subject, request_id=request_id,
                                   user_id=user_id, details={"field": field_name, "workflow": workflow,
                                                             "scan": scan.to_dict(),
+                                                            "hash_match": hash_match.to_dict() if hash_match
+                                                            else None,
                                                             "allowed": NsfwLevel.parse(allowed_level).to_wire()})
         return decision
 

@@ -3,7 +3,9 @@
 An input image is scanned like a delivered one (NudeNet and every extra scanner, the age slot too),
 then refused when:
 
-- `input.scan_failed`: a scanner errored or timed out (fail closed: an input nobody could look at is
+- `input.hash_blocklisted`: its perceptual hash is within the configured distance of a known-abusive
+  image's (`safety.image_hash`);
+- `input.scan_failed`: a scanner (or the hash lookup) errored or timed out (fail closed: an input nobody could look at is
   never run);
 - `input.level_above_allowed`: the input itself is above the level the caller may see;
 - `input.minor_mature`: a scanner reports a minor signal and anything about the request is mature
@@ -44,8 +46,10 @@ def faces_in(scan: ScanResult, min_score: float = DEFAULT_FACE_MIN_SCORE) -> tup
 
 
 def judge_input(scan: ScanResult, *, workflow: str, prompt_mature: bool, allowed: NsfwLevel,
-                face_min_score: float = DEFAULT_FACE_MIN_SCORE) -> InputDecision:
+                blocklisted: bool = False, face_min_score: float = DEFAULT_FACE_MIN_SCORE) -> InputDecision:
     reasons: list[Reason] = []
+    if blocklisted:
+        reasons.append(Reason("input.hash_blocklisted", "the input image matches a known-abusive image"))
     faces = faces_in(scan, face_min_score)
     if scan.failed:
         reasons.append(Reason("input.scan_failed", "the input image could not be scanned: "

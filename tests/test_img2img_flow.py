@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import io
 import json
 import os
@@ -41,6 +42,7 @@ from genserve.generation.jobs import GenerationJob, image_prefix
 from genserve.generation.protocol import GenerationRequest
 from genserve.ingress import create_api
 from genserve.moderation import Moderation
+from genserve.moderation_api import build_moderation_router
 from safety.audit_log import AuditLog
 from safety.image_scan import ImageScanner, ScannerOutput
 from safety.levels import NsfwLevel
@@ -336,3 +338,34 @@ def test_face_fix_end_to_end_changes_only_the_face_box_and_is_priced(env):
     outside = np.ones(delta.shape, bool)
     outside[box[1] - reach:box[1] + box[3] + reach, box[0] - reach:box[0] + box[2] + reach] = False
     assert delta[outside].max() <= 1 and delta[box[1]:box[1] + box[3], box[0]:box[0] + box[2]].mean() > 5
+
+
+def test_a_hash_blocklisted_input_is_refused_even_resized_and_reencoded(env):
+    service, ledger, _, _ = env
+    moderation = Moderation(service.registry, service.resource_cache, service.safety)
+    limits = service.settings.generation.input_images
+    app = create_api(service, moderation, start_background=False,
+                     routers=[functools.partial(build_moderation_router, moderation, limits)])
+    known = _landscape(96, 96)
+    ImageDraw.Draw(known).rectangle((10, 50, 40, 90), fill=(200, 30, 90))
+
+    async def add(body: dict, token: str = "local-admin-token") -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            return await client.post("/v1/admin/image-hashes", json=body, headers={"Authorization": f"Bearer {token}"})
+
+    assert asyncio.run(add({"phash": "0" * 16}, token="local-service-token")).status_code in (401, 403)
+
+    refused = asyncio.run(add({"image": _b64(known)}))
+    assert refused.status_code == 201, refused.text
+    phash = refused.json()["phash"]
+    assert asyncio.run(add({"phash": phash})).json() == {"entry_id": refused.json()["entry_id"], "phash": phash,
+                                                        "added": False}
+    assert asyncio.run(add({"phash": phash, "image": _b64(known)})).json()["code"] == "image_hash_source"
+    copy = known.resize((64, 64))  # what a re-upload goes through: resized and re-encoded
+    caller = _caller(ledger)
+    error = _refused(env, caller, _request(init_image={"data": _b64(copy, "JPEG")}))
+    assert error.code == "input_image_hash_blocked" and "input.hash_blocklisted" in error.details["rules"]
+    row = AuditLog(service.db.session).query(kind="input_image", user_id=caller.user_id)[0]
+    assert row.action == "block" and row.details["hash_match"]["phash"] == phash
+    # another image is not caught by it
+    assert _finish(service, _caller(ledger), _request()).status.value == "succeeded"

@@ -124,10 +124,11 @@ class SafetyGate:
                     user_id: str | None = None, request_id: str | None = None, job_id: str | None = None,
                     details: dict | None = None) -> ImageJudgement:
         """What happens to one image; its audit row is written here. `withheld_because` (the image is
-        missing, or its scan did not finish) withholds an image the policy would let through."""
+        missing, its face fix failed, or its scan did not finish) withholds an image the policy would let
+        through."""
         decision = self.policy.postcheck(scan, precheck, allowed_level)
         deliver = decision.deliver and withheld_because is None
-        if withheld_because == "image_missing":
+        if withheld_because in ("image_missing", "face_fix_failed"):  # nothing the policy could judge
             reasons = [withheld_because]
         else:
             reasons = decision.rule_ids or ([] if deliver else [withheld_because or "scan_failed"])

@@ -369,3 +369,38 @@ def test_a_hash_blocklisted_input_is_refused_even_resized_and_reencoded(env):
     assert row.action == "block" and row.details["hash_match"]["phash"] == phash
     # another image is not caught by it
     assert _finish(service, _caller(ledger), _request()).status.value == "succeeded"
+
+
+def test_a_face_fix_failing_on_one_image_withholds_only_that_image_and_charges_the_rest(env):
+    """The worker's NudeNet detector is forced to report a face, and to fail on the face fix's second call
+    (the safety scan's own calls, on its scan thread, are answered normally): image 0 is fixed and
+    delivered, image 1 is withheld as `face_fix_failed` and not charged."""
+    service, ledger, _, _ = env
+    core = service.workers.cores["sd1"]
+    calls = []
+
+    class FlakyDetector:
+        def detect(self, bgr):  # noqa: ANN001, ANN202
+            if not threading.current_thread().name.startswith("scan-"):
+                calls.append(1)
+                if len(calls) == 2:
+                    raise RuntimeError("detector crashed")
+            return [{"class": "FACE_MALE", "score": 0.8, "box": [8, 8, 20, 20]}]
+
+    rules = service.settings.config_path(service.settings.safety.rules_dir)
+    saved, core._scanner = core._scanner, ImageScanner.from_config(rules, detector=FlakyDetector())
+    try:
+        caller = _caller(ledger)
+        request = GenerationRequest.model_validate({"prompt": "two portraits", "checkpoint": "tiny-sd1", "steps": 2,
+                                                    "seed": 8, "quantity": 2, "face_fix": {"max_faces": 1}})
+        quote = service.quote(caller, request)
+        job = _finish(service, caller, request)
+    finally:
+        core._scanner = saved
+    assert job.status.value == "succeeded", job.error
+    assert [i.index for i in job.images] == [0]
+    assert [(w.index, w.reasons) for w in job.withheld] == [(1, ["face_fix_failed"])]
+    assert job.charged == quote.per_image
+    assert ledger.balance(user_account(caller.user_id)).available == GRANT - quote.per_image
+    rows = AuditLog(service.db.session).query(kind="postcheck", job_id=job.id)
+    assert sorted((r.details["index"], r.action) for r in rows) == [(0, "allow"), (1, "block")]

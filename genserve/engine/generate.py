@@ -77,13 +77,15 @@ class GeneratedImage:
 
 @dataclass
 class GenerationOutcome:
-    """`images` holds only finished images; `canceled` says the run stopped early."""
+    """`images` holds only finished images; `canceled` says the run stopped early; `failed` names the
+    images a later pass (the face fix) failed on, index -> (seed, reason): not delivered, not charged."""
 
     images: list[GeneratedImage]
     canceled: bool
     final_prompt: str
     final_negative_prompt: str
     timings_ms: dict[str, float] = field(default_factory=dict)
+    failed: dict[int, tuple[int, str]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -240,12 +242,18 @@ def generate(
     images: list[GeneratedImage] = []
     spec = request.init
     init_fields = passes.infotext_fields(request)
+    failed: dict[int, tuple[int, str]] = {}
     fixer = passes.FaceFixer.build(pipe, request, face_detector, safety, encoder, sdxl, on_progress, cancel)
 
     def emit(index: int, seed: int, image: Image.Image) -> bool:
         """Finish one image (its face fix) and hand it on; False when a cancel stopped the face fix."""
         if fixer is not None:
-            fixed = fixer.apply(index, seed, image)
+            try:
+                fixed = fixer.apply(index, seed, image)
+            except Exception as exc:  # noqa: BLE001 - one image's face fix failing costs only that image
+                logger.warning("face fix failed on image %d: %s", index, exc)
+                failed[index] = (seed, f"{type(exc).__name__}: {exc}")
+                return True
             if fixed is None:
                 return False
             image = fixed
@@ -272,7 +280,7 @@ def generate(
         canceled, denoise_ms = passes.run_init(pipe, request, init, first_cond, sdxl, emit, on_progress, cancel)
         timings.update(denoise_ms=denoise_ms, generate_ms=(time.perf_counter() - started) * 1000, batch_size=1.0)
         return GenerationOutcome(images=images, canceled=canceled, final_prompt=prompt,
-                                 final_negative_prompt=negative, timings_ms=timings)
+                                 final_negative_prompt=negative, timings_ms=timings, failed=failed)
     denoise_ms = 0.0
     size = 1 if sampler_spec(request.sampler).seeded_noise else max(1, batch_size)
     seeds = list(enumerate(request.seeds))
@@ -297,7 +305,7 @@ def generate(
     timings["generate_ms"] = (time.perf_counter() - started) * 1000
     timings["batch_size"] = float(size)
     return GenerationOutcome(images=images, canceled=canceled, final_prompt=prompt,
-                             final_negative_prompt=negative, timings_ms=timings)
+                             final_negative_prompt=negative, timings_ms=timings, failed=failed)
 
 
 def _batch(

@@ -308,6 +308,9 @@ class WorkerCore(WorkerUpkeep):
             timings["scan_ms"] += scan_ms
             images.append(ImageResult(index=img.index, seed=img.seed, width=img.image.width, height=img.image.height,
                                       scan=scan, deliverable=scan.ok))
+        for index, (seed, reason) in outcome.failed.items():  # never encoded or stored: withheld, not charged
+            images.append(ImageResult(index=index, seed=seed, width=request.width, height=request.height,
+                                      scan=ImageScan.unfinished(reason), deliverable=False, failure="face_fix_failed"))
         # what the scans and PNGs (side by side) added to the request after its last image was decoded
         timings["scan_wait_ms"] = (time.perf_counter() - t_wait) * 1000
         timings["total_ms"] = (time.perf_counter() - started) * 1000

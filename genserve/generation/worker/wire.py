@@ -227,6 +227,8 @@ class ImageResult(_Frozen):
     scan: ImageScan
     # False when the scan failed (fail closed); the caller still compares `scan.level` to what is allowed
     deliverable: bool
+    # set when a pass after the denoise failed on this image (`face_fix_failed`): it has no PNG
+    failure: str | None = None
 
 
 class WorkerResult(_StreamItem):

@@ -8,8 +8,9 @@ then refused when:
 - `input.scan_failed`: a scanner (or the hash lookup) errored or timed out (fail closed: an input nobody could look at is
   never run);
 - `input.level_above_allowed`: the input itself is above the level the caller may see;
-- `input.minor_mature`: a scanner reports a minor signal and anything about the request is mature
-  (the prompt's verdict, the allowed level, or the input's own level above PG);
+- `input.minor_mature`: a minor signal (a scanner on the input, or the prompt or a resource flag, from the
+  precheck's verdict) while anything about the request is mature (the prompt's verdict, the allowed
+  level, or the input's own level above PG);
 - `input.likeness_nudify`: the input shows a face (NudeNet's FACE_FEMALE / FACE_MALE at or above
   `face_min_score`) and the request could sexualise it: a mature prompt, a mature allowed level, or
   an input already above PG. This is the "nudify" pattern: a photograph of a real person turned into
@@ -46,7 +47,7 @@ def faces_in(scan: ScanResult, min_score: float = DEFAULT_FACE_MIN_SCORE) -> tup
 
 
 def judge_input(scan: ScanResult, *, workflow: str, prompt_mature: bool, allowed: NsfwLevel,
-                blocklisted: bool = False, face_min_score: float = DEFAULT_FACE_MIN_SCORE) -> InputDecision:
+                blocklisted: bool = False, request_minor: bool = False, face_min_score: float = DEFAULT_FACE_MIN_SCORE) -> InputDecision:
     reasons: list[Reason] = []
     if blocklisted:
         reasons.append(Reason("input.hash_blocklisted", "the input image matches a known-abusive image"))
@@ -58,11 +59,11 @@ def judge_input(scan: ScanResult, *, workflow: str, prompt_mature: bool, allowed
         reasons.append(Reason("input.level_above_allowed",
                               f"the input image is {scan.level.to_wire()}, above the allowed {allowed.to_wire()}"))
     mature = prompt_mature or allowed.mature or scan.level > NsfwLevel.PG
-    if scan.minor_signal and mature:
+    if (scan.minor_signal or request_minor) and mature:
         reasons.append(Reason("input.minor_mature", "a minor signal on the input image with mature content"))
     if faces and mature and workflow in ("img2img", "inpaint"):
         reasons.append(Reason("input.likeness_nudify",
                               "an input image showing a person's face cannot be edited towards mature content"))
     action = Action.block if reasons else Action.allow
-    return InputDecision(Verdict(action, tuple(reasons), mature=mature, minor_signal=scan.minor_signal),
+    return InputDecision(Verdict(action, tuple(reasons), mature=mature, minor_signal=scan.minor_signal or request_minor),
                          scan.level, faces)

@@ -404,3 +404,12 @@ def test_a_face_fix_failing_on_one_image_withholds_only_that_image_and_charges_t
     assert ledger.balance(user_account(caller.user_id)).available == GRANT - quote.per_image
     rows = AuditLog(service.db.session).query(kind="postcheck", job_id=job.id)
     assert sorted((r.details["index"], r.action) for r in rows) == [(0, "allow"), (1, "block")]
+
+
+def test_a_minor_in_the_prompt_with_a_mature_level_refuses_an_input_image(env):
+    service, ledger, _, _ = env
+    prompt = "a child playing in the park"
+    error = _refused(env, _caller(ledger, NsfwLevel.R), _request(prompt=prompt))
+    assert error.code == "input_image_minor" and "input.minor_mature" in error.details["rules"]
+    job = _finish(service, _caller(ledger, NsfwLevel.PG13), _request(prompt=prompt))
+    assert job.status.value == "succeeded", job.error

@@ -40,6 +40,7 @@ from genserve.engine.infotext import read_infotext_text
 from genserve.generation.admission import Caller
 from genserve.generation.jobs import GenerationJob, image_prefix
 from genserve.generation.protocol import GenerationRequest
+from genserve.generation.uploads_api import build_upload_router
 from genserve.ingress import create_api
 from genserve.moderation import Moderation
 from genserve.moderation_api import build_moderation_router
@@ -413,3 +414,29 @@ def test_a_minor_in_the_prompt_with_a_mature_level_refuses_an_input_image(env):
     assert error.code == "input_image_minor" and "input.minor_mature" in error.details["rules"]
     job = _finish(service, _caller(ledger, NsfwLevel.PG13), _request(prompt=prompt))
     assert job.status.value == "succeeded", job.error
+
+
+def test_multipart_upload_runs_img2img_and_bounds_each_part(env):
+    service, ledger, _, _ = env
+    moderation = Moderation(service.registry, service.resource_cache, service.safety)
+    app = create_api(service, moderation, start_background=False,
+                     routers=[functools.partial(build_upload_router, service)])
+    caller = _caller(ledger)
+    headers = {"Authorization": "Bearer local-service-token", "X-User-Id": caller.user_id}
+    body = {"prompt": "a landscape in autumn", "checkpoint": "tiny-sd1", "steps": 4, "seed": 1,
+            "workflow": "img2img", "denoise": 0.5}
+    png = io.BytesIO()
+    _landscape().save(png, format="PNG")
+
+    async def post(files: dict) -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test",
+                                     timeout=120) as client:
+            return await client.post("/v1/generations/multipart?wait=true&timeout=120", headers=headers,
+                                     data={"request": json.dumps(body)}, files=files)
+
+    ok = asyncio.run(post({"init_image": ("in.png", png.getvalue(), "image/png")}))
+    assert ok.status_code == 200 and ok.json()["status"] == "succeeded", ok.text
+    assert "Denoising strength: 0.5" in ok.json()["infotext"]
+    too_big = asyncio.run(post({"init_image": ("in.png", b"\x89PNG" + b"0" * (9 << 20), "image/png")}))
+    assert too_big.status_code == 413 and too_big.json()["code"] == "input_image_too_large"
+    assert ledger.balance(user_account(caller.user_id)).available == GRANT - ok.json()["charged"]

@@ -214,6 +214,8 @@ def test_hostile_inputs_are_refused_with_their_codes_and_cost_nothing(env):
         ({"init_image": {"data": base64.b64encode(gif.getvalue()).decode()}}, "input_image_format"),
         ({"init_image": {"data": "A" * (12 << 20)}}, "input_image_too_large"),
         ({"init_image": {"data": _b64(Image.new("RGB", (4200, 8)))}}, "input_image_dimensions"),
+        ({"workflow": "inpaint", "init_image": {"data": _b64(Image.new("RGB", (2100, 2100)))},  # over max_pixels
+          "mask": {"data": _b64(Image.new("L", (2100, 2100), 255))}}, "input_image_dimensions"),
         ({"init_image": None}, "input_image_missing"),
         ({"workflow": "inpaint"}, "input_image_missing"),
         ({"workflow": "txt2img"}, "input_image_unexpected"),

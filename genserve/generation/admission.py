@@ -339,7 +339,7 @@ class Admission:
         size = image_size(family, resources.family, request)
         hires = hires_spec(request, size, self.max_pixels)
         allowed = NsfwLevel.lowest(caller.max_nsfw_level, request.nsfw_level)
-        inputs = decode_inputs(self.inputs, caller.user_id, request)
+        inputs = decode_inputs(self.inputs, caller.user_id, request, self.max_pixels)
         with metrics.stage_timer("audit", resources.family):
             verdict = self._precheck(caller, request, resources, allowed)
             if inputs is not None:

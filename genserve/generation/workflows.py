@@ -60,7 +60,10 @@ def face_fix_params(request: GenerationRequest, size: tuple[int, int]) -> FaceFi
     return FaceFixParams(size[0], size[1], denoise_steps(request.steps, ff.denoise), ff.max_faces)
 
 
-def decode_inputs(inputs: InputImages | None, user_id: str, request: GenerationRequest) -> PlanInputs | None:
+def decode_inputs(inputs: InputImages | None, user_id: str, request: GenerationRequest,
+                  max_pixels: int) -> PlanInputs | None:
+    """The request's inputs decoded. An only-masked inpaint delivers the input's own size (the repainted
+    box is pasted back into it), so that size is held to the worker's pixel limit like any output."""
     if request.init_image is None:
         return None
     if inputs is None:
@@ -70,6 +73,12 @@ def decode_inputs(inputs: InputImages | None, user_id: str, request: GenerationR
     if request.mask is not None:
         mask = inputs.load(request.mask, user_id, field="mask", mask=True)
         check_mask(mask, image)
+        width, height = image.image.size
+        if request.inpaint_only_masked and width * height > max_pixels:
+            raise InputImageRefused(f"an only-masked inpaint delivers the input's {width}x{height}, over the "
+                                    f"{max_pixels}-pixel limit", code="input_image_dimensions",
+                                    details={"field": "init_image", "size": [width, height],
+                                             "max_pixels": max_pixels})
     return PlanInputs(image, mask)
 
 

@@ -15,9 +15,10 @@ from genserve.billing.errors import InvalidAccount
 from genserve.billing.ledger import check_account, user_account
 from genserve.core.errors import QueueFull
 from genserve.core.ids import is_user_id
+from genserve.generation.inputs import body_limit
 from genserve.generation.jobs import JobStatus
 from genserve.generation.protocol import GenerationRequest
-from genserve.ingress import MAX_EVENT_SEQ, generation_body_bytes, last_event_seq
+from genserve.ingress import MAX_EVENT_SEQ, MAX_JSON_BODY_BYTES, last_event_seq
 
 SSE_DEADLINE_S = 10.0
 
@@ -175,7 +176,7 @@ def test_oversized_json_bodies_are_refused_while_streaming(env):  # noqa: F811
     caller = env.user()
     pulled = []
     # the limit leaves room for a base64 input image and mask; the stream goes well past it
-    chunks = generation_body_bytes(env.settings) // (1 << 20) + 16
+    chunks = body_limit(env.settings.generation.input_images, MAX_JSON_BODY_BYTES) // (1 << 20) + 16
 
     async def body():
         for _ in range(chunks):

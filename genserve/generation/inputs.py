@@ -130,6 +130,12 @@ def check_mask(mask: DecodedInput, image: DecodedInput) -> None:
         raise InputImageRefused("the mask marks nothing to inpaint", code="mask_empty")
 
 
+def body_limit(limits: InputImageLimits, rest: int) -> int:
+    """A JSON generation or quote body's byte limit: room for a base64 input image and mask at the
+    configured bound (4/3 of it each), plus `rest` for everything else in the body."""
+    return 2 * (limits.max_bytes * 4 // 3 + 4) + rest
+
+
 def input_key(user_id: str, job_id: str, name: str, digest: str) -> str:
     """Under the job's image prefix: the reaper deletes that prefix with an orphaned job."""
     return f"{image_prefix(user_id, job_id)}{name}-{digest[:16]}.png"

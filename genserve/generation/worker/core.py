@@ -344,6 +344,8 @@ class WorkerCore(WorkerUpkeep):
             if key is None:
                 decoded.append(None)
                 continue
+            if f"/{request.job_id}/" not in key:  # a request reads its own job's inputs, nothing else
+                raise InputImageChanged(f"{key} is not an input of job {request.job_id}")
             data = self.store.get_bytes(key)
             if hashlib.sha256(data).hexdigest() != digest:
                 raise InputImageChanged(f"{key} is not the input the request was admitted with")

@@ -1,163 +1,59 @@
-"""img2img and inpaint through the generation service (real engine, ledger, audit log, object store, NudeNet).
-
-Refusals are checked for what they must leave behind: nothing held or charged, no job row, nothing
-stored, an audit row. Where a test needs the scanner to see a face, nudity or a minor in a synthetic
-input, it replaces only the NudeNet detector's (or the age slot's) raw output, saying so; the policy
-that judges that output is the real one.
+"""img2img, inpaint and face fix through the generation service (real engine, ledger, audit log, object
+store, NudeNet). Refusals are checked for what they must leave behind: nothing held or charged, no job
+row, nothing stored, an audit row (`img2img_support.assert_refused`).
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import functools
+import hashlib
 import io
-import json
-import os
 import threading
-import time
 import uuid
 import zlib
-from contextlib import contextmanager
 
-import httpx
 import numpy as np
 import pytest
-import uvicorn
-from generation_support import in_process_service
+from img2img_support import (
+    BREAST,
+    FACE,
+    GRANT,
+    assert_refused,
+    b64_image,
+    img2img_request,
+    landscape_image,
+    new_caller,
+    run_job,
+    scanner_reporting,
+    service_env,
+)
 from PIL import Image, ImageDraw
-from sqlalchemy import select
-from typer.testing import CliRunner
 
-from genserve.billing.ledger import Ledger, user_account
-from genserve.bootstrap import bootstrap
-from genserve.cli import app as cli_app
-from genserve.core.config import load_settings
-from genserve.core.db import Database
-from genserve.core.errors import GenserveError, SafetyBlocked
-from genserve.core.storage import object_store_from_settings
+from genserve.billing.ledger import user_account
+from genserve.core.errors import SafetyBlocked
 from genserve.engine.infotext import read_infotext_text
-from genserve.generation.admission import Caller
-from genserve.generation.jobs import GenerationJob, image_prefix
+from genserve.generation.jobs import image_prefix
 from genserve.generation.protocol import GenerationRequest
-from genserve.generation.uploads_api import build_upload_router
-from genserve.ingress import create_api
-from genserve.moderation import Moderation
-from genserve.moderation_api import build_moderation_router
+from genserve.generation.worker.errors import InputImageChanged
+from genserve.generation.worker.wire import InitSpec, WorkerRequest
 from safety.audit_log import AuditLog
-from safety.image_scan import ImageScanner, ScannerOutput
+from safety.image_scan import ImageScanner
 from safety.levels import NsfwLevel
-
-GRANT = 1000
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory, tiny_models):
-    root = tmp_path_factory.mktemp("img2img")
-    data = root / "data"
-    data.mkdir()
-    os.symlink(tiny_models["sd1"].root.parent, data / "models")
-    settings = load_settings(env={"GENSERVE_DATA_DIR": str(data)},
-                             overrides={"worker": {"resource_cache_dir": str(root / "cache")}})
-    db = Database.from_settings(settings)
-    db.migrate()
-    store = object_store_from_settings(settings)
-    bootstrap(settings, db, store, build_models=False)
-    scanner = ImageScanner.from_config(settings.config_path(settings.safety.rules_dir))  # real NudeNet
-    service = in_process_service(settings, db=db, store=store, scanner=scanner)
-    yield service, Ledger(db, settings.billing), db, store
-    db.dispose()
-
-
-def _caller(ledger: Ledger, level: NsfwLevel = NsfwLevel.PG13) -> Caller:
-    uid = f"u{uuid.uuid4().hex[:10]}"
-    ledger.grant(user_account(uid), GRANT, f"test-grant:{uid}")
-    return Caller(user_id=uid, max_nsfw_level=level, request_id=uuid.uuid4().hex)
-
-
-def _landscape(width: int = 64, height: int = 64) -> Image.Image:
-    """Sky, hills, a sun: no person in it."""
-    image = Image.new("RGB", (width, height), (110, 160, 230))
-    draw = ImageDraw.Draw(image)
-    draw.polygon([(0, height), (0, height * 2 // 3), (width // 3, height // 2), (width, height * 3 // 4),
-                  (width, height)], fill=(40, 120, 50))
-    draw.ellipse((width * 2 // 3, 4, width * 2 // 3 + 12, 16), fill=(250, 220, 60))
-    return image
-
-
-def _b64(image: Image.Image, fmt: str = "PNG") -> str:
-    out = io.BytesIO()
-    image.save(out, format=fmt)
-    return base64.b64encode(out.getvalue()).decode()
-
-
-def _request(**kw) -> GenerationRequest:
-    body = {"prompt": "a landscape in autumn", "checkpoint": "tiny-sd1", "steps": 4, "seed": 99,
-            "workflow": "img2img", "init_image": {"data": _b64(_landscape())}, "denoise": 0.5, **kw}
-    return GenerationRequest.model_validate(body)
-
-
-def _finish(service, caller, request):  # noqa: ANN001, ANN202
-    async def go():  # noqa: ANN202
-        view, _ = await service.submit(caller, request)
-        return await service.wait(caller, view.id, 120)
-
-    return asyncio.run(go())
-
-
-def _refused(env, caller, request) -> GenserveError:  # noqa: ANN001
-    """The refusal, checked to have left nothing: no hold, no charge, no job row, nothing stored."""
-    service, ledger, db, store = env
-    with pytest.raises(GenserveError) as info:
-        asyncio.run(service.submit(caller, request))
-    balance = ledger.balance(user_account(caller.user_id))
-    assert balance.available == GRANT and balance.held == 0
-    with db.session() as s:
-        assert s.scalars(select(GenerationJob).where(GenerationJob.user_id == caller.user_id)).all() == []
-    assert list(store.list(f"images/{caller.user_id}/")) == []
-    return info.value
-
-
-@contextmanager
-def _input_scanner(service, detections=(), minor=False, error=None):  # noqa: ANN001
-    """The input scanner with NudeNet's detector replaced by one that reports `detections` (the raw
-    output the real model would give for such an image) and, with `minor`, an age slot reporting a
-    minor. The thresholds and the policy are the real ones."""
-
-    class Detector:
-        def detect(self, bgr):  # noqa: ANN001, ANN202
-            if error:
-                raise RuntimeError(error)
-            return [dict(d) for d in detections]
-
-    class AgeSlot:
-        name = "age"
-
-        def scan(self, image):  # noqa: ANN001, ANN202
-            return ScannerOutput(NsfwLevel.PG, (), minor)
-
-    gate = service.safety
-    saved = gate.input_scanner
-    rules = service.settings.config_path(service.settings.safety.rules_dir)
-    gate.input_scanner = ImageScanner.from_config(rules, detector=Detector(), extra=[AgeSlot()])
-    try:
-        yield
-    finally:
-        gate.input_scanner = saved
-
-
-FACE = {"class": "FACE_FEMALE", "score": 0.9, "box": [20, 10, 24, 24]}
-BREAST = {"class": "FEMALE_BREAST_EXPOSED", "score": 0.9, "box": [20, 36, 20, 16]}
+    yield from service_env(tmp_path_factory, tiny_models)
 
 
 @pytest.mark.parametrize("checkpoint", ["tiny-sd1", "tiny-sdxl"])
 def test_benign_img2img_runs_is_priced_by_the_steps_it_runs_and_leaves_no_input_behind(env, checkpoint):
     service, ledger, _, store = env
-    caller = _caller(ledger)
-    request = _request(checkpoint=checkpoint, steps=8, denoise=0.5)
+    caller = new_caller(ledger)
+    request = img2img_request(checkpoint=checkpoint, steps=8, denoise=0.5)
     quote = service.quote(caller, request)
     assert "4 steps" in quote.items[0].detail and "img2img" in quote.items[0].detail  # 8 x 0.5, as A1111 runs
-    job = _finish(service, caller, request)  # the input is scanned by the real NudeNet
+    job = run_job(service, caller, request)  # the input is scanned by the real NudeNet
     assert job.status.value == "succeeded", job.error
     assert job.charged == quote.total
     assert ledger.balance(user_account(caller.user_id)).available == GRANT - quote.total
@@ -170,27 +66,27 @@ def test_benign_img2img_runs_is_priced_by_the_steps_it_runs_and_leaves_no_input_
 
 def test_a_delivered_image_is_an_input_for_its_owner_only(env):
     service, ledger, _, _ = env
-    caller, other = _caller(ledger), _caller(ledger)
-    first = _finish(service, caller, GenerationRequest.model_validate(
+    caller, other = new_caller(ledger), new_caller(ledger)
+    first = run_job(service, caller, GenerationRequest.model_validate(
         {"prompt": "a hill", "checkpoint": "tiny-sd1", "steps": 2, "seed": 5}))
     ref = {"job_id": first.id, "index": 0}
-    second = _finish(service, caller, _request(init_image=ref, denoise=0.0))
+    second = run_job(service, caller, img2img_request(init_image=ref, denoise=0.0))
     assert second.status.value == "succeeded", second.error
     # strength 0: the delivered image comes back (re-encoded: the PNG differs only by its infotext)
     a = Image.open(io.BytesIO(service.image(caller, first.id, 0)[1])).convert("RGB")
     b = Image.open(io.BytesIO(service.image(caller, second.id, 0)[1])).convert("RGB")
     assert np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).max() <= 1
-    assert _refused(env, other, _request(init_image=ref)).code == "input_image_not_found"
+    assert assert_refused(env, other, img2img_request(init_image=ref)).code == "input_image_not_found"
 
 
 def test_inpaint_end_to_end_keeps_the_unmasked_pixels(env):
     service, ledger, _, _ = env
-    caller = _caller(ledger)
-    source = _landscape(96, 64)
+    caller = new_caller(ledger)
+    source = landscape_image(96, 64)
     mask = Image.new("L", source.size, 0)
     ImageDraw.Draw(mask).rectangle((10, 10, 30, 30), fill=255)
-    job = _finish(service, caller, _request(workflow="inpaint", mask={"data": _b64(mask)}, mask_blur=0,
-                                            init_image={"data": _b64(source)}, denoise=1.0))
+    job = run_job(service, caller, img2img_request(workflow="inpaint", mask={"data": b64_image(mask)}, mask_blur=0,
+                                            init_image={"data": b64_image(source)}, denoise=1.0))
     assert job.status.value == "succeeded", job.error
     out = Image.open(io.BytesIO(service.image(caller, job.id, 0)[1])).convert("RGB")
     assert out.size == source.size
@@ -208,105 +104,52 @@ def test_hostile_inputs_are_refused_with_their_codes_and_cost_nothing(env):
     data[16:24] = (60000).to_bytes(4, "big") * 2  # the header now declares 60000 x 60000
     data[29:33] = (zlib.crc32(bytes(data[12:29])) & 0xFFFFFFFF).to_bytes(4, "big")
     gif = io.BytesIO()
-    _landscape().save(gif, format="GIF")
+    landscape_image().save(gif, format="GIF")
     cases = [
         ({"init_image": {"data": base64.b64encode(bytes(data)).decode()}}, "input_image_bomb"),
         ({"init_image": {"data": base64.b64encode(gif.getvalue()).decode()}}, "input_image_format"),
         ({"init_image": {"data": "A" * (12 << 20)}}, "input_image_too_large"),
-        ({"init_image": {"data": _b64(Image.new("RGB", (4200, 8)))}}, "input_image_dimensions"),
-        ({"workflow": "inpaint", "init_image": {"data": _b64(Image.new("RGB", (2100, 2100)))},  # over max_pixels
-          "mask": {"data": _b64(Image.new("L", (2100, 2100), 255))}}, "input_image_dimensions"),
+        ({"init_image": {"data": b64_image(Image.new("RGB", (4200, 8)))}}, "input_image_dimensions"),
+        ({"workflow": "inpaint", "init_image": {"data": b64_image(Image.new("RGB", (2100, 2100)))},  # over max_pixels
+          "mask": {"data": b64_image(Image.new("L", (2100, 2100), 255))}}, "input_image_dimensions"),
         ({"init_image": None}, "input_image_missing"),
         ({"workflow": "inpaint"}, "input_image_missing"),
         ({"workflow": "txt2img"}, "input_image_unexpected"),
         ({"hires": {"scale": 1.5}}, "input_image_with_hires"),
     ]
     for change, code in cases:
-        assert _refused(env, _caller(ledger), _request(**change)).code == code, change
+        assert assert_refused(env, new_caller(ledger), img2img_request(**change)).code == code, change
 
 
 def test_the_nudify_pattern_is_refused_before_any_hold_and_audited(env):
     service, ledger, _, _ = env
-    with _input_scanner(service, [FACE]):  # the detector reports a face in the synthetic portrait
-        mature_prompt = _caller(ledger, NsfwLevel.X)
-        error = _refused(env, mature_prompt, _request(prompt="make her naked, nsfw"))
+    with scanner_reporting(service, [FACE]):  # the detector reports a face in the synthetic portrait
+        mature_prompt = new_caller(ledger, NsfwLevel.X)
+        error = assert_refused(env, mature_prompt, img2img_request(prompt="make her naked, nsfw"))
         assert isinstance(error, SafetyBlocked) and error.code == "input_image_nudify"
         assert "input.likeness_nudify" in error.details["rules"]
         rows = AuditLog(service.db.session).query(kind="input_image", user_id=mature_prompt.user_id)
         assert rows[0].action == "block" and "input.likeness_nudify" in rows[0].rules
         # a mature level alone is enough: the face could be turned nude at that level
-        mature_level = _caller(ledger, NsfwLevel.R)
-        assert _refused(env, mature_level, _request()).code == "input_image_nudify"
+        mature_level = new_caller(ledger, NsfwLevel.R)
+        assert assert_refused(env, mature_level, img2img_request()).code == "input_image_nudify"
         # a face, a benign prompt and a PG13 level: a portrait made autumnal is fine
-        job = _finish(service, _caller(ledger), _request())
+        job = run_job(service, new_caller(ledger), img2img_request())
         assert job.status.value == "succeeded", job.error
 
 
 def test_input_scan_refusals(env):
     service, ledger, _, _ = env
-    with _input_scanner(service, [BREAST]):  # the detector reports exposure: level R by the real thresholds
-        error = _refused(env, _caller(ledger, NsfwLevel.PG13), _request())
+    with scanner_reporting(service, [BREAST]):  # the detector reports exposure: level R by the real thresholds
+        error = assert_refused(env, new_caller(ledger, NsfwLevel.PG13), img2img_request())
         assert error.code == "input_image_level" and "input.level_above_allowed" in error.details["rules"]
-    with _input_scanner(service, minor=True):  # the age slot reports a minor
-        assert _refused(env, _caller(ledger, NsfwLevel.X), _request()).code == "input_image_minor"
-        job = _finish(service, _caller(ledger, NsfwLevel.PG13), _request())  # nothing mature: allowed
+    with scanner_reporting(service, minor=True):  # the age slot reports a minor
+        assert assert_refused(env, new_caller(ledger, NsfwLevel.X), img2img_request()).code == "input_image_minor"
+        job = run_job(service, new_caller(ledger, NsfwLevel.PG13), img2img_request())  # nothing mature: allowed
         assert job.status.value == "succeeded", job.error
-    with _input_scanner(service, error="onnxruntime failed"):  # fail closed
-        error = _refused(env, _caller(ledger), _request())
+    with scanner_reporting(service, error="onnxruntime failed"):  # fail closed
+        error = assert_refused(env, new_caller(ledger), img2img_request())
         assert error.code == "input_image_scan_failed"
-
-
-@pytest.fixture()
-def http_server(env):
-    """The ingress over the module's service on a loopback port (no lifespan: its exit would close the
-    module-wide service for the tests after)."""
-    service = env[0]
-    moderation = Moderation(service.registry, service.resource_cache, service.safety)
-    app = create_api(service, moderation, start_background=False)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
-    server.should_exit = True
-    thread.join(timeout=10)
-
-
-def test_http_and_cli_run_img2img_and_inpaint(env, http_server, tmp_path, monkeypatch):
-    service, ledger, _, _ = env
-    caller = _caller(ledger)
-    big = Image.effect_noise((1024, 1024), 80).convert("RGB")  # ~3 MB as PNG: past the plain 1 MiB body limit
-    body = _request(init_image={"data": _b64(big)}).model_dump(mode="json", exclude_none=True)
-    headers = {"Authorization": "Bearer local-service-token", "X-User-Id": caller.user_id}
-    response = httpx.post(f"{http_server}/v1/generations?wait=true&timeout=120", json=body, headers=headers,
-                          timeout=120)
-    assert response.status_code == 200, response.text
-    assert response.json()["status"] == "succeeded"
-    gif = io.BytesIO()
-    _landscape().save(gif, format="GIF")
-    body["init_image"] = {"data": base64.b64encode(gif.getvalue()).decode()}
-    refused = httpx.post(f"{http_server}/v1/generations", json=body, headers=headers, timeout=60)
-    assert refused.status_code == 422 and refused.json()["code"] == "input_image_format"
-
-    monkeypatch.setenv("GENSERVE_DATA_DIR", str(service.settings.data_dir))
-    source, mask = tmp_path / "in.jpg", tmp_path / "mask.png"
-    _landscape(96, 64).save(source, format="JPEG")
-    cut = Image.new("L", (96, 64), 0)
-    ImageDraw.Draw(cut).rectangle((50, 20, 70, 40), fill=255)
-    cut.save(mask)
-    out = tmp_path / "out"
-    result = CliRunner().invoke(cli_app, ["generate", "a landscape in autumn", "--out", str(out), "--steps", "4",
-                                          "--init-image", str(source), "--mask", str(mask), "--denoise", "0.8",
-                                          "--face-fix",
-                                          "--user", caller.user_id, "--url", http_server, "--json"],
-                                catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    job = json.loads(result.output)
-    assert job["status"] == "succeeded" and "Mask blur: 4" in job["infotext"]
-    assert "ADetailer model" in job["infotext"]  # asked for; the real NudeNet found no face to fix
-    assert len(list(out.glob("*.png"))) == 1
 
 
 def test_face_fix_end_to_end_changes_only_the_face_box_and_is_priced(env):
@@ -323,13 +166,13 @@ def test_face_fix_end_to_end_changes_only_the_face_box_and_is_priced(env):
     rules = service.settings.config_path(service.settings.safety.rules_dir)
     saved, core._scanner = core._scanner, ImageScanner.from_config(rules, detector=FaceDetector())
     try:
-        caller = _caller(ledger)
+        caller = new_caller(ledger)
         body = {"prompt": "a portrait", "checkpoint": "tiny-sd1", "steps": 4, "seed": 3}
         plain = GenerationRequest.model_validate(body)
         fixed = GenerationRequest.model_validate({**body, "face_fix": {"denoise": 1.0, "mask_blur": 2, "padding": 8}})
         quote, base = service.quote(caller, fixed), service.quote(caller, plain)
         assert [i.name for i in quote.items if i.name == "face_fix"] and quote.total >= base.total
-        a, b = _finish(service, caller, plain), _finish(service, caller, fixed)
+        a, b = run_job(service, caller, plain), run_job(service, caller, fixed)
         assert a.status.value == b.status.value == "succeeded", (a.error, b.error)
         assert b.charged == quote.total and "ADetailer denoising strength: 1" in (b.infotext or "")
     finally:
@@ -341,37 +184,6 @@ def test_face_fix_end_to_end_changes_only_the_face_box_and_is_priced(env):
     outside = np.ones(delta.shape, bool)
     outside[box[1] - reach:box[1] + box[3] + reach, box[0] - reach:box[0] + box[2] + reach] = False
     assert delta[outside].max() <= 1 and delta[box[1]:box[1] + box[3], box[0]:box[0] + box[2]].mean() > 5
-
-
-def test_a_hash_blocklisted_input_is_refused_even_resized_and_reencoded(env):
-    service, ledger, _, _ = env
-    moderation = Moderation(service.registry, service.resource_cache, service.safety)
-    limits = service.settings.generation.input_images
-    app = create_api(service, moderation, start_background=False,
-                     routers=[functools.partial(build_moderation_router, moderation, limits)])
-    known = _landscape(96, 96)
-    ImageDraw.Draw(known).rectangle((10, 50, 40, 90), fill=(200, 30, 90))
-
-    async def add(body: dict, token: str = "local-admin-token") -> httpx.Response:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
-            return await client.post("/v1/admin/image-hashes", json=body, headers={"Authorization": f"Bearer {token}"})
-
-    assert asyncio.run(add({"phash": "0" * 16}, token="local-service-token")).status_code in (401, 403)
-
-    refused = asyncio.run(add({"image": _b64(known)}))
-    assert refused.status_code == 201, refused.text
-    phash = refused.json()["phash"]
-    assert asyncio.run(add({"phash": phash})).json() == {"entry_id": refused.json()["entry_id"], "phash": phash,
-                                                        "added": False}
-    assert asyncio.run(add({"phash": phash, "image": _b64(known)})).json()["code"] == "image_hash_source"
-    copy = known.resize((64, 64))  # what a re-upload goes through: resized and re-encoded
-    caller = _caller(ledger)
-    error = _refused(env, caller, _request(init_image={"data": _b64(copy, "JPEG")}))
-    assert error.code == "input_image_hash_blocked" and "input.hash_blocklisted" in error.details["rules"]
-    row = AuditLog(service.db.session).query(kind="input_image", user_id=caller.user_id)[0]
-    assert row.action == "block" and row.details["hash_match"]["phash"] == phash
-    # another image is not caught by it
-    assert _finish(service, _caller(ledger), _request()).status.value == "succeeded"
 
 
 def test_a_face_fix_failing_on_one_image_withholds_only_that_image_and_charges_the_rest(env):
@@ -393,11 +205,11 @@ def test_a_face_fix_failing_on_one_image_withholds_only_that_image_and_charges_t
     rules = service.settings.config_path(service.settings.safety.rules_dir)
     saved, core._scanner = core._scanner, ImageScanner.from_config(rules, detector=FlakyDetector())
     try:
-        caller = _caller(ledger)
+        caller = new_caller(ledger)
         request = GenerationRequest.model_validate({"prompt": "two portraits", "checkpoint": "tiny-sd1", "steps": 2,
                                                     "seed": 8, "quantity": 2, "face_fix": {"max_faces": 1}})
         quote = service.quote(caller, request)
-        job = _finish(service, caller, request)
+        job = run_job(service, caller, request)
     finally:
         core._scanner = saved
     assert job.status.value == "succeeded", job.error
@@ -412,33 +224,30 @@ def test_a_face_fix_failing_on_one_image_withholds_only_that_image_and_charges_t
 def test_a_minor_in_the_prompt_with_a_mature_level_refuses_an_input_image(env):
     service, ledger, _, _ = env
     prompt = "a child playing in the park"
-    error = _refused(env, _caller(ledger, NsfwLevel.R), _request(prompt=prompt))
+    error = assert_refused(env, new_caller(ledger, NsfwLevel.R), img2img_request(prompt=prompt))
     assert error.code == "input_image_minor" and "input.minor_mature" in error.details["rules"]
-    job = _finish(service, _caller(ledger, NsfwLevel.PG13), _request(prompt=prompt))
+    job = run_job(service, new_caller(ledger, NsfwLevel.PG13), img2img_request(prompt=prompt))
     assert job.status.value == "succeeded", job.error
 
 
-def test_multipart_upload_runs_img2img_and_bounds_each_part(env):
-    service, ledger, _, _ = env
-    moderation = Moderation(service.registry, service.resource_cache, service.safety)
-    app = create_api(service, moderation, start_background=False,
-                     routers=[functools.partial(build_upload_router, service)])
-    caller = _caller(ledger)
-    headers = {"Authorization": "Bearer local-service-token", "X-User-Id": caller.user_id}
-    body = {"prompt": "a landscape in autumn", "checkpoint": "tiny-sd1", "steps": 4, "seed": 1,
-            "workflow": "img2img", "denoise": 0.5}
+def test_the_worker_uses_only_the_input_it_was_admitted_with(env):
+    service, _, _, store = env
+    core = service.workers.cores["sd1"]
+    job_id = uuid.uuid4().hex
     png = io.BytesIO()
-    _landscape().save(png, format="PNG")
+    landscape_image().save(png, format="PNG")
+    key = f"images/someone/{job_id}/input-0000.png"
+    store.put_bytes(key, png.getvalue(), content_type="image/png")
+    digest = hashlib.sha256(png.getvalue()).hexdigest()
 
-    async def post(files: dict) -> httpx.Response:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test",
-                                     timeout=120) as client:
-            return await client.post("/v1/generations/multipart?wait=true&timeout=120", headers=headers,
-                                     data={"request": json.dumps(body)}, files=files)
+    def request(job: str, sha: str) -> WorkerRequest:
+        return WorkerRequest(job_id=job, checkpoint_id="tiny-sd1", prompt="x", seeds=[1], width=64, height=64,
+                             init=InitSpec(workflow="img2img", image_key=key, image_sha256=sha))
 
-    ok = asyncio.run(post({"init_image": ("in.png", png.getvalue(), "image/png")}))
-    assert ok.status_code == 200 and ok.json()["status"] == "succeeded", ok.text
-    assert "Denoising strength: 0.5" in ok.json()["infotext"]
-    too_big = asyncio.run(post({"init_image": ("in.png", b"\x89PNG" + b"0" * (9 << 20), "image/png")}))
-    assert too_big.status_code == 413 and too_big.json()["code"] == "input_image_too_large"
-    assert ledger.balance(user_account(caller.user_id)).available == GRANT - ok.json()["charged"]
+    image, mask = core.init_images(request(job_id, digest))
+    assert image.size == (64, 64) and mask is None
+    with pytest.raises(InputImageChanged):
+        core.init_images(request(job_id, "0" * 64))  # the stored object is not the one judged
+    with pytest.raises(InputImageChanged):
+        core.init_images(request(uuid.uuid4().hex, digest))  # another job's input
+    store.delete(key)

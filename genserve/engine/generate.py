@@ -6,7 +6,9 @@ the checkpoint's lock). Per image there is a new scheduler and seeded generator,
 only on `seeds[i]` and the parameters: a batch of N is N reproducible single images. The prompts always pass through
 the safety embeddings' `inject` here, whatever the caller already did, and are encoded here from those
 strings (A1111 syntax, `prompt_encoding`): no caller-supplied embeddings ever reach the pipeline. A step callback reports progress and turns a set
-cancel event into diffusers' interrupt flag, so a cancel takes effect within one step.
+cancel event into diffusers' interrupt flag, so a cancel takes effect within one step. An img2img or
+inpaint request (an input image) and the face fix after any image run in `passes`, on the same
+conditioning and safety tokens.
 """
 
 from __future__ import annotations
@@ -241,7 +243,7 @@ def generate(
 
     images: list[GeneratedImage] = []
     spec = request.init
-    init_fields = passes.infotext_fields(request)
+    pass_fields = passes.infotext_fields(request)  # img2img / inpaint / face fix
     failed: dict[int, tuple[int, str]] = {}
     fixer = passes.FaceFixer.build(pipe, request, face_detector, safety, encoder, sdxl, on_progress, cancel)
 
@@ -266,7 +268,7 @@ def generate(
             hires_scale=hires.scale if hires else None,
             hires_steps=(hires.steps or request.steps) if hires else None,
             hires_denoise=hires.denoise if hires else None,
-            hires_upscaler=_UPSCALER_NAMES[hires.upscaler] if hires else None, extra=init_fields,
+            hires_upscaler=_UPSCALER_NAMES[hires.upscaler] if hires else None, extra=pass_fields,
         )
         images.append(GeneratedImage(index=index, seed=seed, image=image, infotext=info.render()))
         if on_image is not None:

@@ -8,6 +8,7 @@ prompt goes through the same `inject` (safety tokens first in the negative promp
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -56,8 +57,6 @@ def run_init(pipe: DiffusionPipeline, request: WorkerRequest, init: tuple[Image.
              cond: ScheduledConditioning, sdxl: bool, emit: Callable[[int, int, Image.Image], bool],
              on_progress: ProgressCallback | None, cancel: threading.Event) -> tuple[bool, float]:
     """The img2img / inpaint images one by one, each handed to `emit`; (canceled, denoise ms)."""
-    import time
-
     spec = request.init
     assert spec is not None
     view = pipeline_view(pipe, img2img.pipeline_class(pipe, spec.workflow))

@@ -29,6 +29,7 @@ from genserve.core.config.generation import InputImageLimits
 from genserve.core.errors import GenserveError, InputImageRefused, InputImageTooLarge
 from genserve.core.storage import ObjectStore
 from genserve.generation.jobs import JobNotFound, JobStore, image_prefix
+from genserve.generation.protocol import InputImage
 
 logger = logging.getLogger(__name__)
 
@@ -149,11 +150,10 @@ class InputImages:
         self.jobs = jobs
         self.limits = limits
 
-    def load(self, ref: object, user_id: str, *, field: str, mask: bool = False) -> DecodedInput:
-        """An `InputImage` of the request: its base64 data, or a delivered image of the same user."""
-        data = getattr(ref, "data", None)
-        if data is not None:
-            return decode_image(base64_bytes(data, field, self.limits), self.limits, field=field, mask=mask)
+    def load(self, ref: InputImage, user_id: str, *, field: str, mask: bool = False) -> DecodedInput:
+        """An input of the request: its base64 data, or a delivered image of the same user."""
+        if ref.data is not None:
+            return decode_image(base64_bytes(ref.data, field, self.limits), self.limits, field=field, mask=mask)
         job_id, index = ref.job_id, ref.index
         not_found = InputImageRefused(f"{field}: generation {job_id} has no delivered image {index} of yours",
                                       code="input_image_not_found", details={"field": field, "job_id": job_id,

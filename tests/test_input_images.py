@@ -102,3 +102,20 @@ def test_a_mask_must_match_the_image_and_mark_something():
         with pytest.raises(InputImageRefused) as info:
             check_mask(mask, image)
         assert info.value.code == code
+
+
+def test_a1111_img2img_fields_are_accepted():
+    from genserve.generation.protocol import GenerationRequest
+
+    png = base64.b64encode(_encode(Image.new("RGB", (16, 16)), "PNG")).decode()
+    body = {"prompt": "x", "checkpoint": "tiny-sd1", "init_images": [png], "denoising_strength": 0.35,
+            "resize_mode": 1, "mask": png, "inpaint_full_res": False, "inpaint_full_res_padding": 12}
+    request = GenerationRequest.model_validate(body)
+    assert request.workflow == "inpaint" and request.init_image.data == png and request.mask.data == png
+    assert request.denoise == 0.35 and request.resize_mode == "crop_and_resize"
+    assert not request.inpaint_only_masked and request.inpaint_padding == 12
+    plain = GenerationRequest.model_validate({"prompt": "x", "checkpoint": "c", "init_images": [png]})
+    assert plain.workflow == "img2img"
+    for bad in ({"init_images": [png, png]}, {"denoising_strength": 0.3, "denoise": 0.4}):
+        with pytest.raises(ValueError):
+            GenerationRequest.model_validate({"prompt": "x", "checkpoint": "c", **bad})

@@ -152,11 +152,12 @@ def test_input_scan_refusals(env):
         assert error.code == "input_image_scan_failed"
 
 
-def test_face_fix_end_to_end_changes_only_the_face_box_and_is_priced(env):
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_face_fix_end_to_end_changes_only_the_face_box_and_is_priced(env, family):
     """The worker's NudeNet detector is forced to report one face box in the generated image (a tiny
     random model draws no face); the policy and thresholds that judge the image are the real ones."""
     service, ledger, _, _ = env
-    core = service.workers.cores["sd1"]
+    core = service.workers.cores[family]
     box = [20, 16, 16, 16]  # x, y, w, h as NudeNet reports it
 
     class FaceDetector:
@@ -167,7 +168,7 @@ def test_face_fix_end_to_end_changes_only_the_face_box_and_is_priced(env):
     saved, core._scanner = core._scanner, ImageScanner.from_config(rules, detector=FaceDetector())
     try:
         caller = new_caller(ledger)
-        body = {"prompt": "a portrait", "checkpoint": "tiny-sd1", "steps": 4, "seed": 3}
+        body = {"prompt": "a portrait", "checkpoint": f"tiny-{family}", "steps": 4, "seed": 3}
         plain = GenerationRequest.model_validate(body)
         fixed = GenerationRequest.model_validate({**body, "face_fix": {"denoise": 1.0, "mask_blur": 2, "padding": 8}})
         quote, base = service.quote(caller, fixed), service.quote(caller, plain)

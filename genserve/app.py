@@ -32,9 +32,11 @@ from genserve.core.errors import ConfigError
 from genserve.core.log import configure_logging
 from genserve.economy.api import build_router as build_economy_router
 from genserve.generation.service import GenerationService
+from genserve.generation.uploads_api import build_upload_router
 from genserve.generation.worker.deployment import FamilyWorker, ServeWorkers
 from genserve.ingress import create_api
 from genserve.moderation import Moderation
+from genserve.moderation_api import build_moderation_router
 from genserve.resources.api import build_router as build_resources_router
 from genserve.resources.catalog import load_model_catalog
 from genserve.resources.service import ResourceService
@@ -69,7 +71,10 @@ class Ingress:
         return create_api(self.service, self.moderation,
                           routers=[functools.partial(build_training_router, self.trainings),
                                    resources_router(self.resources),
-                                   functools.partial(build_economy_router, self.service)])
+                                   functools.partial(build_economy_router, self.service),
+                                   functools.partial(build_moderation_router, self.moderation,
+                                                     self.settings.generation.input_images),
+                                   functools.partial(build_upload_router, self.service)])
 
     def __del__(self) -> None:
         self.trainings.close()

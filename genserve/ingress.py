@@ -44,6 +44,7 @@ from genserve.core.log import log_context
 from genserve.engine.infotext import MEDIA_TYPES, image_format
 from genserve.engine.schedulers import sampler_catalog
 from genserve.generation.admission import Caller
+from genserve.generation.inputs import body_limit
 from genserve.generation.protocol import (
     API_VERSION,
     BalanceView,
@@ -63,7 +64,7 @@ from safety.takedowns import TakedownNotFound, TakedownNotPending
 logger = logging.getLogger(__name__)
 
 PREFIX = f"/{API_VERSION}"
-# the body of a generation or a quote is a few KB; anything near this is not a request
+# a JSON body is a few KB besides its input images (their room: `inputs.body_limit`); more is no request
 MAX_JSON_BODY_BYTES = 1 << 20
 # a `Last-Event-ID` past every event a job can have: the stream ends once the job has ended
 MAX_EVENT_SEQ = 1 << 62
@@ -345,7 +346,7 @@ def create_api(service: GenerationService, moderation: Moderation, *, routers: S
     # -- generations ----------------------------------------------------------------------------
 
     @app.post(f"{PREFIX}/generations", response_model=JobView, status_code=202, tags=["generations"],
-              max_body_size=MAX_JSON_BODY_BYTES)
+              max_body_size=body_limit(settings.generation.input_images, MAX_JSON_BODY_BYTES))
     async def create_generation(
         who: CallerDep,
         body: GenerationRequest,
@@ -415,7 +416,8 @@ def create_api(service: GenerationService, moderation: Moderation, *, routers: S
 
     # -- billing --------------------------------------------------------------------------------
 
-    @app.post(f"{PREFIX}/quotes", response_model=QuoteView, tags=["billing"], max_body_size=MAX_JSON_BODY_BYTES)
+    @app.post(f"{PREFIX}/quotes", response_model=QuoteView, tags=["billing"],
+              max_body_size=body_limit(settings.generation.input_images, MAX_JSON_BODY_BYTES))
     async def create_quote(who: CallerDep, body: QuoteRequest) -> QuoteView:
         """The price of a generation request, checked like a submit; nothing is held."""
         return await asyncio.to_thread(service.quote, who, body)

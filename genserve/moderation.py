@@ -1,4 +1,4 @@
-"""Moderation: the admin routes' likeness blocklist entries and takedowns, over registered resources.
+"""Moderation: the admin routes' likeness blocklist entries, takedowns and known-abusive image hashes.
 
 A takedown approved here blocklists the resources' files and the person's name, and turns the
 resources off; every replica sees the blocklist and the names on its next check.
@@ -9,11 +9,14 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterable
 
+from genserve.core.config.generation import InputImageLimits
 from genserve.core.errors import InvalidRequest
+from genserve.generation.inputs import base64_bytes, decode_image
 from genserve.resources.cache import ResourceCache
 from genserve.resources.models import ResourceKind
 from genserve.resources.registry import ResolvedResource, ResourceRegistry
 from safety.gate import SafetyGate
+from safety.image_hash import parse_hash, perceptual_hash
 from safety.takedowns import TakedownRecord, Takedowns
 
 
@@ -66,3 +69,23 @@ class Moderation:
 
     def deny_takedown(self, takedown_id: str, moderator: str, note: str = "") -> TakedownRecord:
         return self.takedowns.deny(takedown_id, moderator, note)
+
+    def add_image_hash(self, *, phash: str | None = None, image_base64: str | None = None, reason: str = "",
+                       source: str = "", limits: InputImageLimits | None = None) -> dict:
+        """Put a known-abusive image's perceptual hash on the input blocklist: given as its 16 hex digits,
+        or computed here from the image (decoded under the input bounds, then forgotten: only the hash
+        is kept). Audited."""
+        if (phash is None) == (image_base64 is None):
+            raise InvalidRequest("give either `phash` or `image`", code="image_hash_source")
+        if image_base64 is not None:
+            limits = limits or InputImageLimits()
+            phash = perceptual_hash(decode_image(base64_bytes(image_base64, "image", limits), limits,
+                                                 field="image").image)
+        try:
+            phash = parse_hash(phash or "")
+        except ValueError as exc:
+            raise InvalidRequest(str(exc), code="image_hash_invalid") from exc
+        entry_id, added = self.safety.image_hashes.add(phash, reason=reason, source=source, created_by="admin-api")
+        self.safety.audit.append("image_hash_add", "allow", rules=["input.hash_blocklisted"], subject=phash,
+                                 details={"entry_id": entry_id, "added": added, "reason": reason, "source": source})
+        return {"entry_id": entry_id, "phash": phash, "added": added}

@@ -7,7 +7,8 @@ image-scan configuration. The checks write their own audit rows, so no caller ca
 and forget to record it:
 
 - `precheck_request`: prompt audit + resource flags + likeness hits -> `Verdict` (audited);
-- `judge_image`: one image's scan against the request's verdict and level -> `ImageDecision` (audited).
+- `judge_image`: one image's scan against the request's verdict and level -> `ImageDecision` (audited);
+- `check_input_image`: an img2img/inpaint input's scan against the request -> `InputDecision` (audited).
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from sqlalchemy.orm import Session
 from safety.audit_log import AuditLog
 from safety.config import SafetyConfig
 from safety.embeddings import SafetyEmbeddings
+from safety.image_hash import ImageHashBlocklist
 from safety.image_scan import ImageScanner, ScanResult
+from safety.input_policy import InputDecision, judge_input
 from safety.levels import NsfwLevel
 from safety.likeness import LikenessBlocklist, LikenessConfig
 from safety.policy import ImageDecision, LikenessHit, ResourceFlags, SafetyPolicy
@@ -44,11 +47,15 @@ class SafetyGate:
     auditor: PromptAuditor
     blocklist: LikenessBlocklist
     audit: AuditLog
+    image_hashes: ImageHashBlocklist = field(init=False)
     policy: SafetyPolicy = field(init=False)
+    # the scanner inputs are judged with, built on first use (the ingress holds no other); settable (tests)
+    input_scanner: ImageScanner | None = field(default=None, init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.policy = SafetyPolicy(self.auditor)
+        self.image_hashes = ImageHashBlocklist(self.session_factory, self.config.image_hash_max_distance)
 
     @classmethod
     def build(cls, config: SafetyConfig, config_dir: Path, session_factory: SessionFactory) -> SafetyGate:
@@ -117,10 +124,11 @@ class SafetyGate:
                     user_id: str | None = None, request_id: str | None = None, job_id: str | None = None,
                     details: dict | None = None) -> ImageJudgement:
         """What happens to one image; its audit row is written here. `withheld_because` (the image is
-        missing, or its scan did not finish) withholds an image the policy would let through."""
+        missing, its face fix failed, or its scan did not finish) withholds an image the policy would let
+        through."""
         decision = self.policy.postcheck(scan, precheck, allowed_level)
         deliver = decision.deliver and withheld_because is None
-        if withheld_because == "image_missing":
+        if withheld_because in ("image_missing", "face_fix_failed"):  # nothing the policy could judge
             reasons = [withheld_because]
         else:
             reasons = decision.rule_ids or ([] if deliver else [withheld_because or "scan_failed"])
@@ -132,6 +140,39 @@ class SafetyGate:
                                    "allowed": NsfwLevel.parse(allowed_level).to_wire(),
                                    "severity": decision.severity.value, "scan_errors": list(scan.scanner_errors)})
         return ImageJudgement(deliver, decision.level, tuple(reasons), decision)
+
+
+    def check_input_image(self, image: Any, *, workflow: str, prompt_verdict: Verdict, allowed_level: NsfwLevel,
+                          field_name: str = "init_image", subject: str | None = None, user_id: str | None = None,
+                          request_id: str | None = None) -> InputDecision:
+        """Scan an input image, compare its perceptual hash with the known-abusive ones, and judge it before
+        anything is charged; its audit row is written here. A scanner or a hash lookup that errors fails
+        closed (`input.scan_failed`)."""
+        hash_match, hash_error = None, None
+        try:
+            hash_match = self.image_hashes.match(image)
+        except Exception as exc:  # noqa: BLE001 - fail closed
+            hash_error = f"image hash lookup: {type(exc).__name__}: {exc}"
+        try:
+            with self._lock:
+                if self.input_scanner is None:
+                    self.input_scanner = self.image_scanner(threads=1)
+                scanner = self.input_scanner
+            scan = scanner.scan(image)
+        except Exception as exc:  # noqa: BLE001 - fail closed
+            scan = ScanResult(NsfwLevel.X, scanner_errors=(f"{type(exc).__name__}: {exc}",))
+        if hash_error:
+            scan = ScanResult(scan.level, scan.detections, scan.minor_signal, (*scan.scanner_errors, hash_error))
+        decision = judge_input(scan, workflow=workflow, prompt_mature=prompt_verdict.mature,
+                               allowed=NsfwLevel.parse(allowed_level), blocklisted=hash_match is not None,
+                               request_minor=prompt_verdict.minor_signal)
+        self.audit.append_verdict(decision.verdict, kind="input_image", subject=subject, request_id=request_id,
+                                  user_id=user_id, details={"field": field_name, "workflow": workflow,
+                                                            "scan": scan.to_dict(),
+                                                            "hash_match": hash_match.to_dict() if hash_match
+                                                            else None,
+                                                            "allowed": NsfwLevel.parse(allowed_level).to_wire()})
+        return decision
 
 
 @dataclass(frozen=True)

@@ -247,6 +247,19 @@ class NudeNetScanner:
         level = max((d.level for d in detections), default=NsfwLevel.PG)
         return ScannerOutput(level, tuple(detections))
 
+    def faces(self, image: Image.Image, min_score: float) -> list[tuple[tuple[int, int, int, int], float]]:
+        """The faces NudeNet finds at `min_score` or above, as ((x1, y1, x2, y2), score): the face fix's
+        detector, below the scan's own recording threshold on purpose (ADetailer's default is 0.3)."""
+        bgr = np.ascontiguousarray(np.asarray(image.convert("RGB"))[:, :, ::-1])
+        with self._lock:
+            raw = self.detector.detect(bgr)
+        out = []
+        for d in raw:
+            if str(d["class"]) in ("FACE_FEMALE", "FACE_MALE") and float(d["score"]) >= min_score:
+                x, y, w, h = (int(v) for v in d["box"])
+                out.append(((x, y, x + w, y + h), float(d["score"])))
+        return out
+
 
 def _import_scanner(spec: ExtraScanner) -> Scanner:
     module_name, _, attr = spec.path.partition(":")
@@ -337,6 +350,13 @@ class ImageScanner:
         if not isinstance(out, ScannerOutput):
             raise TypeError(f"returned {type(out).__name__}, not ScannerOutput")
         return out
+
+    def faces(self, image: Image.Image, min_score: float) -> list[tuple[tuple[int, int, int, int], float]]:
+        """Face boxes from the NudeNet scanner (the face fix's detector); raises when there is none."""
+        for scanner in self.scanners:
+            if isinstance(scanner, NudeNetScanner):
+                return scanner.faces(image, min_score)
+        raise RulesInvalid("no NudeNet scanner to detect faces with")
 
     def scan(self, image: Image.Image) -> ScanResult:
         level, detections, minor, errors = NsfwLevel.PG, [], False, []

@@ -1,4 +1,5 @@
-"""Safety's tables: the likeness blocklist, takedown requests, real-person names and the audit log.
+"""Safety's tables: the likeness blocklist, takedown requests, real-person names, the perceptual hashes of
+known-abusive images and the audit log.
 
 All on `SafetyBase`, so the service's migrations create them and `safety` needs nothing from `genserve`.
 """
@@ -65,6 +66,20 @@ class PersonName(SafetyBase):
     name: Mapped[str] = mapped_column(String(200))
     name_key: Mapped[str] = mapped_column(String(200), unique=True)  # casefolded, whitespace collapsed
     source: Mapped[str] = mapped_column(String(200), default="")
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class AbusiveImageHash(SafetyBase):
+    """The 64-bit perceptual hash (16 hex) of a known-abusive image: an input within the configured
+    Hamming distance of one is refused. Only the hash is kept, never the image."""
+
+    __tablename__ = "safety_image_hashes"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    phash: Mapped[str] = mapped_column(String(16), unique=True)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    source: Mapped[str] = mapped_column(String(200), default="")
+    created_by: Mapped[str] = mapped_column(String(200), default="")
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 

@@ -15,9 +15,10 @@ from genserve.billing.errors import InvalidAccount
 from genserve.billing.ledger import check_account, user_account
 from genserve.core.errors import QueueFull
 from genserve.core.ids import is_user_id
+from genserve.generation.inputs import body_limit
 from genserve.generation.jobs import JobStatus
 from genserve.generation.protocol import GenerationRequest
-from genserve.ingress import MAX_EVENT_SEQ, last_event_seq
+from genserve.ingress import MAX_EVENT_SEQ, MAX_JSON_BODY_BYTES, last_event_seq
 
 SSE_DEADLINE_S = 10.0
 
@@ -174,16 +175,18 @@ def test_nul_characters_are_refused(env, path, body, admin):  # noqa: F811
 def test_oversized_json_bodies_are_refused_while_streaming(env):  # noqa: F811
     caller = env.user()
     pulled = []
+    # the limit leaves room for a base64 input image and mask; the stream goes well past it
+    chunks = body_limit(env.settings.generation.input_images, MAX_JSON_BODY_BYTES) // (1 << 20) + 16
 
     async def body():
-        for _ in range(64):
+        for _ in range(chunks):
             pulled.append(1)
-            yield b" " * (64 << 10)
+            yield b" " * (1 << 20)
 
     (r,) = _call(env, ("POST", "/v1/generations", {"content": body(), "headers": {
         **_headers(caller.user_id), "Content-Type": "application/json"}}))
     assert r.status_code == 413 and r.json()["code"] == "payload_too_large"
-    assert len(pulled) < 64
+    assert len(pulled) < chunks
 
 
 # ----------------------------------------------------------------------------------- finding 10

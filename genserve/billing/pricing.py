@@ -39,8 +39,12 @@ class GenerationPrices(_Strict):
     min_per_image: StrictInt = Field(1, ge=1)
     extra_resource_millibuzz: StrictInt = Field(0, ge=0)
     hires_permille: StrictInt = Field(1000, ge=0)
+    # a face-fix pass, priced like a generation at the working size and the steps it runs, per face
+    face_fix_permille: StrictInt = Field(1000, ge=0)
     # per image by output format (png, jpeg, webp); a format not listed costs nothing extra
     output_format_millibuzz: dict[str, StrictInt] = Field(default_factory=dict)
+    # per image by workflow (txt2img, img2img, inpaint): the input's encode and the mask's compositing
+    workflow_millibuzz: dict[str, StrictInt] = Field(default_factory=dict)
     families: dict[str, GenerationFamilyPrice]
 
 
@@ -73,6 +77,16 @@ class HiresParams:
     def upscaled(cls, width: int, height: int, scale: float, steps: int) -> HiresParams:
         """The pass for upscaling `width`x`height` by `scale`, sizes rounded to multiples of 8."""
         return cls(width=int(round(width * scale / 8)) * 8, height=int(round(height * scale / 8)) * 8, steps=steps)
+
+
+@dataclass(frozen=True)
+class FaceFixParams:
+    """The face fix of one image: up to `faces` inpaint passes at `width`x`height`, each running `steps`."""
+
+    width: int
+    height: int
+    steps: int
+    faces: int
 
 
 @dataclass(frozen=True)
@@ -223,8 +237,11 @@ class Pricing:
         extra_resources: int = 0,
         hires: HiresParams | None = None,
         output_format: str = "png",
+        workflow: str = "txt2img",
+        face_fix: FaceFixParams | None = None,
     ) -> Quote:
-        """Price `quantity` images; each costs at least `min_per_image`."""
+        """Price `quantity` images; each costs at least `min_per_image`. For img2img and inpaint, `steps`
+        are the steps the denoise runs (steps x strength, A1111's count), which may be 0."""
         gen = self.prices.generation
         fam = gen.families.get(family)
         if fam is None:
@@ -234,23 +251,33 @@ class Pricing:
                 details={"known": self.generation_families},
             )
         width, height = _count("width", width, minimum=1), _count("height", height, minimum=1)
-        steps, quantity = _count("steps", steps, minimum=1), _count("quantity", quantity, minimum=1)
+        steps = _count("steps", steps, minimum=0 if workflow != "txt2img" else 1)
+        quantity = _count("quantity", quantity, minimum=1)
         extra_resources = _count("extra_resources", extra_resources)
         base_units = fam.base_width * fam.base_height * fam.base_steps
 
         parts: list[tuple[str, int, str]] = []
         image_mb = _ceil_div(fam.base_millibuzz * width * height * steps, base_units)
-        parts.append(("image", image_mb, f"{family} {width}x{height}, {steps} steps"))
+        label = "" if workflow == "txt2img" else f" {workflow}"
+        parts.append(("image", image_mb, f"{family}{label} {width}x{height}, {steps} steps"))
         if hires is not None:
             h_w, h_h = _count("hires.width", hires.width, minimum=1), _count("hires.height", hires.height, minimum=1)
             h_steps = _count("hires.steps", hires.steps, minimum=1)
             hires_mb = _ceil_div(fam.base_millibuzz * h_w * h_h * h_steps * gen.hires_permille, base_units * MILLI)
             parts.append(("hires_fix", hires_mb, f"second pass {h_w}x{h_h}, {h_steps} steps"))
+        if face_fix is not None:
+            f_units = face_fix.width * face_fix.height * _count("face_fix.steps", face_fix.steps) * face_fix.faces
+            face_mb = _ceil_div(fam.base_millibuzz * f_units * gen.face_fix_permille, base_units * MILLI)
+            parts.append(("face_fix", face_mb, f"up to {face_fix.faces} face(s) at {face_fix.width}x"
+                                               f"{face_fix.height}, {face_fix.steps} steps each"))
         if extra_resources:
             parts.append(
                 ("extra_resources", extra_resources * gen.extra_resource_millibuzz, f"{extra_resources} extra resources")
             )
 
+        workflow_mb = gen.workflow_millibuzz.get(workflow, 0)
+        if workflow_mb:
+            parts.append(("workflow", workflow_mb, f"{workflow} input handling"))
         format_mb = gen.output_format_millibuzz.get(output_format, 0)
         if format_mb:
             parts.append(("output_format", format_mb, f"{output_format} output"))

@@ -92,3 +92,21 @@ class StorageError(GenserveError):
 
 class InvalidKey(InvalidRequest):
     code = "invalid_object_key"
+
+
+class InputImageRefused(InvalidRequest):
+    """An input image (img2img, inpaint) or mask that cannot be used. Codes: `input_image_invalid`
+    (not base64, not an image, truncated), `input_image_format` (not PNG, JPEG or WebP),
+    `input_image_animated`, `input_image_dimensions` (a side out of bounds), `input_image_bomb` (more
+    pixels than the decompression-bomb limit), `input_image_not_found` (a reference to no delivered image
+    of the caller), `mask_size_mismatch`, `mask_empty`, `input_image_missing`, `input_image_unexpected`,
+    `input_image_with_hires`."""
+
+    code = "input_image_invalid"
+
+
+class InputImageTooLarge(InputImageRefused):
+    """An input image's encoded bytes are over the limit: refused before it is decoded."""
+
+    code = "input_image_too_large"
+    http_status = 413

@@ -6,7 +6,9 @@ the checkpoint's lock). Per image there is a new scheduler and seeded generator,
 only on `seeds[i]` and the parameters: a batch of N is N reproducible single images. The prompts always pass through
 the safety embeddings' `inject` here, whatever the caller already did, and are encoded here from those
 strings (A1111 syntax, `prompt_encoding`): no caller-supplied embeddings ever reach the pipeline. A step callback reports progress and turns a set
-cancel event into diffusers' interrupt flag, so a cancel takes effect within one step.
+cancel event into diffusers' interrupt flag, so a cancel takes effect within one step. An img2img or
+inpaint request (an input image) and the face fix after any image run in `passes`, on the same
+conditioning and safety tokens.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -31,6 +32,8 @@ from diffusers import (
 from PIL import Image
 
 from genserve.core.config.worker import WorkerConfig
+from genserve.engine import passes
+from genserve.engine.face_fix import FaceDetector
 from genserve.engine.infotext import build_infotext, encode_image
 from genserve.engine.prompt_encoding import (
     PromptEncoder,
@@ -39,6 +42,8 @@ from genserve.engine.prompt_encoding import (
 )
 from genserve.engine.prompt_syntax import extract_extra_networks, lora_tag
 from genserve.engine.schedulers import infotext_sampler, make_scheduler, sampler_spec
+from genserve.engine.views import drop_pipeline_views as drop_pipeline_views  # re-exported: the worker's
+from genserve.engine.views import pipeline_view
 from genserve.generation.worker.wire import WorkerRequest, hires_size
 from safety.embeddings import InjectedPrompts
 
@@ -74,13 +79,15 @@ class GeneratedImage:
 
 @dataclass
 class GenerationOutcome:
-    """`images` holds only finished images; `canceled` says the run stopped early."""
+    """`images` holds only finished images; `canceled` says the run stopped early; `failed` names the
+    images a later pass (the face fix) failed on, index -> (seed, reason): not delivered, not charged."""
 
     images: list[GeneratedImage]
     canceled: bool
     final_prompt: str
     final_negative_prompt: str
     timings_ms: dict[str, float] = field(default_factory=dict)
+    failed: dict[int, tuple[int, str]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -129,35 +136,6 @@ def prepare_pipeline(pipe: DiffusionPipeline, config: WorkerConfig) -> Diffusion
         except Exception as exc:  # noqa: BLE001 - fall back to SDPA, the default
             logger.warning("xformers unavailable (%s); using torch SDPA attention", exc)
     return pipe
-
-
-_views_lock = threading.Lock()
-_views: weakref.WeakKeyDictionary[DiffusionPipeline, dict[type, DiffusionPipeline]] = weakref.WeakKeyDictionary()
-
-
-def pipeline_view(pipe: DiffusionPipeline, cls: type[DiffusionPipeline]) -> DiffusionPipeline:
-    """A `cls` pipeline over `pipe`'s components, made on first use and kept while `pipe` lives:
-    `from_pipe` costs more than the rest of a small image's setup. The view's scheduler is the
-    caller's to set per image; views are never shared by two requests at once (the checkpoint lock)."""
-    with _views_lock:
-        views = _views.setdefault(pipe, {})
-        view = views.get(cls)
-        if view is None:
-            view = views[cls] = cls.from_pipe(pipe)
-            view.set_progress_bar_config(disable=True)
-        return view
-
-
-def pipeline_views(pipe: DiffusionPipeline) -> list[DiffusionPipeline]:
-    """The views made over `pipe` so far (a component swapped on `pipe` must be swapped on them too)."""
-    with _views_lock:
-        return list(_views.get(pipe, {}).values())
-
-
-def drop_pipeline_views(pipe: DiffusionPipeline) -> None:
-    """Forget `pipe`'s views now (a checkpoint being unloaded), so they hold none of its modules."""
-    with _views_lock:
-        _views.pop(pipe, None)
 
 
 def img2img_class(pipe: DiffusionPipeline) -> type[DiffusionPipeline]:
@@ -223,6 +201,8 @@ def generate(
     cancel: threading.Event | None = None,
     on_image: Callable[[GeneratedImage], None] | None = None,
     batch_size: int = 1,
+    init: tuple[Image.Image, Image.Image | None] | None = None,
+    face_detector: FaceDetector | None = None,
 ) -> GenerationOutcome:
     """Generate `len(request.seeds)` images on `pipe`; the caller holds the pipeline's lock.
 
@@ -230,7 +210,9 @@ def generate(
     gives the images one-by-one runs give (samplers that seed their own noise run one by one).
     `on_image` sees each finished image as soon as its batch is decoded, before the next batch starts.
     No PNG is encoded here: the worker encodes and scans each image on other threads, so the
-    pipeline (and its lock) is free for the next image or request meanwhile."""
+    pipeline (and its lock) is free for the next image or request meanwhile. `init` is the decoded input
+    image and mask of an img2img / inpaint request (`request.init`); `face_detector` finds the faces a
+    `request.face_fix` repaints (`passes`)."""
     sampler_spec(request.sampler)  # an unknown sampler is refused before any work
     cancel = cancel or threading.Event()
     timings: dict[str, float] = {}
@@ -263,8 +245,23 @@ def generate(
     info_prompt = infotext_prompt(prompt, {x.resource_id: x.strength for x in request.loras}, negative)
 
     images: list[GeneratedImage] = []
+    spec = request.init
+    pass_fields = passes.infotext_fields(request)  # img2img / inpaint / face fix
+    failed: dict[int, tuple[int, str]] = {}
+    fixer = passes.FaceFixer.build(pipe, request, face_detector, safety, encoder, sdxl, on_progress, cancel)
 
-    def emit(index: int, seed: int, image: Image.Image) -> None:
+    def emit(index: int, seed: int, image: Image.Image) -> bool:
+        """Finish one image (its face fix) and hand it on; False when a cancel stopped the face fix."""
+        if fixer is not None:
+            try:
+                fixed = fixer.apply(index, seed, image)
+            except Exception as exc:  # noqa: BLE001 - one image's face fix failing costs only that image
+                logger.warning("face fix failed on image %d: %s", index, exc)
+                failed[index] = (seed, f"{type(exc).__name__}: {exc}")
+                return True
+            if fixed is None:
+                return False
+            image = fixed
         info = build_infotext(
             prompt=info_prompt, negative_prompt=negative, steps=request.steps, sampler=sampler_base,
             schedule_type=schedule_type,
@@ -274,13 +271,21 @@ def generate(
             hires_scale=hires.scale if hires else None,
             hires_steps=(hires.steps or request.steps) if hires else None,
             hires_denoise=hires.denoise if hires else None,
-            hires_upscaler=_UPSCALER_NAMES[hires.upscaler] if hires else None,
+            hires_upscaler=_UPSCALER_NAMES[hires.upscaler] if hires else None, extra=pass_fields,
         )
         images.append(GeneratedImage(index=index, seed=seed, image=image, infotext=info.render()))
         if on_image is not None:
             on_image(images[-1])
+        return True
 
     canceled = False
+    if spec is not None:
+        if init is None:
+            raise ValueError("an img2img / inpaint request needs its decoded input")
+        canceled, denoise_ms = passes.run_init(pipe, request, init, first_cond, sdxl, emit, on_progress, cancel)
+        timings.update(denoise_ms=denoise_ms, generate_ms=(time.perf_counter() - started) * 1000, batch_size=1.0)
+        return GenerationOutcome(images=images, canceled=canceled, final_prompt=prompt,
+                                 final_negative_prompt=negative, timings_ms=timings, failed=failed)
     denoise_ms = 0.0
     size = 1 if sampler_spec(request.sampler).seeded_noise else max(1, batch_size)
     seeds = list(enumerate(request.seeds))
@@ -298,13 +303,14 @@ def generate(
         if out is None or cancel.is_set():  # interrupted mid-batch: the partial images are dropped
             canceled = True
             break
-        for (index, seed), image in zip(batch, out, strict=True):
-            emit(index, seed, image)
+        if not all(emit(index, seed, image) for (index, seed), image in zip(batch, out, strict=True)):
+            canceled = True
+            break
     timings["denoise_ms"] = denoise_ms
     timings["generate_ms"] = (time.perf_counter() - started) * 1000
     timings["batch_size"] = float(size)
     return GenerationOutcome(images=images, canceled=canceled, final_prompt=prompt,
-                             final_negative_prompt=negative, timings_ms=timings)
+                             final_negative_prompt=negative, timings_ms=timings, failed=failed)
 
 
 def _batch(

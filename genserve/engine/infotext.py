@@ -98,6 +98,7 @@ def build_infotext(
     schedule_type: str | None = None,
     vae_name: str | None = None,
     vae_hash: str | None = None,
+    extra: Mapping[str, object] | None = None,
 ) -> Infotext:
     """The parameters of one image in A1111's order and spelling. `width`/`height` are the first pass's.
     `sampler` is written as A1111 >= 1.9 does: the sampler, then its "Schedule type" when it has one."""
@@ -116,6 +117,8 @@ def build_infotext(
     }
     if hires_scale is not None:
         params["Denoising strength"] = float(hires_denoise or 0.0)
+    # img2img / inpaint fields (Denoising strength, Mask blur, Inpaint area ...), where A1111 puts them
+    params.update(extra or {})
     if clip_skip > 1:
         params["Clip skip"] = clip_skip
     if hires_scale is not None:

@@ -24,8 +24,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from genserve.core.errors import InvalidRequest
-from genserve.engine.generate import pipeline_views
 from genserve.engine.loading import MODEL_BUILD_LOCK
+from genserve.engine.views import pipeline_views
 
 _LDM_PREFIXES = ("first_stage_model.", "vae.")
 

@@ -1,7 +1,8 @@
 """Admission: everything decided about a request before any buzz is held, as one frozen plan.
 
     tier limits ─▶ resolve resources (and the VAE) ─▶ reserved tokens ─▶ size ─▶ hires ─▶ allowed level
-    ─▶ likeness + safety precheck (audited) ─▶ quote            = `AdmissionPlan`
+    ─▶ likeness + safety precheck (audited) ─▶ input images: decoded, scanned, judged (audited)
+    ─▶ quote                                                      = `AdmissionPlan`
 
 The plan is computed once per request and read by everything after it (the hold, the job row, the
 worker request, the runner's timeout, the postcheck), so no later stage recomputes a value the
@@ -28,9 +29,24 @@ from genserve.core.errors import (
 )
 from genserve.economy.store import Economy
 from genserve.engine.prompt_syntax import extract_extra_networks, plain_text
+from genserve.generation.inputs import InputImages
 from genserve.generation.jobs import GenerationJob, JobStore
 from genserve.generation.protocol import MAX_HIRES_SIDE, GenerationRequest, Limits
-from genserve.generation.worker.wire import HiresSpec, LoraSpec, WorkerRequest
+from genserve.generation.worker.wire import (
+    FaceFixSpec,
+    HiresSpec,
+    InitSpec,
+    LoraSpec,
+    WorkerRequest,
+    denoise_steps,
+)
+from genserve.generation.workflows import (
+    PlanInputs,
+    check_workflow,
+    decode_inputs,
+    face_fix_params,
+    judge_inputs,
+)
 from genserve.resources.cache import ResourceCache
 from genserve.resources.catalog import FamilyEntry, ModelCatalog
 from genserve.resources.models import ResourceKind
@@ -81,6 +97,7 @@ class AdmissionPlan:
     verdict: Verdict
     quote: Quote
     timeout_s: float
+    inputs: PlanInputs | None = None
 
     @property
     def family(self) -> str:
@@ -93,7 +110,17 @@ class AdmissionPlan:
         prompt says so."""
         return self.verdict.mature or self.allowed.mature
 
-    def worker_request(self, job_id: str, seeds: list[int]) -> WorkerRequest:
+    def init_spec(self, image_key: str, mask_key: str | None = None) -> InitSpec | None:
+        """The worker's input spec once the inputs are stored under `image_key` (and `mask_key`)."""
+        if self.inputs is None:
+            return None
+        r, mask = self.request, self.inputs.mask
+        return InitSpec(workflow=r.workflow, image_key=image_key, image_sha256=self.inputs.image.sha256,
+                        mask_key=mask_key, mask_sha256=mask.sha256 if mask else None, denoise=r.denoise,
+                        resize_mode=r.resize_mode, mask_blur=r.mask_blur, only_masked=r.inpaint_only_masked,
+                        padding=r.inpaint_padding)
+
+    def worker_request(self, job_id: str, seeds: list[int], init: InitSpec | None = None) -> WorkerRequest:
         r, res = self.request, self.resources
         return WorkerRequest(
             job_id=job_id, checkpoint_id=res.checkpoint.id, prompt=r.prompt, negative_prompt=r.negative_prompt,
@@ -101,7 +128,8 @@ class AdmissionPlan:
             clip_skip=r.clip_skip, width=self.size[0], height=self.size[1], seeds=seeds,
             loras=[LoraSpec(resource_id=x.id, strength=x.strength) for x in res.loras],
             embeddings=[x.id for x in res.embeddings], hires=self.hires, output_format=r.output_format,
-            quality=r.quality, priority=r.priority.value, vae=res.vae.id if res.vae else None,
+            quality=r.quality, priority=r.priority.value, vae=res.vae.id if res.vae else None, init=init,
+            face_fix=FaceFixSpec(**r.face_fix.model_dump()) if r.face_fix else None,
         )
 
 
@@ -211,7 +239,8 @@ class Admission:
     """Turns a request into an `AdmissionPlan` or a refusal; writes nothing but the precheck's audit row."""
 
     def __init__(self, settings: Settings, *, registry: ResourceRegistry, catalog: ModelCatalog, pricing: Pricing,
-                 safety: SafetyGate, resource_cache: ResourceCache, limits: Limits, economy: Economy | None = None):
+                 safety: SafetyGate, resource_cache: ResourceCache, limits: Limits, economy: Economy | None = None,
+                 inputs: InputImages | None = None):
         self.config = settings.generation
         self.max_pixels = settings.worker.max_pixels  # what the workers refuse above
         self.economy_config = settings.billing.economy
@@ -223,6 +252,7 @@ class Admission:
         self.resource_cache = resource_cache
         self.limits = limits
         self.likeness = RequestCheck(safety.blocklist)
+        self.inputs = inputs
 
     def check_queue(self, jobs: JobStore, caller: Caller, request: GenerationRequest) -> int:
         """Refuse (429) past the user's queue limit or the service's capacity; returns the active jobs."""
@@ -291,6 +321,7 @@ class Admission:
 
     def plan(self, caller: Caller, request: GenerationRequest) -> AdmissionPlan:
         check_tier(self.limits, caller, request)
+        check_workflow(request)
         checkpoint = self._checkpoint_id(request.checkpoint, caller.user_id)
         if checkpoint != request.checkpoint:
             request = request.model_copy(update={"checkpoint": checkpoint})
@@ -314,10 +345,15 @@ class Admission:
         size = image_size(family, resources.family, request)
         hires = hires_spec(request, size, self.max_pixels)
         allowed = NsfwLevel.lowest(caller.max_nsfw_level, request.nsfw_level)
+        inputs = decode_inputs(self.inputs, caller.user_id, request, self.max_pixels)
         with metrics.stage_timer("audit", resources.family):
             verdict = self._precheck(caller, request, resources, allowed)
+            if inputs is not None:
+                judge_inputs(self.safety, caller.user_id, caller.request_id, request, inputs, verdict, allowed)
+        steps = request.steps if inputs is None else denoise_steps(request.steps, request.denoise)
         quote = self.pricing.quote_generation(
-            resources.family, size[0], size[1], request.steps, request.quantity,
+            resources.family, size[0], size[1], steps, request.quantity, workflow=request.workflow,
+            face_fix=face_fix_params(request, size),
             extra_resources=len(resources.extras) - free_extras,
             hires=HiresParams.upscaled(size[0], size[1], hires.scale, hires.steps or request.steps) if hires else None,
             output_format=request.output_format,
@@ -327,13 +363,15 @@ class Admission:
                                  priority=request.priority.value)
         fetched = len(resources.extras) + (resources.vae is not None)  # files the worker may have to fetch
         timeout_s = self.config.job_timeout_s + self.config.timeout_per_resource_s * fetched
-        return AdmissionPlan(caller, request, resources, size, hires, allowed, verdict, quote, timeout_s)
+        return AdmissionPlan(caller, request, resources, size, hires, allowed, verdict, quote, timeout_s, inputs)
 
     def _precheck(self, caller: Caller, request: GenerationRequest, resources: ResolvedResources,
                   allowed: NsfwLevel) -> Verdict:
         hits = self._likeness(resources)
+        face_prompt = request.face_fix.prompt if request.face_fix else ""
         verdict = self.safety.precheck_request(
-            audit_text(request.prompt), audit_text(request.negative_prompt),
+            audit_text(f"{request.prompt}\n{face_prompt}" if face_prompt else request.prompt),
+            audit_text(request.negative_prompt),
             resources=[ResourceFlags(r.id, r.minor, r.poi, r.sfw_only) for r in resources.all],
             likeness_hits=[LikenessHit(r.id, f"likeness.{hit.method}", f"matches a blocklisted likeness of {hit.person}")
                            for r, hit in hits],

@@ -8,6 +8,9 @@
 * `override_settings` (A1111's API): `sd_vae` is `vae` ("Automatic" and "None" mean the checkpoint's
   own) and `CLIP_stop_at_last_layers` is `clip_skip`; any other setting is refused by name, since
   silently ignoring it would give another image than the sender expects.
+* A1111's img2img API fields: `init_images` (a list of one base64 image), `mask` as a base64 string,
+  `denoising_strength`, `resize_mode` 0 / 1 / 2, `inpaint_full_res`, `inpaint_full_res_padding`; the
+  workflow follows from them (a mask: inpaint; an image: img2img) unless `workflow` is given.
 
 Anything not recognised is left as it is, so the request model's own validation reports it.
 """
@@ -23,6 +26,10 @@ RANDOM_SEED = -1
 # A1111's override_settings keys that map onto request fields
 _OVERRIDES = {"sd_vae": "vae", "CLIP_stop_at_last_layers": "clip_skip"}
 _CHECKPOINT_OWN_VAE = frozenset({"automatic", "none"})  # A1111's names for "no separate VAE"
+# A1111's `resize_mode` numbers (3, "latent upscale", has no counterpart here and is left to validation)
+A1111_RESIZE_MODES = {0: "just_resize", 1: "crop_and_resize", 2: "resize_and_fill"}
+_A1111_RENAMES = {"denoising_strength": "denoise", "inpaint_full_res": "inpaint_only_masked",
+                  "inpaint_full_res_padding": "inpaint_padding"}
 
 
 def _same_sampler(a: Any, b: Any) -> bool:
@@ -84,4 +91,25 @@ def fold_aliases(data: Any) -> Any:
     seed = data.get("seed")
     if type(seed) is int and seed == RANDOM_SEED:
         del data["seed"]
+    return _a1111_img2img(data)
+
+
+def _a1111_img2img(data: dict[str, Any]) -> dict[str, Any]:
+    for alias, name in _A1111_RENAMES.items():
+        if alias in data:
+            if name in data:
+                raise ValueError(f"{alias} and {name} name the same field")
+            data[name] = data.pop(alias)
+    if "init_images" in data:
+        images = data.pop("init_images")
+        if "init_image" in data or not isinstance(images, list) or len(images) != 1:
+            raise ValueError("init_images takes one base64 image (and not beside init_image)")
+        data["init_image"] = {"data": images[0]}
+    if isinstance(data.get("mask"), str):
+        data["mask"] = {"data": data["mask"]}
+    mode = data.get("resize_mode")
+    if type(mode) is int and mode in A1111_RESIZE_MODES:
+        data["resize_mode"] = A1111_RESIZE_MODES[mode]
+    if "workflow" not in data and data.get("init_image") is not None:
+        data["workflow"] = "inpaint" if data.get("mask") is not None else "img2img"
     return data

@@ -40,6 +40,8 @@ MAX_SEED = 4_294_967_295
 # Seeds picked by the service stay below 2^31 - 1: some engines take Int32 seeds.
 MAX_RANDOM_SEED = 2_147_483_646
 MAX_HIRES_SIDE = 4096
+# an absolute bound on a base64 input; the configured byte limit (`generation.input_images`) is tighter
+MAX_INPUT_BASE64_CHARS = 24 << 20
 IDEMPOTENCY_KEY_PATTERN = r"^[A-Za-z0-9._:\-]{1,128}$"
 
 
@@ -126,6 +128,34 @@ class HiresFix(_Strict):
         return value.lower() if isinstance(value, str) else value
 
 
+class FaceFix(_Strict):
+    """ADetailer-style face fix after each image (any workflow): each face found is inpainted at the
+    image's working size and pasted back."""
+
+    prompt: str = Field("", max_length=MAX_PROMPT_CHARS, description="the faces' prompt; empty: the image's")
+    denoise: float = Field(0.4, ge=0.0, le=1.0, strict=True)
+    confidence: float = Field(0.3, ge=0.05, le=1.0, strict=True, description="the face detector's minimum score")
+    padding: int = Field(32, ge=0, le=256, strict=True)
+    mask_blur: int = Field(4, ge=0, le=64, strict=True)
+    max_faces: int = Field(2, ge=1, le=4, strict=True, description="faces fixed per image; priced per face")
+
+
+class InputImage(_Strict):
+    """An input image: `data` (base64, or a `data:image/...;base64,` URL) or an image delivered to the
+    same user earlier (`job_id` + `index`)."""
+
+    data: str | None = Field(None, min_length=1, max_length=MAX_INPUT_BASE64_CHARS)
+    job_id: str | None = Field(None, pattern=r"^[0-9a-f]{32}$")
+    index: int | None = Field(None, ge=0, le=63, strict=True)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> InputImage:
+        reference = self.job_id is not None or self.index is not None
+        if (self.data is None) == (not reference) or (reference and (self.job_id is None or self.index is None)):
+            raise ValueError("give either `data` or both `job_id` and `index`")
+        return self
+
+
 class GenerationRequest(_Strict):
     """`POST /v1/generations` body (API version 1).
 
@@ -164,6 +194,17 @@ class GenerationRequest(_Strict):
     quality: int = Field(90, ge=1, le=100, description="JPEG/WebP quality")
     draft: bool = Field(False, description="the family's fast path: its LCM-style LoRA, fixed few steps, low CFG "
                                            "(steps, cfg_scale and sampler are the draft's)")
+    workflow: Literal["txt2img", "img2img", "inpaint"] = "txt2img"
+    init_image: InputImage | None = Field(None, description="img2img and inpaint: the image to start from")
+    mask: InputImage | None = Field(None, description="inpaint: white is repainted, black kept")
+    denoise: float = Field(0.75, ge=0.0, le=1.0, strict=True,
+                           description="img2img/inpaint denoising strength (A1111's); steps run = steps x denoise")
+    resize_mode: Literal["just_resize", "crop_and_resize", "resize_and_fill"] = Field(
+        "just_resize", description="how the input meets width x height (A1111's resize modes)")
+    mask_blur: int = Field(4, ge=0, le=64, strict=True)
+    inpaint_only_masked: bool = Field(True, description="repaint only the mask's padded box at full resolution")
+    inpaint_padding: int = Field(32, ge=0, le=256, strict=True, description="pixels around the mask's box")
+    face_fix: FaceFix | None = None
 
     @model_validator(mode="before")
     @classmethod

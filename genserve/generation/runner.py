@@ -87,6 +87,8 @@ class Runner:
                     await asyncio.to_thread(self.staging.discard, job_id)
             finally:
                 self.staging.forget(job_id)
+                if job.worker_request.init is not None:  # an input image lives as long as its job runs
+                    await asyncio.to_thread(self.staging.delete_keys, job.worker_request.init.keys)
                 job.finished.set()
 
     async def _run_to_end(self, job: RunningJob) -> None:

@@ -33,6 +33,7 @@ from genserve.core.errors import Conflict, NotFound
 from genserve.core.storage import ObjectStore, object_store_from_settings
 from genserve.economy.store import Economy
 from genserve.generation.admission import Admission, Caller
+from genserve.generation.inputs import InputImages
 from genserve.generation.jobs import (
     GenerationJob,
     JobEvent,
@@ -84,6 +85,7 @@ class GenerationService:
             settings, registry=self.registry, catalog=load_model_catalog(settings.models_file),
             pricing=pricing or Pricing.from_settings(settings), safety=self.safety, resource_cache=self.resource_cache,
             limits=limits or Limits.load(settings.config_path(self.config.limits_file)), economy=self.economy,
+            inputs=InputImages(store, self.jobs, self.config.input_images),
         )
         self.staging = ImageStaging(store, self.config.store_threads)
         settlement = Settlement(jobs=self.jobs, ledger=self.ledger, safety=self.safety, staging=self.staging,
@@ -98,6 +100,11 @@ class GenerationService:
     @classmethod
     def from_settings(cls, settings: Settings, workers: WorkerBackend, db: Database | None = None) -> GenerationService:
         return cls(settings, db or Database.from_settings(settings), object_store_from_settings(settings), workers)
+
+    @property
+    def inputs(self) -> InputImages:
+        assert self.admission.inputs is not None
+        return self.admission.inputs
 
     @property
     def limits(self) -> Limits:
@@ -188,16 +195,27 @@ class GenerationService:
         plan = self.admission.plan(caller, request)
         job_id = idempotent_job_id(caller.user_id, request.idempotency_key) if request.idempotency_key else new_job_id()
         base_seed = request.seed if request.seed is not None else random.SystemRandom().randrange(MAX_RANDOM_SEED)
-        worker_request = plan.worker_request(job_id, [base_seed + i for i in range(request.quantity)])
+        seeds = [base_seed + i for i in range(request.quantity)]
         expires = utcnow() + dt.timedelta(seconds=plan.timeout_s + self.config.hold_margin_s)
         hold = self.ledger.hold(user_account(caller.user_id), plan.quote.total, hold_key(job_id),
                                 destination=REVENUE_GENERATION, expires_at=expires, reason=f"generation {job_id}")
+        input_keys: list[str] = []
         try:
+            # the inputs are stored once the hold is taken (a refusal stores nothing) and before the
+            # job row exists (no job runs without them); the runner deletes them when the job ends
+            init = None
+            if plan.inputs is not None:
+                input_keys.append(self.inputs.put(caller.user_id, job_id, "input", plan.inputs.image))
+                if plan.inputs.mask is not None:
+                    input_keys.append(self.inputs.put(caller.user_id, job_id, "mask", plan.inputs.mask))
+                init = plan.init_spec(*input_keys)
+            worker_request = plan.worker_request(job_id, seeds, init)
             job, created = self.jobs.create(
                 plan.job_row(job_id, worker_request, fingerprint, hold.id, self.owner),
                 admit=lambda user_active, active: self.admission.check_counts(caller, request, user_active, active))
         except Exception:
             self.runner.settlement.release(job_id, hold.id)
+            self.inputs.delete(input_keys)
             raise
         if not created:  # a concurrent retry with the same key won; its hold is this same hold
             return _same_request(job, fingerprint), None

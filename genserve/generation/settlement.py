@@ -86,7 +86,8 @@ class Settlement:
         images, withheld = [], []
         for image in sorted(result.images, key=lambda i: i.index):
             stage = staged.get(image.index)
-            withheld_because = "image_missing" if stage is None else (None if image.deliverable else "scan_failed")
+            withheld_because = image.failure or ("image_missing" if stage is None else
+                                                 (None if image.deliverable else "scan_failed"))
             judged = self.safety.judge_image(
                 image.scan.to_scan_result(), plan.verdict, plan.allowed, withheld_because=withheld_because,
                 subject=stage.digest if stage else None, job_id=job_id, user_id=plan.caller.user_id,

@@ -69,6 +69,14 @@ class ImageStaging:
             except GenserveError:
                 logger.error("could not delete undelivered image %s", image.key)
 
+    def delete_keys(self, keys: list[str]) -> None:
+        """Delete objects of a job that are not images to deliver (its input image and mask)."""
+        for key in keys:
+            try:
+                self.store.delete(key)
+            except GenserveError:
+                logger.error("could not delete %s", key)
+
     def forget(self, job_id: str) -> None:
         self._staged.pop(job_id, None)
 

@@ -5,6 +5,18 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 
 
+class InputImageLimits(BaseModel):
+    """Bounds on an input image (img2img, inpaint), checked before and while it is decoded."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_bytes: int = Field(8 << 20, ge=1024, description="encoded size, before decoding")
+    max_side: int = Field(4096, ge=64)
+    # Pillow's decompression-bomb guard, applied to the size the header declares, before any pixel is decoded
+    max_pixels: int = Field(4096 * 4096, ge=64 * 64)
+    formats: list[str] = Field(default_factory=lambda: ["PNG", "JPEG", "WEBP"])
+
+
 class GenerationConfig(BaseModel):
     """The `generation:` section of the settings tree."""
 
@@ -21,5 +33,6 @@ class GenerationConfig(BaseModel):
     sse_ping_s: float = Field(15.0, gt=0, description="keep-alive comment interval of an idle event stream")
     sse_poll_s: float = Field(0.5, gt=0, description="how often an event stream looks for events from other replicas")
     store_threads: int = Field(4, ge=1, description="images stored at once per ingress replica (while they are scanned)")
+    input_images: InputImageLimits = InputImageLimits()
     demo_user: str = "demo"
     demo_balance: int = Field(10_000, ge=0, description="buzz granted once to the demo user by `genserve serve`")

@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 
-from genserve.engine.generate import drop_pipeline_views
 from genserve.engine.infotext import autov2
 from genserve.engine.vae import VaeCache
+from genserve.engine.views import drop_pipeline_views
 from genserve.generation.worker.errors import CheckpointEvicted
 from genserve.generation.worker.priority_lock import PriorityLock
 from genserve.resources.models import Resource

@@ -12,6 +12,7 @@ failed is not deliverable).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import threading
 import time
@@ -39,10 +40,12 @@ from genserve.engine.lora_cache import LikenessBlocked, LoraCache
 from genserve.engine.schedulers import sampler_spec
 from genserve.engine.textual_inversion import user_embeddings
 from genserve.engine.vae import vae_swapped
+from genserve.generation.inputs import decode_image
 from genserve.generation.worker.checkpoint import LoadedCheckpoint
 from genserve.generation.worker.errors import (
     CheckpointMismatch,
     ImageTooLarge,
+    InputImageChanged,
     TooManyImages,
     TooManySteps,
 )
@@ -263,6 +266,7 @@ class WorkerCore(WorkerUpkeep):
             scans[image.index] = self._scanning.submit(self._timed_scan, image.image)
             encodes[image.index] = self._encoding.submit(encode, image)
 
+        init = self.init_images(request)
         with loaded.in_use(), contextlib.ExitStack() as files:
             try:
                 loras = self.files.loras(request, files)
@@ -297,7 +301,8 @@ class WorkerCore(WorkerUpkeep):
                         user_embeddings(loaded.pipe, self.family, [(path, token) for _, path, token in embeddings]):
                     outcome = generate(loaded.pipe, request, safety=loaded.safety, model=model,
                                        on_progress=progress, cancel=cancel, on_image=finished,
-                                       batch_size=self.config.batch_size.get(self.family, 1))
+                                       batch_size=self.config.batch_size.get(self.family, 1), init=init,
+                                       face_detector=self._face_detector() if request.face_fix else None)
         timings.update(outcome.timings_ms)
         with self._heartbeat_lock:
             self.counters["requests"] += 1
@@ -312,6 +317,9 @@ class WorkerCore(WorkerUpkeep):
             timings["scan_ms"] += scan_ms
             images.append(ImageResult(index=img.index, seed=img.seed, width=img.image.width, height=img.image.height,
                                       scan=scan, deliverable=scan.ok))
+        for index, (seed, reason) in outcome.failed.items():  # never encoded or stored: withheld, not charged
+            images.append(ImageResult(index=index, seed=seed, width=request.width, height=request.height,
+                                      scan=ImageScan.unfinished(reason), deliverable=False, failure="face_fix_failed"))
         # what the scans and PNGs (side by side) added to the request after its last image was decoded
         timings["scan_wait_ms"] = (time.perf_counter() - t_wait) * 1000
         timings["total_ms"] = (time.perf_counter() - started) * 1000
@@ -327,6 +335,31 @@ class WorkerCore(WorkerUpkeep):
         """Ray-less entry point: pick (load) the checkpoint, then `run`."""
         self.validate(request)
         return self.run(self.checkpoint(request.checkpoint_id), request, on_event, cancel)
+
+    def _face_detector(self) -> Any | None:
+        """The face fix's detector: the image scanner's NudeNet model, already loaded for the scan."""
+        scanner = self.scanner
+        return getattr(scanner, "faces", None)
+
+    def init_images(self, request: WorkerRequest) -> tuple[Image.Image, Image.Image | None] | None:
+        """The input image (and mask) from the store, each checked against the digest the ingress judged
+        it by, and decoded under the same bounds."""
+        spec = request.init
+        if spec is None:
+            return None
+        limits = self.settings.generation.input_images
+        decoded = []
+        for key, digest, mask in ((spec.image_key, spec.image_sha256, False), (spec.mask_key, spec.mask_sha256, True)):
+            if key is None:
+                decoded.append(None)
+                continue
+            if f"/{request.job_id}/" not in key:  # a request reads its own job's inputs, nothing else
+                raise InputImageChanged(f"{key} is not an input of job {request.job_id}")
+            data = self.store.get_bytes(key)
+            if hashlib.sha256(data).hexdigest() != digest:
+                raise InputImageChanged(f"{key} is not the input the request was admitted with")
+            decoded.append(decode_image(data, limits, field="mask" if mask else "init_image", mask=mask).image)
+        return decoded[0], decoded[1]
 
     # ---- disabled resources ---------------------------------------------------------------------
 

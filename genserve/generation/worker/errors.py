@@ -40,3 +40,9 @@ class ScannerUnavailable(Unavailable):
 
 class ConfigNotHot(InvalidRequest):
     code = "config_not_hot"
+
+
+class InputImageChanged(Unavailable):
+    """An input image in the store is not the one the ingress judged (its SHA-256 differs): never used."""
+
+    code = "input_image_changed"

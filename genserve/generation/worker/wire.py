@@ -15,7 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from safety.image_scan import ScanResult
 from safety.levels import NsfwLevel
 
-SCHEMA_VERSION = 5  # 3: output format and quality; EncodedImage.data + format. 4: priority. 5: vae
+# 3: output format and quality; EncodedImage.data + format. 4: priority. 5: vae.
+# 6: init (img2img, inpaint), face_fix
+SCHEMA_VERSION = 6
 MAX_SEED = 2**63 - 1
 MAX_PROMPT_CHARS = 4000
 
@@ -49,6 +51,50 @@ def hires_size(width: int, height: int, scale: float, multiple: int = 8) -> tupl
     return (int(width * scale) // multiple * multiple, int(height * scale) // multiple * multiple)
 
 
+def denoise_steps(steps: int, denoise: float) -> int:
+    """The steps an img2img pass of `steps` at `denoise` runs (A1111's and diffusers' rule, int(steps x
+    strength)): what the worker runs and what the quote charges. 0: the input comes back unchanged."""
+    return min(int(steps * denoise), steps)
+
+
+class InitSpec(_Frozen):
+    """An img2img or inpaint input, by object-store key (the worker reads the store; no bytes on the wire)
+    and the SHA-256 of the PNG there, which the worker checks before using it."""
+
+    workflow: Literal["img2img", "inpaint"]
+    image_key: str = Field(min_length=1, max_length=512)
+    image_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    mask_key: str | None = Field(None, min_length=1, max_length=512)
+    mask_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
+    denoise: float = Field(0.75, ge=0.0, le=1.0)
+    resize_mode: Literal["just_resize", "crop_and_resize", "resize_and_fill"] = "just_resize"
+    mask_blur: int = Field(4, ge=0, le=64)
+    only_masked: bool = True
+    padding: int = Field(32, ge=0, le=256)
+
+    @model_validator(mode="after")
+    def _mask_for_inpaint(self) -> InitSpec:
+        if (self.workflow == "inpaint") != (self.mask_key is not None and self.mask_sha256 is not None):
+            raise ValueError("an inpaint input has a mask, an img2img input none")
+        return self
+
+    @property
+    def keys(self) -> list[str]:
+        return [k for k in (self.image_key, self.mask_key) if k]
+
+
+class FaceFixSpec(_Frozen):
+    """ADetailer-style face fix after each image: every face the detector finds (up to `max_faces`, at
+    `confidence` or above) is inpainted, only masked, at the image's working size and pasted back."""
+
+    prompt: str = Field("", max_length=MAX_PROMPT_CHARS, description="empty: the image's own prompt")
+    denoise: float = Field(0.4, ge=0.0, le=1.0)
+    confidence: float = Field(0.3, ge=0.05, le=1.0)
+    padding: int = Field(32, ge=0, le=256)
+    mask_blur: int = Field(4, ge=0, le=64)
+    max_faces: int = Field(2, ge=1, le=4)
+
+
 class WorkerRequest(_Frozen):
     """One generation: `len(seeds)` images, image i drawn from `seeds[i]` alone (reproducible one by one)."""
 
@@ -78,6 +124,9 @@ class WorkerRequest(_Frozen):
     quality: int = Field(90, ge=1, le=100, description="JPEG/WebP quality")
     # paid priority: the order in which waiting requests get the checkpoint (`PriorityLock`)
     priority: Literal["low", "normal", "high"] = "normal"
+    # img2img / inpaint: the input image (and mask) in the object store; None is txt2img
+    init: InitSpec | None = None
+    face_fix: FaceFixSpec | None = None
 
     @field_validator("width", "height")
     @classmethod
@@ -100,6 +149,8 @@ class WorkerRequest(_Frozen):
             raise ValueError("a LoRA may be listed once")
         if len(set(self.embeddings)) != len(self.embeddings):
             raise ValueError("an embedding may be listed once")
+        if self.init is not None and self.hires is not None:
+            raise ValueError("hires fix is a txt2img pass; an input image has none")
         return self
 
 
@@ -179,6 +230,8 @@ class ImageResult(_Frozen):
     scan: ImageScan
     # False when the scan failed (fail closed); the caller still compares `scan.level` to what is allowed
     deliverable: bool
+    # set when a pass after the denoise failed on this image (`face_fix_failed`): it has no PNG
+    failure: str | None = None
 
 
 class WorkerResult(_StreamItem):

@@ -1,0 +1,69 @@
+"""The policy on input images (img2img, inpaint): decided before anything is charged.
+
+An input image is scanned like a delivered one (NudeNet and every extra scanner, the age slot too),
+then refused when:
+
+- `input.hash_blocklisted`: its perceptual hash is within the configured distance of a known-abusive
+  image's (`safety.image_hash`);
+- `input.scan_failed`: a scanner (or the hash lookup) errored or timed out (fail closed: an input nobody could look at is
+  never run);
+- `input.level_above_allowed`: the input itself is above the level the caller may see;
+- `input.minor_mature`: a minor signal (a scanner on the input, or the prompt or a resource flag, from the
+  precheck's verdict) while anything about the request is mature (the prompt's verdict, the allowed
+  level, or the input's own level above PG);
+- `input.likeness_nudify`: the input shows a face (NudeNet's FACE_FEMALE / FACE_MALE at or above
+  `face_min_score`) and the request could sexualise it: a mature prompt, a mature allowed level, or
+  an input already above PG. This is the "nudify" pattern: a photograph of a real person turned into
+  sexual imagery. Every detected face counts as possibly a real person's, drawn or photographed: the
+  scanner cannot tell a photograph from a realistic render, and a wrongly refused drawing costs the
+  user a resubmission at a lower level, a wrongly allowed photograph costs a real person far more.
+
+Plain Python, no I/O: `SafetyGate.check_input_image` scans, calls `judge_input` and audits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from safety.image_scan import Detection, ScanResult
+from safety.levels import NsfwLevel
+from safety.verdict import Action, Reason, Verdict
+
+FACE_LABELS = frozenset({"FACE_FEMALE", "FACE_MALE"})
+DEFAULT_FACE_MIN_SCORE = 0.45
+
+
+@dataclass(frozen=True)
+class InputDecision:
+    """The verdict on one input image, with the faces the scan found (face fix and moderators use them)."""
+
+    verdict: Verdict
+    level: NsfwLevel
+    faces: tuple[Detection, ...]
+
+
+def faces_in(scan: ScanResult, min_score: float = DEFAULT_FACE_MIN_SCORE) -> tuple[Detection, ...]:
+    return tuple(d for d in scan.detections if d.label in FACE_LABELS and d.score >= min_score)
+
+
+def judge_input(scan: ScanResult, *, workflow: str, prompt_mature: bool, allowed: NsfwLevel,
+                blocklisted: bool = False, request_minor: bool = False, face_min_score: float = DEFAULT_FACE_MIN_SCORE) -> InputDecision:
+    reasons: list[Reason] = []
+    if blocklisted:
+        reasons.append(Reason("input.hash_blocklisted", "the input image matches a known-abusive image"))
+    faces = faces_in(scan, face_min_score)
+    if scan.failed:
+        reasons.append(Reason("input.scan_failed", "the input image could not be scanned: "
+                              + "; ".join(scan.scanner_errors)))
+    if scan.level > allowed:
+        reasons.append(Reason("input.level_above_allowed",
+                              f"the input image is {scan.level.to_wire()}, above the allowed {allowed.to_wire()}"))
+    mature = prompt_mature or allowed.mature or scan.level > NsfwLevel.PG
+    if (scan.minor_signal or request_minor) and mature:
+        reasons.append(Reason("input.minor_mature", "a minor signal on the input image with mature content"))
+    if faces and mature and workflow in ("img2img", "inpaint"):
+        reasons.append(Reason("input.likeness_nudify",
+                              "an input image showing a person's face cannot be edited towards mature content"))
+    action = Action.block if reasons else Action.allow
+    return InputDecision(Verdict(action, tuple(reasons), mature=mature, minor_signal=scan.minor_signal or request_minor),
+                         scan.level, faces)

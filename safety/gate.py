@@ -25,7 +25,7 @@ from safety.audit_log import AuditLog
 from safety.config import SafetyConfig
 from safety.embeddings import SafetyEmbeddings
 from safety.image_hash import ImageHashBlocklist
-from safety.image_scan import ImageScanner, ScanResult
+from safety.image_scan import FACE_SCORE_FLOOR, ImageScanner, ScanResult
 from safety.input_policy import InputDecision, judge_input
 from safety.levels import NsfwLevel
 from safety.likeness import LikenessBlocklist, LikenessConfig
@@ -144,10 +144,11 @@ class SafetyGate:
 
     def check_input_image(self, image: Any, *, workflow: str, prompt_verdict: Verdict, allowed_level: NsfwLevel,
                           field_name: str = "init_image", subject: str | None = None, user_id: str | None = None,
-                          request_id: str | None = None) -> InputDecision:
+                          request_id: str | None = None, face_min_score: float | None = None) -> InputDecision:
         """Scan an input image, compare its perceptual hash with the known-abusive ones, and judge it before
         anything is charged; its audit row is written here. A scanner or a hash lookup that errors fails
-        closed (`input.scan_failed`)."""
+        closed (`input.scan_failed`). Faces count from the scan config's `face_min_score`, or from
+        `face_min_score` where that is lower (a face fix asked to detect from a lower confidence)."""
         hash_match, hash_error = None, None
         try:
             hash_match = self.image_hashes.match(image)
@@ -160,12 +161,13 @@ class SafetyGate:
                 scanner = self.input_scanner
             scan = scanner.scan(image)
         except Exception as exc:  # noqa: BLE001 - fail closed
-            scan = ScanResult(NsfwLevel.X, scanner_errors=(f"{type(exc).__name__}: {exc}",))
+            scanner, scan = None, ScanResult(NsfwLevel.X, scanner_errors=(f"{type(exc).__name__}: {exc}",))
+        floor = min(getattr(scanner, "face_min_score", FACE_SCORE_FLOOR), face_min_score or FACE_SCORE_FLOOR)
         if hash_error:
             scan = ScanResult(scan.level, scan.detections, scan.minor_signal, (*scan.scanner_errors, hash_error))
         decision = judge_input(scan, workflow=workflow, prompt_mature=prompt_verdict.mature,
                                allowed=NsfwLevel.parse(allowed_level), blocklisted=hash_match is not None,
-                               request_minor=prompt_verdict.minor_signal)
+                               request_minor=prompt_verdict.minor_signal, face_min_score=floor)
         self.audit.append_verdict(decision.verdict, kind="input_image", subject=subject, request_id=request_id,
                                   user_id=user_id, details={"field": field_name, "workflow": workflow,
                                                             "scan": scan.to_dict(),

@@ -12,7 +12,7 @@ then refused when:
   precheck's verdict) while anything about the request is mature (the prompt's verdict, the allowed
   level, or the input's own level above PG);
 - `input.likeness_nudify`: the input shows a face (NudeNet's FACE_FEMALE / FACE_MALE at or above
-  `face_min_score`) and the request could sexualise it: a mature prompt, a mature allowed level, or
+  `face_min_score`, never above `FACE_SCORE_FLOOR`) and the request could sexualise it: a mature prompt, a mature allowed level, or
   an input already above PG. This is the "nudify" pattern: a photograph of a real person turned into
   sexual imagery. Every detected face counts as possibly a real person's, drawn or photographed: the
   scanner cannot tell a photograph from a realistic render, and a wrongly refused drawing costs the
@@ -25,12 +25,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from safety.image_scan import Detection, ScanResult
+from safety.image_scan import FACE_LABELS, FACE_SCORE_FLOOR, Detection, ScanResult
 from safety.levels import NsfwLevel
 from safety.verdict import Action, Reason, Verdict
-
-FACE_LABELS = frozenset({"FACE_FEMALE", "FACE_MALE"})
-DEFAULT_FACE_MIN_SCORE = 0.45
 
 
 @dataclass(frozen=True)
@@ -42,12 +39,14 @@ class InputDecision:
     faces: tuple[Detection, ...]
 
 
-def faces_in(scan: ScanResult, min_score: float = DEFAULT_FACE_MIN_SCORE) -> tuple[Detection, ...]:
-    return tuple(d for d in scan.detections if d.label in FACE_LABELS and d.score >= min_score)
+def faces_in(scan: ScanResult, min_score: float = FACE_SCORE_FLOOR) -> tuple[Detection, ...]:
+    # never above the floor the face fix detects from, whatever the caller passes
+    floor = min(min_score, FACE_SCORE_FLOOR)
+    return tuple(d for d in scan.detections if d.label in FACE_LABELS and d.score >= floor)
 
 
 def judge_input(scan: ScanResult, *, workflow: str, prompt_mature: bool, allowed: NsfwLevel,
-                blocklisted: bool = False, request_minor: bool = False, face_min_score: float = DEFAULT_FACE_MIN_SCORE) -> InputDecision:
+                blocklisted: bool = False, request_minor: bool = False, face_min_score: float = FACE_SCORE_FLOOR) -> InputDecision:
     reasons: list[Reason] = []
     if blocklisted:
         reasons.append(Reason("input.hash_blocklisted", "the input image matches a known-abusive image"))

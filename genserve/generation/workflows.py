@@ -88,7 +88,8 @@ def judge_inputs(safety: SafetyGate, user_id: str, request_id: str | None, reque
     mask is a shape, not a picture: it is not scanned."""
     decision = safety.check_input_image(
         inputs.image.image, workflow=request.workflow, prompt_verdict=verdict, allowed_level=allowed,
-        subject=inputs.image.sha256, user_id=user_id, request_id=request_id)
+        subject=inputs.image.sha256, user_id=user_id, request_id=request_id,
+        face_min_score=request.face_fix.confidence if request.face_fix else None)
     if decision.verdict.blocked:
         rules = decision.verdict.rule_ids
         for rule in rules:

@@ -442,3 +442,30 @@ def test_multipart_upload_runs_img2img_and_bounds_each_part(env):
     too_big = asyncio.run(post({"init_image": ("in.png", b"\x89PNG" + b"0" * (9 << 20), "image/png")}))
     assert too_big.status_code == 413 and too_big.json()["code"] == "input_image_too_large"
     assert ledger.balance(user_account(caller.user_id)).available == GRANT - ok.json()["charged"]
+
+
+def test_an_only_masked_inpaint_of_a_small_photo_on_a_big_canvas_is_scanned_where_it_is_worked(env):
+    """NudeNet's detector is replaced by one that reports exposure for a marked patch only when the patch
+    is 24 px or more at its 320 px input, as the real model needs some size (no nude photograph can be a
+    fixture); the scan, the engine's crop geometry and the policy are the real ones."""
+    from test_input_guard import MARK, ScaleAwareDetector
+
+    service, ledger, _, _ = env
+    canvas = Image.new("RGB", (2048, 2048), "white")
+    draw = ImageDraw.Draw(canvas)
+    draw.rectangle((0, 0, 255, 255), fill=(200, 160, 140))  # a 256 px "photo" in the corner
+    draw.rectangle((80, 120, 159, 199), fill=MARK)  # 80 px: 12 px once the canvas is shrunk to 320
+    mask = Image.new("L", canvas.size, 0)
+    ImageDraw.Draw(mask).rectangle((0, 100, 255, 255), fill=255)
+    gate = service.safety
+    saved = gate.input_scanner
+    rules = service.settings.config_path(service.settings.safety.rules_dir)
+    gate.input_scanner = ImageScanner.from_config(rules, detector=ScaleAwareDetector())
+    try:
+        assert gate.input_scanner.scan(canvas).level is NsfwLevel.PG  # what one whole-image scan saw
+        error = _refused(env, _caller(ledger), _request(
+            workflow="inpaint", init_image={"data": _b64(canvas)}, mask={"data": _b64(mask)},
+            inpaint_only_masked=True))
+        assert error.code == "input_image_level" and "input.level_above_allowed" in error.details["rules"]
+    finally:
+        gate.input_scanner = saved

@@ -79,3 +79,110 @@ def test_a_face_the_face_fix_would_repaint_counts_for_the_nudify_rule():
     # a caller cannot raise the floor past the face fix's either
     assert judge_input(scan, workflow="img2img", prompt_mature=True, allowed=NsfwLevel.X,
                        face_min_score=0.9).faces
+
+
+# ------------------------------------------------------ a small picture on a big canvas (scale)
+
+MARK = (255, 0, 255)  # stands for exposed skin in a photograph: no such photograph can be a fixture
+
+
+class ScaleAwareDetector:
+    """NudeNet's detector replaced by one that behaves as it does with scale: it pads the view to a
+    square shrunk to 320 px, as NudeNet does, and "sees" the marked patch (reported as the raw output
+    for an exposed breast) only when the patch is at least `min_px` there."""
+
+    size = 320
+
+    def __init__(self, min_px: int = 24):
+        self.min_px = min_px
+        self.views: list[tuple[int, int]] = []
+
+    def detect(self, bgr):  # noqa: ANN001, ANN201
+        import numpy as np
+
+        height, width = bgr.shape[:2]
+        self.views.append((width, height))
+        ys, xs = np.nonzero(np.all(bgr == MARK[::-1], axis=2))
+        if not len(xs):
+            return []
+        extent = max(xs.max() - xs.min() + 1, ys.max() - ys.min() + 1)
+        if extent * self.size / max(width, height) < self.min_px:
+            return []
+        box = [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)]
+        return [{"class": "FEMALE_BREAST_EXPOSED", "score": 0.9, "box": box}]
+
+
+def _canvas(side: int, photo: int, mark: int, at: tuple[int, int] = (0, 0)) -> Image.Image:
+    """A white canvas with a `photo`-sized picture at `at` holding a `mark`-sized marked patch."""
+    from PIL import ImageDraw
+
+    canvas = Image.new("RGB", (side, side), "white")
+    x, y = at
+    ImageDraw.Draw(canvas).rectangle((x, y, x + photo - 1, y + photo - 1), fill=(200, 160, 140))
+    ImageDraw.Draw(canvas).rectangle((x + photo // 3, y + photo // 2, x + photo // 3 + mark - 1,
+                                      y + photo // 2 + mark - 1), fill=MARK)
+    return canvas
+
+
+def test_a_small_photo_on_a_big_canvas_is_scanned_at_the_detectors_scale():
+    from safety.input_scan import scan_views
+
+    detector = ScaleAwareDetector()
+    scanner = ImageScanner.from_config(RULES_DIR, detector=detector)
+    canvas = _canvas(4096, 512, 160)
+    assert scanner.scan(canvas).level is NsfwLevel.PG  # the whole canvas shrunk to 320 px: 12 px, missed
+    scan = scan_views(scanner, canvas)
+    assert scan.level is NsfwLevel.R and not scan.failed
+    [found] = [d for d in scan.detections if d.label == "FEMALE_BREAST_EXPOSED"]
+    assert found.box[:2] == (512 // 3, 256)  # in the canvas's coordinates, not a tile's
+    tiles = [v for v in detector.views if max(v) < 4096]
+    assert len(tiles) == 12 * 12 and max(max(v) for v in tiles) <= 2 * ScaleAwareDetector.size  # ~2x scale
+
+
+def test_the_only_masked_region_is_the_engines_and_is_scanned_at_its_own_scale():
+    from PIL import ImageDraw
+
+    from genserve.engine import img2img
+    from genserve.generation.inputs import DecodedInput
+    from genserve.generation.protocol import GenerationRequest
+    from genserve.generation.workflows import PlanInputs, work_regions
+    from safety.input_scan import scan_views
+
+    canvas = _canvas(1200, 300, 60, at=(900, 900))
+    mask = Image.new("L", canvas.size, 0)
+    ImageDraw.Draw(mask).rectangle((900, 960, 1199, 1199), fill=255)
+    request = GenerationRequest.model_validate({
+        "prompt": "a red dress", "checkpoint": "tiny-sd1", "workflow": "inpaint", "init_image": {"data": "AA=="},
+        "mask": {"data": "AA=="}, "inpaint_only_masked": True, "inpaint_padding": 40, "mask_blur": 6})
+    inputs = PlanInputs(DecodedInput(canvas, b"", ""), DecodedInput(mask, b"", ""))
+    [box] = work_regions(request, inputs, (512, 512))
+    engine = img2img.prepare(type("Spec", (), {"workflow": "inpaint", "denoise": 0.75, "resize_mode": "just_resize",
+                                               "mask_blur": 6, "only_masked": True, "padding": 40})(),
+                             canvas, mask, 512, 512)
+    assert box == engine.paste_box  # the same function as the engine's, not a copy
+    scanner = ImageScanner.from_config(RULES_DIR, detector=ScaleAwareDetector())
+    assert scanner.scan(canvas).level is NsfwLevel.PG  # 60 px of 1200 at 320: 16 px, missed whole
+    assert scan_views(scanner, canvas, [box], tile=False).level is NsfwLevel.R
+
+
+def test_the_output_of_an_only_masked_inpaint_is_scanned_in_its_worked_box():
+    from types import SimpleNamespace
+
+    from PIL import ImageDraw
+
+    from genserve.generation.worker.core import WorkerCore, output_regions
+    from genserve.generation.worker.wire import InitSpec, WorkerRequest
+
+    mask = Image.new("L", (1200, 1200), 0)
+    ImageDraw.Draw(mask).rectangle((900, 960, 1199, 1199), fill=255)
+    spec = InitSpec(workflow="inpaint", image_key="k/i.png", image_sha256="0" * 64, mask_key="k/m.png",
+                    mask_sha256="0" * 64, only_masked=True, padding=40, mask_blur=6)
+    request = WorkerRequest(job_id="j", checkpoint_id="c", prompt="p", sampler="Euler a", steps=4, width=512,
+                            height=512, seeds=[1], init=spec)
+    regions = output_regions(request, (Image.new("RGB", mask.size), mask))
+    assert len(regions) == 1
+    output = _canvas(1200, 300, 60, at=(900, 900))  # what came back: the repainted box shows exposure
+    worker = SimpleNamespace(scanner=ImageScanner.from_config(RULES_DIR, detector=ScaleAwareDetector()),
+                             _scanner_error=None)
+    assert WorkerCore.scan(worker, output).level == "pg"  # the whole output: missed
+    assert WorkerCore.scan(worker, output, regions).level == "r"

@@ -171,7 +171,8 @@ class SafetyGate:
             scan = ScanResult(scan.level, scan.detections, scan.minor_signal, (*scan.scanner_errors, hash_error))
         decision = judge_input(scan, workflow=workflow, prompt_mature=prompt_verdict.mature,
                                allowed=NsfwLevel.parse(allowed_level), blocklisted=hash_match is not None,
-                               request_minor=prompt_verdict.minor_signal, face_min_score=floor)
+                               request_minor=prompt_verdict.minor_signal, face_min_score=floor,
+                               prompt_suggestive="suggestive" in prompt_verdict.tags)
         self.audit.append_verdict(decision.verdict, kind="input_image", subject=subject, request_id=request_id,
                                   user_id=user_id, details={"field": field_name, "workflow": workflow,
                                                             "scan": scan.to_dict(),

@@ -469,3 +469,27 @@ def test_an_only_masked_inpaint_of_a_small_photo_on_a_big_canvas_is_scanned_wher
         assert error.code == "input_image_level" and "input.level_above_allowed" in error.details["rules"]
     finally:
         gate.input_scanner = saved
+
+
+def test_a_face_input_at_pg13_is_guarded_at_the_edit_and_at_delivery(env):
+    """The input scanner's detector reports a face (no photograph of a person can be a fixture); for the
+    delivery, the worker's NudeNet detector reports a face and exposure on the output (no nude image
+    either). Thresholds, the scan, the policy and the flow are the real ones."""
+    service, ledger, _, _ = env
+    with _input_scanner(service, [FACE]):
+        error = _refused(env, _caller(ledger), _request(prompt="a woman in a see-through wet shirt"))
+        assert error.code == "input_image_nudify"
+        nudenet = service.workers.cores["sd1"].scanner.scanners[0]
+        real = nudenet.detector
+
+        class Exposed:
+            def detect(self, bgr):  # noqa: ANN001, ANN202
+                return [dict(FACE), dict(BREAST)]
+
+        nudenet.detector = Exposed()
+        try:
+            job = _finish(service, _caller(ledger), _request(prompt="make it an oil painting"))
+        finally:
+            nudenet.detector = real
+    assert job.status.value == "blocked"
+    assert [w.reasons for w in job.withheld] == [["edited_face_with_exposure"]]

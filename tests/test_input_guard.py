@@ -186,3 +186,58 @@ def test_the_output_of_an_only_masked_inpaint_is_scanned_in_its_worked_box():
                              _scanner_error=None)
     assert WorkerCore.scan(worker, output).level == "pg"  # the whole output: missed
     assert WorkerCore.scan(worker, output, regions).level == "r"
+
+
+# ------------------------------------- faces and minors below R: the edit and the delivered output
+
+FACE = {"class": "FACE_FEMALE", "score": 0.9, "box": [10, 10, 30, 30]}
+
+
+def _verdict(prompt: str, allowed: NsfwLevel = NsfwLevel.PG13):  # noqa: ANN202
+    from safety.policy import SafetyPolicy
+
+    return SafetyPolicy.from_dir(RULES_DIR).precheck(prompt, "", [], [], allowed)
+
+
+def _judge(detections: list[dict], prompt: str, allowed: NsfwLevel = NsfwLevel.PG13, minor: bool = False):  # noqa: ANN202
+    from safety.image_scan import ScanResult
+
+    out = ImageScanner.from_config(RULES_DIR, detector=RawDetections(detections)).scan(Image.new("RGB", (64, 64)))
+    verdict = _verdict(prompt, allowed)
+    decision = judge_input(ScanResult(out.level, out.detections, minor), workflow="inpaint",
+                           prompt_mature=verdict.mature, allowed=allowed, request_minor=verdict.minor_signal,
+                           prompt_suggestive="suggestive" in verdict.tags)
+    return verdict, decision
+
+
+def test_a_face_edited_with_a_suggestive_prompt_is_refused_at_pg13():
+    # the detector reports a face in the input (a photograph of a person cannot be a fixture)
+    _, decision = _judge([FACE], "a woman in a see-through wet shirt")
+    assert decision.verdict.blocked and "input.likeness_nudify" in decision.verdict.rule_ids
+    _, decision = _judge([], "a woman in a see-through wet shirt", minor=True)  # the age slot reports a minor
+    assert decision.verdict.blocked and "input.minor_mature" in decision.verdict.rule_ids
+    _, decision = _judge([FACE], "make it an oil painting")  # benign edit of a portrait at PG13: allowed
+    assert not decision.verdict.blocked
+
+
+def test_an_allowed_inputs_face_and_minor_findings_reach_the_output_postcheck():
+    from safety.image_scan import ScanResult
+    from safety.input_policy import TAG_INPUT_FACE, TAG_INPUT_MINOR, carry_findings
+    from safety.policy import SafetyPolicy
+
+    policy = SafetyPolicy.from_dir(RULES_DIR)
+    verdict, decision = _judge([FACE], "make it an oil painting", minor=True)
+    assert not decision.verdict.blocked  # nothing suggestive asked at PG13
+    carried = carry_findings(verdict, decision)
+    assert {TAG_INPUT_FACE, TAG_INPUT_MINOR} <= carried.tags
+    for allowed in (NsfwLevel.PG13, NsfwLevel.X):  # withheld for review, whatever the allowed level
+        out = policy.postcheck(ScanResult(NsfwLevel.R), carried, allowed)
+        assert not out.deliver and out.action.value == "review"
+        assert out.rule_ids[0] in ("exposure_with_minor_signal", "mature_image_with_minor_signal")
+    face_only = carry_findings(*_judge([FACE], "make it an oil painting"))
+    out = policy.postcheck(ScanResult(NsfwLevel.R), face_only, NsfwLevel.X)
+    assert not out.deliver and out.rule_ids == ["edited_face_with_exposure"] and out.action.value == "review"
+    assert policy.postcheck(ScanResult(NsfwLevel.PG13), face_only, NsfwLevel.PG13).deliver
+    minor_only = carry_findings(*_judge([], "make it an oil painting", minor=True))
+    out = policy.postcheck(ScanResult(NsfwLevel.PG13), minor_only, NsfwLevel.PG13)
+    assert not out.deliver and out.reasons[0].matched == "input"

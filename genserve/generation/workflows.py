@@ -15,6 +15,7 @@ from genserve.generation.inputs import DecodedInput, InputImages, check_mask
 from genserve.generation.protocol import GenerationRequest
 from genserve.generation.worker.wire import denoise_steps
 from safety.gate import SafetyGate
+from safety.input_policy import carry_findings
 from safety.levels import NsfwLevel
 from safety.verdict import Verdict
 
@@ -93,10 +94,11 @@ def work_regions(request: GenerationRequest, inputs: PlanInputs, size: tuple[int
 
 
 def judge_inputs(safety: SafetyGate, user_id: str, request_id: str | None, request: GenerationRequest,
-                 inputs: PlanInputs, verdict: Verdict, allowed: NsfwLevel, size: tuple[int, int]) -> None:
+                 inputs: PlanInputs, verdict: Verdict, allowed: NsfwLevel, size: tuple[int, int]) -> Verdict:
     """The input image judged like a delivered one, plus the nudify rule; refused before any hold. It is
     scanned whole and in the region the engine works on (`work_regions`). The mask is binarised at
-    decode, a shape rather than a picture: it is not scanned."""
+    decode, a shape rather than a picture: it is not scanned. Returns the request's verdict with the
+    input's face and minor findings added (tags the output postcheck reads)."""
     decision = safety.check_input_image(
         inputs.image.image, workflow=request.workflow, prompt_verdict=verdict, allowed_level=allowed,
         regions=work_regions(request, inputs, size),
@@ -109,3 +111,4 @@ def judge_inputs(safety: SafetyGate, user_id: str, request_id: str | None, reque
         code = next((c for rule, c in _INPUT_CODES if rule in rules), "input_image_blocked")
         raise SafetyBlocked("the input image was refused by the safety policy", code=code,
                             details={"rules": rules, "reasons": [r.to_dict() for r in decision.verdict.reasons]})
+    return carry_findings(verdict, decision)

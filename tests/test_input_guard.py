@@ -241,3 +241,37 @@ def test_an_allowed_inputs_face_and_minor_findings_reach_the_output_postcheck():
     minor_only = carry_findings(*_judge([], "make it an oil painting", minor=True))
     out = policy.postcheck(ScanResult(NsfwLevel.PG13), minor_only, NsfwLevel.PG13)
     assert not out.deliver and out.reasons[0].matched == "input"
+
+
+# ------------------------------------------------------------------------- the mask is a shape
+
+def test_a_picture_sent_as_a_mask_comes_back_as_a_shape_only():
+    import io
+
+    import numpy as np
+
+    from genserve.core.config.generation import InputImageLimits
+    from genserve.engine import img2img
+    from genserve.generation.inputs import decode_image
+
+    # any greyscale picture: a gradient with a darker square, as a user could send in place of a mask
+    picture = np.add.outer(np.arange(128), np.arange(128)).astype(np.uint8)
+    picture[32:96, 32:96] //= 3
+    data = io.BytesIO()
+    Image.fromarray(picture).save(data, format="PNG")
+    mask = decode_image(data.getvalue(), InputImageLimits(), field="mask", mask=True).image
+    assert set(np.unique(np.asarray(mask))) <= {0, 255}
+    assert np.array_equal(np.asarray(mask) == 255, picture > 128)  # A1111's threshold
+    # black input, every repainted pixel white: what comes back is the shape, not the picture
+    spec = type("Spec", (), {"workflow": "inpaint", "denoise": 1.0, "resize_mode": "just_resize", "mask_blur": 0,
+                             "only_masked": False, "padding": 0})()
+    prepared = img2img.prepare(spec, Image.new("RGB", mask.size), mask, 128, 128)
+    out = np.asarray(prepared.finish(Image.new("RGB", (128, 128), "white")).convert("L"))
+    assert len(np.unique(out)) <= 2 and not np.array_equal(out, picture)
+    # a drawn mask with transparency is read from its alpha, as A1111 reads it
+    drawn = Image.new("RGBA", (16, 16), (0, 0, 0, 0))
+    drawn.paste((0, 0, 0, 255), (4, 4, 12, 12))
+    data = io.BytesIO()
+    drawn.save(data, format="PNG")
+    shape = decode_image(data.getvalue(), InputImageLimits(), field="mask", mask=True).image
+    assert shape.getbbox() == (4, 4, 12, 12) and shape.getpixel((5, 5)) == 255

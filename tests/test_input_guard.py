@@ -162,7 +162,7 @@ def test_the_only_masked_region_is_the_engines_and_is_scanned_at_its_own_scale()
     assert box == engine.paste_box  # the same function as the engine's, not a copy
     scanner = ImageScanner.from_config(RULES_DIR, detector=ScaleAwareDetector())
     assert scanner.scan(canvas).level is NsfwLevel.PG  # 60 px of 1200 at 320: 16 px, missed whole
-    assert scan_views(scanner, canvas, [box], tile=False).level is NsfwLevel.R
+    assert scan_views(scanner, canvas, [box], tile=False, rotations=False).level is NsfwLevel.R
 
 
 def test_the_output_of_an_only_masked_inpaint_is_scanned_in_its_worked_box():
@@ -275,3 +275,71 @@ def test_a_picture_sent_as_a_mask_comes_back_as_a_shape_only():
     drawn.save(data, format="PNG")
     shape = decode_image(data.getvalue(), InputImageLimits(), field="mask", mask=True).image
     assert shape.getbbox() == (4, 4, 12, 12) and shape.getpixel((5, 5)) == 255
+
+
+# --------------------------------------------------------------------------- faces on their side
+
+TOP, BOTTOM = (0, 255, 0), (0, 0, 255)  # a "face" the stand-in detector knows: this colour above that one
+
+
+class UprightFaceDetector:
+    """NudeNet's detector replaced by one that, like the real model, finds a face only upright: it
+    reports the raw output for a face (no photograph of a person can be a fixture) where a TOP-coloured
+    patch sits right above a BOTTOM-coloured one, and nothing for the same patch turned."""
+
+    size = 320
+
+    def __init__(self):
+        self.views = 0
+
+    def detect(self, bgr):  # noqa: ANN001, ANN201
+        import numpy as np
+
+        self.views += 1
+        top = np.argwhere(np.all(bgr == TOP[::-1], axis=2))
+        bottom = np.argwhere(np.all(bgr == BOTTOM[::-1], axis=2))
+        if not len(top) or not len(bottom):
+            return []
+        (ty, tx), (by, bx) = top.mean(axis=0), bottom.mean(axis=0)
+        if not (ty < by and abs(tx - bx) < 2):
+            return []
+        both = np.vstack([top, bottom])
+        (y1, x1), (y2, x2) = both.min(axis=0), both.max(axis=0)
+        return [{"class": "FACE_FEMALE", "score": 0.8, "box": [int(x1), int(y1), int(x2 - x1 + 1), int(y2 - y1 + 1)]}]
+
+
+def _portrait() -> Image.Image:
+    """A 200 x 120 picture with an upright "face" at (30, 20)-(69, 59)."""
+    image = Image.new("RGB", (200, 120), (120, 120, 120))
+    image.paste(TOP, (30, 20, 70, 40))
+    image.paste(BOTTOM, (30, 40, 70, 60))
+    return image
+
+
+@pytest.mark.parametrize("turn", [Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_180,
+                                  Image.Transpose.ROTATE_270])
+def test_a_face_on_its_side_or_upside_down_is_found_where_it_is(turn):
+    import numpy as np
+
+    from safety.input_scan import scan_views
+
+    image = _portrait().transpose(turn)
+    detector = UprightFaceDetector()
+    scanner = ImageScanner.from_config(RULES_DIR, detector=detector)
+    assert not scanner.scan(image).detections  # upright only: missed
+    [face] = scan_views(scanner, image).detections
+    ys, xs = np.nonzero(np.any(np.asarray(image) != 120, axis=2))
+    assert face.label == "FACE_FEMALE" and face.box == (xs.min(), ys.min(), np.ptp(xs) + 1, np.ptp(ys) + 1)
+    decision = judge_input(scan_views(scanner, image), workflow="img2img", prompt_mature=True, allowed=NsfwLevel.X)
+    assert "input.likeness_nudify" in decision.verdict.rule_ids
+
+
+def test_an_upright_face_costs_no_turned_scans():
+    from safety.input_scan import scan_views
+
+    detector = UprightFaceDetector()
+    scan = scan_views(ImageScanner.from_config(RULES_DIR, detector=detector), _portrait())
+    assert [d.box for d in scan.detections] == [(30, 20, 40, 40)] and detector.views == 1
+    detector = UprightFaceDetector()
+    scan_views(ImageScanner.from_config(RULES_DIR, detector=detector), Image.new("RGB", (64, 64)))
+    assert detector.views == 5  # no face: upright, then turned three ways and mirrored

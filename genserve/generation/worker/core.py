@@ -369,7 +369,7 @@ class WorkerCore(WorkerUpkeep):
             return ImageScan.unfinished(self._scanner_error or "image scanner unavailable")
         try:
             if regions:
-                return ImageScan.of(scan_views(scanner, image, regions, tile=False))
+                return ImageScan.of(scan_views(scanner, image, regions, tile=False, rotations=False))
             return ImageScan.of(scanner.scan(image))
         except Exception as exc:  # noqa: BLE001 - fail closed
             return ImageScan.unfinished(f"{type(exc).__name__}: {exc}")

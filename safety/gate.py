@@ -25,8 +25,9 @@ from safety.audit_log import AuditLog
 from safety.config import SafetyConfig
 from safety.embeddings import SafetyEmbeddings
 from safety.image_hash import ImageHashBlocklist
-from safety.image_scan import ImageScanner, ScanResult
+from safety.image_scan import FACE_SCORE_FLOOR, ImageScanner, ScanResult
 from safety.input_policy import InputDecision, judge_input
+from safety.input_scan import scan_views
 from safety.levels import NsfwLevel
 from safety.likeness import LikenessBlocklist, LikenessConfig
 from safety.policy import ImageDecision, LikenessHit, ResourceFlags, SafetyPolicy
@@ -144,10 +145,14 @@ class SafetyGate:
 
     def check_input_image(self, image: Any, *, workflow: str, prompt_verdict: Verdict, allowed_level: NsfwLevel,
                           field_name: str = "init_image", subject: str | None = None, user_id: str | None = None,
-                          request_id: str | None = None) -> InputDecision:
+                          request_id: str | None = None, face_min_score: float | None = None,
+                          regions: Sequence[tuple[int, int, int, int]] = ()) -> InputDecision:
         """Scan an input image, compare its perceptual hash with the known-abusive ones, and judge it before
         anything is charged; its audit row is written here. A scanner or a hash lookup that errors fails
-        closed (`input.scan_failed`)."""
+        closed (`input.scan_failed`). Faces count from the scan config's `face_min_score`, or from
+        `face_min_score` where that is lower (a face fix asked to detect from a lower confidence). The
+        image is scanned whole, in each of `regions` (the boxes the engine will work on at full scale),
+        in tiles when large, and turned when no face is upright (`safety.input_scan`)."""
         hash_match, hash_error = None, None
         try:
             hash_match = self.image_hashes.match(image)
@@ -158,17 +163,20 @@ class SafetyGate:
                 if self.input_scanner is None:
                     self.input_scanner = self.image_scanner(threads=1)
                 scanner = self.input_scanner
-            scan = scanner.scan(image)
+            scan = scan_views(scanner, image, regions)
         except Exception as exc:  # noqa: BLE001 - fail closed
-            scan = ScanResult(NsfwLevel.X, scanner_errors=(f"{type(exc).__name__}: {exc}",))
+            scanner, scan = None, ScanResult(NsfwLevel.X, scanner_errors=(f"{type(exc).__name__}: {exc}",))
+        floor = min(getattr(scanner, "face_min_score", FACE_SCORE_FLOOR), face_min_score or FACE_SCORE_FLOOR)
         if hash_error:
             scan = ScanResult(scan.level, scan.detections, scan.minor_signal, (*scan.scanner_errors, hash_error))
         decision = judge_input(scan, workflow=workflow, prompt_mature=prompt_verdict.mature,
                                allowed=NsfwLevel.parse(allowed_level), blocklisted=hash_match is not None,
-                               request_minor=prompt_verdict.minor_signal)
+                               request_minor=prompt_verdict.minor_signal, face_min_score=floor,
+                               prompt_suggestive="suggestive" in prompt_verdict.tags)
         self.audit.append_verdict(decision.verdict, kind="input_image", subject=subject, request_id=request_id,
                                   user_id=user_id, details={"field": field_name, "workflow": workflow,
                                                             "scan": scan.to_dict(),
+                                                            "regions": [list(r) for r in regions],
                                                             "hash_match": hash_match.to_dict() if hash_match
                                                             else None,
                                                             "allowed": NsfwLevel.parse(allowed_level).to_wire()})

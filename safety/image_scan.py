@@ -35,12 +35,17 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import yaml
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from safety.errors import RulesInvalid
 from safety.levels import NsfwLevel
 
 CONFIG_FILE = "image_scan.yaml"
+FACE_LABELS = ("FACE_FEMALE", "FACE_MALE")
+# The lowest score at which a detected face counts, for the face fix (its default confidence, as
+# ADetailer's) and for the input-image rules alike: a face the face fix would repaint is a face the
+# nudify rule must see. Configuration may lower it (count more faces), never raise it.
+FACE_SCORE_FLOOR = 0.3
 
 
 @dataclass(frozen=True)
@@ -117,6 +122,8 @@ class ImageScanConfig(_Config):
     timeout_s: float = Field(10.0, gt=0)
     nudenet: dict[str, list[Threshold]]
     extra_scanners: list[ExtraScanner] = []
+    # the score from which an input image's face counts for the input rules (never above the floor)
+    face_min_score: float = Field(FACE_SCORE_FLOOR, gt=0.0, le=FACE_SCORE_FLOOR)
 
     @field_validator("nudenet")
     @classmethod
@@ -128,7 +135,21 @@ class ImageScanConfig(_Config):
         exposed = {"FEMALE_GENITALIA_EXPOSED", "MALE_GENITALIA_EXPOSED", "ANUS_EXPOSED", "FEMALE_BREAST_EXPOSED"}
         if missing := sorted(exposed - set(value)):
             raise ValueError(f"the exposure classes {missing} must have thresholds")
+        if missing := sorted(set(FACE_LABELS) - set(value)):
+            # without them no face is recorded and the input rules (nudify, face edits) never fire
+            raise ValueError(f"the face classes {missing} must have thresholds (the input-image rules need faces)")
         return value
+
+    @model_validator(mode="after")
+    def _faces_recorded(self) -> ImageScanConfig:
+        """A face class whose lowest threshold is above `face_min_score` would drop faces the input
+        rules count: refused, so configuration cannot raise the face floor silently."""
+        for label in FACE_LABELS:
+            lowest = min((t.min_score for t in self.nudenet[label]), default=1.0)
+            if lowest > self.face_min_score:
+                raise ValueError(f"{label} is recorded from {lowest:g}, above face_min_score "
+                                 f"{self.face_min_score:g}: faces would go unseen by the input-image rules")
+        return self
 
     @classmethod
     def load(cls, path: str | Path) -> ImageScanConfig:
@@ -255,7 +276,7 @@ class NudeNetScanner:
             raw = self.detector.detect(bgr)
         out = []
         for d in raw:
-            if str(d["class"]) in ("FACE_FEMALE", "FACE_MALE") and float(d["score"]) >= min_score:
+            if str(d["class"]) in FACE_LABELS and float(d["score"]) >= min_score:
                 x, y, w, h = (int(v) for v in d["box"])
                 out.append(((x, y, x + w, y + h), float(d["score"])))
         return out
@@ -304,11 +325,13 @@ class _ScanThread:
 class ImageScanner:
     """Runs every scanner on an image, each under a timeout, and merges what they say (fail closed)."""
 
-    def __init__(self, scanners: Sequence[Scanner], timeout_s: float = 10.0):
+    def __init__(self, scanners: Sequence[Scanner], timeout_s: float = 10.0,
+                 face_min_score: float = FACE_SCORE_FLOOR):
         if not scanners:
             raise RulesInvalid("an image scan needs at least one scanner")
         self.scanners = tuple(scanners)
         self.timeout_s = timeout_s
+        self.face_min_score = min(face_min_score, FACE_SCORE_FLOOR)
         self._threads: dict[int, _ScanThread] = {}
         self._threads_lock = threading.Lock()
 
@@ -328,7 +351,7 @@ class ImageScanner:
         scanners: list[Scanner] = [NudeNetScanner(config.nudenet, detector, threads)]
         scanners += [_import_scanner(s) for s in config.extra_scanners]
         scanners += list(extra)
-        return cls(scanners, config.timeout_s)
+        return cls(scanners, config.timeout_s, config.face_min_score)
 
     def _run(self, index: int, image: Image.Image) -> ScannerOutput:
         """One scanner under the timeout, on its own long-lived thread. A scanner that hangs keeps its

@@ -9,8 +9,9 @@
 `ImageDecision.action` says what happens to the image:
 - `allow`: delivered;
 - `block`: withheld (above the allowed level, scan failed, or the request was refused);
-- `review`: withheld AND queued for a moderator, with a severity: a mature image with any minor
-  signal (prompt, resource flag, scanner), or a mature image from a real-person resource.
+- `review`: withheld AND queued for a moderator, with a severity: an image above PG with any minor
+  signal (prompt, resource flag, scanner, the input image's scan), an image above PG13 edited from an
+  input that showed a face, or a mature image from a real-person resource.
 
 Both checks fail closed: any exception becomes a refusal (`precheck_failed` / `postcheck_failed`).
 """
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from safety.image_scan import ScanResult
+from safety.input_policy import TAG_INPUT_FACE, TAG_INPUT_MINOR
 from safety.levels import NsfwLevel
 from safety.prompt_audit import PromptAuditor
 from safety.verdict import Action, Reason, Verdict
@@ -174,7 +176,8 @@ class SafetyPolicy:
         from_resource = TAG_MINOR_RESOURCE in precheck.tags
         from_prompt = precheck.minor_signal and ("minor" in precheck.tags or not from_resource)
         minor_sources = [name for name, on in (("prompt", from_prompt), ("resource", from_resource),
-                                               ("scanner", scan.minor_signal)) if on]
+                                               ("scanner", scan.minor_signal),
+                                               ("input", TAG_INPUT_MINOR in precheck.tags)) if on]
         if level > NsfwLevel.PG and minor_sources:
             # any exposure the scanner reports, not only mature levels: PG13 with a minor signal is withheld too
             rule = "mature_image_with_minor_signal" if level.mature else "exposure_with_minor_signal"
@@ -182,6 +185,13 @@ class SafetyPolicy:
             reasons = tuple(Reason(rule, f"{level.name} image with a minor signal from {src}", "image", matched=src)
                             for src in minor_sources)
             return ImageDecision(False, level, Action.review, reasons, severity)
+        if level > NsfwLevel.PG13 and TAG_INPUT_FACE in precheck.tags:
+            # an edit of an input that showed a face: whether or not the output's detector still finds the
+            # face (turned, small, half repainted), exposure above PG13 from it is the nudify pattern
+            return ImageDecision(False, level, Action.review,
+                                 (Reason("edited_face_with_exposure",
+                                         f"{level.name} image edited from an input showing a face", "image"),),
+                                 Severity.high)
         if level.mature and TAG_POI_RESOURCE in precheck.tags:
             return ImageDecision(False, level, Action.review,
                                  (Reason("mature_image_with_poi_resource", f"{level.name} image from a real-person resource", "image"),),

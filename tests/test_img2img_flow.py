@@ -252,3 +252,54 @@ def test_the_worker_uses_only_the_input_it_was_admitted_with(env):
     with pytest.raises(InputImageChanged):
         core.init_images(request(uuid.uuid4().hex, digest))  # another job's input
     store.delete(key)
+
+
+def test_an_only_masked_inpaint_of_a_small_photo_on_a_big_canvas_is_scanned_where_it_is_worked(env):
+    """NudeNet's detector is replaced by one that reports exposure for a marked patch only when the patch
+    is 24 px or more at its 320 px input, as the real model needs some size (no nude photograph can be a
+    fixture); the scan, the engine's crop geometry and the policy are the real ones."""
+    from test_input_guard import MARK, ScaleAwareDetector
+
+    service, ledger, _, _ = env
+    canvas = Image.new("RGB", (2048, 2048), "white")
+    draw = ImageDraw.Draw(canvas)
+    draw.rectangle((0, 0, 255, 255), fill=(200, 160, 140))  # a 256 px "photo" in the corner
+    draw.rectangle((80, 120, 159, 199), fill=MARK)  # 80 px: 12 px once the canvas is shrunk to 320
+    mask = Image.new("L", canvas.size, 0)
+    ImageDraw.Draw(mask).rectangle((0, 100, 255, 255), fill=255)
+    gate = service.safety
+    saved = gate.input_scanner
+    rules = service.settings.config_path(service.settings.safety.rules_dir)
+    gate.input_scanner = ImageScanner.from_config(rules, detector=ScaleAwareDetector())
+    try:
+        assert gate.input_scanner.scan(canvas).level is NsfwLevel.PG  # what one whole-image scan saw
+        error = assert_refused(env, new_caller(ledger), img2img_request(
+            workflow="inpaint", init_image={"data": b64_image(canvas)}, mask={"data": b64_image(mask)},
+            inpaint_only_masked=True))
+        assert error.code == "input_image_level" and "input.level_above_allowed" in error.details["rules"]
+    finally:
+        gate.input_scanner = saved
+
+
+def test_a_face_input_at_pg13_is_guarded_at_the_edit_and_at_delivery(env):
+    """The input scanner's detector reports a face (no photograph of a person can be a fixture); for the
+    delivery, the worker's NudeNet detector reports a face and exposure on the output (no nude image
+    either). Thresholds, the scan, the policy and the flow are the real ones."""
+    service, ledger, _, _ = env
+    with scanner_reporting(service, [FACE]):
+        error = assert_refused(env, new_caller(ledger), img2img_request(prompt="a woman in a see-through wet shirt"))
+        assert error.code == "input_image_nudify"
+        nudenet = service.workers.cores["sd1"].scanner.scanners[0]
+        real = nudenet.detector
+
+        class Exposed:
+            def detect(self, bgr):  # noqa: ANN001, ANN202
+                return [dict(FACE), dict(BREAST)]
+
+        nudenet.detector = Exposed()
+        try:
+            job = run_job(service, new_caller(ledger), img2img_request(prompt="make it an oil painting"))
+        finally:
+            nudenet.detector = real
+    assert job.status.value == "blocked"
+    assert [w.reasons for w in job.withheld] == [["edited_face_with_exposure"]]

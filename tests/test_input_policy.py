@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from safety.image_scan import Detection, ScanResult
+from safety.image_scan import FACE_SCORE_FLOOR, Detection, ScanResult
 from safety.input_policy import judge_input
 from safety.levels import NsfwLevel
 
 FACE = Detection("FACE_FEMALE", 0.8, (10, 10, 20, 20))
-WEAK_FACE = Detection("FACE_MALE", 0.3, (10, 10, 20, 20))
+WEAK_FACE = Detection("FACE_MALE", FACE_SCORE_FLOOR - 0.1, (10, 10, 20, 20))  # under the face floor
 
 
 def _rules(scan: ScanResult, *, workflow: str = "img2img", mature: bool = False,

@@ -29,8 +29,14 @@ from diffusers import (
     StableDiffusionXLInpaintPipeline,
     StableDiffusionXLPipeline,
 )
-from PIL import Image, ImageFilter, ImageOps
+from PIL import Image, ImageOps
 
+from genserve.engine.geometry import (  # noqa: F401 - crop_region, expand_to_ratio: the engine's names too
+    blur_mask,
+    crop_region,
+    expand_to_ratio,
+    only_masked_box,
+)
 from genserve.engine.prompt_encoding import ScheduledConditioning
 from genserve.generation.worker.wire import denoise_steps
 
@@ -94,36 +100,6 @@ def resize_image(image: Image.Image, width: int, height: int, mode: str) -> Imag
     return out
 
 
-def crop_region(mask: Image.Image, padding: int) -> tuple[int, int, int, int]:
-    """The box of the mask's non-zero pixels grown by `padding`, inside the image."""
-    box = mask.getbbox()
-    if box is None:
-        raise ValueError("the mask is empty")
-    x1, y1, x2, y2 = box
-    return max(x1 - padding, 0), max(y1 - padding, 0), min(x2 + padding, mask.width), min(y2 + padding, mask.height)
-
-
-def expand_to_ratio(box: tuple[int, int, int, int], width: int, height: int, image_w: int,
-                    image_h: int) -> tuple[int, int, int, int]:
-    """Grow `box` to the working size's aspect ratio (A1111's `expand_crop_region`), so the crop is not
-    distorted when it is resized to width x height; kept inside the image where it fits."""
-    x1, y1, x2, y2 = box
-    if (x2 - x1) / (y2 - y1) > width / height:
-        y1, y2 = _grow(y1, y2, int((x2 - x1) * height / width - (y2 - y1)), image_h)
-    else:
-        x1, x2 = _grow(x1, x2, int((y2 - y1) * width / height - (x2 - x1)), image_w)
-    return x1, y1, x2, y2
-
-
-def _grow(lo: int, hi: int, diff: int, limit: int) -> tuple[int, int]:
-    lo, hi = lo - diff // 2, hi + diff - diff // 2
-    if hi >= limit:
-        lo, hi = lo - (hi - limit), limit
-    if lo < 0:
-        lo, hi = 0, hi - lo
-    return lo, min(hi, limit)
-
-
 @dataclass(frozen=True)
 class PreparedInput:
     """What one request's pipeline calls get (image and mask at the working size) and how a result goes
@@ -150,11 +126,9 @@ class PreparedInput:
 def prepare(spec: PassSettings, image: Image.Image, mask: Image.Image | None, width: int, height: int) -> PreparedInput:
     if spec.workflow == "img2img" or mask is None:
         return PreparedInput(resize_image(image, width, height, spec.resize_mode))
-    mask = mask.convert("L")
-    if spec.mask_blur > 0:
-        mask = mask.filter(ImageFilter.GaussianBlur(spec.mask_blur))
+    mask = blur_mask(mask, spec.mask_blur)
     if spec.only_masked:
-        box = expand_to_ratio(crop_region(mask, spec.padding), width, height, mask.width, mask.height)
+        box = only_masked_box(mask, spec.padding, width, height)  # the box the input scan looked at too
         overlay = _overlay(image, mask)
         work_image = resize_image(image.crop(box), width, height, "resize_and_fill")
         work_mask = resize_image(mask.crop(box), width, height, "resize_and_fill")

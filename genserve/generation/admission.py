@@ -349,7 +349,9 @@ class Admission:
         with metrics.stage_timer("audit", resources.family):
             verdict = self._precheck(caller, request, resources, allowed)
             if inputs is not None:
-                judge_inputs(self.safety, caller.user_id, caller.request_id, request, inputs, verdict, allowed)
+                # the input's face / minor findings ride on the verdict to the output postcheck
+                verdict = judge_inputs(self.safety, caller.user_id, caller.request_id, request, inputs, verdict,
+                                       allowed, size)
         steps = request.steps if inputs is None else denoise_steps(request.steps, request.denoise)
         quote = self.pricing.quote_generation(
             resources.family, size[0], size[1], steps, request.quantity, workflow=request.workflow,

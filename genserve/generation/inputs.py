@@ -4,7 +4,7 @@ Every input, uploaded as base64 or named as an earlier delivered image, goes thr
 
     encoded bytes <= max_bytes ─▶ header: format allow-list, one frame, declared pixels <= the bomb
     limit, sides in bounds ─▶ decode (a truncated file is refused, never padded) ─▶ EXIF orientation
-    applied ─▶ RGB (alpha flattened on white) or, for a mask, L
+    applied ─▶ RGB (alpha flattened on white) or, for a mask, a binary L (0 or 255)
 
 The pixel bounds are checked on the size the header declares, before any pixel is decoded, so a
 small file that declares a huge canvas costs nothing. What is stored is the decoded image re-encoded
@@ -86,7 +86,7 @@ def decode_image(data: bytes, limits: InputImageLimits, *, field: str = "init_im
             except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
                 raise InputImageRefused(f"{field} could not be decoded (truncated or corrupt)",
                                         details=details) from exc
-    image = image.convert("L") if mask else _rgb(image)
+    image = binary_mask(image) if mask else _rgb(image)
     out = io.BytesIO()
     image.save(out, format="PNG")
     png = out.getvalue()
@@ -120,6 +120,22 @@ def _rgb(image: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return image.convert("RGB")
+
+
+MASK_THRESHOLD = 128  # A1111's create_binary_mask: above it is repainted
+
+
+def binary_mask(image: Image.Image) -> Image.Image:
+    """The mask as a shape: 255 where it is above the threshold, 0 elsewhere, as A1111 binarises a mask
+    before its blur (the engine blurs it after). A grey picture sent as a mask would otherwise come back
+    through the inpaint overlay as it was, past every scan (the mask is a shape, so it is not scanned).
+    A mask with transparency is read from its alpha channel, as A1111 reads a drawn mask."""
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        if rgba.getextrema()[3] != (255, 255):
+            return rgba.getchannel("A").point(lambda v: 255 if v > MASK_THRESHOLD else 0)
+        image = rgba
+    return image.convert("L").point(lambda v: 255 if v > MASK_THRESHOLD else 0)
 
 
 def check_mask(mask: DecodedInput, image: DecodedInput) -> None:

@@ -32,6 +32,7 @@ from genserve.engine.schedulers import sampler_names
 from genserve.generation.compat import fold_aliases
 from genserve.generation.jobs import JobStatus
 from genserve.resources.registry import MAX_EXTRA_RESOURCES
+from safety.image_scan import FACE_SCORE_FLOOR
 from safety.levels import NsfwLevel
 
 API_VERSION = "v1"
@@ -134,7 +135,7 @@ class FaceFix(_Strict):
 
     prompt: str = Field("", max_length=MAX_PROMPT_CHARS, description="the faces' prompt; empty: the image's")
     denoise: float = Field(0.4, ge=0.0, le=1.0, strict=True)
-    confidence: float = Field(0.3, ge=0.05, le=1.0, strict=True, description="the face detector's minimum score")
+    confidence: float = Field(FACE_SCORE_FLOOR, ge=0.05, le=1.0, strict=True, description="the face detector's minimum score")
     padding: int = Field(32, ge=0, le=256, strict=True)
     mask_blur: int = Field(4, ge=0, le=64, strict=True)
     max_faces: int = Field(2, ge=1, le=4, strict=True, description="faces fixed per image; priced per face")

@@ -9,11 +9,13 @@ from dataclasses import dataclass
 from genserve.billing.pricing import FaceFixParams
 from genserve.core import metrics
 from genserve.core.errors import InputImageRefused, InvalidRequest, SafetyBlocked, Unavailable
+from genserve.engine.geometry import Box, inpaint_work_box
 from genserve.engine.prompt_syntax import extract_extra_networks
 from genserve.generation.inputs import DecodedInput, InputImages, check_mask
 from genserve.generation.protocol import GenerationRequest
 from genserve.generation.worker.wire import denoise_steps
 from safety.gate import SafetyGate
+from safety.input_policy import carry_findings
 from safety.levels import NsfwLevel
 from safety.verdict import Verdict
 
@@ -82,13 +84,26 @@ def decode_inputs(inputs: InputImages | None, user_id: str, request: GenerationR
     return PlanInputs(image, mask)
 
 
+def work_regions(request: GenerationRequest, inputs: PlanInputs, size: tuple[int, int]) -> list[Box]:
+    """The boxes of the input the engine works on at their own scale: an only-masked inpaint's padded
+    crop, computed by the engine's own geometry from the mask as decoded."""
+    if request.workflow != "inpaint" or not request.inpaint_only_masked or inputs.mask is None:
+        return []
+    return [inpaint_work_box(inputs.mask.image, mask_blur=request.mask_blur, padding=request.inpaint_padding,
+                             width=size[0], height=size[1])]
+
+
 def judge_inputs(safety: SafetyGate, user_id: str, request_id: str | None, request: GenerationRequest,
-                 inputs: PlanInputs, verdict: Verdict, allowed: NsfwLevel) -> None:
-    """The input image judged like a delivered one, plus the nudify rule; refused before any hold. The
-    mask is a shape, not a picture: it is not scanned."""
+                 inputs: PlanInputs, verdict: Verdict, allowed: NsfwLevel, size: tuple[int, int]) -> Verdict:
+    """The input image judged like a delivered one, plus the nudify rule; refused before any hold. It is
+    scanned whole and in the region the engine works on (`work_regions`). The mask is binarised at
+    decode, a shape rather than a picture: it is not scanned. Returns the request's verdict with the
+    input's face and minor findings added (tags the output postcheck reads)."""
     decision = safety.check_input_image(
         inputs.image.image, workflow=request.workflow, prompt_verdict=verdict, allowed_level=allowed,
-        subject=inputs.image.sha256, user_id=user_id, request_id=request_id)
+        regions=work_regions(request, inputs, size),
+        subject=inputs.image.sha256, user_id=user_id, request_id=request_id,
+        face_min_score=request.face_fix.confidence if request.face_fix else None)
     if decision.verdict.blocked:
         rules = decision.verdict.rule_ids
         for rule in rules:
@@ -96,3 +111,4 @@ def judge_inputs(safety: SafetyGate, user_id: str, request_id: str | None, reque
         code = next((c for rule, c in _INPUT_CODES if rule in rules), "input_image_blocked")
         raise SafetyBlocked("the input image was refused by the safety policy", code=code,
                             details={"rules": rules, "reasons": [r.to_dict() for r in decision.verdict.reasons]})
+    return carry_findings(verdict, decision)

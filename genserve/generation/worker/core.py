@@ -34,6 +34,7 @@ from genserve.engine.generate import (
     generate,
     prepare_pipeline,
 )
+from genserve.engine.geometry import Box, inpaint_work_box
 from genserve.engine.infotext import autov2
 from genserve.engine.loading import default_device, load_pipeline
 from genserve.engine.lora_cache import LikenessBlocked, LoraCache
@@ -65,6 +66,7 @@ from genserve.resources.models import Resource, ResourceKind
 from genserve.resources.registry import ResourceRegistry, ResourceUnavailable
 from safety.embeddings import SafetyEmbeddings
 from safety.gate import SafetyGate
+from safety.input_scan import scan_views
 from safety.likeness import RequestCheck
 
 logger = logging.getLogger(__name__)
@@ -263,10 +265,11 @@ class WorkerCore(WorkerUpkeep):
         encodes: dict[int, Future[float]] = {}
 
         def finished(image: GeneratedImage) -> None:
-            scans[image.index] = self._scanning.submit(self._timed_scan, image.image)
+            scans[image.index] = self._scanning.submit(self._timed_scan, image.image, regions)
             encodes[image.index] = self._encoding.submit(encode, image)
 
         init = self.init_images(request)
+        regions = output_regions(request, init)
         with loaded.in_use(), contextlib.ExitStack() as files:
             try:
                 loras = self.files.loras(request, files)
@@ -365,22 +368,35 @@ class WorkerCore(WorkerUpkeep):
 
 
     # ---- scanning -------------------------------------------------------------------------------
-    def _timed_scan(self, image: Any) -> tuple[ImageScan, float]:
+    def _timed_scan(self, image: Any, regions: list[Box] | None = None) -> tuple[ImageScan, float]:
         started = time.perf_counter()
-        return self.scan(image), (time.perf_counter() - started) * 1000
+        return self.scan(image, regions), (time.perf_counter() - started) * 1000
 
-    def scan(self, image: Image.Image) -> ImageScan:
-        """The scanner's verdict on one image; any failure is recorded and makes it undeliverable."""
+    def scan(self, image: Image.Image, regions: list[Box] | None = None) -> ImageScan:
+        """The scanner's verdict on one image (and on each of `regions` of it at their own scale, merged);
+        any failure is recorded and makes it undeliverable."""
         scanner = self.scanner
         if scanner is None:
             return ImageScan.unfinished(self._scanner_error or "image scanner unavailable")
         try:
+            if regions:
+                return ImageScan.of(scan_views(scanner, image, regions, tile=False, rotations=False))
             return ImageScan.of(scanner.scan(image))
         except Exception as exc:  # noqa: BLE001 - fail closed
             return ImageScan.unfinished(f"{type(exc).__name__}: {exc}")
 
     # ---- health and settings --------------------------------------------------------------------
 
+
+
+def output_regions(request: WorkerRequest, init: tuple[Image.Image, Image.Image | None] | None) -> list[Box]:
+    """The box of an only-masked inpaint's output the engine repainted (pasted back shrunk into an image
+    of the input's size): scanned at its own scale too, like the input's."""
+    spec = request.init
+    if spec is None or init is None or init[1] is None or spec.workflow != "inpaint" or not spec.only_masked:
+        return []
+    return [inpaint_work_box(init[1], mask_blur=spec.mask_blur, padding=spec.padding, width=request.width,
+                             height=request.height)]
 
 
 def _infotext_name(name: str) -> str:

@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from safety.image_scan import ScanResult
+from safety.image_scan import FACE_SCORE_FLOOR, ScanResult
 from safety.levels import NsfwLevel
 
 # 3: output format and quality; EncodedImage.data + format. 4: priority. 5: vae.
@@ -89,7 +89,7 @@ class FaceFixSpec(_Frozen):
 
     prompt: str = Field("", max_length=MAX_PROMPT_CHARS, description="empty: the image's own prompt")
     denoise: float = Field(0.4, ge=0.0, le=1.0)
-    confidence: float = Field(0.3, ge=0.05, le=1.0)
+    confidence: float = Field(FACE_SCORE_FLOOR, ge=0.05, le=1.0)
     padding: int = Field(32, ge=0, le=256)
     mask_blur: int = Field(4, ge=0, le=64)
     max_faces: int = Field(2, ge=1, le=4)

@@ -303,3 +303,54 @@ def test_a_face_input_at_pg13_is_guarded_at_the_edit_and_at_delivery(env):
             nudenet.detector = real
     assert job.status.value == "blocked"
     assert [w.reasons for w in job.withheld] == [["edited_face_with_exposure"]]
+
+
+def test_an_input_that_cannot_be_stored_fails_its_job_and_refunds_it(env, monkeypatch):
+    """The object store refusing the write (an outage; the store itself is real) after the job row
+    exists: the job ends failed with the store's code, the hold is released, nothing is left stored."""
+    from genserve.core.errors import StorageError
+
+    service, ledger, db, store = env
+    caller = new_caller(ledger)
+    real_put = store.put_bytes
+
+    def failing_put(key, data, content_type=None, metadata=None):  # noqa: ANN001, ANN202
+        if "/input-" in key:
+            raise StorageError("the object store is unavailable")
+        return real_put(key, data, content_type=content_type, metadata=metadata)
+
+    monkeypatch.setattr(store, "put_bytes", failing_put)
+    with pytest.raises(StorageError):
+        run_job(service, caller, img2img_request())
+    from sqlalchemy import select
+
+    from genserve.generation.jobs import GenerationJob
+
+    with db.session() as s:
+        [job] = s.scalars(select(GenerationJob).where(GenerationJob.user_id == caller.user_id)).all()
+    assert job.status == "failed" and job.error_code == "storage_error"
+    balance = ledger.balance(user_account(caller.user_id))
+    assert balance.available == GRANT and balance.held == 0
+    assert list(store.list(image_prefix(caller.user_id, job.id))) == []
+
+
+def test_a_retry_that_loses_the_race_for_its_idempotency_key_stores_no_input(env, monkeypatch):
+    """Two submits with one idempotency key: the second finds the job only when it tries to create it
+    (its lookup is made to miss, as when both look before either has created). The first job has ended
+    and deleted its input; the second must not write it again."""
+    service, ledger, _, store = env
+    caller = new_caller(ledger)
+    request = img2img_request(idempotency_key="race-1")
+    first = run_job(service, caller, request)
+    assert first.status.value == "succeeded", first.error
+    real_find, calls = service.jobs.find_idempotent, []
+
+    def late_find(*args, **kw):  # noqa: ANN002, ANN003, ANN202 - the first look misses, the insert's finds it
+        calls.append(args)
+        return None if len(calls) == 1 else real_find(*args, **kw)
+
+    monkeypatch.setattr(service.jobs, "find_idempotent", late_find)
+    job, running = service._accept(caller, request)
+    assert job.id == first.id and running is None
+    assert not [k for k in store.list(image_prefix(caller.user_id, first.id)) if "/input-" in k or "/mask-" in k]
+    assert ledger.balance(user_account(caller.user_id)).held == 0

@@ -187,10 +187,20 @@ class InputImages:
             raise not_found from exc
         return decode_image(data, self.limits, field=field, mask=mask)
 
-    def put(self, user_id: str, job_id: str, name: str, decoded: DecodedInput) -> str:
-        key = input_key(user_id, job_id, name, decoded.sha256)
-        self.store.put_bytes(key, decoded.png, content_type="image/png")
-        return key
+    @staticmethod
+    def named(image: DecodedInput, mask: DecodedInput | None) -> list[tuple[str, DecodedInput]]:
+        """The inputs a job stores, by their name under the job: the image, then the mask if any."""
+        return [("input", image), *([("mask", mask)] if mask is not None else [])]
+
+    @classmethod
+    def keys(cls, user_id: str, job_id: str, image: DecodedInput, mask: DecodedInput | None) -> list[str]:
+        """Where the job's inputs will be stored; known before anything is written, so the job row can
+        name them and be created first."""
+        return [input_key(user_id, job_id, name, decoded.sha256) for name, decoded in cls.named(image, mask)]
+
+    def put(self, keys: list[str], image: DecodedInput, mask: DecodedInput | None) -> None:
+        for key, (_, decoded) in zip(keys, self.named(image, mask), strict=True):
+            self.store.put_bytes(key, decoded.png, content_type="image/png")
 
     def delete(self, keys: list[str]) -> None:
         for key in keys:

@@ -199,26 +199,29 @@ class GenerationService:
         expires = utcnow() + dt.timedelta(seconds=plan.timeout_s + self.config.hold_margin_s)
         hold = self.ledger.hold(user_account(caller.user_id), plan.quote.total, hold_key(job_id),
                                 destination=REVENUE_GENERATION, expires_at=expires, reason=f"generation {job_id}")
-        input_keys: list[str] = []
+        inputs = plan.inputs
+        input_keys = InputImages.keys(caller.user_id, job_id, inputs.image, inputs.mask) if inputs else []
         try:
-            # the inputs are stored once the hold is taken (a refusal stores nothing) and before the
-            # job row exists (no job runs without them); the runner deletes them when the job ends
-            init = None
-            if plan.inputs is not None:
-                input_keys.append(self.inputs.put(caller.user_id, job_id, "input", plan.inputs.image))
-                if plan.inputs.mask is not None:
-                    input_keys.append(self.inputs.put(caller.user_id, job_id, "mask", plan.inputs.mask))
-                init = plan.init_spec(*input_keys)
-            worker_request = plan.worker_request(job_id, seeds, init)
+            worker_request = plan.worker_request(job_id, seeds, plan.init_spec(*input_keys) if inputs else None)
             job, created = self.jobs.create(
                 plan.job_row(job_id, worker_request, fingerprint, hold.id, self.owner),
                 admit=lambda user_active, active: self.admission.check_counts(caller, request, user_active, active))
         except Exception:
             self.runner.settlement.release(job_id, hold.id)
-            self.inputs.delete(input_keys)
             raise
         if not created:  # a concurrent retry with the same key won; its hold is this same hold
             return _same_request(job, fingerprint), None
+        if inputs:
+            # stored only by the request that created the job, once its row exists: a concurrent retry
+            # stores nothing, and a crash in between leaves a job the reaper fails, refunds and cleans
+            # (it deletes the job's prefix); the runner deletes them when the job ends
+            try:
+                self.inputs.put(input_keys, inputs.image, inputs.mask)
+            except Exception as exc:
+                self.inputs.delete(input_keys)
+                self.runner.settlement.fail(job_id, getattr(exc, "code", "storage_error"),
+                                            "the input image could not be stored")
+                raise
         metrics.set_gauge("genserve_queue_depth", active + 1, family=plan.family)
         return job, RunningJob(job_id, plan, worker_request, hold.id, job.created_at)
 

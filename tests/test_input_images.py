@@ -67,7 +67,7 @@ def test_hostile_files_get_stable_codes():
     assert _code(_encode(Image.new("RGB", (4100, 16)), "PNG")) == "input_image_dimensions"
     assert _code(_encode(small, "GIF")) == "input_image_format"
     assert _code(_encode(small, "BMP")) == "input_image_format"
-    assert _code(b"this is not an image at all") == "input_image_invalid"
+    assert _code(b"this is not an image at all") == "input_image_format"  # no allowed format's parser reads it
     png = _encode(Image.effect_noise((64, 64), 50).convert("RGB"), "PNG")
     assert _code(png[: len(png) // 2]) == "input_image_invalid"  # truncated
     frames = [Image.new("RGB", (16, 16), c) for c in ((255, 0, 0), (0, 255, 0))]
@@ -119,3 +119,22 @@ def test_a1111_img2img_fields_are_accepted():
     for bad in ({"init_images": [png, png]}, {"denoising_strength": 0.3, "denoise": 0.4}):
         with pytest.raises(ValueError):
             GenerationRequest.model_validate({"prompt": "x", "checkpoint": "c", **bad})
+
+
+def test_a_16_bit_greyscale_input_keeps_its_picture():
+    """Pillow's own conversion clips 16-bit grey to white; the decoder scales it to 8 bits instead."""
+    import numpy as np
+
+    ramp = np.tile(np.linspace(0, 65535, 64, dtype=np.uint16), (32, 1))
+    decoded = decode_image(_encode(Image.fromarray(ramp), "PNG"), InputImageLimits())
+    grey = np.asarray(decoded.image.convert("L"), dtype=np.int16)
+    assert grey[0, 0] == 0 and grey[0, -1] == 255 and 120 <= grey[0, 32] <= 135
+
+
+def test_input_bounds_cannot_be_configured_past_their_ceilings_or_to_other_formats():
+    from pydantic import ValidationError
+
+    for bad in ({"max_side": 100_000}, {"max_pixels": 10**9}, {"max_bytes": 1 << 30}, {"formats": ["GIF"]},
+                {"formats": []}):
+        with pytest.raises(ValidationError):
+            InputImageLimits(**bad)

@@ -23,6 +23,7 @@ import logging
 import warnings
 from dataclasses import dataclass
 
+import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from genserve.core.config.generation import InputImageLimits
@@ -72,11 +73,16 @@ def decode_image(data: bytes, limits: InputImageLimits, *, field: str = "init_im
         # Pillow only warns between its limit and twice it; here any bomb is a refusal
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
-            opened = Image.open(io.BytesIO(data))
+            # only the allowed formats' parsers read the header: no other Pillow plugin sees the bytes
+            opened = Image.open(io.BytesIO(data), formats=tuple(limits.formats))
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise InputImageRefused(f"{field} declares more pixels than allowed", code="input_image_bomb",
                                     details=details) from exc
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        except UnidentifiedImageError as exc:
+            raise InputImageRefused(f"{field} is not an image of an allowed format ({', '.join(limits.formats)})",
+                                    code="input_image_format",
+                                    details={**details, "allowed": list(limits.formats)}) from exc
+        except (OSError, ValueError, SyntaxError) as exc:
             raise InputImageRefused(f"{field} is not an image", details=details) from exc
         with opened as img:
             _check_header(img, limits, field)
@@ -113,8 +119,15 @@ def _check_header(img: Image.Image, limits: InputImageLimits, field: str) -> Non
                                 details={**details, "size": [width, height], "max_side": limits.max_side})
 
 
+_WIDE_GREY = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N"})  # 16-bit greyscale PNGs open in these
+
+
 def _rgb(image: Image.Image) -> Image.Image:
-    """RGB; transparency is flattened onto white (what an editor shows under a transparent area)."""
+    """RGB; transparency is flattened onto white (what an editor shows under a transparent area).
+    16-bit greyscale is scaled to 8 bits (Pillow's own conversion clips it, turning it all white)."""
+    if image.mode in _WIDE_GREY:
+        wide = np.asarray(image, dtype=np.float64)
+        return Image.fromarray(np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8)).convert("RGB")
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

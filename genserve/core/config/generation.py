@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -10,11 +12,15 @@ class InputImageLimits(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    max_bytes: int = Field(8 << 20, ge=1024, description="encoded size, before decoding")
-    max_side: int = Field(4096, ge=64)
+    # upper bounds too: every input is decoded and scanned in the ingress before anything is held, so
+    # a limit raised past them would let one request tie up a replica (and its memory) for long
+    max_bytes: int = Field(8 << 20, ge=1024, le=32 << 20, description="encoded size, before decoding")
+    max_side: int = Field(4096, ge=64, le=8192)
     # Pillow's decompression-bomb guard, applied to the size the header declares, before any pixel is decoded
-    max_pixels: int = Field(4096 * 4096, ge=64 * 64)
-    formats: list[str] = Field(default_factory=lambda: ["PNG", "JPEG", "WEBP"])
+    max_pixels: int = Field(4096 * 4096, ge=64 * 64, le=8192 * 8192)
+    # Pillow format names; only these formats' parsers ever read an upload
+    formats: list[Literal["PNG", "JPEG", "WEBP"]] = Field(default_factory=lambda: ["PNG", "JPEG", "WEBP"],
+                                                          min_length=1)
 
 
 class GenerationConfig(BaseModel):

@@ -141,3 +141,26 @@ def test_price_list_must_be_integers(tmp_path):
 
 def test_from_settings_reads_configured_file(settings):
     assert Pricing.from_settings(settings).quote_generation("sd1", 512, 512, 30, 1).total == 1
+
+
+def test_a_face_fix_refund_comes_out_of_the_platforms_leg_and_the_legs_still_sum_to_the_capture():
+    from dataclasses import replace
+
+
+    quote = Quote(family="sd1", quantity=4, per_image=30, total=120, items=(), face_fix_passes=2,
+                  face_pass_millibuzz=4500, min_per_image=1)
+    legs = (("revenue:generation", 20, "capture"), ("user:owner", 7, "licence_fee"),
+            ("revenue:generation", 3, "platform_share"))
+    quote = replace(quote, legs_per_image=legs)
+    assert quote.for_delivered(3) == 90  # no face counts given: the held price
+    assert quote.face_fix_refund(3, 6) == 0  # every pass ran
+    assert quote.face_fix_refund(3, 2) == 4 * 4500 // 1000  # four passes not run, rounded down
+    assert quote.face_fix_refund(3, 99) == 0
+    assert quote.for_delivered(3, 2) == 90 - 18
+    split = quote.legs_for_delivered(3, 2)
+    assert sum(amount for _, amount, _ in split) == quote.for_delivered(3, 2)
+    assert split[1:] == [("user:owner", 21, "licence_fee"), ("revenue:generation", 9, "platform_share")]
+    # never under the price list's minimum per image
+    cheap = Quote(family="sd1", quantity=1, per_image=2, total=2, items=(), face_fix_passes=4,
+                  face_pass_millibuzz=900, min_per_image=1)
+    assert cheap.for_delivered(1, 0) == 1

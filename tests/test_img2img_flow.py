@@ -30,6 +30,7 @@ from img2img_support import (
 from PIL import Image, ImageDraw
 
 from genserve.billing.ledger import user_account
+from genserve.billing.pricing import Pricing
 from genserve.core.errors import SafetyBlocked
 from genserve.engine.infotext import read_infotext_text
 from genserve.generation.jobs import image_prefix
@@ -353,4 +354,38 @@ def test_a_retry_that_loses_the_race_for_its_idempotency_key_stores_no_input(env
     job, running = service._accept(caller, request)
     assert job.id == first.id and running is None
     assert not [k for k in store.list(image_prefix(caller.user_id, first.id)) if "/input-" in k or "/mask-" in k]
+    assert ledger.balance(user_account(caller.user_id)).held == 0
+
+
+def test_face_passes_held_but_not_run_are_given_back_at_capture(env, monkeypatch):
+    """The face fix is held for its most faces per image; an image with fewer faces pays only the passes
+    it ran. The worker's NudeNet detector is forced to report one face (a tiny model draws none); the
+    price list makes a pass worth whole buzz at this tiny size, so the refund is visible."""
+    service, ledger, _, _ = env
+    core = service.workers.cores["sd1"]
+    prices = service.admission.pricing.prices
+    generation = prices.generation.model_copy(update={"face_fix_permille": 40_000_000})
+    monkeypatch.setattr(service.admission, "pricing", Pricing(prices.model_copy(update={"generation": generation})))
+
+    class OneFace:
+        def detect(self, bgr):  # noqa: ANN001, ANN202
+            return [{"class": "FACE_FEMALE", "score": 0.8, "box": [20, 16, 16, 16]}]
+
+    rules = service.settings.config_path(service.settings.safety.rules_dir)
+    saved, core._scanner = core._scanner, ImageScanner.from_config(rules, detector=OneFace())
+    try:
+        caller = new_caller(ledger)
+        request = GenerationRequest.model_validate({"prompt": "a portrait", "checkpoint": "tiny-sd1", "steps": 5,
+                                                    "seed": 4, "quantity": 2,
+                                                    "face_fix": {"max_faces": 3, "denoise": 1.0}})
+        plan = service.admission.plan(caller, request)
+        job = run_job(service, caller, request)
+    finally:
+        core._scanner = saved
+    assert job.status.value == "succeeded" and len(job.images) == 2, job.error
+    quote = plan.quote
+    refund = quote.face_fix_refund(2, 2)  # two images, one pass each, three held each
+    assert refund > 0 and refund == 4 * quote.face_pass_millibuzz // 1000
+    assert job.charged == quote.total - refund
+    assert ledger.balance(user_account(caller.user_id)).available == GRANT - job.charged
     assert ledger.balance(user_account(caller.user_id)).held == 0

@@ -111,19 +111,41 @@ class Quote:
     # who is paid what per delivered image, (account, amount, kind), summing to `per_image`; empty
     # means everything goes to the hold's destination (`genserve.billing.economy` fills it)
     legs_per_image: tuple[tuple[str, int, str], ...] = ()
+    # the face fix is held for `face_fix_passes` passes per image (its most faces); the passes an image
+    # did not need (fewer faces found) are given back at capture, `face_pass_millibuzz` each
+    face_fix_passes: int = 0
+    face_pass_millibuzz: int = 0
+    min_per_image: int = 0
 
-    def for_delivered(self, n_images: int) -> int:
-        """What to capture when `n_images` were delivered (never more than the total)."""
-        n = _count("n_images", n_images)
-        return self.per_image * min(n, self.quantity)
+    def face_fix_refund(self, n_images: int, face_passes_run: int) -> int:
+        """Whole buzz given back for the face passes `n_images` delivered images were held for but did
+        not run: rounded down, and never taking an image under the price list's minimum."""
+        n = min(_count("n_images", n_images), self.quantity)
+        held = n * self.face_fix_passes
+        unused = held - min(_count("face_passes_run", face_passes_run), held)
+        return min(unused * self.face_pass_millibuzz // MILLI, (self.per_image - self.min_per_image) * n)
 
-    def legs_for_delivered(self, n_images: int) -> list[tuple[str, int, str]] | None:
+    def for_delivered(self, n_images: int, face_passes_run: int | None = None) -> int:
+        """What to capture when `n_images` were delivered (never more than the total), less the face
+        passes they did not run when `face_passes_run` (over the delivered images) is given."""
+        n = min(_count("n_images", n_images), self.quantity)
+        refund = 0 if face_passes_run is None else self.face_fix_refund(n, face_passes_run)
+        return self.per_image * n - refund
+
+    def legs_for_delivered(self, n_images: int, face_passes_run: int | None = None) -> list[tuple[str, int, str]] | None:
         """The capture's legs for `n_images` delivered (each party paid per delivered image only),
-        summing to `for_delivered(n_images)`; None for a plain capture to the hold's destination."""
+        summing to `for_delivered(n_images, face_passes_run)`; None for a plain capture to the hold's
+        destination. A face-fix refund comes out of the platform's own leg (the face fix is its work)."""
         n = min(_count("n_images", n_images), self.quantity)
         if not self.legs_per_image or n == 0:
             return None
-        return [(account, amount * n, kind) for account, amount, kind in self.legs_per_image]
+        refund = 0 if face_passes_run is None else self.face_fix_refund(n, face_passes_run)
+        legs = []
+        for account, amount, kind in self.legs_per_image:
+            taken = min(refund, amount * n) if kind == "capture" else 0
+            refund -= taken
+            legs.append((account, amount * n - taken, kind))
+        return legs
 
     def to_dict(self) -> dict[str, Any]:
         d = {
@@ -265,9 +287,12 @@ class Pricing:
             h_steps = _count("hires.steps", hires.steps, minimum=1)
             hires_mb = _ceil_div(fam.base_millibuzz * h_w * h_h * h_steps * gen.hires_permille, base_units * MILLI)
             parts.append(("hires_fix", hires_mb, f"second pass {h_w}x{h_h}, {h_steps} steps"))
+        face_passes, pass_mb = 0, 0
         if face_fix is not None:
-            f_units = face_fix.width * face_fix.height * _count("face_fix.steps", face_fix.steps) * face_fix.faces
+            face_passes = _count("face_fix.faces", face_fix.faces, minimum=1)
+            f_units = face_fix.width * face_fix.height * _count("face_fix.steps", face_fix.steps) * face_passes
             face_mb = _ceil_div(fam.base_millibuzz * f_units * gen.face_fix_permille, base_units * MILLI)
+            pass_mb = face_mb // face_passes  # rounded down: a refund never exceeds what a pass was held for
             parts.append(("face_fix", face_mb, f"up to {face_fix.faces} face(s) at {face_fix.width}x"
                                                f"{face_fix.height}, {face_fix.steps} steps each"))
         if extra_resources:
@@ -290,7 +315,8 @@ class Pricing:
         rest = total - sum(item.amount for item in items)
         if rest:
             items.append(QuoteItem("rounding", rest, f"rounded up to whole buzz, at least {gen.min_per_image}/image"))
-        return Quote(family=family, quantity=quantity, per_image=per_image, total=total, items=tuple(items))
+        return Quote(family=family, quantity=quantity, per_image=per_image, total=total, items=tuple(items),
+                     face_fix_passes=face_passes, face_pass_millibuzz=pass_mb, min_per_image=gen.min_per_image)
 
     def captioning_cost(self, images: int) -> int:
         """Whole buzz for auto-captioning `images` images (rounded up once, not per image)."""

@@ -112,8 +112,9 @@ class FaceFixer:
         view = pipeline_view(pipe, img2img.pipeline_class(pipe, "inpaint"))
         return cls(pipe, request, spec, detector, view, cond, sdxl, on_progress, cancel)
 
-    def apply(self, index: int, seed: int, image: Image.Image) -> Image.Image | None:
-        """`image` with its faces fixed at the request's working size; None when a cancel stopped it."""
+    def apply(self, index: int, seed: int, image: Image.Image) -> tuple[Image.Image | None, int]:
+        """`image` with its faces fixed at the request's working size (None when a cancel stopped it),
+        and how many face passes ran (the capture gives back the ones held but not needed)."""
         r = self.request
         total = max(1, img2img.planned_steps(make_scheduler(r.sampler, self.pipe.scheduler.config, seed), r.steps,
                                              self.spec.denoise) * self.spec.max_faces)
@@ -123,4 +124,4 @@ class FaceFixer:
             make_scheduler=lambda: make_scheduler(r.sampler, self.pipe.scheduler.config, seed),
             on_step=_stepper(index, total, self.on_progress))
         self.fixed += count
-        return out
+        return out, count

@@ -107,7 +107,10 @@ class Settlement:
             else:
                 metrics.inc("genserve_images_withheld_total", value=1, rule=reasons[0])
                 withheld.append({"index": image.index, "seed": image.seed, "nsfw_level": level, "reasons": reasons})
-        charge = plan.quote.for_delivered(len(images))
+        # a face fix is held for its most faces per image; the delivered images pay for the passes they ran
+        passes = (sum(image.face_passes for image in result.images if image.index in {i["index"] for i in images})
+                  if plan.request.face_fix else None)
+        charge = plan.quote.for_delivered(len(images), passes)
         status = JobStatus.succeeded if images else JobStatus.blocked
         body = {
             "images": images, "withheld": withheld,
@@ -117,7 +120,7 @@ class Settlement:
         }
         try:
             # each party (platform, resource owners, tips) is paid for the delivered images only
-            self.ledger.capture(hold_id, charge, capture_key(job_id), legs=plan.quote.legs_for_delivered(len(images)))
+            self.ledger.capture(hold_id, charge, capture_key(job_id), legs=plan.quote.legs_for_delivered(len(images), passes))
         except GenserveError as exc:
             logger.error("capture for %s failed: %s", job_id, exc.code)
             self.fail(job_id, "billing_failed", f"the charge could not be settled: {exc.code}")

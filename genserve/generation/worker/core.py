@@ -319,7 +319,7 @@ class WorkerCore(WorkerUpkeep):
             scan, scan_ms = scans[img.index].result()
             timings["scan_ms"] += scan_ms
             images.append(ImageResult(index=img.index, seed=img.seed, width=img.image.width, height=img.image.height,
-                                      scan=scan, deliverable=scan.ok))
+                                      scan=scan, deliverable=scan.ok, face_passes=img.face_passes))
         for index, (seed, reason) in outcome.failed.items():  # never encoded or stored: withheld, not charged
             images.append(ImageResult(index=index, seed=seed, width=request.width, height=request.height,
                                       scan=ImageScan.unfinished(reason), deliverable=False, failure="face_fix_failed"))

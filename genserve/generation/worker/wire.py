@@ -232,6 +232,7 @@ class ImageResult(_Frozen):
     deliverable: bool
     # set when a pass after the denoise failed on this image (`face_fix_failed`): it has no PNG
     failure: str | None = None
+    face_passes: int = Field(0, ge=0)  # face-fix passes run: the capture gives back those held but not run
 
 
 class WorkerResult(_StreamItem):

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import insert, select, text
+from sqlalchemy import func, insert, select, text
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
@@ -184,6 +184,14 @@ class AuditLog:
                     break
         head = (expected_id - 1, prev) if checked else (None, None)
         return AuditVerifyReport(True, checked, head_id=head[0], head_hash=head[1])
+
+    def count_since(self, since: dt.datetime, *, kind: str, action: str, user_id: str) -> int:
+        """How many decisions of `kind` and `action` about `user_id` were logged at or after `since`."""
+        stmt = (select(func.count()).select_from(AuditRow)
+                .where(AuditRow.kind == kind, AuditRow.action == action, AuditRow.user_id == user_id,
+                       AuditRow.ts >= since))
+        with self._sessions() as s:
+            return int(s.scalar(stmt) or 0)
 
     def query(self, *, kind: str | None = None, action: str | None = None, job_id: str | None = None,
               request_id: str | None = None, user_id: str | None = None, before_id: int | None = None,

@@ -13,6 +13,8 @@ and forget to record it:
 
 from __future__ import annotations
 
+import datetime as dt
+import logging
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,9 +35,10 @@ from safety.likeness import LikenessBlocklist, LikenessConfig
 from safety.policy import ImageDecision, LikenessHit, ResourceFlags, SafetyPolicy
 from safety.prompt_audit import PromptAuditor
 from safety.store import person_names
-from safety.verdict import Verdict
+from safety.verdict import Action, Reason, Verdict
 
 SessionFactory = Callable[[], Session]
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -153,6 +156,11 @@ class SafetyGate:
         `face_min_score` where that is lower (a face fix asked to detect from a lower confidence). The
         image is scanned whole, in each of `regions` (the boxes the engine will work on at full scale),
         in tiles when large, and turned when no face is upright (`safety.input_scan`)."""
+        struck = self._struck_out(user_id)
+        if struck is not None:
+            self.audit.append_verdict(struck.verdict, kind="input_image", subject=subject, request_id=request_id,
+                                      user_id=user_id, details={"field": field_name, "workflow": workflow})
+            return struck
         hash_match, hash_error = None, None
         try:
             hash_match = self.image_hashes.match(image)
@@ -181,6 +189,25 @@ class SafetyGate:
                                                             else None,
                                                             "allowed": NsfwLevel.parse(allowed_level).to_wire()})
         return decision
+
+
+    def _struck_out(self, user_id: str | None) -> InputDecision | None:
+        """A refusal, without scanning, for a user with `input_strikes` refused inputs within the window
+        (the refusals are the audit log's own rows, so every replica counts the same). A count that
+        fails refuses too (fail closed)."""
+        if user_id is None:
+            return None
+        since = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=self.config.input_strike_window_s)
+        try:
+            refused = self.audit.count_since(since, kind="input_image", action="block", user_id=user_id)
+        except Exception as exc:  # noqa: BLE001 - fail closed
+            log.error("input strikes of %s not counted: %s", user_id, type(exc).__name__)
+            refused = self.config.input_strikes
+        if refused < self.config.input_strikes:
+            return None
+        reason = Reason("input.strikes", f"{refused} input images refused within "
+                                         f"{self.config.input_strike_window_s // 3600} h; edits are paused")
+        return InputDecision(Verdict(Action.block, (reason,)), NsfwLevel.X, ())
 
 
 @dataclass(frozen=True)

@@ -163,3 +163,18 @@ def test_cli_verify_and_log(db, settings):
     res = runner.invoke(app, ["audit", "verify", "--json"], env=env)
     assert res.exit_code != 0
     assert json.loads(res.stdout)["first_bad_id"] == 2
+
+
+def test_decisions_about_a_user_are_counted_from_a_point_in_time(database):
+    """What the input-strike rule asks of the log, on both databases (timestamps compare as instants)."""
+    import datetime as dt
+
+    log = AuditLog(database.session)
+    before = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=5)
+    for action in ("block", "block", "allow"):
+        log.append("input_image", action, user_id="striker")
+    log.append("input_image", "block", user_id="someone-else")
+    log.append("prompt", "block", user_id="striker")
+    assert log.count_since(before, kind="input_image", action="block", user_id="striker") == 2
+    later = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=5)
+    assert log.count_since(later, kind="input_image", action="block", user_id="striker") == 0

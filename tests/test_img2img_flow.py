@@ -389,3 +389,22 @@ def test_face_passes_held_but_not_run_are_given_back_at_capture(env, monkeypatch
     assert job.charged == quote.total - refund
     assert ledger.balance(user_account(caller.user_id)).available == GRANT - job.charged
     assert ledger.balance(user_account(caller.user_id)).held == 0
+
+
+def test_a_user_whose_inputs_keep_being_refused_is_paused_from_edits_without_a_scan(env):
+    """Each refusal names its rule; after `input_strikes` of them within the window a user's next input
+    is refused before it is scanned (so searching for a variant the scan misses ends), while another
+    user is unaffected. The input scanner's detector reports a face (no photograph can be a fixture)."""
+    service, ledger, _, _ = env
+    strikes = service.safety.config.input_strikes
+    caller, other = new_caller(ledger), new_caller(ledger)
+    with scanner_reporting(service, [FACE]):
+        for _ in range(strikes):
+            error = assert_refused(env, caller, img2img_request(prompt="a woman in a see-through wet shirt"))
+            assert error.code == "input_image_nudify"
+    with scanner_reporting(service, error="a paused user's input must not be scanned"):
+        error = assert_refused(env, caller, img2img_request())
+    assert error.code == "input_image_strikes" and error.details["rules"] == ["input.strikes"]
+    assert run_job(service, other, img2img_request()).status.value == "succeeded"
+    rows = AuditLog(service.db.session).query(kind="input_image", user_id=caller.user_id, limit=10)
+    assert rows[0].rules == ["input.strikes"] and len(rows) == strikes + 1

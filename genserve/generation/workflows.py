@@ -29,7 +29,8 @@ class PlanInputs:
 
 
 # an input refusal's code: the gravest rule that fired names it (every rule is in `details`)
-_INPUT_CODES = (("input.hash_blocklisted", "input_image_hash_blocked"), ("input.likeness_nudify", "input_image_nudify"), ("input.minor_mature", "input_image_minor"),
+_INPUT_CODES = (("input.strikes", "input_image_strikes"), ("input.hash_blocklisted", "input_image_hash_blocked"),
+                ("input.likeness_nudify", "input_image_nudify"), ("input.minor_mature", "input_image_minor"),
                 ("input.level_above_allowed", "input_image_level"), ("input.scan_failed", "input_image_scan_failed"))
 
 

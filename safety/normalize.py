@@ -42,7 +42,8 @@ import unicodedata
 from bisect import bisect_left, bisect_right
 from functools import cache
 from importlib.resources import files
-from itertools import accumulate, islice
+from itertools import accumulate, compress, count, islice
+from operator import not_
 
 # Characters that render as nothing (or as blank space) and are used to split words invisibly.
 _INVISIBLE = frozenset(
@@ -76,7 +77,8 @@ _NAMED_LETTER = re.compile(
 _NO_SKELETON = ("CJK", "HIRAGANA", "KATAKANA", "HANGUL", "HALFWIDTH KATAKANA", "BOPOMOFO")
 
 # Leetspeak and symbol classes folded for matching (1 and l both fold to i: "1oli" == "loli").
-_LEET = str.maketrans({"0": "o", "1": "i", "l": "i", "3": "e", "4": "a", "5": "s", "7": "t"})
+_LEET_PAIRS = (("0", "o"), ("1", "i"), ("l", "i"), ("3", "e"), ("4", "a"), ("5", "s"), ("7", "t"))
+_LEET = str.maketrans(dict(_LEET_PAIRS))
 
 # Symbols that stand for letters ("t@ylor", "$ex"); folded during normalisation so they join words.
 _WORD_SYMBOLS = str.maketrans({"@": "a", "$": "s"})
@@ -87,8 +89,16 @@ _INNER_SYMBOLS = {"!": "i", "¡": "i", "€": "e"}
 
 # Words: runs of letters/digits, a digit prefix glued to letters cut off as its own word ("15yo" ->
 # 15, yo). The ASCII pattern gives the same words on ASCII text, only faster.
-_WORD_RE = re.compile(r"(\d+(?=[^\W\d_])|[^\W_]+)")
-_ASCII_WORD_RE = re.compile(r"([0-9]+(?=[a-z])|[a-z0-9]+)")
+_WORD_RE = re.compile(r"([^\W\d_][^\W_]*|\d+)")
+_ASCII_WORD_RE = re.compile(r"([a-z][a-z0-9]*|[0-9]+)")
+# A digit glued to a letter after it: the text has `joined` words only if this matches.
+_GLUED_RE = re.compile(r"\d[^\W\d_]")
+_ASCII_GLUED_RE = re.compile(r"[0-9][a-z]")
+# Runs of single-character words ("t.e.e.n", "t e  e n"), found in the text rather than word by word
+# when no digit is glued to a letter (then words are exactly the runs of letters and digits): a
+# character with no letter or digit on either side, the next one 1-3 separators on.
+_RUN_RE = re.compile(r"(?<![^\W_])[^\W_](?![^\W_])(?:[\W_]{1,3}[^\W_](?![^\W_]))+")
+_ASCII_RUN_RE = re.compile(r"(?<![a-z0-9])[a-z0-9](?![a-z0-9])(?:[^a-z0-9]{1,3}[a-z0-9](?![a-z0-9]))+")
 # Attention weights and schedule steps: "(x:1.3)", "<lora:name:0.8>", "[a:b:0.5]".
 _WEIGHT_RE = re.compile(r":[ \t]*[-+]?(\d+(?:\.\d+)?)[ \t]*(?=[)\]>:]|$)")
 _REPEAT_RE = re.compile(r"(.)\1+")
@@ -188,15 +198,25 @@ _FOLD = _FoldTable(1)
 class Normalized:
     """Normalised text (skeleton form), its native-script twin, and the way back to the original."""
 
-    __slots__ = ("source", "text", "native", "_ends")
+    __slots__ = ("source", "text", "_native", "_ends")
 
     def __init__(self, source: str, text: str, native: str | None, identity: bool):
         self.source = source
         self.text = text
-        self.native = native  # None when it equals `text`
+        # None when it equals `text`; False until asked for: only words whose skeleton is not ASCII
+        # have a native form worth keeping, so most prompts never need the second fold
+        self._native: str | None | bool = native if identity else False
         # Per original character, where its normalised form ends; filled only as far as a reported
         # span needs (None: normalising kept every index).
         self._ends: list[int] | None = None if identity else []
+
+    @property
+    def native(self) -> str | None:
+        """The native-script form (None when it equals `text`)."""
+        if self._native is False:
+            native = _inner_symbols(self.source.translate(_NATIVE))
+            self._native = native if native != self.text else None
+        return self._native
 
     def _ends_past(self, k: int) -> list[int]:
         """The end offsets, filled at least until they pass normalised index k."""
@@ -236,9 +256,7 @@ def _inner_symbols(text: str) -> str:
 def normalize(text: str) -> Normalized:
     if text.isascii():
         return Normalized(text, _inner_symbols(text.lower().translate(_WORD_SYMBOLS)), None, identity=True)
-    skel = _inner_symbols(text.translate(_FOLD))
-    native = _inner_symbols(text.translate(_NATIVE))
-    return Normalized(text, skel, native if native != skel else None, identity=False)
+    return Normalized(text, _inner_symbols(text.translate(_FOLD)), None, identity=False)
 
 
 def canonical(word: str) -> str:
@@ -282,32 +300,101 @@ class Tokens:
     words of A1111 attention weights, which matchers may look past ("(15:1.0) yo" is "15 yo").
     `runs` lists runs (2+ long) of single-character words close together ("t.e.e.n"), as word
     indexes. `cjk` lists words in scripts written without spaces, matched by substring.
-    `numbers` and `weights` are worked out on first use: only prompts with an age cue need them.
+    Whatever only some prompts need (offsets, numbers, weights, native forms) is worked out on first
+    use, and what every prompt needs is found by regexes over the whole text (C speed), not by a
+    Python loop over its words: a 20,000-character prompt has up to 10,000 of them.
     """
 
-    __slots__ = ("canon", "offsets", "joined", "runs", "native", "cjk", "text", "_parts", "_digits", "_numbers",
-                 "_weights")
+    __slots__ = ("canon", "joined", "runs", "cjk", "text", "_norm", "_parts", "_offsets", "_digits", "_numbers",
+                 "_weights", "_native")
 
-    def __init__(self, canon: list[str], offsets: list[int], joined: dict[int, str], runs: list[list[int]],
-                 native: dict[int, str], cjk: list[int], text: str, parts: list[str], digits: list[int]):
+    def __init__(self, norm: Normalized, canon: list[str], parts: list[str]):
+        self.text = text = norm.text
         self.canon = canon
-        self.offsets = offsets  # offsets[2i+1], offsets[2i+2]: start and end of word i
-        self.joined = joined
-        self.runs = runs
-        self.native = native
-        self.cjk = cjk
-        self.text = text
+        self._norm = norm
         self._parts = parts  # sep, word, sep, ..., word, sep
-        self._digits = digits  # indexes of the words made of digits
+        self._offsets: list[int] | None = None
+        self._digits: list[int] | None = None
         self._numbers: dict[int, int] | None = None
         self._weights: frozenset[int] | None = None
+        self._native: dict[int, str] | None = None
+        ascii_text = text.isascii()
+        self.joined: dict[int, str] = {}
+        if (_ASCII_GLUED_RE if ascii_text else _GLUED_RE).search(text):
+            # a digit word glued to the next word ("7een", "15yo"): no separator between them
+            n = len(canon)
+            self.joined = {i: canon[i] + canon[i + 1] for i in self.digits if i + 1 < n and not parts[2 * i + 2]}
+        self.runs: list[list[int]] = []
+        if self.joined:  # "5yo" has a one-letter word the regex cannot see alone: look at each one
+            self._runs_of_words()
+        elif canon:
+            for m in (_ASCII_RUN_RE if ascii_text else _RUN_RE).finditer(text):
+                self._add_run(self._word_at(m.start()), self._word_at(m.end() - 1))
+        self.cjk: list[int] = []
+        if not ascii_text and _CJK_RE.search(text):
+            # CJK characters have no Latin skeleton: the skeleton word shows them as the native one does
+            self.cjk = list(compress(count(), map(_CJK_RE.search, canon)))
+
+    def _add_run(self, first: int, last: int) -> None:
+        # "1.3" (a weight, a version) is two digits, not a spaced-out word; longer digit runs may be leet
+        if last > first + 1 or not (self._parts[2 * first + 1] + self._parts[2 * last + 1]).isdecimal():
+            self.runs.append(list(range(first, last + 1)))
+
+    def _runs_of_words(self) -> None:
+        """Runs of one-character words with short separators, word by word."""
+        parts = self._parts
+        first = last = -2
+        for i in compress(count(), map((1).__eq__, map(len, parts[1::2]))):
+            if last == i - 1 and 0 < len(parts[2 * i]) <= 3:
+                last = i
+                continue
+            if last > first:
+                self._add_run(first, last)
+            first = last = i
+        if last > first:
+            self._add_run(first, last)
+
+    def _non_ascii(self) -> list[int]:
+        return list(compress(count(), map(not_, map(str.isascii, self.canon))))
+
+    def _word_at(self, k: int) -> int:
+        """The index of the word holding normalised character k."""
+        return (bisect_right(self.offsets, k) - 2) // 2
+
+    @property
+    def offsets(self) -> list[int]:
+        """offsets[2i+1], offsets[2i+2]: start and end of word i in the normalised text."""
+        if self._offsets is None:
+            self._offsets = list(accumulate(map(len, self._parts), initial=0))
+        return self._offsets
+
+    @property
+    def digits(self) -> list[int]:
+        """Indexes of the words made of digits (digit words are whole words)."""
+        if self._digits is None:
+            self._digits = list(compress(count(), map(str.isdecimal, self._parts[1::2])))
+        return self._digits
+
+    @property
+    def native(self) -> dict[int, str]:
+        if self._native is None:
+            native: dict[int, str] = {}
+            source, offsets, words = self._norm.native, self.offsets, self._parts[1::2]
+            if source is not None:
+                for i in self._non_ascii():
+                    own = source[offsets[2 * i + 1]:offsets[2 * i + 2]]
+                    if own != words[i]:
+                        native[i] = own
+            self._native = native
+        return self._native
 
     def span(self, i: int) -> tuple[int, int]:
-        return self.offsets[2 * i + 1], self.offsets[2 * i + 2]
+        offsets = self.offsets
+        return offsets[2 * i + 1], offsets[2 * i + 2]
 
     def gap(self, i: int) -> str:
         """The separator text between word i and word i + 1."""
-        return self.text[self.offsets[2 * i + 2]:self.offsets[2 * i + 3]]
+        return self._parts[2 * i + 2]
 
     @property
     def numbers(self) -> dict[int, int]:
@@ -316,7 +403,7 @@ class Tokens:
             words = parts[1::2]
             n = len(words)
             numbers: dict[int, int] = {}
-            for i in self._digits:
+            for i in self.digits:
                 before, after = parts[2 * i], parts[2 * i + 2]
                 decimal = (after in (".", ",") and i + 1 < n and words[i + 1][:1].isdecimal()) or (
                     before in (".", ",") and i > 0 and words[i - 1][-1:].isdecimal())
@@ -330,8 +417,8 @@ class Tokens:
         """Digit words of attention weights / schedules: "(x:1.3)", "[a:b:0.5]"."""
         if self._weights is None:
             weights: set[int] = set()
-            offsets, n = self.offsets, len(self.canon)
             if ":" in self.text:
+                offsets, n = self.offsets, len(self.canon)
                 for m in _WEIGHT_RE.finditer(self.text):
                     a, b = m.span(1)
                     k = bisect_left(offsets, a)  # word i starts at offsets[2i + 1]
@@ -345,36 +432,18 @@ class Tokens:
 
 def tokenize(norm: Normalized) -> Tokens:
     text = norm.text
-    ascii_text = text.isascii()
-    parts = (_ASCII_WORD_RE if ascii_text else _WORD_RE).split(text)  # sep, word, sep, ..., word, sep
+    parts = (_ASCII_WORD_RE if text.isascii() else _WORD_RE).split(text)  # sep, word, sep, ..., word, sep
     words = parts[1::2]
-    n = len(words)
-    offsets = list(accumulate(map(len, parts), initial=0))
-    canon = "\0".join(words).translate(_LEET).split("\0") if words else []
-    digits = [i for i, w in enumerate(words) if w.isdecimal()]  # digit words are whole words
-    # a digit word glued to the next word ("7een", "15yo"): no separator between them
-    joined = {i: canon[i] + canon[i + 1] for i in digits if i + 1 < n and not parts[2 * i + 2]}
-    # Runs of single-character words with short separators ("t.e.e.n"). "1.3" (a weight, a version)
-    # is two digits, not a spaced-out word; longer digit runs may be leet.
-    runs: list[list[int]] = []
-    run: list[int] = []
-    for i in [i for i, w in enumerate(words) if len(w) == 1]:
-        if run and run[-1] == i - 1 and 0 < len(parts[2 * i]) <= 3:
-            run.append(i)
-            continue
-        if len(run) > 2 or (len(run) == 2 and not (words[run[0]] + words[run[1]]).isdecimal()):
-            runs.append(run)
-        run = [i]
-    if len(run) > 2 or (len(run) == 2 and not (words[run[0]] + words[run[1]]).isdecimal()):
-        runs.append(run)
-    native: dict[int, str] = {}
-    cjk: list[int] = []
-    if not ascii_text:
-        source = norm.native or text
-        for i in [i for i, w in enumerate(words) if not w.isascii()]:
-            own = source[offsets[2 * i + 1]:offsets[2 * i + 2]]
-            if own != words[i]:
-                native[i] = own
-            if _CJK_RE.search(own):
-                cjk.append(i)
-    return Tokens(canon, offsets, joined, runs, native, cjk, text, parts, digits)
+    canon = _leet("\0".join(words)).split("\0") if words else []
+    return Tokens(norm, canon, parts)
+
+
+def _leet(text: str) -> str:
+    """`canonical` of many words at once. `str.translate` is fast only on ASCII text; elsewhere one
+    `str.replace` per leet character is (a Python-level lookup per character is not)."""
+    if text.isascii():
+        return text.translate(_LEET)
+    for char, letter in _LEET_PAIRS:
+        if char in text:
+            text = text.replace(char, letter)
+    return text

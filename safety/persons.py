@@ -48,6 +48,7 @@ _FUNCTION_WORD_MAX = 3  # an ordinary word this short ("a", "the", "and") ends a
 _PARTICLES = frozenset({"de", "da", "di", "do", "dos", "das", "del", "della", "van", "von", "der", "den", "la", "le",
                         "du", "bin", "ibn", "al", "el", "ter", "ten", "st", "mc", "y"})
 _CACHE_LIMIT = 50_000
+_FEW_PARTS = 8  # name parts a prompt may hold before they are sorted out per distinct word
 
 
 def name_tokens(name: str) -> tuple[str, ...]:
@@ -158,32 +159,45 @@ class PersonIndex:
         return (self._whole[cached[0]], cached[0]) if cached else None
 
     def scan(self, tokens: Tokens, ordinary: frozenset[str], base_parts: list[int] | None = None,
-             base_typos: list[int] | None = None) -> list[tuple[int, int, str]]:
-        """(first word, last word, name) of every protected name in the text.
+             base_typos: list[int] | None = None, limit: int | None = None) -> list[tuple[int, int, str]]:
+        """(first word, last word, name) of every protected name in the text (the first `limit` only).
 
         Every match is anchored on one exactly spelled word (a whole name, a first name or a
         surname), so only the few words that are name parts are looked at closely. `base_parts` and
         `base_typos` list where the bottom layer's `keys` and `may_be_typo` words are, when the caller
         already knows (it looks each distinct word up once and caches the answer)."""
-        canon, offsets, text, n = tokens.canon, tokens.offsets, tokens.text, len(tokens.canon)
+        canon, n = tokens.canon, len(tokens.canon)
         hits: list[tuple[int, int, str]] = []
         reach = _MIDDLE_MAX + 1
+        present: _Present | None = None
         for layer in self._layers():
             if not layer.names:
                 continue
-            whole, pairs = layer._whole, layer._pairs
-            keys = layer.keys
+            whole, pairs, keys = layer._whole, layer._pairs, layer.keys
             parts = base_parts if layer.base is None and base_parts is not None else [
                 i for i, w in enumerate(canon) if w in keys]
+            sequences = layer._sequences
+            if len(parts) > _FEW_PARTS:
+                # A hostile prompt repeats name parts whose other half is nowhere in it: each distinct
+                # word is asked once what could match it at all, and only those words are looked at.
+                present = present or _Present(canon)
+                words = present.words
+                sequences = {w: seqs for w in {canon[i] for i in parts}
+                             if (seqs := [q for q in sequences.get(w, ()) if words.issuperset(q[1])])}
+                pairs = {w: entries for w in {canon[i] for i in parts}
+                         if (entries := [e for e in pairs.get(w, ()) if present.may_hold(e[1])])}
+                parts = [i for i in parts if (w := canon[i]) in whole or w in sequences or w in pairs]
             # A name part repeated all over a hostile prompt is looked at once per distinct
             # neighbourhood: the result depends only on the text around it.
             seen: dict[tuple[str, str], list[tuple[int, int]]] = {}
             for i in parts:
+                if limit is not None and len(hits) >= limit:
+                    return hits
                 word = canon[i]
                 pid = whole.get(word)
                 if pid is not None:
                     hits.append((i, i, layer.names[pid]))
-                for pid, toks, anchor in layer._sequences.get(word, ()):
+                for pid, toks, anchor in sequences.get(word, ()):
                     start = i - anchor
                     if start >= 0 and tuple(canon[start:start + len(toks)]) == toks:
                         hits.append((start, start + len(toks) - 1, layer.names[pid]))
@@ -191,7 +205,8 @@ class PersonIndex:
                 if not entries:
                     continue
                 lo, hi = max(0, i - reach), min(n - 1, i + reach)
-                key = (word, text[offsets[2 * lo + 1]:offsets[2 * hi + 2]] + f"|{i - lo}")
+                offsets = tokens.offsets
+                key = (word, tokens.text[offsets[2 * lo + 1]:offsets[2 * hi + 2]] + f"|{i - lo}")
                 found = seen.get(key)
                 if found is None:
                     found = seen[key] = [(pid, j - i) for pid, other, is_first in entries
@@ -205,13 +220,30 @@ class PersonIndex:
                     found = layer._similar_whole(canon[i])
                     if found is not None:
                         hits.append((i, i, layer.names[found[0]]))
-        return hits
+        return hits if limit is None else hits[:limit]
 
     def may_be_typo(self, word: str, ordinary: frozenset[str]) -> bool:
         """Whether `word` is worth a typo lookup as a name written together. Names have no digits
         once leetspeak is folded ("t4ylorsw1ft"), so words with digits left ("w26x89") are not."""
         return (_FUZZY_MIN_WHOLE <= len(word) <= self._longest + 1 and word.isalpha() and word not in ordinary
                 and self._similar_whole(word) is not None)
+
+
+class _Present:
+    """What words a text holds, for a quick answer to "could `other` be in it, spelled exactly or with
+    one typo?" (a typo keeps the first or the last letter and changes the length by one at most)."""
+
+    def __init__(self, canon: list[str]):
+        self.words = frozenset(canon)
+        self.shapes = {(len(w), w[0]) for w in self.words} | {(-len(w), w[-1]) for w in self.words}
+
+    def may_hold(self, other: str) -> bool:
+        if other in self.words:
+            return True
+        if len(other) < _FUZZY_MIN_TOKEN:
+            return False
+        size, shapes = len(other), self.shapes
+        return any((k, other[0]) in shapes or (-k, other[-1]) in shapes for k in (size - 1, size, size + 1))
 
 
 def _partner(tokens: Tokens, i: int, other: str, is_first: bool, ordinary: frozenset[str]) -> int | None:

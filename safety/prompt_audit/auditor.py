@@ -196,8 +196,8 @@ class PromptAuditor:
         if field in self._c_person_group.fields:
             base_parts = [i for i, f in flagged.items() if f & NAME_PART]
             base_typos = [i for i, f in flagged.items() if f & NAME_TYPO]
-            for first, last, _ in self._persons.scan(tokens, self._c_ordinary, base_parts,
-                                                     base_typos)[:_HITS_PER_GROUP]:
+            for first, last, _ in self._persons.scan(tokens, self._c_ordinary, base_parts, base_typos,
+                                                     limit=_HITS_PER_GROUP):
                 out.append((self._c_person_group, field, first, last, norm, tokens))
         return out, ages.adults
 

@@ -11,6 +11,8 @@ import functools
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from itertools import compress, count, islice, repeat
+from operator import add, is_not
 from typing import Literal
 
 from safety.normalize import (
@@ -25,9 +27,6 @@ from safety.verdict import Action
 
 # ---------------------------------------------------------------------------------------------
 # Compiled matcher
-
-
-@functools.lru_cache(maxsize=65_536)
 
 
 @dataclass(frozen=True, eq=False)
@@ -119,6 +118,21 @@ _JOIN_MAX_PIECES = 4
 _JOIN_GAPS = frozenset({" ", ".", "-", "_", "·", "'", "*", "~", "+", "|", "/"})
 
 
+class _LookupCache(dict):
+    """Canonical word -> `_TermIndex` lookup result, computed on first sight (bounded: hostile prompts
+    bring endless new words)."""
+
+    def __init__(self, compute: Callable[[str], tuple]):
+        super().__init__()
+        self._compute = compute
+
+    def __missing__(self, word: str) -> tuple:
+        if len(self) >= _CACHE_LIMIT:
+            self.clear()
+        value = self[word] = self._compute(word)
+        return value
+
+
 class _TermIndex:
     """Canonical token -> groups, phrases by first token, prefixes by length, the run automaton,
     the split-word join table and the automaton for scripts written without spaces."""
@@ -161,14 +175,14 @@ class _TermIndex:
         self.classify = classify  # flags that need a computation, done once per distinct word
         for start in self.join_starts:
             self.flags[start] = self.flags.get(start, 0) | JOIN_START
-        self._cache: dict[str, tuple[tuple[int, ...], dict, int]] = {}
+        self._cache = _LookupCache(self._lookup)
         self._cjk_cache: dict[str, list[int]] = {}
 
     def lookup(self, canon: str) -> tuple[tuple[int, ...], dict[str, tuple[tuple[tuple[str, ...], int], ...]], int]:
         """Groups matched by one token on its own, phrases that may start with it, and its flags."""
-        hit = self._cache.get(canon)
-        if hit is not None:
-            return hit
+        return self._cache[canon]
+
+    def _lookup(self, canon: str) -> tuple[tuple[int, ...], dict[str, tuple[tuple[tuple[str, ...], int], ...]], int]:
         groups = list(self.single.get(canon, _EMPTY))
         stem = canon[:-1] if len(canon) > 3 and canon[-1] == "s" else None
         if stem:
@@ -185,11 +199,7 @@ class _TermIndex:
             phrases = {k: phrases.get(k, ()) + v for k, v in self.phrases[stem].items()} | {
                 k: v for k, v in phrases.items() if k not in self.phrases[stem]}
         flags = self.flags.get(canon, 0) | self.classify(canon)
-        result = (tuple(dict.fromkeys(groups)), phrases, flags) if groups or phrases or flags else _NOTHING
-        if len(self._cache) >= _CACHE_LIMIT:
-            self._cache.clear()
-        self._cache[canon] = result
-        return result
+        return (tuple(dict.fromkeys(groups)), phrases, flags) if groups or phrases or flags else _NOTHING
 
     def scan(self, tokens: Tokens, ordinary: frozenset[str]) -> tuple[list[tuple[int, int, int]], dict[int, int]]:
         """(group, first word, last word) of every term occurrence, and word index -> flags of the
@@ -197,10 +207,11 @@ class _TermIndex:
         hits: list[tuple[int, int, int]] = []
         canon = tokens.canon
         n = len(canon)
-        cache_get, lookup = self._cache.get, self.lookup
-        found = [cache_get(w) or lookup(w) for w in canon]
-        special = [i for i, r in enumerate(found) if r is not _NOTHING]
-        flagged = {i: found[i][2] for i in special if found[i][2]}
+        lookup = self.lookup
+        # one dictionary lookup per word at C speed; Python looks only at the words that matched something
+        found = list(map(self._cache.__getitem__, canon))
+        special = list(compress(count(), map(is_not, found, repeat(_NOTHING))))
+        flagged = {i: f for i in special if (f := found[i][2])}
         for i in special:
             groups, phrases, _ = found[i]
             for g in groups:
@@ -244,9 +255,12 @@ class _TermIndex:
         it is a term and not every piece is an ordinary word ("an al fresco" stays apart)."""
         canon, starts, out = tokens.canon, self.join_starts, []
         n = len(canon)
-        for i in [i for i, f in flagged.items() if f & JOIN_START]:
+        # A join needs its first two pieces to begin a term: those places are found at C speed.
+        for i in compress(count(), map(starts.__contains__, map(add, canon, islice(canon, 1, None)))):
+            if len(out) >= _HITS_PER_GROUP:
+                break
             joined = canon[i]
-            if found[i][0] or i + 1 >= n or len(out) >= _HITS_PER_GROUP:  # already a term on its own
+            if joined not in starts or found[i][0]:  # a one-letter first piece; already a term on its own
                 continue
             for j in range(i + 1, min(n, i + _JOIN_MAX_PIECES)):
                 gap = tokens.gap(j - 1)

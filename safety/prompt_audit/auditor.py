@@ -94,6 +94,8 @@ class PromptAuditor:
             add(_Group(uc.id, uc.message, (), None, frozenset(), frozenset({"prompt"}), role), words)
         add(_Group("benign", "", (), None, frozenset(), frozenset(FIELDS), "benign"), rules.benign_phrases)
         self._c_groups = groups
+        self._c_roles = [g.role for g in groups]
+        self._c_counts = {f: [g.role != "benign" and f in g.fields for g in groups] for f in FIELDS}
         self._c_uncovered = _Group(uc.id, uc.message or "no clothing", ("mature",), None, frozenset(),
                                    frozenset({"prompt"}))
         self._c_young = _Group(yn.id, yn.message or "young person", ("minor",), None, frozenset(), frozenset({"prompt"}), weak=True)
@@ -146,32 +148,37 @@ class PromptAuditor:
             return [], []
         groups = self._c_groups
         raw, flagged = self._c_index.scan(tokens, self._c_ordinary)
+        # per group: its role, and whether it counts in this field (benign phrases only cover words)
+        roles, counts = self._c_roles, self._c_counts[field]
         covered: set[int] = set()
         for g, first, last in raw:
-            if groups[g].role == "benign":
+            if roles[g] == "benign":
                 covered.update(range(first, last + 1))
-        out: list[_Hit] = []
         adjectives: set[int] = set()
         nouns: list[tuple[int, int]] = []
         pairs: dict[str, list[tuple[int, int]]] = {"negation": [], "garment": [], "removal": []}
         by_group: dict[int, list[tuple[int, int]]] = {}
+        full: set[int] = set()  # groups with evidence enough: their further hits change nothing
         for g, first, last in raw:
-            group = groups[g]
-            if group.role == "benign" or first in covered or field not in group.fields:
+            if g in full or not counts[g] or first in covered:
                 continue
-            if group.role == "young_adj":
+            role = roles[g]
+            if role == "young_adj":
                 adjectives.add(last)
-            elif group.role == "young_noun":
+            elif role == "young_noun":
                 nouns.append((first, last))
-            elif group.role in pairs:
-                pairs[group.role].append((first, last))
+            elif role in pairs:
+                pairs[role].append((first, last))
             else:
+                group = groups[g]
                 kept = by_group.setdefault(g, [])
                 # Enough evidence per rule: a hostile prompt repeating a word must not cost a context
                 # check per repetition. Cancelled hits do not count towards the cap.
-                if len(kept) < _HITS_PER_GROUP and not (
-                        group.cancellable and self._cancelled(group, tokens, first, last)):
+                if not (group.cancellable and self._cancelled(group, tokens, first, last)):
                     kept.append((first, last))
+                    if len(kept) >= _HITS_PER_GROUP:
+                        full.add(g)
+        out: list[_Hit] = []
         for g, spans in by_group.items():
             group = groups[g]
             if group.min_hits > 1 and len({"".join(tokens.canon[a:b + 1]) for a, b in spans}) < group.min_hits:
@@ -179,10 +186,14 @@ class PromptAuditor:
             out.extend((group, field, first, last, norm, tokens) for first, last in spans)
         if field in self._c_young.fields and adjectives:
             window = self.rules.young_nouns.window
+            young = 0
             for first, last in nouns:
                 adj = next((first - k for k in range(1, window + 1) if first - k in adjectives), None)
                 if adj is not None:
                     out.append((self._c_young, field, adj, last, norm, tokens))
+                    young += 1
+                    if young >= _HITS_PER_GROUP:  # nouns come in order, so these are the first ones
+                        break
         if pairs["garment"] and (pairs["negation"] or pairs["removal"]):
             out.extend((self._c_uncovered, field, first, last, norm, tokens)
                        for first, last in self._uncovered(tokens, pairs)[:_HITS_PER_GROUP])

@@ -11,8 +11,8 @@ import functools
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from itertools import compress, count, islice, repeat
-from operator import add, is_not
+from itertools import compress, count, repeat
+from operator import add
 from typing import Literal
 
 from safety.normalize import (
@@ -114,6 +114,7 @@ NUMBER_WORD = 4  # "thirteen", "treize", "열세"
 NAME_PART = 8  # a first name, surname or whole name on the protected-persons list
 NAME_TYPO = 16  # a protected name written together with one typo ("taylorswfit")
 _CACHE_LIMIT = 50_000
+_RUN_CHUNK = 128  # letters of a spaced-out run read at a time (see `_TermIndex._run_matches`)
 _JOIN_MAX_PIECES = 4
 _JOIN_GAPS = frozenset({" ", ".", "-", "_", "·", "'", "*", "~", "+", "|", "/"})
 
@@ -177,6 +178,8 @@ class _TermIndex:
             self.flags[start] = self.flags.get(start, 0) | JOIN_START
         self._cache = _LookupCache(self._lookup)
         self._cjk_cache: dict[str, list[int]] = {}
+        self._run_cache: dict[tuple[str, int], list[tuple[int, int, tuple[int, ...]]]] = {}
+        self.longest = max(map(len, (*self.single, *self.prefixes)), default=1)
 
     def lookup(self, canon: str) -> tuple[tuple[int, ...], dict[str, tuple[tuple[tuple[str, ...], int], ...]], int]:
         """Groups matched by one token on its own, phrases that may start with it, and its flags."""
@@ -210,15 +213,26 @@ class _TermIndex:
         lookup = self.lookup
         # one dictionary lookup per word at C speed; Python looks only at the words that matched something
         found = list(map(self._cache.__getitem__, canon))
-        special = list(compress(count(), map(is_not, found, repeat(_NOTHING))))
-        flagged = {i: f for i in special if (f := found[i][2])}
-        for i in special:
+        # Decided once per distinct word: whether it starts a term, and whether a phrase starting
+        # with it could go on (its next word occurs in the text at all).
+        present = frozenset(canon)
+        flag_words, term_words = set(), set()
+        for word in present:
+            groups, phrases, flags = self._cache[word]
+            if flags:
+                flag_words.add(word)
+            if groups or (phrases and any(w in present or w + "s" in present for w in phrases)):
+                term_words.add(word)
+        flagged = {i: found[i][2] for i in compress(count(), map(flag_words.__contains__, canon))}
+        for i in compress(count(), map(term_words.__contains__, canon)):
             groups, phrases, _ = found[i]
             for g in groups:
                 hits.append((g, i, i))
             if phrases and i + 1 < n:
                 nxt = canon[i + 1]
-                candidates = phrases.get(nxt, ()) + (phrases.get(nxt[:-1], ()) if len(nxt) > 3 and nxt[-1] == "s" else ())
+                candidates = phrases.get(nxt, ())
+                if len(nxt) > 3 and nxt[-1] == "s" and nxt[:-1] in phrases:
+                    candidates += phrases[nxt[:-1]]
                 for rest, g in candidates:
                     end = i + len(rest)
                     if end < n and all(_same(canon[i + 1 + k], w) for k, w in enumerate(rest)):
@@ -227,17 +241,36 @@ class _TermIndex:
             for g in lookup(word)[0]:
                 hits.append((g, i, i + 1))
         for run in tokens.runs:
-            letters = "".join(canon[i] for i in run)
-            for start, end, groups in self.runs.finditer(letters):
-                if end - start > 1:
-                    for g in groups:
-                        hits.append((g, run[start], run[end - 1]))
+            first = run[0]
+            for start, end, groups in self._run_matches("".join(canon[first:run[-1] + 1])):
+                for g in groups:
+                    hits.append((g, first + start, first + end - 1))
         if self.cjk is not None:
             for i in tokens.cjk:
                 for g in self._cjk_groups(canon[i]):
                     hits.append((g, i, i))
         hits.extend(self._joins(tokens, found, flagged, ordinary))
         return hits, flagged
+
+    def _run_matches(self, letters: str) -> list[tuple[int, int, tuple[int, ...]]]:
+        """(start, end, groups) of the terms (2+ letters) inside the letters of a spaced-out run, in the
+        automaton's order. A long run is read in chunks, each with enough letters before it to finish
+        any term ending in it, and the answer for a chunk is cached by its letters: a hostile prompt of
+        spaced letters repeats the same chunks."""
+        out: list[tuple[int, int, tuple[int, ...]]] = []
+        overlap = self.longest - 1
+        for chunk_start in range(0, len(letters), _RUN_CHUNK):
+            lead = min(overlap, chunk_start)
+            piece = letters[chunk_start - lead:chunk_start + _RUN_CHUNK]
+            found = self._run_cache.get((piece, lead))
+            if found is None:
+                found = [(start - lead, end - lead, groups) for start, end, groups in self.runs.finditer(piece)
+                         if end > lead and end - start > 1]
+                if len(self._run_cache) >= _CACHE_LIMIT:
+                    self._run_cache.clear()
+                self._run_cache[(piece, lead)] = found
+            out.extend((chunk_start + a, chunk_start + b, groups) for a, b, groups in found)
+        return out
 
     def _cjk_groups(self, word: str) -> list[int]:
         """Groups whose terms occur inside a word written without spaces (cached per word)."""
@@ -256,11 +289,15 @@ class _TermIndex:
         canon, starts, out = tokens.canon, self.join_starts, []
         n = len(canon)
         # A join needs its first two pieces to begin a term: those places are found at C speed.
-        for i in compress(count(), map(starts.__contains__, map(add, canon, islice(canon, 1, None)))):
+        # first pieces that begin a term (never one letter); those whose second piece fits, at C speed
+        firsts = [i for i, f in flagged.items() if f & JOIN_START and i + 1 < n]
+        fits = map(starts.__contains__, map(add, map(canon.__getitem__, firsts), map(canon.__getitem__,
+                                                                                      map(add, firsts, repeat(1)))))
+        for i in compress(firsts, fits):
             if len(out) >= _HITS_PER_GROUP:
                 break
             joined = canon[i]
-            if joined not in starts or found[i][0]:  # a one-letter first piece; already a term on its own
+            if found[i][0]:  # already a term on its own
                 continue
             for j in range(i + 1, min(n, i + _JOIN_MAX_PIECES)):
                 gap = tokens.gap(j - 1)

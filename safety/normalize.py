@@ -99,6 +99,8 @@ _ASCII_GLUED_RE = re.compile(r"[0-9][a-z]")
 # character with no letter or digit on either side, the next one 1-3 separators on.
 _RUN_RE = re.compile(r"(?<![^\W_])[^\W_](?![^\W_])(?:[\W_]{1,3}[^\W_](?![^\W_]))+")
 _ASCII_RUN_RE = re.compile(r"(?<![a-z0-9])[a-z0-9](?![a-z0-9])(?:[^a-z0-9]{1,3}[a-z0-9](?![a-z0-9]))+")
+# A decimal point or comma: a separator of exactly one of these characters between two digits.
+_DECIMAL_RE = re.compile(r"(?<=\d)[.,](?=\d)")
 # Attention weights and schedule steps: "(x:1.3)", "<lora:name:0.8>", "[a:b:0.5]".
 _WEIGHT_RE = re.compile(r":[ \t]*[-+]?(\d+(?:\.\d+)?)[ \t]*(?=[)\]>:]|$)")
 _REPEAT_RE = re.compile(r"(.)\1+")
@@ -399,17 +401,14 @@ class Tokens:
     @property
     def numbers(self) -> dict[int, int]:
         if self._numbers is None:
-            parts = self._parts
-            words = parts[1::2]
-            n = len(words)
-            numbers: dict[int, int] = {}
-            for i in self.digits:
-                before, after = parts[2 * i], parts[2 * i + 2]
-                decimal = (after in (".", ",") and i + 1 < n and words[i + 1][:1].isdecimal()) or (
-                    before in (".", ",") and i > 0 and words[i - 1][-1:].isdecimal())
-                if len(words[i]) <= 4 and not decimal:
-                    numbers[i] = int(words[i])
-            self._numbers = numbers
+            words = self._parts[1::2]
+            short = list(compress(self.digits, map((5).__gt__, map(len, map(words.__getitem__, self.digits)))))
+            # digits on either side of a decimal point or comma ("1.3", "2,5") are not whole numbers
+            decimal = {k for m in _DECIMAL_RE.finditer(self.text) for k in (self._word_at(m.start() - 1),
+                                                                            self._word_at(m.end()))}
+            if decimal:
+                short = [i for i in short if i not in decimal]
+            self._numbers = dict(zip(short, map(int, map(words.__getitem__, short)), strict=True))
         return self._numbers
 
     @property

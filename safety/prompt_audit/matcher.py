@@ -288,30 +288,41 @@ class _TermIndex:
         it is a term and not every piece is an ordinary word ("an al fresco" stays apart)."""
         canon, starts, out = tokens.canon, self.join_starts, []
         n = len(canon)
-        # A join needs its first two pieces to begin a term: those places are found at C speed.
         # first pieces that begin a term (never one letter); those whose second piece fits, at C speed
         firsts = [i for i, f in flagged.items() if f & JOIN_START and i + 1 < n]
         fits = map(starts.__contains__, map(add, map(canon.__getitem__, firsts), map(canon.__getitem__,
                                                                                       map(add, firsts, repeat(1)))))
+        memo: dict[str, list[tuple[int, int]]] = {}  # a hostile prompt repeats its pieces
         for i in compress(firsts, fits):
             if len(out) >= _HITS_PER_GROUP:
                 break
-            joined = canon[i]
             if found[i][0]:  # already a term on its own
                 continue
-            for j in range(i + 1, min(n, i + _JOIN_MAX_PIECES)):
-                gap = tokens.gap(j - 1)
-                if not gap or len(gap) > 2 or not _JOIN_GAPS.issuperset(gap):
-                    break
-                joined += canon[j]
-                if joined not in starts:
-                    break
-                pieces = canon[i:j + 1]
-                # A lone letter is not a word ("se x"), except "a" and "i" (also the leet form of "l").
-                if max(map(len, pieces)) < 2 or all(p in ordinary and (len(p) > 1 or p in "ai") for p in pieces):
-                    continue
-                for g in self.lookup(joined)[0]:
-                    out.append((g, i, j))
+            last = min(n, i + _JOIN_MAX_PIECES) - 1
+            key = tokens.text[tokens.offsets[2 * i + 1]:tokens.offsets[2 * last + 2]]
+            joins = memo.get(key)
+            if joins is None:
+                joins = memo[key] = self._join_at(tokens, i, last, ordinary)
+            out.extend((g, i, i + d) for g, d in joins)
+        return out
+
+    def _join_at(self, tokens: Tokens, i: int, last: int, ordinary: frozenset[str]) -> list[tuple[int, int]]:
+        """(group, pieces after the first) of the terms that pieces i..last written together begin with."""
+        canon, starts, out = tokens.canon, self.join_starts, []
+        joined = canon[i]
+        for j in range(i + 1, last + 1):
+            gap = tokens.gap(j - 1)
+            if not gap or len(gap) > 2 or not _JOIN_GAPS.issuperset(gap):
+                break
+            joined += canon[j]
+            if joined not in starts:
+                break
+            pieces = canon[i:j + 1]
+            # A lone letter is not a word ("se x"), except "a" and "i" (also the leet form of "l").
+            if max(map(len, pieces)) < 2 or all(p in ordinary and (len(p) > 1 or p in "ai") for p in pieces):
+                continue
+            for g in self.lookup(joined)[0]:
+                out.append((g, j - i))
         return out
 
 

@@ -97,10 +97,11 @@ _ASCII_GLUED_RE = re.compile(r"[0-9][a-z]")
 # Runs of single-character words ("t.e.e.n", "t e  e n"), found in the text rather than word by word
 # when no digit is glued to a letter (then words are exactly the runs of letters and digits): a
 # character with no letter or digit on either side, the next one 1-3 separators on.
-_RUN_RE = re.compile(r"(?<![^\W_])[^\W_](?![^\W_])(?:[\W_]{1,3}[^\W_](?![^\W_]))+")
-_ASCII_RUN_RE = re.compile(r"(?<![a-z0-9])[a-z0-9](?![a-z0-9])(?:[^a-z0-9]{1,3}[a-z0-9](?![a-z0-9]))+")
+_RUN_RE = re.compile(r"[^\W_](?<![^\W_][^\W_])(?![^\W_])(?:[\W_]{1,3}[^\W_](?![^\W_]))+")
+_ASCII_RUN_RE = re.compile(r"[a-z0-9](?<![a-z0-9][a-z0-9])(?![a-z0-9])(?:[^a-z0-9]{1,3}[a-z0-9](?![a-z0-9]))+")
 # A decimal point or comma: a separator of exactly one of these characters between two digits.
-_DECIMAL_RE = re.compile(r"(?<=\d)[.,](?=\d)")
+_DECIMAL_RE = re.compile(r"[.,](?<=\d[.,])(?=\d)")
+_DECIMAL_SEPS = frozenset({".", ","})
 # Attention weights and schedule steps: "(x:1.3)", "<lora:name:0.8>", "[a:b:0.5]".
 _WEIGHT_RE = re.compile(r":[ \t]*[-+]?(\d+(?:\.\d+)?)[ \t]*(?=[)\]>:]|$)")
 _REPEAT_RE = re.compile(r"(.)\1+")
@@ -404,9 +405,11 @@ class Tokens:
             words = self._parts[1::2]
             short = list(compress(self.digits, map((5).__gt__, map(len, map(words.__getitem__, self.digits)))))
             # digits on either side of a decimal point or comma ("1.3", "2,5") are not whole numbers
-            decimal = {k for m in _DECIMAL_RE.finditer(self.text) for k in (self._word_at(m.start() - 1),
-                                                                            self._word_at(m.end()))}
-            if decimal:
+            if _DECIMAL_RE.search(self.text):
+                seps = self._parts[::2]  # separator k lies between words k - 1 and k
+                decimal = {w for k in compress(count(), map(_DECIMAL_SEPS.__contains__, seps))
+                           if 0 < k < len(words) and words[k - 1][-1:].isdecimal() and words[k][:1].isdecimal()
+                           for w in (k - 1, k)}
                 short = [i for i in short if i not in decimal]
             self._numbers = dict(zip(short, map(int, map(words.__getitem__, short)), strict=True))
         return self._numbers

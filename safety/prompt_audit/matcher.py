@@ -393,18 +393,22 @@ class _AgeMatcher:
         self.cues = (self.years | self.years_old | self.ordinals | self.before | self.turned | self.approx
                      | self.person_nouns | self.birth | self.birth_after | self.class_of | self.grade_nouns)
 
-    def _values(self, tokens: Tokens, number_words: list[int]) -> dict[int, tuple[int, int]]:
-        """Word index -> (number, its last word) for digits, number words and "twenty one"."""
-        canon, words, tens = tokens.canon, self.words, self.tens
-        values = {i: (v, i) for i, v in tokens.numbers.items()}
+    def _values(self, tokens: Tokens, number_words: list[int]) -> Iterable[tuple[int, tuple[int, int]]]:
+        """(word index, (number, its last word)) for digits, number words and "twenty one", in text order."""
+        canon, words, tens, numbers = tokens.canon, self.words, self.tens, tokens.numbers
+        spelled: dict[int, tuple[int, int]] = {}
         n = len(canon)
         for i in number_words:
             w = canon[i]
             if w in tens and i + 1 < n and canon[i + 1] in words and 0 < words[canon[i + 1]] < 10:
-                values[i] = (tens[w] + words[canon[i + 1]], i + 1)
-            elif w in words and i not in values and (i == 0 or canon[i - 1] not in tens):
-                values[i] = (words[w], i)
-        return values
+                spelled[i] = (tens[w] + words[canon[i + 1]], i + 1)
+            elif w in words and i not in numbers and (i == 0 or canon[i - 1] not in tens):
+                spelled[i] = (words[w], i)
+        if not spelled:  # numbers are in text order already: no sorting of a long hostile list
+            return ((i, (v, i)) for i, v in numbers.items())
+        values = {i: (v, i) for i, v in numbers.items()}
+        values.update(spelled)
+        return sorted(values.items())
 
     def scan(self, tokens: Tokens, flagged: dict[int, int], minors_needed: bool = True) -> _Ages:
         """Ages in the text; `flagged` holds the word flags from the term index (AGE_CUE, NUMBER_WORD).
@@ -421,7 +425,7 @@ class _AgeMatcher:
             reach = 6 if tokens.weights else 2  # cues may sit past an attention weight: "(15:1.0) yo"
             offsets, text, n = tokens.offsets, tokens.text, len(canon)
             memo: dict[str, tuple[int, int, int] | None] = {}  # a hostile prompt repeats its ages
-            for i, (v, j) in sorted(values.items()):
+            for i, (v, j) in values:
                 if len(ages.minors if minors_needed else ages.adults) >= _HITS_PER_GROUP:
                     break
                 if "+" not in tokens.gap(j)[:1] and not any(k in cue_at for k in range(i - reach, j + reach + 1)):

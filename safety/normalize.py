@@ -42,7 +42,7 @@ import unicodedata
 from bisect import bisect_left, bisect_right
 from functools import cache
 from importlib.resources import files
-from itertools import accumulate, compress, count, islice
+from itertools import accumulate, compress, count, islice, repeat
 from operator import not_
 
 # Characters that render as nothing (or as blank space) and are used to split words invisibly.
@@ -102,8 +102,10 @@ _ASCII_RUN_RE = re.compile(r"[a-z0-9](?<![a-z0-9][a-z0-9])(?![a-z0-9])(?:[^a-z0-
 # A decimal point or comma: a separator of exactly one of these characters between two digits.
 _DECIMAL_RE = re.compile(r"[.,](?<=\d[.,])(?=\d)")
 _DECIMAL_SEPS = frozenset({".", ","})
-# Attention weights and schedule steps: "(x:1.3)", "<lora:name:0.8>", "[a:b:0.5]".
+# Attention weights and schedule steps: "(x:1.3)", "<lora:name:0.8>", "[a:b:0.5]" (`Tokens.weights`
+# reads this off the words; the regex is the definition the tests hold it to).
 _WEIGHT_RE = re.compile(r":[ \t]*[-+]?(\d+(?:\.\d+)?)[ \t]*(?=[)\]>:]|$)")
+_WEIGHT_LEAD_RE = re.compile(r"[ \t]*[-+]?")
 _REPEAT_RE = re.compile(r"(.)\1+")
 _LONG_REPEAT_RE = re.compile(r"(.)\1\1+")
 # Scripts written without spaces (and Hangul, whose particles glue to nouns): matched by substring.
@@ -416,21 +418,36 @@ class Tokens:
 
     @property
     def weights(self) -> frozenset[int]:
-        """Digit words of attention weights / schedules: "(x:1.3)", "[a:b:0.5]"."""
+        """Digit words of attention weights / schedules: "(x:1.3)", "[a:b:0.5]": a colon, spaces or
+        tabs and a sign, one number (maybe with a decimal point), spaces or tabs, then a closing bracket,
+        another colon or the end of the text (what `_WEIGHT_RE` matches, read off the words)."""
         if self._weights is None:
             weights: set[int] = set()
             if ":" in self.text:
-                offsets, n = self.offsets, len(self.canon)
-                for m in _WEIGHT_RE.finditer(self.text):
-                    a, b = m.span(1)
-                    k = bisect_left(offsets, a)  # word i starts at offsets[2i + 1]
-                    i = (k - 1) // 2 if k % 2 == 1 and offsets[k] == a else None
-                    while i is not None and i < n and offsets[2 * i + 1] < b:
-                        weights.add(i)
-                        i += 1
+                parts, n = self._parts, len(self.canon)
+                seps = parts[::2]  # separator k comes before word k
+                for k in compress(count(), map(str.__contains__, seps, repeat(":"))):
+                    if k >= n or not parts[2 * k + 1].isdecimal():
+                        continue
+                    sep = seps[k]
+                    if not _WEIGHT_LEAD_RE.fullmatch(sep, sep.rfind(":") + 1):
+                        continue
+                    if (seps[k + 1] == "." and k + 1 < n and parts[2 * k + 3].isdecimal()
+                            and self._weight_ends(k + 2)):
+                        weights.update((k, k + 1))
+                    elif self._weight_ends(k + 1):
+                        weights.add(k)
             self._weights = frozenset(weights)
         return self._weights
 
+    def _weight_ends(self, k: int) -> bool:
+        """Whether separator k (after a weight's number) closes it: spaces or tabs, then `)`, `]`, `>`,
+        `:` or the end of the text (where a regex's `$` also allows one last line break)."""
+        sep = self._parts[2 * k]
+        rest = sep.lstrip(" \t")
+        if rest:
+            return rest[0] in ")]>:" or (k == len(self.canon) and rest == "\n")
+        return k == len(self.canon)
 
 def tokenize(norm: Normalized) -> Tokens:
     text = norm.text

@@ -39,7 +39,8 @@ from __future__ import annotations
 import json
 import re
 import unicodedata
-from bisect import bisect_left, bisect_right
+from bisect import bisect_right
+from collections.abc import Iterator
 from functools import cache
 from importlib.resources import files
 from itertools import accumulate, compress, count, islice, repeat
@@ -100,7 +101,6 @@ _ASCII_GLUED_RE = re.compile(r"[0-9][a-z]")
 _RUN_RE = re.compile(r"[^\W_](?<![^\W_][^\W_])(?![^\W_])(?:[\W_]{1,3}[^\W_](?![^\W_]))+")
 _ASCII_RUN_RE = re.compile(r"[a-z0-9](?<![a-z0-9][a-z0-9])(?![a-z0-9])(?:[^a-z0-9]{1,3}[a-z0-9](?![a-z0-9]))+")
 # A decimal point or comma: a separator of exactly one of these characters between two digits.
-_DECIMAL_RE = re.compile(r"[.,](?<=\d[.,])(?=\d)")
 _DECIMAL_SEPS = frozenset({".", ","})
 # Attention weights and schedule steps: "(x:1.3)", "<lora:name:0.8>", "[a:b:0.5]" (`Tokens.weights`
 # reads this off the words; the regex is the definition the tests hold it to).
@@ -401,53 +401,76 @@ class Tokens:
         """The separator text between word i and word i + 1."""
         return self._parts[2 * i + 2]
 
+    def is_number(self, k: int) -> bool:
+        """Whether word k is a whole number (up to 4 digits, not either side of a decimal point or
+        comma such as the weight in `(x:1.3)`): asked word by word, so a hostile prompt of thousands of
+        numbers costs only the ones looked at."""
+        parts = self._parts
+        word = parts[2 * k + 1]
+        if len(word) > 4 or not word.isdecimal():
+            return False
+        after, before = parts[2 * k + 2], parts[2 * k]
+        return not ((after in _DECIMAL_SEPS and k + 1 < len(self.canon) and parts[2 * k + 3][:1].isdecimal())
+                    or (before in _DECIMAL_SEPS and k > 0 and parts[2 * k - 1][-1:].isdecimal()))
+
+    def iter_numbers(self) -> Iterator[tuple[int, int]]:
+        """(word index, value) of the whole numbers, in text order, worked out as they are asked for."""
+        words = self._parts[1::2]
+        return ((k, int(words[k])) for k in self.digits if self.is_number(k))
+
     @property
     def numbers(self) -> dict[int, int]:
         if self._numbers is None:
-            words = self._parts[1::2]
-            short = list(compress(self.digits, map((5).__gt__, map(len, map(words.__getitem__, self.digits)))))
-            # digits on either side of a decimal point or comma ("1.3", "2,5") are not whole numbers
-            if _DECIMAL_RE.search(self.text):
-                seps = self._parts[::2]  # separator k lies between words k - 1 and k
-                decimal = {w for k in compress(count(), map(_DECIMAL_SEPS.__contains__, seps))
-                           if 0 < k < len(words) and words[k - 1][-1:].isdecimal() and words[k][:1].isdecimal()
-                           for w in (k - 1, k)}
-                short = [i for i in short if i not in decimal]
-            self._numbers = dict(zip(short, map(int, map(words.__getitem__, short)), strict=True))
+            self._numbers = dict(self.iter_numbers())
         return self._numbers
 
-    @property
-    def weights(self) -> frozenset[int]:
-        """Digit words of attention weights / schedules: "(x:1.3)", "[a:b:0.5]": a colon, spaces or
-        tabs and a sign, one number (maybe with a decimal point), spaces or tabs, then a closing bracket,
-        another colon or the end of the text (what `_WEIGHT_RE` matches, read off the words)."""
-        if self._weights is None:
-            weights: set[int] = set()
-            if ":" in self.text:
-                parts, n = self._parts, len(self.canon)
-                seps = parts[::2]  # separator k comes before word k
-                for k in compress(count(), map(str.__contains__, seps, repeat(":"))):
-                    if k >= n or not parts[2 * k + 1].isdecimal():
-                        continue
-                    sep = seps[k]
-                    if not _WEIGHT_LEAD_RE.fullmatch(sep, sep.rfind(":") + 1):
-                        continue
-                    if (seps[k + 1] == "." and k + 1 < n and parts[2 * k + 3].isdecimal()
-                            and self._weight_ends(k + 2)):
-                        weights.update((k, k + 1))
-                    elif self._weight_ends(k + 1):
-                        weights.add(k)
-            self._weights = frozenset(weights)
-        return self._weights
+    def _weight_at(self, k: int) -> int:
+        """How many words (0, 1 or 2: "1.3") of an attention weight begin at word k (what `_WEIGHT_RE`
+        matches: a colon, spaces or tabs and a sign, one number, spaces or tabs, then a closing bracket,
+        another colon or the end of the text)."""
+        parts = self._parts
+        sep = parts[2 * k]
+        if ":" not in sep or not parts[2 * k + 1].isdecimal() or not _WEIGHT_LEAD_RE.fullmatch(sep, sep.rfind(":") + 1):
+            return 0
+        if parts[2 * k + 2] == "." and k + 1 < len(self.canon) and parts[2 * k + 3].isdecimal() and self._weight_ends(k + 2):
+            return 2
+        return 1 if self._weight_ends(k + 1) else 0
 
     def _weight_ends(self, k: int) -> bool:
         """Whether separator k (after a weight's number) closes it: spaces or tabs, then `)`, `]`, `>`,
         `:` or the end of the text (where a regex's `$` also allows one last line break)."""
-        sep = self._parts[2 * k]
-        rest = sep.lstrip(" \t")
+        rest = self._parts[2 * k].lstrip(" \t")
         if rest:
             return rest[0] in ")]>:" or (k == len(self.canon) and rest == "\n")
         return k == len(self.canon)
+
+    def _weight_starts(self) -> Iterator[tuple[int, int]]:
+        if ":" not in self.text:
+            return iter(())
+        seps = self._parts[::2]  # separator k comes before word k
+        starts = compress(count(), map(str.__contains__, seps[:len(self.canon)], repeat(":")))
+        return ((k, size) for k in starts if (size := self._weight_at(k)))
+
+    @property
+    def has_weights(self) -> bool:
+        """Whether the text has an attention weight at all (stops at the first one)."""
+        if self._weights is None:
+            return next(self._weight_starts(), None) is not None
+        return bool(self._weights)
+
+    def is_weight(self, k: int) -> bool:
+        """Whether word k is (part of) an attention weight's number."""
+        if self._weights is not None:
+            return k in self._weights
+        return bool(self._weight_at(k)) or (k > 0 and self._weight_at(k - 1) == 2)
+
+    @property
+    def weights(self) -> frozenset[int]:
+        """Digit words of attention weights / schedules: "(x:1.3)", "[a:b:0.5]"."""
+        if self._weights is None:
+            self._weights = frozenset(k + d for k, size in self._weight_starts() for d in range(size))
+        return self._weights
+
 
 def tokenize(norm: Normalized) -> Tokens:
     text = norm.text

@@ -187,12 +187,14 @@ class PromptAuditor:
         if field in self._c_young.fields and adjectives:
             window = self.rules.young_nouns.window
             young = 0
-            for first, last in nouns:
+            # in text order (the one the reasons are sorted in), each noun once, so the first ones kept
+            # are the ones a verdict would show
+            for first, last in sorted(set(nouns)):
                 adj = next((first - k for k in range(1, window + 1) if first - k in adjectives), None)
                 if adj is not None:
                     out.append((self._c_young, field, adj, last, norm, tokens))
                     young += 1
-                    if young >= _HITS_PER_GROUP:  # nouns come in order, so these are the first ones
+                    if young >= _HITS_PER_GROUP:
                         break
         if pairs["garment"] and (pairs["negation"] or pairs["removal"]):
             out.extend((self._c_uncovered, field, first, last, norm, tokens)

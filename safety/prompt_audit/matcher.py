@@ -395,18 +395,18 @@ class _AgeMatcher:
 
     def _values(self, tokens: Tokens, number_words: list[int]) -> Iterable[tuple[int, tuple[int, int]]]:
         """(word index, (number, its last word)) for digits, number words and "twenty one", in text order."""
-        canon, words, tens, numbers = tokens.canon, self.words, self.tens, tokens.numbers
+        canon, words, tens = tokens.canon, self.words, self.tens
         spelled: dict[int, tuple[int, int]] = {}
         n = len(canon)
         for i in number_words:
             w = canon[i]
             if w in tens and i + 1 < n and canon[i + 1] in words and 0 < words[canon[i + 1]] < 10:
                 spelled[i] = (tens[w] + words[canon[i + 1]], i + 1)
-            elif w in words and i not in numbers and (i == 0 or canon[i - 1] not in tens):
+            elif w in words and not tokens.is_number(i) and (i == 0 or canon[i - 1] not in tens):
                 spelled[i] = (words[w], i)
-        if not spelled:  # numbers are in text order already: no sorting of a long hostile list
-            return ((i, (v, i)) for i, v in numbers.items())
-        values = {i: (v, i) for i, v in numbers.items()}
+        if not spelled:  # numbers come in text order, worked out as the reading goes on
+            return ((i, (v, i)) for i, v in tokens.iter_numbers())
+        values = {i: (v, i) for i, v in tokens.numbers.items()}
         values.update(spelled)
         return sorted(values.items())
 
@@ -419,10 +419,10 @@ class _AgeMatcher:
         ages = _Ages([], [])
         cue_at = {i for i, f in flagged.items() if f & AGE_CUE}
         if cue_at:  # a digit's leet form ("5" -> "s") is never a cue word
-            cue_at.difference_update(tokens.numbers)
+            cue_at = {i for i in cue_at if not tokens.is_number(i)}
         if cue_at or tokens.cjk:
             values = self._values(tokens, sorted(i for i, f in flagged.items() if f & NUMBER_WORD))
-            reach = 6 if tokens.weights else 2  # cues may sit past an attention weight: "(15:1.0) yo"
+            reach = 6 if tokens.has_weights else 2  # cues may sit past an attention weight: "(15:1.0) yo"
             offsets, text, n = tokens.offsets, tokens.text, len(canon)
             memo: dict[str, tuple[int, int, int] | None] = {}  # a hostile prompt repeats its ages
             for i, (v, j) in values:
@@ -449,7 +449,7 @@ class _AgeMatcher:
                 elif age < 130:
                     ages.adults.append((first, last))
         elif "+" in tokens.text:
-            for i, v in tokens.numbers.items():  # "18+" needs no cue word
+            for i, v in tokens.iter_numbers():  # "18+" needs no cue word
                 if v < 130 and "+" in tokens.gap(i)[:1] and self._read(tokens, i, i, v) is not None and v > self.max_age:
                     ages.adults.append((i, i))
         for i in cue_at:
@@ -474,9 +474,8 @@ class _AgeMatcher:
         canon = tokens.canon
         nxt, after = _neighbours(tokens, j, +1)
         prev, before = _neighbours(tokens, i, -1)
-        numbers = tokens.numbers
-        at = lambda k: canon[k] if k is not None and k not in numbers else ""  # noqa: E731
-        is_digits = i in tokens.numbers
+        at = lambda k: canon[k] if k is not None and not tokens.is_number(k) else ""  # noqa: E731
+        is_digits = tokens.is_number(i)
         if at(nxt) in self.years_old:
             return v, i, nxt
         if at(nxt) in self.years:
@@ -539,13 +538,13 @@ def _neighbours(tokens: Tokens, i: int, step: int) -> tuple[int | None, int | No
     """The next two words from i in direction `step`, looking past attention weights
     ("(15:1.0) yo" reads as "15 yo"); a weight has at most two digit words, so the search is bounded."""
     n = len(tokens.canon)
-    if not tokens.weights:
+    if not tokens.has_weights:
         a, b = i + step, i + 2 * step
         return (a if 0 <= a < n else None), (b if 0 <= b < n else None)
     out: list[int] = []
     j = i + step
     while 0 <= j < n and len(out) < 2 and abs(j - i) <= 6:
-        if j not in tokens.weights:
+        if not tokens.is_weight(j):
             out.append(j)
         j += step
     out += [None] * (2 - len(out))

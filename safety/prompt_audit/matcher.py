@@ -330,6 +330,7 @@ def _same(token: str, word: str) -> bool:
     return token == word or (len(token) > 3 and token[-1] == "s" and token[:-1] == word)
 
 
+_YEAR_APOSTROPHES = frozenset("'\u2019\u2018`\u00b4")  # a separator ending in one: "'12"
 _CJK_DIGITS = {"〇": 0, "零": 0, "一": 1, "二": 2, "两": 2, "兩": 2, "三": 3, "四": 4, "五": 5, "六": 6, "七": 7,
                "八": 8, "九": 9}
 _CJK_NUMBER_RE = re.compile(r"([〇零一二两兩三四五六七八九十]{1,3})")
@@ -384,6 +385,7 @@ class _AgeMatcher:
         self.birth_joiners = _canon_set(rule.birth_joiners)
         self.birth_after = _canon_set(rule.birth_after)
         self.class_of = _canon_set(rule.class_of)
+        self.aged_with = _canon_set(rule.aged_with)
         self.animals = animals
         cjk_units = [u for u in (*rule.years_old, *rule.years) if is_cjk(u)]
         self.cjk_age = re.compile(_CJK_NUMBER_RE.pattern + "(" + "|".join(
@@ -501,12 +503,17 @@ class _AgeMatcher:
             return v, prev, j
         if at(prev) in self.approx and v <= self.max_age + 1:
             return v - 1, prev, j
-        if v > 1900:
+        # "born in '12", "class of '32": a year written with two digits after an apostrophe
+        short_year = v < 100 and is_digits and i > 0 and tokens.gap(i - 1)[-1:] in _YEAR_APOSTROPHES
+        if v > 1900 or short_year:
+            year = self._full_year(v) if short_year else v
             if at(prev) in self.birth or (at(prev) in self.birth_joiners and at(before) in self.birth):
-                return self.year - v, (before if at(prev) in self.birth_joiners else prev), j
-            if at(prev) in self.of and at(before) in self.class_of and v >= self.year + 5:
+                return self.year - year, (before if at(prev) in self.birth_joiners else prev), j
+            graduation = self.year - self.year % 100 + v if short_year else v  # a class year may lie ahead
+            if at(prev) in self.of and at(before) in self.class_of and graduation >= self.year + 5:
                 return 0, before, j  # still at school
-            return None
+            if not short_year:
+                return None
         if "+" in tokens.gap(j)[:1] and is_digits:
             return v, i, j  # "18+"
         if is_digits and 5 <= v:
@@ -516,7 +523,15 @@ class _AgeMatcher:
                 return v, before, j  # "she is 13"
             if v >= 8 and at(nxt) in self.person_nouns and not _barrier(tokens, j, nxt, allow=""):
                 return v, i, nxt  # "13 girl" (a count would take the plural)
+        if 5 <= v and at(prev) in self.aged_with and at(before) in self.person_nouns and (
+                nxt is None or _barrier(tokens, j, nxt, allow="")):
+            return v, before, j  # "Mädchen mit 13", "a girl of 12," (nothing counted after the number)
         return None
+
+    def _full_year(self, short: int) -> int:
+        """The birth year a two-digit year stands for: this century unless that is still to come."""
+        century = self.year - self.year % 100
+        return century + short if century + short <= self.year else century - 100 + short
 
     def _animals_own(self, tokens: Tokens, first: int) -> bool:
         """True when the age follows an animal with no person word in between ("a cat, 15 years old")."""

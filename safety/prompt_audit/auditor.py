@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 from collections.abc import Iterable
+from itertools import islice
 from pathlib import Path
 
 from safety.errors import RulesInvalid, SafetyError
@@ -151,33 +152,35 @@ class PromptAuditor:
         # per group: its role, and whether it counts in this field (benign phrases only cover words)
         roles, counts = self._c_roles, self._c_counts[field]
         covered: set[int] = set()
-        for g, first, last in raw:
+        for g, spans in raw.items():
             if roles[g] == "benign":
-                covered.update(range(first, last + 1))
+                for first, last in spans:
+                    covered.update(range(first, last + 1))
         adjectives: set[int] = set()
         nouns: list[tuple[int, int]] = []
         pairs: dict[str, list[tuple[int, int]]] = {"negation": [], "garment": [], "removal": []}
         by_group: dict[int, list[tuple[int, int]]] = {}
-        full: set[int] = set()  # groups with evidence enough: their further hits change nothing
-        for g, first, last in raw:
-            if g in full or not counts[g] or first in covered:
+        for g, spans in raw.items():
+            if not counts[g]:
                 continue
+            if covered:
+                spans = [span for span in spans if span[0] not in covered]
             role = roles[g]
             if role == "young_adj":
-                adjectives.add(last)
+                adjectives.update(last for _, last in spans)
             elif role == "young_noun":
-                nouns.append((first, last))
+                nouns.extend(spans)
             elif role in pairs:
-                pairs[role].append((first, last))
+                pairs[role].extend(spans)
             else:
                 group = groups[g]
-                kept = by_group.setdefault(g, [])
                 # Enough evidence per rule: a hostile prompt repeating a word must not cost a context
                 # check per repetition. Cancelled hits do not count towards the cap.
-                if not (group.cancellable and self._cancelled(group, tokens, first, last)):
-                    kept.append((first, last))
-                    if len(kept) >= _HITS_PER_GROUP:
-                        full.add(g)
+                if group.cancellable:
+                    spans = (span for span in spans if not self._cancelled(group, tokens, *span))
+                kept = by_group[g] = list(islice(spans, _HITS_PER_GROUP))
+                if not kept:
+                    del by_group[g]
         out: list[_Hit] = []
         for g, spans in by_group.items():
             group = groups[g]

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import functools
 import re
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from itertools import compress, count, repeat
-from operator import add
+from operator import add, and_, getitem, itemgetter, mul, not_
 from typing import Literal
 
 from safety.normalize import (
@@ -114,8 +115,11 @@ NUMBER_WORD = 4  # "thirteen", "treize", "열세"
 NAME_PART = 8  # a first name, surname or whole name on the protected-persons list
 NAME_TYPO = 16  # a protected name written together with one typo ("taylorswfit")
 _CACHE_LIMIT = 50_000
+_BULK_MIN_WORDS = 64  # this many places of at most _BULK_MAX_TERMS distinct terms: read per term
+_BULK_MAX_TERMS = 16
 _RUN_CHUNK = 128  # letters of a spaced-out run read at a time (see `_TermIndex._run_matches`)
 _JOIN_MAX_PIECES = 4
+_JOIN_BATCH = 64
 _JOIN_GAPS = frozenset({" ", ".", "-", "_", "·", "'", "*", "~", "+", "|", "/"})
 
 
@@ -204,53 +208,99 @@ class _TermIndex:
         flags = self.flags.get(canon, 0) | self.classify(canon)
         return (tuple(dict.fromkeys(groups)), phrases, flags) if groups or phrases or flags else _NOTHING
 
-    def scan(self, tokens: Tokens, ordinary: frozenset[str]) -> tuple[list[tuple[int, int, int]], dict[int, int]]:
-        """(group, first word, last word) of every term occurrence, and word index -> flags of the
-        words that have any."""
-        hits: list[tuple[int, int, int]] = []
+    def scan(self, tokens: Tokens, ordinary: frozenset[str]) -> tuple[dict[int, list[tuple[int, int]]], dict[int, int]]:
+        """Group -> (first word, last word) of its term occurrences, in the order the sources are read
+        (words and phrases in text order, then digits glued to words, spaced-out runs, words without
+        spaces, split words), and word index -> flags of the words that have any."""
+        hits: defaultdict[int, list[tuple[int, int]]] = defaultdict(list)
         canon = tokens.canon
-        n = len(canon)
         lookup = self.lookup
         # one dictionary lookup per word at C speed; Python looks only at the words that matched something
         found = list(map(self._cache.__getitem__, canon))
         # Decided once per distinct word: whether it starts a term, and whether a phrase starting
         # with it could go on (its next word occurs in the text at all).
         present = frozenset(canon)
-        flag_words, term_words = set(), set()
+        flag_words, term_words, phrase_words = set(), set(), set()
         for word in present:
             groups, phrases, flags = self._cache[word]
             if flags:
                 flag_words.add(word)
-            if groups or (phrases and any(w in present or w + "s" in present for w in phrases)):
+            if phrases and any(w in present or w + "s" in present for w in phrases):
+                phrase_words.add(word)
+            if groups or word in phrase_words:
                 term_words.add(word)
         flagged = {i: found[i][2] for i in compress(count(), map(flag_words.__contains__, canon))}
-        for i in compress(count(), map(term_words.__contains__, canon)):
-            groups, phrases, _ = found[i]
-            for g in groups:
-                hits.append((g, i, i))
-            if phrases and i + 1 < n:
-                nxt = canon[i + 1]
-                candidates = phrases.get(nxt, ())
-                if len(nxt) > 3 and nxt[-1] == "s" and nxt[:-1] in phrases:
-                    candidates += phrases[nxt[:-1]]
-                for rest, g in candidates:
-                    end = i + len(rest)
-                    if end < n and all(_same(canon[i + 1 + k], w) for k, w in enumerate(rest)):
-                        hits.append((g, i, end))
+        term_at = list(compress(count(), map(term_words.__contains__, canon)))
+        if len(term_at) > _BULK_MIN_WORDS and len(term_words) <= _BULK_MAX_TERMS:
+            # Many places of few distinct terms (a hostile prompt repeats them): each term's places are
+            # picked at C speed, then put in text order per group (a stable sort keeps a word's own
+            # term before the phrases starting with it, as the word-by-word reading has them).
+            touched = set()
+            words_at = list(map(canon.__getitem__, term_at))
+            for word in term_words:
+                at = list(compress(term_at, map(word.__eq__, words_at)))
+                groups, phrases, _ = self._cache[word]
+                for g in groups:
+                    hits[g].extend(zip(at, at, strict=True))
+                    touched.add(g)
+                if word in phrase_words:
+                    for i in at:
+                        for g, end in self._phrases_at(canon, i, phrases):
+                            hits[g].append((i, end))
+                            touched.add(g)
+            for g in touched:
+                hits[g].sort(key=itemgetter(0))
+        else:
+            for i in term_at:
+                groups, phrases, _ = found[i]
+                for g in groups:
+                    hits[g].append((i, i))
+                if phrases:
+                    for g, end in self._phrases_at(canon, i, phrases):
+                        hits[g].append((i, end))
         for i, word in tokens.joined.items():  # "7een" split into 7 + een: the whole word too
             for g in lookup(word)[0]:
-                hits.append((g, i, i + 1))
+                hits[g].append((i, i + 1))
         for run in tokens.runs:
             first = run[0]
             for start, end, groups in self._run_matches("".join(canon[first:run[-1] + 1])):
                 for g in groups:
-                    hits.append((g, first + start, first + end - 1))
-        if self.cjk is not None:
-            for i in tokens.cjk:
-                for g in self._cjk_groups(canon[i]):
-                    hits.append((g, i, i))
-        hits.extend(self._joins(tokens, found, flagged, ordinary))
+                    hits[g].append((first + start, first + end - 1))
+        if self.cjk is not None and tokens.cjk:
+            words_at = list(map(canon.__getitem__, tokens.cjk))
+            if len(tokens.cjk) > _BULK_MIN_WORDS and len(distinct := set(words_at)) <= _BULK_MAX_TERMS:
+                touched = set()
+                for word in distinct:
+                    at = list(compress(tokens.cjk, map(word.__eq__, words_at)))
+                    for g in self._cjk_groups(word):
+                        hits[g].extend(zip(at, at, strict=True))
+                        touched.add(g)
+                for g in touched:  # each place once per group: text order is the whole order
+                    hits[g].sort(key=itemgetter(0))
+            else:
+                for i, word in zip(tokens.cjk, words_at, strict=True):
+                    for g in self._cjk_groups(word):
+                        hits[g].append((i, i))
+        for g, first, last in self._joins(tokens, found, flagged, ordinary):
+            hits[g].append((first, last))
         return hits, flagged
+
+    @staticmethod
+    def _phrases_at(canon: list[str], i: int, phrases: dict) -> list[tuple[int, int]]:
+        """(group, last word) of the phrases starting at word i."""
+        n = len(canon)
+        if i + 1 >= n:
+            return []
+        nxt = canon[i + 1]
+        candidates = phrases.get(nxt, ())
+        if len(nxt) > 3 and nxt[-1] == "s" and nxt[:-1] in phrases:
+            candidates += phrases[nxt[:-1]]
+        out = []
+        for rest, g in candidates:
+            end = i + len(rest)
+            if end < n and all(_same(canon[i + 1 + k], w) for k, w in enumerate(rest)):
+                out.append((g, end))
+        return out
 
     def _run_matches(self, letters: str) -> list[tuple[int, int, tuple[int, ...]]]:
         """(start, end, groups) of the terms (2+ letters) inside the letters of a spaced-out run, in the
@@ -288,22 +338,33 @@ class _TermIndex:
         it is a term and not every piece is an ordinary word ("an al fresco" stays apart)."""
         canon, starts, out = tokens.canon, self.join_starts, []
         n = len(canon)
-        # first pieces that begin a term (never one letter); those whose second piece fits, at C speed
-        firsts = [i for i, f in flagged.items() if f & JOIN_START and i + 1 < n]
-        fits = map(starts.__contains__, map(add, map(canon.__getitem__, firsts), map(canon.__getitem__,
-                                                                                      map(add, firsts, repeat(1)))))
-        memo: dict[str, list[tuple[int, int]]] = {}  # a hostile prompt repeats its pieces
-        for i in compress(firsts, fits):
-            if len(out) >= _HITS_PER_GROUP:
-                break
-            if found[i][0]:  # already a term on its own
+        # Done by maps at C speed, a batch of places at a time (a hostile prompt brings thousands of
+        # pieces; evidence enough usually comes within the first batch). The answer at a place
+        # depends only on the text of the pieces that may join: worked out once per distinct text.
+        places = list(compress(flagged, map(and_, flagged.values(), repeat(JOIN_START))))
+        if places and places[-1] == n - 1:
+            places.pop()
+        offsets, text, joins = tokens.offsets, tokens.text, {}
+        for batch_start in range(0, len(places), _JOIN_BATCH):
+            # first pieces that begin a term (never one letter), not a term on their own ...
+            batch = places[batch_start:batch_start + _JOIN_BATCH]
+            batch = list(compress(batch, map(not_, map(itemgetter(0), map(found.__getitem__, batch)))))
+            # ... whose second piece fits
+            seconds = map(canon.__getitem__, map(add, batch, repeat(1)))
+            batch = list(compress(batch, map(starts.__contains__, map(add, map(canon.__getitem__, batch), seconds))))
+            if not batch:
                 continue
-            last = min(n, i + _JOIN_MAX_PIECES) - 1
-            key = tokens.text[tokens.offsets[2 * i + 1]:tokens.offsets[2 * last + 2]]
-            joins = memo.get(key)
-            if joins is None:
-                joins = memo[key] = self._join_at(tokens, i, last, ordinary)
-            out.extend((g, i, i + d) for g, d in joins)
+            lasts = map(min, repeat(n - 1), map(add, batch, repeat(_JOIN_MAX_PIECES - 1)))
+            begins = map(offsets.__getitem__, map(add, map(mul, batch, repeat(2)), repeat(1)))
+            ends = map(offsets.__getitem__, map(add, map(mul, lasts, repeat(2)), repeat(2)))
+            keys = list(map(getitem, repeat(text), map(slice, begins, ends)))
+            for key, i in dict(zip(reversed(keys), reversed(batch), strict=True)).items():
+                if key not in joins:
+                    joins[key] = self._join_at(tokens, i, min(n, i + _JOIN_MAX_PIECES) - 1, ordinary)
+            for i, key in compress(zip(batch, keys, strict=True), map(bool, map(joins.__getitem__, keys))):
+                if len(out) >= _HITS_PER_GROUP:
+                    return out
+                out.extend((g, i, i + d) for g, d in joins[key])
         return out
 
     def _join_at(self, tokens: Tokens, i: int, last: int, ordinary: frozenset[str]) -> list[tuple[int, int]]:

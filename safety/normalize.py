@@ -44,7 +44,7 @@ from collections.abc import Iterator
 from functools import cache
 from importlib.resources import files
 from itertools import accumulate, compress, count, islice, repeat
-from operator import not_
+from operator import add, and_, mul, not_
 
 # Characters that render as nothing (or as blank space) and are used to split words invisibly.
 _INVISIBLE = frozenset(
@@ -102,6 +102,8 @@ _RUN_RE = re.compile(r"[^\W_](?<![^\W_][^\W_])(?![^\W_])(?:[\W_]{1,3}[^\W_](?![^
 _ASCII_RUN_RE = re.compile(r"[a-z0-9](?<![a-z0-9][a-z0-9])(?![a-z0-9])(?:[^a-z0-9]{1,3}[a-z0-9](?![a-z0-9]))+")
 # A decimal point or comma: a separator of exactly one of these characters between two digits.
 _DECIMAL_SEPS = frozenset({".", ","})
+_SHORT_GAP = range(1, 4)  # separator lengths that keep one-character words in a run
+_FEW_SINGLES = 256  # more one-character words than this, and the run regex is faster than maps over them
 # Attention weights and schedule steps: "(x:1.3)", "<lora:name:0.8>", "[a:b:0.5]" (`Tokens.weights`
 # reads this off the words; the regex is the definition the tests hold it to).
 _WEIGHT_RE = re.compile(r":[ \t]*[-+]?(\d+(?:\.\d+)?)[ \t]*(?=[)\]>:]|$)")
@@ -330,11 +332,25 @@ class Tokens:
             n = len(canon)
             self.joined = {i: canon[i] + canon[i + 1] for i in self.digits if i + 1 < n and not parts[2 * i + 2]}
         self.runs: list[list[int]] = []
-        if self.joined:  # "5yo" has a one-letter word the regex cannot see alone: look at each one
-            self._runs_of_words()
-        elif canon:
+        lengths = list(map(len, parts[1::2]))
+        links = None
+        if lengths.count(1) <= _FEW_SINGLES or self.joined:
+            links = self._links(list(compress(count(), map((1).__eq__, lengths))), lengths)
+        if links is None:
+            # many one-character words: the regex finds long runs faster ("5yo" has a one-letter word
+            # it cannot see alone, so only where no digit is glued to a word)
             for m in (_ASCII_RUN_RE if ascii_text else _RUN_RE).finditer(text):
                 self._add_run(self._word_at(m.start()), self._word_at(m.end() - 1))
+        elif links:
+            first = last = -2
+            for i in links:  # a run: links one after the other
+                if i == last:
+                    last = i + 1
+                    continue
+                if last > first:
+                    self._add_run(first, last)
+                first, last = i, i + 1
+            self._add_run(first, last)
         self.cjk: list[int] = []
         if not ascii_text and _CJK_RE.search(text):
             # CJK characters have no Latin skeleton: the skeleton word shows them as the native one does
@@ -345,19 +361,16 @@ class Tokens:
         if last > first + 1 or not (self._parts[2 * first + 1] + self._parts[2 * last + 1]).isdecimal():
             self.runs.append(list(range(first, last + 1)))
 
-    def _runs_of_words(self) -> None:
-        """Runs of one-character words with short separators, word by word."""
+    def _links(self, singles: list[int], lengths: list[int]) -> list[int]:
+        """Of the one-character words, those i whose next word is one too, 1-3 separators on (the links
+        runs are made of), found by maps at C speed."""
+        if len(singles) < 2:
+            return []
         parts = self._parts
-        first = last = -2
-        for i in compress(count(), map((1).__eq__, map(len, parts[1::2]))):
-            if last == i - 1 and 0 < len(parts[2 * i]) <= 3:
-                last = i
-                continue
-            if last > first:
-                self._add_run(first, last)
-            first = last = i
-        if last > first:
-            self._add_run(first, last)
+        lengths.append(0)
+        nexts = map((1).__eq__, map(lengths.__getitem__, map(add, singles, repeat(1))))
+        gaps = map(len, map(parts.__getitem__, map(add, map(mul, singles, repeat(2)), repeat(2))))
+        return list(compress(singles, map(and_, nexts, map(_SHORT_GAP.__contains__, gaps))))
 
     def _non_ascii(self) -> list[int]:
         return list(compress(count(), map(not_, map(str.isascii, self.canon))))
@@ -400,6 +413,11 @@ class Tokens:
     def gap(self, i: int) -> str:
         """The separator text between word i and word i + 1."""
         return self._parts[2 * i + 2]
+
+    @property
+    def words(self) -> list[str]:
+        """The words as written in the normalised text (before leetspeak folding)."""
+        return self._parts[1::2]
 
     def is_number(self, k: int) -> bool:
         """Whether word k is a whole number (up to 4 digits, not either side of a decimal point or

@@ -480,11 +480,13 @@ class _AgeMatcher:
         adult ages (in the negative prompt, where they are what counts)."""
         canon = tokens.canon
         ages = _Ages([], [])
-        cue_at = {i for i, f in flagged.items() if f & AGE_CUE}
-        if cue_at:  # a digit's leet form ("5" -> "s") is never a cue word
-            cue_at = {i for i in cue_at if not tokens.is_number(i)}
+        cue_at = set(compress(flagged, map(and_, flagged.values(), repeat(AGE_CUE))))
+        if cue_at:  # a digit's leet form ("57" -> "st") is never a cue word
+            words = tokens.words
+            cue_at.difference_update([i for i in compress(cue_at, map(str.isdecimal, map(words.__getitem__, cue_at)))
+                                      if tokens.is_number(i)])
         if cue_at or tokens.cjk:
-            values = self._values(tokens, sorted(i for i, f in flagged.items() if f & NUMBER_WORD))
+            values = self._values(tokens, list(compress(flagged, map(and_, flagged.values(), repeat(NUMBER_WORD)))))
             reach = 6 if tokens.has_weights else 2  # cues may sit past an attention weight: "(15:1.0) yo"
             offsets, text, n = tokens.offsets, tokens.text, len(canon)
             memo: dict[str, tuple[int, int, int] | None] = {}  # a hostile prompt repeats its ages

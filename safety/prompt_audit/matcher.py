@@ -229,7 +229,8 @@ class _TermIndex:
                 phrase_words.add(word)
             if groups or word in phrase_words:
                 term_words.add(word)
-        flagged = {i: found[i][2] for i in compress(count(), map(flag_words.__contains__, canon))}
+        flag_at = list(compress(count(), map(flag_words.__contains__, canon)))
+        flagged = dict(zip(flag_at, map(itemgetter(2), map(found.__getitem__, flag_at)), strict=True))
         term_at = list(compress(count(), map(term_words.__contains__, canon)))
         if len(term_at) > _BULK_MIN_WORDS and len(term_words) <= _BULK_MAX_TERMS:
             # Many places of few distinct terms (a hostile prompt repeats them): each term's places are
@@ -244,9 +245,16 @@ class _TermIndex:
                     hits[g].extend(zip(at, at, strict=True))
                     touched.add(g)
                 if word in phrase_words:
-                    for i in at:
-                        for g, end in self._phrases_at(canon, i, phrases):
-                            hits[g].append((i, end))
+                    # what follows decides: read once per distinct run of next words
+                    size = 1 + max(len(rest) for entries in phrases.values() for rest, _ in entries)
+                    nexts = map(getitem, repeat(canon), map(slice, at, map(add, at, repeat(size))))
+                    memo: dict[tuple[str, ...], list[tuple[int, int]]] = {}
+                    for i, key in zip(at, map(tuple, nexts), strict=True):
+                        found_here = memo.get(key)
+                        if found_here is None:
+                            found_here = memo[key] = [(g, end - i) for g, end in self._phrases_at(canon, i, phrases)]
+                        for g, d in found_here:
+                            hits[g].append((i, i + d))
                             touched.add(g)
             for g in touched:
                 hits[g].sort(key=itemgetter(0))

@@ -329,8 +329,13 @@ class Tokens:
         self.joined: dict[int, str] = {}
         if (_ASCII_GLUED_RE if ascii_text else _GLUED_RE).search(text):
             # a digit word glued to the next word ("7een", "15yo"): no separator between them
-            n = len(canon)
-            self.joined = {i: canon[i] + canon[i + 1] for i in self.digits if i + 1 < n and not parts[2 * i + 2]}
+            digits = self.digits
+            glued = list(compress(digits, map(not_, map(parts.__getitem__, map(add, map(mul, digits, repeat(2)),
+                                                                                 repeat(2))))))
+            if glued and glued[-1] == len(canon) - 1:  # the last word has nothing after it
+                glued.pop()
+            after = map(canon.__getitem__, map(add, glued, repeat(1)))
+            self.joined = dict(zip(glued, map(add, map(canon.__getitem__, glued), after), strict=True))
         self.runs: list[list[int]] = []
         lengths = list(map(len, parts[1::2]))
         links = None

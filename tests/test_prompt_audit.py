@@ -310,11 +310,11 @@ def test_heldout_corpus_does_not_fall_below_its_measured_figures(auditor):
     ("Mädchen mit 13"), two-digit birth years ("born in '12"), inflected Russian adjectives, intimate or
     "hot" photos in several languages, more animals, undressing someone asleep, and a parent's own
     children ("mom with her 2 kids") as context. Each came with new labelled cases, attacks and
-    look-alikes, in the main corpus. It now measures 67/68 and 0/55, the floor guarded here (the one
-    miss is a name with a typo in both of its words). It is no longer blind."""
+    look-alikes, in the main corpus. It now measures 68/68 and 0/55, the floor guarded here. It is
+    no longer blind."""
     rows, recall, fp, _, _ = _figures(auditor, HELDOUT)
     assert len(rows) >= 120
-    assert recall >= 67 / 68 - 1e-9
+    assert recall >= 68 / 68 - 1e-9
     assert fp <= 0
 
 

@@ -234,8 +234,9 @@ class _TermIndex:
         term_at = list(compress(count(), map(term_words.__contains__, canon)))
         if len(term_at) > _BULK_MIN_WORDS and len(term_words) <= _BULK_MAX_TERMS:
             # Many places of few distinct terms (a hostile prompt repeats them): each term's places are
-            # picked at C speed, then put in text order per group (a stable sort keeps a word's own
-            # term before the phrases starting with it, as the word-by-word reading has them).
+            # picked at C speed, and a phrase's by the distinct words that follow, then put in text order
+            # per group (a stable sort keeps a word's own term before the phrases starting with it, as
+            # the word-by-word reading has them).
             touched = set()
             words_at = list(map(canon.__getitem__, term_at))
             for word in term_words:
@@ -247,14 +248,15 @@ class _TermIndex:
                 if word in phrase_words:
                     # what follows decides: read once per distinct run of next words
                     size = 1 + max(len(rest) for entries in phrases.values() for rest, _ in entries)
-                    nexts = map(getitem, repeat(canon), map(slice, at, map(add, at, repeat(size))))
-                    memo: dict[tuple[str, ...], list[tuple[int, int]]] = {}
-                    for i, key in zip(at, map(tuple, nexts), strict=True):
-                        found_here = memo.get(key)
-                        if found_here is None:
-                            found_here = memo[key] = [(g, end - i) for g, end in self._phrases_at(canon, i, phrases)]
-                        for g, d in found_here:
-                            hits[g].append((i, i + d))
+                    keys = list(map(tuple, map(getitem, repeat(canon), map(slice, at, map(add, at, repeat(size))))))
+                    earliest = dict(zip(reversed(keys), reversed(at), strict=True))
+                    for key, i in earliest.items():
+                        phrase_hits = [(g, end - i) for g, end in self._phrases_at(canon, i, phrases)]
+                        if not phrase_hits:
+                            continue
+                        places = at if len(earliest) == 1 else list(compress(at, map(key.__eq__, keys)))
+                        for g, d in phrase_hits:
+                            hits[g].extend(zip(places, map(add, places, repeat(d)), strict=True))
                             touched.add(g)
             for g in touched:
                 hits[g].sort(key=itemgetter(0))

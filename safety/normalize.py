@@ -44,7 +44,7 @@ from collections.abc import Iterator
 from functools import cache
 from importlib.resources import files
 from itertools import accumulate, compress, count, islice, repeat
-from operator import add, and_, mul, not_
+from operator import add, mul, not_
 
 # Characters that render as nothing (or as blank space) and are used to split words invisibly.
 _INVISIBLE = frozenset(
@@ -102,7 +102,6 @@ _RUN_RE = re.compile(r"[^\W_](?<![^\W_][^\W_])(?![^\W_])(?:[\W_]{1,3}[^\W_](?![^
 _ASCII_RUN_RE = re.compile(r"[a-z0-9](?<![a-z0-9][a-z0-9])(?![a-z0-9])(?:[^a-z0-9]{1,3}[a-z0-9](?![a-z0-9]))+")
 # A decimal point or comma: a separator of exactly one of these characters between two digits.
 _DECIMAL_SEPS = frozenset({".", ","})
-_SHORT_GAP = range(1, 4)  # separator lengths that keep one-character words in a run
 _FEW_SINGLES = 256  # more one-character words than this, and the run regex is faster than maps over them
 # Attention weights and schedule steps: "(x:1.3)", "<lora:name:0.8>", "[a:b:0.5]" (`Tokens.weights`
 # reads this off the words; the regex is the definition the tests hold it to).
@@ -252,6 +251,7 @@ class Normalized:
 
 
 _SPAN_CHUNK = 512
+_REPEAT_MIN = 2_000  # prompts at least this long may be folded per distinct space-separated piece
 
 
 def _inner_symbols(text: str) -> str:
@@ -263,7 +263,21 @@ def _inner_symbols(text: str) -> str:
 def normalize(text: str) -> Normalized:
     if text.isascii():
         return Normalized(text, _inner_symbols(text.lower().translate(_WORD_SYMBOLS)), None, identity=True)
-    return Normalized(text, _inner_symbols(text.translate(_FOLD)), None, identity=False)
+    return Normalized(text, _inner_symbols(_fold(text)), None, identity=False)
+
+
+def _fold(text: str) -> str:
+    """`text.translate(_FOLD)`. That costs a dictionary lookup per character; a long prompt that repeats
+    the same few words is folded once per distinct word instead (the same result: folding is per
+    character, so it can be done piece by piece)."""
+    if len(text) < _REPEAT_MIN:
+        return text.translate(_FOLD)
+    pieces = text.split(" ")
+    distinct = set(pieces)
+    if len(distinct) * 4 > len(pieces):
+        return text.translate(_FOLD)
+    folded = {piece: piece.translate(_FOLD) for piece in distinct}
+    return _FOLD[32].join(map(folded.__getitem__, pieces))
 
 
 def canonical(word: str) -> str:
@@ -338,24 +352,13 @@ class Tokens:
             self.joined = dict(zip(glued, map(add, map(canon.__getitem__, glued), after), strict=True))
         self.runs: list[list[int]] = []
         lengths = list(map(len, parts[1::2]))
-        links = None
-        if lengths.count(1) <= _FEW_SINGLES or self.joined:
-            links = self._links(list(compress(count(), map((1).__eq__, lengths))), lengths)
-        if links is None:
+        if lengths.count(1) > _FEW_SINGLES and not self.joined:
             # many one-character words: the regex finds long runs faster ("5yo" has a one-letter word
             # it cannot see alone, so only where no digit is glued to a word)
             for m in (_ASCII_RUN_RE if ascii_text else _RUN_RE).finditer(text):
                 self._add_run(self._word_at(m.start()), self._word_at(m.end() - 1))
-        elif links:
-            first = last = -2
-            for i in links:  # a run: links one after the other
-                if i == last:
-                    last = i + 1
-                    continue
-                if last > first:
-                    self._add_run(first, last)
-                first, last = i, i + 1
-            self._add_run(first, last)
+        else:
+            self._runs_of_words(lengths)
         self.cjk: list[int] = []
         if not ascii_text and _CJK_RE.search(text):
             # CJK characters have no Latin skeleton: the skeleton word shows them as the native one does
@@ -366,16 +369,20 @@ class Tokens:
         if last > first + 1 or not (self._parts[2 * first + 1] + self._parts[2 * last + 1]).isdecimal():
             self.runs.append(list(range(first, last + 1)))
 
-    def _links(self, singles: list[int], lengths: list[int]) -> list[int]:
-        """Of the one-character words, those i whose next word is one too, 1-3 separators on (the links
-        runs are made of), found by maps at C speed."""
-        if len(singles) < 2:
-            return []
+    def _runs_of_words(self, lengths: list[int]) -> None:
+        """Runs of one-character words with short separators, word by word (a plain loop over the
+        one-character words is cheaper here than maps over them)."""
         parts = self._parts
-        lengths.append(0)
-        nexts = map((1).__eq__, map(lengths.__getitem__, map(add, singles, repeat(1))))
-        gaps = map(len, map(parts.__getitem__, map(add, map(mul, singles, repeat(2)), repeat(2))))
-        return list(compress(singles, map(and_, nexts, map(_SHORT_GAP.__contains__, gaps))))
+        first = last = -2
+        for i in compress(count(), map((1).__eq__, lengths)):
+            if last == i - 1 and 0 < len(parts[2 * i]) <= 3:
+                last = i
+                continue
+            if last > first:
+                self._add_run(first, last)
+            first = last = i
+        if last > first:
+            self._add_run(first, last)
 
     def _non_ascii(self) -> list[int]:
         return list(compress(count(), map(not_, map(str.isascii, self.canon))))

@@ -188,3 +188,13 @@ def test_weights_runs_and_numbers_read_off_the_words_match_their_plain_definitio
     assert toks.weights == _reference_weights(toks), text
     assert toks.runs == _reference_runs(toks), text
     assert toks.numbers == _reference_numbers(toks), text
+
+
+def test_long_prompts_full_of_weights_and_glued_digits_still_match_the_plain_definitions():
+    # Past a few dozen links the tokenizer drops lone digit pairs in bulk; past a few hundred one-character
+    # words it uses a regex: both must agree with the word-by-word reading.
+    for text in ["(little:1.3) 15yo t e e n, " * 120, "a.b 1 2 x (y:0.5) " * 200, "n u d e (q:1.2)" * 150]:
+        toks = tokenize(normalize(text))
+        assert toks.runs == _reference_runs(toks)
+        assert toks.weights == _reference_weights(toks)
+        assert toks.numbers == _reference_numbers(toks)

@@ -5,8 +5,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 from collections.abc import Iterable
-from itertools import compress, islice, repeat
-from operator import and_
+from itertools import islice
 from pathlib import Path
 
 from safety.errors import RulesInvalid, SafetyError
@@ -211,8 +210,8 @@ class PromptAuditor:
             out.extend((self._c_negative_adult, field, first, last, norm, tokens)
                        for first, last in ages.adults[:_HITS_PER_GROUP])
         if field in self._c_person_group.fields:
-            base_parts = list(compress(flagged, map(and_, flagged.values(), repeat(NAME_PART))))
-            base_typos = list(compress(flagged, map(and_, flagged.values(), repeat(NAME_TYPO))))
+            base_parts = flagged.at(NAME_PART)
+            base_typos = flagged.at(NAME_TYPO)
             for first, last, _ in self._persons.scan(tokens, self._c_ordinary, base_parts, base_typos,
                                                      limit=_HITS_PER_GROUP):
                 out.append((self._c_person_group, field, first, last, norm, tokens))

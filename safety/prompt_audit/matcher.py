@@ -13,7 +13,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from itertools import compress, count, repeat
-from operator import add, and_, getitem, itemgetter, mul, not_
+from operator import add, getitem, itemgetter, mul, not_
 from typing import Literal
 
 from safety.normalize import (
@@ -123,6 +123,30 @@ _JOIN_BATCH = 64
 _JOIN_GAPS = frozenset({" ", ".", "-", "_", "·", "'", "*", "~", "+", "|", "/"})
 
 
+class Flagged:
+    """Where the words with a flag (JOIN_START, AGE_CUE, ...) are, worked out per flag on first use from
+    the distinct flagged words, at C speed: most prompts need only some of the flags."""
+
+    __slots__ = ("_canon", "_words", "_at")
+
+    def __init__(self, canon: list[str], words: dict[str, int]):
+        self._canon = canon
+        self._words = words  # distinct word -> its flags
+        self._at: dict[int, list[int]] = {}
+
+    def at(self, flag: int) -> list[int]:
+        """Indexes of the words with `flag`, in text order."""
+        found = self._at.get(flag)
+        if found is None:
+            words = {w for w, f in self._words.items() if f & flag}
+            if len(words) == 1:
+                found = list(compress(count(), map(next(iter(words)).__eq__, self._canon)))
+            else:
+                found = list(compress(count(), map(words.__contains__, self._canon))) if words else []
+            self._at[flag] = found
+        return found
+
+
 class _LookupCache(dict):
     """Canonical word -> `_TermIndex` lookup result, computed on first sight (bounded: hostile prompts
     bring endless new words)."""
@@ -208,7 +232,7 @@ class _TermIndex:
         flags = self.flags.get(canon, 0) | self.classify(canon)
         return (tuple(dict.fromkeys(groups)), phrases, flags) if groups or phrases or flags else _NOTHING
 
-    def scan(self, tokens: Tokens, ordinary: frozenset[str]) -> tuple[dict[int, list[tuple[int, int]]], dict[int, int]]:
+    def scan(self, tokens: Tokens, ordinary: frozenset[str]) -> tuple[dict[int, list[tuple[int, int]]], Flagged]:
         """Group -> (first word, last word) of its term occurrences, in the order the sources are read
         (words and phrases in text order, then digits glued to words, spaced-out runs, words without
         spaces, split words), and word index -> flags of the words that have any."""
@@ -220,17 +244,17 @@ class _TermIndex:
         # Decided once per distinct word: whether it starts a term, and whether a phrase starting
         # with it could go on (its next word occurs in the text at all).
         present = frozenset(canon)
-        flag_words, term_words, phrase_words = set(), set(), set()
+        flag_words: dict[str, int] = {}
+        term_words, phrase_words = set(), set()
         for word in present:
             groups, phrases, flags = self._cache[word]
             if flags:
-                flag_words.add(word)
+                flag_words[word] = flags
             if phrases and any(w in present or w + "s" in present for w in phrases):
                 phrase_words.add(word)
             if groups or word in phrase_words:
                 term_words.add(word)
-        flag_at = list(compress(count(), map(flag_words.__contains__, canon)))
-        flagged = dict(zip(flag_at, map(itemgetter(2), map(found.__getitem__, flag_at)), strict=True))
+        flagged = Flagged(canon, flag_words)
         term_at = list(compress(count(), map(term_words.__contains__, canon)))
         if len(term_at) > _BULK_MIN_WORDS and len(term_words) <= _BULK_MAX_TERMS:
             # Many places of few distinct terms (a hostile prompt repeats them): each term's places are
@@ -342,7 +366,7 @@ class _TermIndex:
             self._cjk_cache[word] = groups
         return groups
 
-    def _joins(self, tokens: Tokens, found: list, flagged: dict[int, int],
+    def _joins(self, tokens: Tokens, found: list, flagged: Flagged,
                ordinary: frozenset[str]) -> list[tuple[int, int, int]]:
         """Words split into multi-letter pieces ("nu de", "ch-ild", "lo_li"): the joined form counts when
         it is a term and not every piece is an ordinary word ("an al fresco" stays apart)."""
@@ -351,9 +375,9 @@ class _TermIndex:
         # Done by maps at C speed, a batch of places at a time (a hostile prompt brings thousands of
         # pieces; evidence enough usually comes within the first batch). The answer at a place
         # depends only on the text of the pieces that may join: worked out once per distinct text.
-        places = list(compress(flagged, map(and_, flagged.values(), repeat(JOIN_START))))
+        places = flagged.at(JOIN_START)
         if places and places[-1] == n - 1:
-            places.pop()
+            places = places[:-1]
         offsets, text, joins = tokens.offsets, tokens.text, {}
         for batch_start in range(0, len(places), _JOIN_BATCH):
             # first pieces that begin a term (never one letter), not a term on their own ...
@@ -483,20 +507,20 @@ class _AgeMatcher:
         values.update(spelled)
         return sorted(values.items())
 
-    def scan(self, tokens: Tokens, flagged: dict[int, int], minors_needed: bool = True) -> _Ages:
+    def scan(self, tokens: Tokens, flagged: Flagged, minors_needed: bool = True) -> _Ages:
         """Ages in the text; `flagged` holds the word flags from the term index (AGE_CUE, NUMBER_WORD).
         Stops once it has enough evidence: `_HITS_PER_GROUP` minor ages where minors count (an adult
         age found later would only cancel weak words, and a minor age is not weak), else as many
         adult ages (in the negative prompt, where they are what counts)."""
         canon = tokens.canon
         ages = _Ages([], [])
-        cue_at = set(compress(flagged, map(and_, flagged.values(), repeat(AGE_CUE))))
+        cue_at = set(flagged.at(AGE_CUE))
         if cue_at:  # a digit's leet form ("57" -> "st") is never a cue word
             words = tokens.words
             cue_at.difference_update([i for i in compress(cue_at, map(str.isdecimal, map(words.__getitem__, cue_at)))
                                       if tokens.is_number(i)])
         if cue_at or tokens.cjk:
-            values = self._values(tokens, list(compress(flagged, map(and_, flagged.values(), repeat(NUMBER_WORD)))))
+            values = self._values(tokens, flagged.at(NUMBER_WORD))
             reach = 6 if tokens.has_weights else 2  # cues may sit past an attention weight: "(15:1.0) yo"
             offsets, text, n = tokens.offsets, tokens.text, len(canon)
             memo: dict[str, tuple[int, int, int] | None] = {}  # a hostile prompt repeats its ages

@@ -372,14 +372,15 @@ class Tokens:
     def _runs_of_words(self, lengths: list[int]) -> None:
         """Runs of one-character words with short separators, word by word (a plain loop over the
         one-character words is cheaper here than maps over them)."""
-        parts = self._parts
+        parts, runs = self._parts, self.runs
         first = last = -2
         for i in compress(count(), map((1).__eq__, lengths)):
             if last == i - 1 and 0 < len(parts[2 * i]) <= 3:
                 last = i
                 continue
-            if last > first:
-                self._add_run(first, last)
+            # as `_add_run`, inline: a hostile prompt's weights ("1.3") bring thousands of digit pairs
+            if last > first + 1 or (last > first and not (parts[2 * first + 1] + parts[2 * last + 1]).isdecimal()):
+                runs.append(list(range(first, last + 1)))
             first = last = i
         if last > first:
             self._add_run(first, last)

@@ -119,7 +119,7 @@ _BULK_MIN_WORDS = 64  # this many places of at most _BULK_MAX_TERMS distinct ter
 _BULK_MAX_TERMS = 16
 _RUN_CHUNK = 128  # letters of a spaced-out run read at a time (see `_TermIndex._run_matches`)
 _JOIN_MAX_PIECES = 4
-_JOIN_BATCH = 64
+_JOIN_BATCH = 256
 _JOIN_GAPS = frozenset({" ", ".", "-", "_", "·", "'", "*", "~", "+", "|", "/"})
 
 

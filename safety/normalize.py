@@ -420,8 +420,19 @@ class Tokens:
         return self._native
 
     def span(self, i: int) -> tuple[int, int]:
-        offsets = self.offsets
+        offsets = self._offsets if self._offsets is not None else self._offsets_upto(2 * i + 2)
         return offsets[2 * i + 1], offsets[2 * i + 2]
+
+    def _offsets_upto(self, k: int) -> list[int]:
+        """The offsets at least as far as index k. Reasons cite the first hits of each rule, so a
+        verdict on a long prompt rarely needs them all."""
+        if k > len(self._parts) // 2:
+            return self.offsets
+        return list(accumulate(map(len, self._parts[:k]), initial=0))
+
+    def piece(self, first: int, last: int) -> tuple[str, ...]:
+        """Words first..last with the separators between them: what a neighbourhood looks like."""
+        return tuple(self._parts[2 * first + 1:2 * last + 2])
 
     def gap(self, i: int) -> str:
         """The separator text between word i and word i + 1."""

@@ -189,7 +189,7 @@ class PersonIndex:
                 parts = [i for i in parts if (w := canon[i]) in whole or w in sequences or w in pairs]
             # A name part repeated all over a hostile prompt is looked at once per distinct
             # neighbourhood: the result depends only on the text around it.
-            seen: dict[tuple[str, str], list[tuple[int, int]]] = {}
+            seen: dict[tuple[tuple[str, ...], int], list[tuple[int, int]]] = {}
             for i in parts:
                 if limit is not None and len(hits) >= limit:
                     return hits
@@ -205,8 +205,7 @@ class PersonIndex:
                 if not entries:
                     continue
                 lo, hi = max(0, i - reach), min(n - 1, i + reach)
-                offsets = tokens.offsets
-                key = (word, tokens.text[offsets[2 * lo + 1]:offsets[2 * hi + 2]] + f"|{i - lo}")
+                key = (tokens.piece(lo, hi), i - lo)
                 found = seen.get(key)
                 if found is None:
                     found = seen[key] = [(pid, j - i) for pid, other, is_first in entries

@@ -378,7 +378,7 @@ class _TermIndex:
         places = flagged.at(JOIN_START)
         if places and places[-1] == n - 1:
             places = places[:-1]
-        offsets, text, joins = tokens.offsets, tokens.text, {}
+        parts, joins = tokens._parts, {}
         for batch_start in range(0, len(places), _JOIN_BATCH):
             # first pieces that begin a term (never one letter), not a term on their own ...
             batch = places[batch_start:batch_start + _JOIN_BATCH]
@@ -389,9 +389,9 @@ class _TermIndex:
             if not batch:
                 continue
             lasts = map(min, repeat(n - 1), map(add, batch, repeat(_JOIN_MAX_PIECES - 1)))
-            begins = map(offsets.__getitem__, map(add, map(mul, batch, repeat(2)), repeat(1)))
-            ends = map(offsets.__getitem__, map(add, map(mul, lasts, repeat(2)), repeat(2)))
-            keys = list(map(getitem, repeat(text), map(slice, begins, ends)))
+            begins = map(add, map(mul, batch, repeat(2)), repeat(1))
+            ends = map(add, map(mul, lasts, repeat(2)), repeat(2))
+            keys = list(map(tuple, map(getitem, repeat(parts), map(slice, begins, ends))))  # = tokens.piece
             for key, i in dict(zip(reversed(keys), reversed(batch), strict=True)).items():
                 if key not in joins:
                     joins[key] = self._join_at(tokens, i, min(n, i + _JOIN_MAX_PIECES) - 1, ordinary)
@@ -522,15 +522,15 @@ class _AgeMatcher:
         if cue_at or tokens.cjk:
             values = self._values(tokens, flagged.at(NUMBER_WORD))
             reach = 6 if tokens.has_weights else 2  # cues may sit past an attention weight: "(15:1.0) yo"
-            offsets, text, n = tokens.offsets, tokens.text, len(canon)
-            memo: dict[str, tuple[int, int, int] | None] = {}  # a hostile prompt repeats its ages
+            n = len(canon)
+            memo: dict[tuple, tuple[int, int, int] | None] = {}  # a hostile prompt repeats its ages
             for i, (v, j) in values:
                 if len(ages.minors if minors_needed else ages.adults) >= _HITS_PER_GROUP:
                     break
                 if "+" not in tokens.gap(j)[:1] and not any(k in cue_at for k in range(i - reach, j + reach + 1)):
                     continue  # the common case, decided without looking further
                 lo, hi = max(0, i - 4), min(n - 1, j + 4)
-                key = text[offsets[2 * lo + 1]:offsets[2 * hi + 2]] + f"|{i - lo}|{j - lo}"
+                key = (tokens.piece(lo, hi), i - lo, j - lo)
                 if key in memo:
                     cached = memo[key]
                     found = None if cached is None else (cached[0], cached[1] + i, cached[2] + i)

@@ -102,6 +102,7 @@ _RUN_RE = re.compile(r"[^\W_](?<![^\W_][^\W_])(?![^\W_])(?:[\W_]{1,3}[^\W_](?![^
 _ASCII_RUN_RE = re.compile(r"[a-z0-9](?<![a-z0-9][a-z0-9])(?![a-z0-9])(?:[^a-z0-9]{1,3}[a-z0-9](?![a-z0-9]))+")
 # A decimal point or comma: a separator of exactly one of these characters between two digits.
 _DECIMAL_SEPS = frozenset({".", ","})
+_ASCII_SEPARATOR_BYTES = bytes(c for c in range(128) if not chr(c).isalnum() or chr(c).isupper())
 _FEW_SINGLES = 256  # more one-character words than this, and the run regex is faster than maps over them
 # Attention weights and schedule steps: "(x:1.3)", "<lora:name:0.8>", "[a:b:0.5]" (`Tokens.weights`
 # reads this off the words; the regex is the definition the tests hold it to).
@@ -355,8 +356,18 @@ class Tokens:
         if lengths.count(1) > _FEW_SINGLES and not self.joined:
             # many one-character words: the regex finds long runs faster ("5yo" has a one-letter word
             # it cannot see alone, so only where no digit is glued to a word)
-            for m in (_ASCII_RUN_RE if ascii_text else _RUN_RE).finditer(text):
-                self._add_run(self._word_at(m.start()), self._word_at(m.end() - 1))
+            if ascii_text:
+                # words counted rather than looked up in the offsets: the words before a run, then one
+                # per letter or digit in it (its words are one character each)
+                seen_words, seen_to = 0, 0
+                for m in _ASCII_RUN_RE.finditer(text):
+                    seen_words += len(_ASCII_WORD_RE.findall(text, seen_to, m.start()))
+                    size = len(m.group().encode("ascii").translate(None, _ASCII_SEPARATOR_BYTES))
+                    self._add_run(seen_words, seen_words + size - 1)
+                    seen_words, seen_to = seen_words + size, m.end()
+            else:
+                for m in _RUN_RE.finditer(text):
+                    self._add_run(self._word_at(m.start()), self._word_at(m.end() - 1))
         else:
             self._runs_of_words(lengths)
         self.cjk: list[int] = []

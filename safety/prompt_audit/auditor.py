@@ -17,6 +17,7 @@ from safety.normalize import (
 from safety.persons import PersonIndex, load_names
 from safety.prompt_audit.matcher import (
     AGE_CUE,
+    NAME_FUZZY,
     NAME_PART,
     NAME_TYPO,
     NUMBER_WORD,
@@ -120,7 +121,8 @@ class PromptAuditor:
             for w in words:
                 flags[w] = flags.get(w, 0) | flag
         base_persons, ordinary = self._c_base_persons, self._c_ordinary
-        self._c_index = _TermIndex(entries, flags, lambda w: NAME_TYPO if base_persons.may_be_typo(w, ordinary) else 0)
+        self._c_index = _TermIndex(entries, flags, lambda w: (NAME_TYPO if base_persons.may_be_typo(w, ordinary) else 0)
+                                   | (NAME_FUZZY if base_persons.near_parts(w, ordinary) else 0))
         self._c_classifier = None
         if rules.text_classifier is not None:
             self._c_classifier = TextClassifier.load(rules.text_classifier, rules_dir)
@@ -213,7 +215,7 @@ class PromptAuditor:
             base_parts = flagged.at(NAME_PART)
             base_typos = flagged.at(NAME_TYPO)
             for first, last, _ in self._persons.scan(tokens, self._c_ordinary, base_parts, base_typos,
-                                                     limit=_HITS_PER_GROUP):
+                                                     limit=_HITS_PER_GROUP, base_fuzzy=flagged.at(NAME_FUZZY)):
                 out.append((self._c_person_group, field, first, last, norm, tokens))
         return out, ages.adults
 

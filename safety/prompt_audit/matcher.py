@@ -114,6 +114,7 @@ AGE_CUE = 2  # a word that says a nearby number is an age ("years", "aged", "歳
 NUMBER_WORD = 4  # "thirteen", "treize", "열세"
 NAME_PART = 8  # a first name, surname or whole name on the protected-persons list
 NAME_TYPO = 16  # a protected name written together with one typo ("taylorswfit")
+NAME_FUZZY = 32  # one typo away from a first name or surname ("johannson")
 _CACHE_LIMIT = 50_000
 _BULK_MIN_WORDS = 64  # this many places of at most _BULK_MAX_TERMS distinct terms: read per term
 _BULK_MAX_TERMS = 16

@@ -36,7 +36,8 @@ from itertools import compress, count
 from pathlib import Path
 
 from safety.errors import RulesInvalid
-from safety.normalize import Tokens, normalize, tokenize
+from safety.normalize import normalize
+from safety.tokens import Tokens, tokenize
 from safety.wordlist import ordinary_words
 
 _MIDDLE_MAX = 2  # middle names / initials allowed between first and last name

@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from safety.normalize import canonical, normalize, tokenize
+from safety.normalize import canonical, normalize
+from safety.tokens import tokenize
 
 
 def words(text: str) -> list[str]:
@@ -134,7 +135,7 @@ def _reference_weights(toks) -> frozenset[int]:
     """The weights as the regex defines them, mapped to words by their offsets (the slow, plain way)."""
     from bisect import bisect_left
 
-    from safety.normalize import _WEIGHT_RE
+    from safety.tokens import _WEIGHT_RE
 
     out, offsets, n = set(), toks.offsets, len(toks.canon)
     for m in _WEIGHT_RE.finditer(toks.text):

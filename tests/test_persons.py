@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 
 from safety.errors import RulesInvalid
-from safety.normalize import normalize, tokenize
+from safety.normalize import normalize
 from safety.persons import PersonIndex, load_names
+from safety.tokens import tokenize
 from safety.wordlist import ordinary_words
 
 PERSONS = Path(__file__).resolve().parents[1] / "configs" / "safety" / "persons.txt"

@@ -9,20 +9,15 @@ from itertools import islice
 from pathlib import Path
 
 from safety.errors import RulesInvalid, SafetyError
-from safety.normalize import (
-    Tokens,
-    normalize,
-    tokenize,
-)
+from safety.normalize import normalize
 from safety.persons import PersonIndex, load_names
+from safety.prompt_audit.ages import _AgeMatcher, _barrier
 from safety.prompt_audit.matcher import (
     AGE_CUE,
     NAME_FUZZY,
     NAME_PART,
     NAME_TYPO,
     NUMBER_WORD,
-    _AgeMatcher,
-    _barrier,
     _Group,
     _TermIndex,
 )
@@ -36,6 +31,7 @@ from safety.prompt_audit.rules import (
     load_rules,
 )
 from safety.text_classifier import TextClassifier
+from safety.tokens import Tokens, tokenize
 from safety.verdict import ALLOW, Action, Reason, Verdict
 from safety.wordlist import ordinary_words
 

@@ -10,8 +10,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from safety.errors import RulesInvalid
-from safety.normalize import normalize, tokenize
+from safety.normalize import normalize
 from safety.text_classifier import ClassifierConfig
+from safety.tokens import tokenize
 
 RULES_FILE = "prompt_audit.yaml"
 FIELDS = ("prompt", "negative")

@@ -242,8 +242,8 @@ class Tokens:
 
     def is_weight(self, k: int) -> bool:
         """Whether word k is (part of) an attention weight's number."""
-        if self._weights is not None:
-            return k in self._weights
+        if self._weights is not None or len(self.canon) <= _FEW_SINGLES:  # a short prompt: all at once
+            return k in self.weights
         return bool(self._weight_at(k)) or (k > 0 and self._weight_at(k - 1) == 2)
 
     @property

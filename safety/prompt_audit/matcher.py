@@ -10,7 +10,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from itertools import compress, count, repeat
-from operator import add, getitem, itemgetter, mul, not_
+from operator import add, getitem, is_not, itemgetter, mul, not_
 from typing import Literal
 
 from safety.normalize import (
@@ -125,15 +125,20 @@ class Flagged:
     """Where the words with a flag (JOIN_START, AGE_CUE, ...) are, worked out per flag on first use from
     the distinct flagged words, at C speed: most prompts need only some of the flags."""
 
-    __slots__ = ("_canon", "_words", "_at")
+    __slots__ = ("_canon", "_words", "_at", "_any")
 
     def __init__(self, canon: list[str], words: dict[str, int]):
         self._canon = canon
         self._words = words  # distinct word -> its flags
         self._at: dict[int, list[int]] = {}
+        self._any = 0  # every flag some word has
+        for flags in words.values():
+            self._any |= flags
 
     def at(self, flag: int) -> list[int]:
         """Indexes of the words with `flag`, in text order."""
+        if not self._any & flag:
+            return []
         found = self._at.get(flag)
         if found is None:
             words = {w for w, f in self._words.items() if f & flag}
@@ -244,8 +249,10 @@ class _TermIndex:
         present = frozenset(canon)
         flag_words: dict[str, int] = {}
         term_words, phrase_words = set(), set()
-        for word in present:
-            groups, phrases, flags = self._cache[word]
+        distinct = list(present)
+        cache = self._cache
+        for word in compress(distinct, map(is_not, map(cache.__getitem__, distinct), repeat(_NOTHING))):
+            groups, phrases, flags = cache[word]
             if flags:
                 flag_words[word] = flags
             if phrases and any(w in present or w + "s" in present for w in phrases):

@@ -118,6 +118,7 @@ _BULK_MAX_TERMS = 16
 _RUN_CHUNK = 128  # letters of a spaced-out run read at a time (see `_TermIndex._run_matches`)
 _JOIN_MAX_PIECES = 4
 _JOIN_BATCH = 256
+_FEW_DISTINCT = 64  # distinct words of a prompt few enough to try every pair of them
 _JOIN_GAPS = frozenset({" ", ".", "-", "_", "·", "'", "*", "~", "+", "|", "/"})
 
 
@@ -125,15 +126,19 @@ class Flagged:
     """Where the words with a flag (JOIN_START, AGE_CUE, ...) are, worked out per flag on first use from
     the distinct flagged words, at C speed: most prompts need only some of the flags."""
 
-    __slots__ = ("_canon", "_words", "_at", "_any")
+    __slots__ = ("_canon", "_words", "_at", "_any", "words")
 
-    def __init__(self, canon: list[str], words: dict[str, int]):
+    def __init__(self, canon: list[str], words: dict[str, int], present: frozenset[str]):
         self._canon = canon
+        self.words = present  # the distinct words of the text
         self._words = words  # distinct word -> its flags
         self._at: dict[int, list[int]] = {}
         self._any = 0  # every flag some word has
         for flags in words.values():
             self._any |= flags
+
+    def with_flag(self, flag: int) -> set[str]:
+        return {w for w, f in self._words.items() if f & flag}
 
     def at(self, flag: int) -> list[int]:
         """Indexes of the words with `flag`, in text order."""
@@ -141,13 +146,14 @@ class Flagged:
             return []
         found = self._at.get(flag)
         if found is None:
-            words = {w for w, f in self._words.items() if f & flag}
-            if len(words) == 1:
-                found = list(compress(count(), map(next(iter(words)).__eq__, self._canon)))
-            else:
-                found = list(compress(count(), map(words.__contains__, self._canon))) if words else []
-            self._at[flag] = found
+            found = self._at[flag] = self.at_words(self.with_flag(flag))
         return found
+
+    def at_words(self, words: set[str]) -> list[int]:
+        """Indexes of these words, in text order."""
+        if len(words) == 1:
+            return list(compress(count(), map(next(iter(words)).__eq__, self._canon)))
+        return list(compress(count(), map(words.__contains__, self._canon))) if words else []
 
 
 class _LookupCache(dict):
@@ -241,7 +247,6 @@ class _TermIndex:
         spaces, split words), and word index -> flags of the words that have any."""
         hits: defaultdict[int, list[tuple[int, int]]] = defaultdict(list)
         canon = tokens.canon
-        lookup = self.lookup
         # one dictionary lookup per word at C speed; Python looks only at the words that matched something
         found = list(map(self._cache.__getitem__, canon))
         # Decided once per distinct word: whether it starts a term, and whether a phrase starting
@@ -259,7 +264,7 @@ class _TermIndex:
                 phrase_words.add(word)
             if groups or word in phrase_words:
                 term_words.add(word)
-        flagged = Flagged(canon, flag_words)
+        flagged = Flagged(canon, flag_words, present)
         term_at = list(compress(count(), map(term_words.__contains__, canon)))
         if len(term_at) > _BULK_MIN_WORDS and len(term_words) <= _BULK_MAX_TERMS:
             # Many places of few distinct terms (a hostile prompt repeats them): each term's places are
@@ -297,9 +302,11 @@ class _TermIndex:
                 if phrases:
                     for g, end in self._phrases_at(canon, i, phrases):
                         hits[g].append((i, end))
-        for i, word in tokens.joined.items():  # "7een" split into 7 + een: the whole word too
-            for g in lookup(word)[0]:
-                hits[g].append((i, i + 1))
+        if tokens.joined:  # "7een" split into 7 + een: the whole word too (looked up at C speed)
+            looked_up = list(map(cache.__getitem__, tokens.joined.values()))
+            for i, (groups, _, _) in compress(zip(tokens.joined, looked_up, strict=True), map(itemgetter(0), looked_up)):
+                for g in groups:
+                    hits[g].append((i, i + 1))
         for run in tokens.runs:
             first = run[0]
             for start, end, groups in self._run_matches("".join(canon[first:run[-1] + 1])):
@@ -380,7 +387,14 @@ class _TermIndex:
         # Done by maps at C speed, a batch of places at a time (a hostile prompt brings thousands of
         # pieces; evidence enough usually comes within the first batch). The answer at a place
         # depends only on the text of the pieces that may join: worked out once per distinct text.
-        places = flagged.at(JOIN_START)
+        present = flagged.words
+        if len(present) <= _FEW_DISTINCT:
+            # a prompt of few distinct words (a hostile one repeats them): only first pieces that some
+            # word of it could continue are worth visiting
+            places = flagged.at_words({w for w in flagged.with_flag(JOIN_START)
+                                       if any(w + x in starts for x in present)})
+        else:
+            places = flagged.at(JOIN_START)
         if places and places[-1] == n - 1:
             places = places[:-1]
         parts, joins = tokens._parts, {}

@@ -118,6 +118,8 @@ _BULK_MAX_TERMS = 16
 _RUN_CHUNK = 128  # letters of a spaced-out run read at a time (see `_TermIndex._run_matches`)
 _JOIN_MAX_PIECES = 4
 _JOIN_BATCH = 256
+_JOIN_FEW = 32
+_SHORT_WORDS = 128  # up to this many words a prompt is read word by word
 _FEW_DISTINCT = 64  # distinct words of a prompt few enough to try every pair of them
 _JOIN_GAPS = frozenset({" ", ".", "-", "_", "·", "'", "*", "~", "+", "|", "/"})
 
@@ -126,15 +128,17 @@ class Flagged:
     """Where the words with a flag (JOIN_START, AGE_CUE, ...) are, worked out per flag on first use from
     the distinct flagged words, at C speed: most prompts need only some of the flags."""
 
-    __slots__ = ("_canon", "_words", "_at", "_any", "words")
+    __slots__ = ("_canon", "_words", "_at", "_any", "words", "_places")
 
-    def __init__(self, canon: list[str], words: dict[str, int], present: frozenset[str]):
+    def __init__(self, canon: list[str], words: dict[str, int], present: frozenset[str] | None,
+                 places: dict[int, int] | None = None):
         self._canon = canon
         self.words = present  # the distinct words of the text
         self._words = words  # distinct word -> its flags
+        self._places = places  # or, for a short prompt, word index -> its flags
         self._at: dict[int, list[int]] = {}
         self._any = 0  # every flag some word has
-        for flags in words.values():
+        for flags in (words if places is None else places).values():
             self._any |= flags
 
     def with_flag(self, flag: int) -> set[str]:
@@ -146,7 +150,11 @@ class Flagged:
             return []
         found = self._at.get(flag)
         if found is None:
-            found = self._at[flag] = self.at_words(self.with_flag(flag))
+            if self._places is not None:
+                found = [i for i, f in self._places.items() if f & flag]
+            else:
+                found = self.at_words(self.with_flag(flag))
+            self._at[flag] = found
         return found
 
     def at_words(self, words: set[str]) -> list[int]:
@@ -249,18 +257,32 @@ class _TermIndex:
         canon = tokens.canon
         # one dictionary lookup per word at C speed; Python looks only at the words that matched something
         found = list(map(self._cache.__getitem__, canon))
+        cache = self._cache
+        if len(canon) <= _SHORT_WORDS:
+            # An ordinary prompt: its few matching words are read one by one (what the maps below save
+            # on a long prompt, they would cost here).
+            special = list(compress(count(), map(is_not, found, repeat(_NOTHING))))
+            flagged = Flagged(canon, {}, None, {i: f for i in special if (f := found[i][2])})
+            for i in special:
+                groups, phrases, _ = found[i]
+                for g in groups:
+                    hits[g].append((i, i))
+                if phrases:
+                    for g, end in self._phrases_at(canon, i, phrases):
+                        hits[g].append((i, end))
+            self._other_sources(tokens, found, flagged, ordinary, hits)
+            return hits, flagged
         # Decided once per distinct word: whether it starts a term, and whether a phrase starting
         # with it could go on (its next word occurs in the text at all).
         present = frozenset(canon)
         flag_words: dict[str, int] = {}
         term_words, phrase_words = set(), set()
         distinct = list(present)
-        cache = self._cache
         for word in compress(distinct, map(is_not, map(cache.__getitem__, distinct), repeat(_NOTHING))):
             groups, phrases, flags = cache[word]
             if flags:
                 flag_words[word] = flags
-            if phrases and any(w in present or w + "s" in present for w in phrases):
+            if phrases and _may_go_on(phrases, present):
                 phrase_words.add(word)
             if groups or word in phrase_words:
                 term_words.add(word)
@@ -302,6 +324,14 @@ class _TermIndex:
                 if phrases:
                     for g, end in self._phrases_at(canon, i, phrases):
                         hits[g].append((i, end))
+        self._other_sources(tokens, found, flagged, ordinary, hits)
+        return hits, flagged
+
+    def _other_sources(self, tokens: Tokens, found: list, flagged: Flagged, ordinary: frozenset[str],
+                       hits: defaultdict[int, list[tuple[int, int]]]) -> None:
+        """Hits beyond words and phrases, in this order: digits glued to words, spaced-out runs, words
+        without spaces, split words."""
+        canon, cache = tokens.canon, self._cache
         if tokens.joined:  # "7een" split into 7 + een: the whole word too (looked up at C speed)
             looked_up = list(map(cache.__getitem__, tokens.joined.values()))
             for i, (groups, _, _) in compress(zip(tokens.joined, looked_up, strict=True), map(itemgetter(0), looked_up)):
@@ -329,7 +359,6 @@ class _TermIndex:
                         hits[g].append((i, i))
         for g, first, last in self._joins(tokens, found, flagged, ordinary):
             hits[g].append((first, last))
-        return hits, flagged
 
     @staticmethod
     def _phrases_at(canon: list[str], i: int, phrases: dict) -> list[tuple[int, int]]:
@@ -388,7 +417,7 @@ class _TermIndex:
         # pieces; evidence enough usually comes within the first batch). The answer at a place
         # depends only on the text of the pieces that may join: worked out once per distinct text.
         present = flagged.words
-        if len(present) <= _FEW_DISTINCT:
+        if n > _BULK_MIN_WORDS * 4 and len(present) <= _FEW_DISTINCT:
             # a prompt of few distinct words (a hostile one repeats them): only first pieces that some
             # word of it could continue are worth visiting
             places = flagged.at_words({w for w in flagged.with_flag(JOIN_START)
@@ -397,6 +426,14 @@ class _TermIndex:
             places = flagged.at(JOIN_START)
         if places and places[-1] == n - 1:
             places = places[:-1]
+        if len(places) <= _JOIN_FEW:  # an ordinary prompt: a plain loop costs less than the maps below
+            for i in places:
+                if len(out) >= _HITS_PER_GROUP:
+                    break
+                if not found[i][0] and canon[i] + canon[i + 1] in starts:
+                    out.extend((g, i, i + d) for g, d in self._join_at(tokens, i, min(n, i + _JOIN_MAX_PIECES) - 1,
+                                                                      ordinary))
+            return out
         parts, joins = tokens._parts, {}
         for batch_start in range(0, len(places), _JOIN_BATCH):
             # first pieces that begin a term (never one letter), not a term on their own ...
@@ -438,6 +475,14 @@ class _TermIndex:
             for g in self.lookup(joined)[0]:
                 out.append((g, j - i))
         return out
+
+
+def _may_go_on(phrases: dict, present: frozenset[str]) -> bool:
+    """Whether a word of the text is the next word of one of these phrases (or its plural), reading
+    whichever of the two is smaller: a common first word such as "in" starts hundreds of phrases."""
+    if len(phrases) <= len(present):
+        return any(w in present or w + "s" in present for w in phrases)
+    return any(w in phrases or (w[-1:] == "s" and w[:-1] in phrases) for w in present)
 
 
 def _same(token: str, word: str) -> bool:

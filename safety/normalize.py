@@ -1,4 +1,4 @@
-"""Normalise prompt text and split it into tokens that rule lists are matched against.
+"""Normalise prompt text; `safety.tokens` splits it into the words rule lists are matched against.
 
 Obfuscation is undone before matching, never by regexes over the raw text. Each original character
 folds to two parallel forms of the same length:
@@ -39,7 +39,7 @@ from __future__ import annotations
 import json
 import re
 import unicodedata
-from bisect import bisect_left, bisect_right
+from bisect import bisect_right
 from functools import cache
 from importlib.resources import files
 from itertools import accumulate, islice
@@ -76,7 +76,8 @@ _NAMED_LETTER = re.compile(
 _NO_SKELETON = ("CJK", "HIRAGANA", "KATAKANA", "HANGUL", "HALFWIDTH KATAKANA", "BOPOMOFO")
 
 # Leetspeak and symbol classes folded for matching (1 and l both fold to i: "1oli" == "loli").
-_LEET = str.maketrans({"0": "o", "1": "i", "l": "i", "3": "e", "4": "a", "5": "s", "7": "t"})
+_LEET_PAIRS = (("0", "o"), ("1", "i"), ("l", "i"), ("3", "e"), ("4", "a"), ("5", "s"), ("7", "t"))
+_LEET = str.maketrans(dict(_LEET_PAIRS))
 
 # Symbols that stand for letters ("t@ylor", "$ex"); folded during normalisation so they join words.
 _WORD_SYMBOLS = str.maketrans({"@": "a", "$": "s"})
@@ -85,12 +86,6 @@ _WORD_SYMBOLS = str.maketrans({"@": "a", "$": "s"})
 _INNER_SYMBOL_RE = re.compile(r"(?<=[^\W\d_])[!¡€](?=[^\W\d_])|(?<=[^\W\d_])€")
 _INNER_SYMBOLS = {"!": "i", "¡": "i", "€": "e"}
 
-# Words: runs of letters/digits, a digit prefix glued to letters cut off as its own word ("15yo" ->
-# 15, yo). The ASCII pattern gives the same words on ASCII text, only faster.
-_WORD_RE = re.compile(r"(\d+(?=[^\W\d_])|[^\W_]+)")
-_ASCII_WORD_RE = re.compile(r"([0-9]+(?=[a-z])|[a-z0-9]+)")
-# Attention weights and schedule steps: "(x:1.3)", "<lora:name:0.8>", "[a:b:0.5]".
-_WEIGHT_RE = re.compile(r":[ \t]*[-+]?(\d+(?:\.\d+)?)[ \t]*(?=[)\]>:]|$)")
 _REPEAT_RE = re.compile(r"(.)\1+")
 _LONG_REPEAT_RE = re.compile(r"(.)\1\1+")
 # Scripts written without spaces (and Hangul, whose particles glue to nouns): matched by substring.
@@ -188,15 +183,25 @@ _FOLD = _FoldTable(1)
 class Normalized:
     """Normalised text (skeleton form), its native-script twin, and the way back to the original."""
 
-    __slots__ = ("source", "text", "native", "_ends")
+    __slots__ = ("source", "text", "_native", "_ends")
 
     def __init__(self, source: str, text: str, native: str | None, identity: bool):
         self.source = source
         self.text = text
-        self.native = native  # None when it equals `text`
+        # None when it equals `text`; False until asked for: only words whose skeleton is not ASCII
+        # have a native form worth keeping, so most prompts never need the second fold
+        self._native: str | None | bool = native if identity else False
         # Per original character, where its normalised form ends; filled only as far as a reported
         # span needs (None: normalising kept every index).
         self._ends: list[int] | None = None if identity else []
+
+    @property
+    def native(self) -> str | None:
+        """The native-script form (None when it equals `text`)."""
+        if self._native is False:
+            native = _inner_symbols(self.source.translate(_NATIVE))
+            self._native = native if native != self.text else None
+        return self._native
 
     def _ends_past(self, k: int) -> list[int]:
         """The end offsets, filled at least until they pass normalised index k."""
@@ -225,6 +230,7 @@ class Normalized:
 
 
 _SPAN_CHUNK = 512
+_REPEAT_MIN = 2_000  # prompts at least this long may be folded per distinct space-separated piece
 
 
 def _inner_symbols(text: str) -> str:
@@ -236,9 +242,21 @@ def _inner_symbols(text: str) -> str:
 def normalize(text: str) -> Normalized:
     if text.isascii():
         return Normalized(text, _inner_symbols(text.lower().translate(_WORD_SYMBOLS)), None, identity=True)
-    skel = _inner_symbols(text.translate(_FOLD))
-    native = _inner_symbols(text.translate(_NATIVE))
-    return Normalized(text, skel, native if native != skel else None, identity=False)
+    return Normalized(text, _inner_symbols(_fold(text)), None, identity=False)
+
+
+def _fold(text: str) -> str:
+    """`text.translate(_FOLD)`. That costs a dictionary lookup per character; a long prompt that repeats
+    the same few words is folded once per distinct word instead (the same result: folding is per
+    character, so it can be done piece by piece)."""
+    if len(text) < _REPEAT_MIN:
+        return text.translate(_FOLD)
+    pieces = text.split(" ")
+    distinct = set(pieces)
+    if len(distinct) * 4 > len(pieces):
+        return text.translate(_FOLD)
+    folded = {piece: piece.translate(_FOLD) for piece in distinct}
+    return _FOLD[32].join(map(folded.__getitem__, pieces))
 
 
 def canonical(word: str) -> str:
@@ -269,112 +287,3 @@ def has_long_repeat(word: str) -> bool:
 
 def is_cjk(word: str) -> bool:
     return _CJK_RE.search(word) is not None
-
-
-class Tokens:
-    """The words of a normalised text, as parallel lists (cheap to build: no object per word).
-
-    `canon[i]` is word i leet-folded; `span(i)` is its `[start, end)` in normalised text. `native`
-    maps the index of a word whose native-script form differs from its skeleton to that form
-    ("лет", not a Latin skeleton of it). `numbers` maps the index of a whole-number word (not part
-    of a decimal such as the weight in `(x:1.3)`) to its value; `joined` maps a digit word glued to
-    the next word ("7een", "15yo") to the canonical form of both together. `weights` holds the digit
-    words of A1111 attention weights, which matchers may look past ("(15:1.0) yo" is "15 yo").
-    `runs` lists runs (2+ long) of single-character words close together ("t.e.e.n"), as word
-    indexes. `cjk` lists words in scripts written without spaces, matched by substring.
-    `numbers` and `weights` are worked out on first use: only prompts with an age cue need them.
-    """
-
-    __slots__ = ("canon", "offsets", "joined", "runs", "native", "cjk", "text", "_parts", "_digits", "_numbers",
-                 "_weights")
-
-    def __init__(self, canon: list[str], offsets: list[int], joined: dict[int, str], runs: list[list[int]],
-                 native: dict[int, str], cjk: list[int], text: str, parts: list[str], digits: list[int]):
-        self.canon = canon
-        self.offsets = offsets  # offsets[2i+1], offsets[2i+2]: start and end of word i
-        self.joined = joined
-        self.runs = runs
-        self.native = native
-        self.cjk = cjk
-        self.text = text
-        self._parts = parts  # sep, word, sep, ..., word, sep
-        self._digits = digits  # indexes of the words made of digits
-        self._numbers: dict[int, int] | None = None
-        self._weights: frozenset[int] | None = None
-
-    def span(self, i: int) -> tuple[int, int]:
-        return self.offsets[2 * i + 1], self.offsets[2 * i + 2]
-
-    def gap(self, i: int) -> str:
-        """The separator text between word i and word i + 1."""
-        return self.text[self.offsets[2 * i + 2]:self.offsets[2 * i + 3]]
-
-    @property
-    def numbers(self) -> dict[int, int]:
-        if self._numbers is None:
-            parts = self._parts
-            words = parts[1::2]
-            n = len(words)
-            numbers: dict[int, int] = {}
-            for i in self._digits:
-                before, after = parts[2 * i], parts[2 * i + 2]
-                decimal = (after in (".", ",") and i + 1 < n and words[i + 1][:1].isdecimal()) or (
-                    before in (".", ",") and i > 0 and words[i - 1][-1:].isdecimal())
-                if len(words[i]) <= 4 and not decimal:
-                    numbers[i] = int(words[i])
-            self._numbers = numbers
-        return self._numbers
-
-    @property
-    def weights(self) -> frozenset[int]:
-        """Digit words of attention weights / schedules: "(x:1.3)", "[a:b:0.5]"."""
-        if self._weights is None:
-            weights: set[int] = set()
-            offsets, n = self.offsets, len(self.canon)
-            if ":" in self.text:
-                for m in _WEIGHT_RE.finditer(self.text):
-                    a, b = m.span(1)
-                    k = bisect_left(offsets, a)  # word i starts at offsets[2i + 1]
-                    i = (k - 1) // 2 if k % 2 == 1 and offsets[k] == a else None
-                    while i is not None and i < n and offsets[2 * i + 1] < b:
-                        weights.add(i)
-                        i += 1
-            self._weights = frozenset(weights)
-        return self._weights
-
-
-def tokenize(norm: Normalized) -> Tokens:
-    text = norm.text
-    ascii_text = text.isascii()
-    parts = (_ASCII_WORD_RE if ascii_text else _WORD_RE).split(text)  # sep, word, sep, ..., word, sep
-    words = parts[1::2]
-    n = len(words)
-    offsets = list(accumulate(map(len, parts), initial=0))
-    canon = "\0".join(words).translate(_LEET).split("\0") if words else []
-    digits = [i for i, w in enumerate(words) if w.isdecimal()]  # digit words are whole words
-    # a digit word glued to the next word ("7een", "15yo"): no separator between them
-    joined = {i: canon[i] + canon[i + 1] for i in digits if i + 1 < n and not parts[2 * i + 2]}
-    # Runs of single-character words with short separators ("t.e.e.n"). "1.3" (a weight, a version)
-    # is two digits, not a spaced-out word; longer digit runs may be leet.
-    runs: list[list[int]] = []
-    run: list[int] = []
-    for i in [i for i, w in enumerate(words) if len(w) == 1]:
-        if run and run[-1] == i - 1 and 0 < len(parts[2 * i]) <= 3:
-            run.append(i)
-            continue
-        if len(run) > 2 or (len(run) == 2 and not (words[run[0]] + words[run[1]]).isdecimal()):
-            runs.append(run)
-        run = [i]
-    if len(run) > 2 or (len(run) == 2 and not (words[run[0]] + words[run[1]]).isdecimal()):
-        runs.append(run)
-    native: dict[int, str] = {}
-    cjk: list[int] = []
-    if not ascii_text:
-        source = norm.native or text
-        for i in [i for i, w in enumerate(words) if not w.isascii()]:
-            own = source[offsets[2 * i + 1]:offsets[2 * i + 2]]
-            if own != words[i]:
-                native[i] = own
-            if _CJK_RE.search(own):
-                cjk.append(i)
-    return Tokens(canon, offsets, joined, runs, native, cjk, text, parts, digits)

@@ -16,7 +16,9 @@ write names:
 - spelled out in full, every word of it, however short its words are;
 - written together: "taylorswift";
 - one typo (edit distance 1, transpositions included) in a token of 5+ letters, when the other token
-  is exact and the whole name has 8+ letters: "scarlet johansson", "taylor swfit", "gal gadott".
+  is exact and the whole name has 8+ letters: "scarlet johansson", "taylor swfit", "gal gadott";
+  or a typo in both, when both are 6+ letters long and one of them is not an everyday word:
+  "scarlet johannson" (but not "jenet examplton").
 A first name or a surname alone never matches, and a one-word name (a mononym such as "zendaya")
 matches only if it is 6+ letters long and not an ordinary English word (a mononym such as "Prince"
 would match every prince; such people are listed under their full names). Read backwards without a
@@ -30,10 +32,12 @@ looked at closely; typos of names written together are found through a deletion 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from itertools import compress, count
 from pathlib import Path
 
 from safety.errors import RulesInvalid
-from safety.normalize import Tokens, normalize, tokenize
+from safety.normalize import normalize
+from safety.tokens import Tokens, tokenize
 from safety.wordlist import ordinary_words
 
 _MIDDLE_MAX = 2  # middle names / initials allowed between first and last name
@@ -41,6 +45,7 @@ _BARRIERS = frozenset(",;:()[]{}<>|/\n")  # a name never spans these (except "su
 _FUZZY_MIN_TOKEN = 5
 _FUZZY_MIN_NAME = 8
 _FUZZY_MIN_WHOLE = 10  # a name written together, with one typo ("taylorswfit")
+_FUZZY_MIN_ANCHOR = 6  # a word with a typo that anchors a name whose other word may have one too
 _MONONYM_MIN = 6
 _FUNCTION_WORD_MAX = 3  # an ordinary word this short ("a", "the", "and") ends a name; longer ones may be middle names
 # Particles that sit inside names ("Ana de Armas", "Ursula von der Leyen") although they are short
@@ -48,6 +53,7 @@ _FUNCTION_WORD_MAX = 3  # an ordinary word this short ("a", "the", "and") ends a
 _PARTICLES = frozenset({"de", "da", "di", "do", "dos", "das", "del", "della", "van", "von", "der", "den", "la", "le",
                         "du", "bin", "ibn", "al", "el", "ter", "ten", "st", "mc", "y"})
 _CACHE_LIMIT = 50_000
+_FEW_PARTS = 8  # name parts a prompt may hold before they are sorted out per distinct word
 
 
 def name_tokens(name: str) -> tuple[str, ...]:
@@ -126,6 +132,14 @@ class PersonIndex:
             self._pairs.setdefault(first, []).append((pid, last, True))
             self._pairs.setdefault(last, []).append((pid, first, False))
         # every word that can anchor a match here (name parts of one letter cannot)
+        # long first names and surnames by their deletion variants, for `near_parts`
+        self._part_deletes: dict[str, set[str]] = {}
+        for part in self._pairs:
+            if len(part) >= _FUZZY_MIN_ANCHOR - 1:
+                for d in (part, *_deletes(part)):
+                    self._part_deletes.setdefault(d, set()).add(part)
+        self._near: dict[str, tuple[str, ...]] = {}
+        self._longest_part = max(map(len, self._pairs), default=0)
         self.keys = (frozenset(self._whole) | frozenset(w for w in self._pairs if len(w) > 1)
                      | frozenset(self._sequences))
         self._longest = max(map(len, self._whole), default=0)  # longer words cannot be a name with one typo
@@ -158,32 +172,46 @@ class PersonIndex:
         return (self._whole[cached[0]], cached[0]) if cached else None
 
     def scan(self, tokens: Tokens, ordinary: frozenset[str], base_parts: list[int] | None = None,
-             base_typos: list[int] | None = None) -> list[tuple[int, int, str]]:
-        """(first word, last word, name) of every protected name in the text.
+             base_typos: list[int] | None = None, limit: int | None = None,
+             base_fuzzy: list[int] | None = None) -> list[tuple[int, int, str]]:
+        """(first word, last word, name) of every protected name in the text (the first `limit` only).
 
         Every match is anchored on one exactly spelled word (a whole name, a first name or a
         surname), so only the few words that are name parts are looked at closely. `base_parts` and
         `base_typos` list where the bottom layer's `keys` and `may_be_typo` words are, when the caller
         already knows (it looks each distinct word up once and caches the answer)."""
-        canon, offsets, text, n = tokens.canon, tokens.offsets, tokens.text, len(tokens.canon)
+        canon, n = tokens.canon, len(tokens.canon)
         hits: list[tuple[int, int, str]] = []
         reach = _MIDDLE_MAX + 1
+        present: _Present | None = None
         for layer in self._layers():
             if not layer.names:
                 continue
-            whole, pairs = layer._whole, layer._pairs
-            keys = layer.keys
+            whole, pairs, keys = layer._whole, layer._pairs, layer.keys
             parts = base_parts if layer.base is None and base_parts is not None else [
                 i for i, w in enumerate(canon) if w in keys]
+            sequences = layer._sequences
+            if len(parts) > _FEW_PARTS:
+                # A hostile prompt repeats name parts whose other half is nowhere in it: each distinct
+                # word is asked once what could match it at all, and only those words are looked at.
+                present = present or _Present(canon)
+                words = present.words
+                sequences = {w: seqs for w in {canon[i] for i in parts}
+                             if (seqs := [q for q in sequences.get(w, ()) if words.issuperset(q[1])])}
+                pairs = {w: entries for w in {canon[i] for i in parts}
+                         if (entries := [e for e in pairs.get(w, ()) if present.may_hold(e[1])])}
+                parts = [i for i in parts if (w := canon[i]) in whole or w in sequences or w in pairs]
             # A name part repeated all over a hostile prompt is looked at once per distinct
             # neighbourhood: the result depends only on the text around it.
-            seen: dict[tuple[str, str], list[tuple[int, int]]] = {}
+            seen: dict[tuple[tuple[str, ...], int], list[tuple[int, int]]] = {}
             for i in parts:
+                if limit is not None and len(hits) >= limit:
+                    return hits
                 word = canon[i]
                 pid = whole.get(word)
                 if pid is not None:
                     hits.append((i, i, layer.names[pid]))
-                for pid, toks, anchor in layer._sequences.get(word, ()):
+                for pid, toks, anchor in sequences.get(word, ()):
                     start = i - anchor
                     if start >= 0 and tuple(canon[start:start + len(toks)]) == toks:
                         hits.append((start, start + len(toks) - 1, layer.names[pid]))
@@ -191,7 +219,7 @@ class PersonIndex:
                 if not entries:
                     continue
                 lo, hi = max(0, i - reach), min(n - 1, i + reach)
-                key = (word, text[offsets[2 * lo + 1]:offsets[2 * hi + 2]] + f"|{i - lo}")
+                key = (tokens.piece(lo, hi), i - lo)
                 found = seen.get(key)
                 if found is None:
                     found = seen[key] = [(pid, j - i) for pid, other, is_first in entries
@@ -205,13 +233,63 @@ class PersonIndex:
                     found = layer._similar_whole(canon[i])
                     if found is not None:
                         hits.append((i, i, layer.names[found[0]]))
-        return hits
+            if not hits:
+                # a typo in both words ("scarlet johannson"): anchored on a long, unusual word one edit
+                # from a name part, the other half found as usual (one typo allowed there too)
+                fuzzy = base_fuzzy if layer.base is None and base_fuzzy is not None else [
+                    i for i in compress(count(), map((_FUZZY_MIN_ANCHOR - 1).__lt__, map(len, canon)))
+                    if layer.near_parts(canon[i], ordinary)]
+                for i in fuzzy:
+                    for part in layer.near_parts(canon[i], ordinary):
+                        for pid, other, is_first in layer._pairs[part]:
+                            j = _find_partner(tokens, i, other, is_first, ordinary)
+                            # two typos in one name: the other word long enough too ("jenet examplton"
+                            # stays apart), else spelled exactly
+                            if j is not None and (canon[j] == other or len(other) >= _FUZZY_MIN_ANCHOR):
+                                hits.append((min(i, j), max(i, j), layer.names[pid]))
+                    if limit is not None and len(hits) >= limit:
+                        break
+        return hits if limit is None else hits[:limit]
+
+    def near_parts(self, word: str, ordinary: frozenset[str]) -> tuple[str, ...]:
+        """First names and surnames of this layer one edit from `word` (not `word` itself), when `word`
+        is long, all letters and not an everyday word: the anchor of a name with a typo in both words."""
+        if (not _FUZZY_MIN_ANCHOR <= len(word) <= self._longest_part + 1 or not word.isalpha() or word in ordinary
+                or word in self._pairs):
+            return ()  # a longer word cannot be one edit from a name part (nor cost a deletion per letter)
+        cached = self._near.get(word)
+        if cached is None:
+            found: set[str] = set()
+            for variant in (word, *_deletes(word)):
+                found.update(self._part_deletes.get(variant, ()))
+            cached = tuple(sorted(p for p in found if p != word and _within_one(word, p)))
+            if len(self._near) >= _CACHE_LIMIT:
+                self._near.clear()
+            self._near[word] = cached
+        return cached
 
     def may_be_typo(self, word: str, ordinary: frozenset[str]) -> bool:
         """Whether `word` is worth a typo lookup as a name written together. Names have no digits
         once leetspeak is folded ("t4ylorsw1ft"), so words with digits left ("w26x89") are not."""
         return (_FUZZY_MIN_WHOLE <= len(word) <= self._longest + 1 and word.isalpha() and word not in ordinary
                 and self._similar_whole(word) is not None)
+
+
+class _Present:
+    """What words a text holds, for a quick answer to "could `other` be in it, spelled exactly or with
+    one typo?" (a typo keeps the first or the last letter and changes the length by one at most)."""
+
+    def __init__(self, canon: list[str]):
+        self.words = frozenset(canon)
+        self.shapes = {(len(w), w[0]) for w in self.words} | {(-len(w), w[-1]) for w in self.words}
+
+    def may_hold(self, other: str) -> bool:
+        if other in self.words:
+            return True
+        if len(other) < _FUZZY_MIN_TOKEN:
+            return False
+        size, shapes = len(other), self.shapes
+        return any((k, other[0]) in shapes or (-k, other[-1]) in shapes for k in (size - 1, size, size + 1))
 
 
 def _partner(tokens: Tokens, i: int, other: str, is_first: bool, ordinary: frozenset[str]) -> int | None:

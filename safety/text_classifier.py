@@ -28,7 +28,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from safety.errors import RulesInvalid
-from safety.normalize import normalize, tokenize
+from safety.normalize import normalize
+from safety.tokens import tokenize
 
 
 class ClassifierLabel(BaseModel):

@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from safety.normalize import canonical, normalize, tokenize
+from safety.normalize import canonical, normalize
+from safety.tokens import tokenize
 
 
 def words(text: str) -> list[str]:
@@ -128,3 +129,73 @@ def test_spans_far_into_a_long_folded_text_map_back_exactly():
     for i in (toks.canon.index("nude"), toks.canon.index("teen")):
         start, end = norm.span(*toks.span(i))
         assert text[start:end] in ("ｎｕｄｅ", "tееn")
+
+
+def _reference_weights(toks) -> frozenset[int]:
+    """The weights as the regex defines them, mapped to words by their offsets (the slow, plain way)."""
+    from bisect import bisect_left
+
+    from safety.tokens import _WEIGHT_RE
+
+    out, offsets, n = set(), toks.offsets, len(toks.canon)
+    for m in _WEIGHT_RE.finditer(toks.text):
+        a, b = m.span(1)
+        k = bisect_left(offsets, a)
+        i = (k - 1) // 2 if k % 2 == 1 and offsets[k] == a else None
+        while i is not None and i < n and offsets[2 * i + 1] < b:
+            out.add(i)
+            i += 1
+    return frozenset(out)
+
+
+def _reference_runs(toks) -> list[list[int]]:
+    """Runs of one-character words 1-3 separators apart, word by word."""
+    runs, run = [], []
+    words = [toks.text[a:b] for a, b in map(toks.span, range(len(toks.canon)))]
+    for i, w in enumerate(words):
+        if len(w) != 1:
+            continue
+        if run and run[-1] == i - 1 and 0 < len(toks.gap(i - 1)) <= 3:
+            run.append(i)
+            continue
+        if len(run) > 2 or (len(run) == 2 and not (words[run[0]] + words[run[1]]).isdecimal()):
+            runs.append(run)
+        run = [i]
+    if len(run) > 2 or (len(run) == 2 and not (words[run[0]] + words[run[1]]).isdecimal()):
+        runs.append(run)
+    return runs
+
+
+def _reference_numbers(toks) -> dict[int, int]:
+    words = [toks.text[a:b] for a, b in map(toks.span, range(len(toks.canon)))]
+    out = {}
+    for i, w in enumerate(words):
+        if not w.isdecimal() or len(w) > 4:
+            continue
+        after, before = (toks.gap(i) if i + 1 < len(words) else None), (toks.gap(i - 1) if i else None)
+        if (after in (".", ",") and words[i + 1][:1].isdecimal()) or (before in (".", ",")
+                                                                        and words[i - 1][-1:].isdecimal()):
+            continue
+        out[i] = int(w)
+    return out
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.text(alphabet=st.sampled_from(list("ab1 3.:()]>-+\t\n5,_ｅ")), max_size=30))
+def test_weights_runs_and_numbers_read_off_the_words_match_their_plain_definitions(text):
+    # The tokenizer finds these with regexes over the whole text and maps over the words (fast on
+    # 20,000-character prompts); the plain definitions walk the words one by one.
+    toks = tokenize(normalize(text))
+    assert toks.weights == _reference_weights(toks), text
+    assert toks.runs == _reference_runs(toks), text
+    assert toks.numbers == _reference_numbers(toks), text
+
+
+def test_long_prompts_full_of_weights_and_glued_digits_still_match_the_plain_definitions():
+    # Past a few dozen links the tokenizer drops lone digit pairs in bulk; past a few hundred one-character
+    # words it uses a regex: both must agree with the word-by-word reading.
+    for text in ["(little:1.3) 15yo t e e n, " * 120, "a.b 1 2 x (y:0.5) " * 200, "n u d e (q:1.2)" * 150]:
+        toks = tokenize(normalize(text))
+        assert toks.runs == _reference_runs(toks)
+        assert toks.weights == _reference_weights(toks)
+        assert toks.numbers == _reference_numbers(toks)

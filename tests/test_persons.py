@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 
 from safety.errors import RulesInvalid
-from safety.normalize import normalize, tokenize
+from safety.normalize import normalize
 from safety.persons import PersonIndex, load_names
+from safety.tokens import tokenize
 from safety.wordlist import ordinary_words
 
 PERSONS = Path(__file__).resolve().parents[1] / "configs" / "safety" / "persons.txt"
@@ -77,3 +78,13 @@ def test_an_empty_or_missing_list_is_an_error(tmp_path):
     (tmp_path / "empty.txt").write_text("# only a comment\n", encoding="utf-8")
     with pytest.raises(RulesInvalid):
         load_names(tmp_path / "empty.txt")
+
+
+def test_a_typo_in_both_words_is_found_when_both_are_long():
+    index = PersonIndex(["Marjorie Exampleton"])
+    assert names_in(index, "marjori exampletom") == {"Marjorie Exampleton"}
+    assert names_in(index, "exampletom, marjori") == {"Marjorie Exampleton"}
+    # an everyday word one edit from a name part anchors nothing, and a short other word must be exact
+    assert names_in(index, "marjori example") == set()
+    assert names_in(PersonIndex(["Janet Exampleton"]), "jenet exampletom") == set()
+    assert names_in(PersonIndex(["Janet Exampleton"]), "janet exampletom") == {"Janet Exampleton"}

@@ -13,7 +13,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from safety.normalize import normalize, tokenize
+from safety.normalize import normalize
+from safety.tokens import tokenize
 
 
 def build(path: Path, triggers: dict[str, int], labels: int, dim: int = 4096) -> Path:

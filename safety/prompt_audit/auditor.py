@@ -5,22 +5,19 @@ from __future__ import annotations
 import dataclasses
 import datetime
 from collections.abc import Iterable
+from itertools import islice
 from pathlib import Path
 
 from safety.errors import RulesInvalid, SafetyError
-from safety.normalize import (
-    Tokens,
-    normalize,
-    tokenize,
-)
+from safety.normalize import normalize
 from safety.persons import PersonIndex, load_names
+from safety.prompt_audit.ages import _AgeMatcher, _barrier
 from safety.prompt_audit.matcher import (
     AGE_CUE,
+    NAME_FUZZY,
     NAME_PART,
     NAME_TYPO,
     NUMBER_WORD,
-    _AgeMatcher,
-    _barrier,
     _Group,
     _TermIndex,
 )
@@ -34,6 +31,7 @@ from safety.prompt_audit.rules import (
     load_rules,
 )
 from safety.text_classifier import TextClassifier
+from safety.tokens import Tokens, tokenize
 from safety.verdict import ALLOW, Action, Reason, Verdict
 from safety.wordlist import ordinary_words
 
@@ -94,6 +92,8 @@ class PromptAuditor:
             add(_Group(uc.id, uc.message, (), None, frozenset(), frozenset({"prompt"}), role), words)
         add(_Group("benign", "", (), None, frozenset(), frozenset(FIELDS), "benign"), rules.benign_phrases)
         self._c_groups = groups
+        self._c_roles = [g.role for g in groups]
+        self._c_counts = {f: [g.role != "benign" and f in g.fields for g in groups] for f in FIELDS}
         self._c_uncovered = _Group(uc.id, uc.message or "no clothing", ("mature",), None, frozenset(),
                                    frozenset({"prompt"}))
         self._c_young = _Group(yn.id, yn.message or "young person", ("minor",), None, frozenset(), frozenset({"prompt"}), weak=True)
@@ -117,7 +117,8 @@ class PromptAuditor:
             for w in words:
                 flags[w] = flags.get(w, 0) | flag
         base_persons, ordinary = self._c_base_persons, self._c_ordinary
-        self._c_index = _TermIndex(entries, flags, lambda w: NAME_TYPO if base_persons.may_be_typo(w, ordinary) else 0)
+        self._c_index = _TermIndex(entries, flags, lambda w: (NAME_TYPO if base_persons.may_be_typo(w, ordinary) else 0)
+                                   | (NAME_FUZZY if base_persons.near_parts(w, ordinary) else 0))
         self._c_classifier = None
         if rules.text_classifier is not None:
             self._c_classifier = TextClassifier.load(rules.text_classifier, rules_dir)
@@ -146,32 +147,39 @@ class PromptAuditor:
             return [], []
         groups = self._c_groups
         raw, flagged = self._c_index.scan(tokens, self._c_ordinary)
+        # per group: its role, and whether it counts in this field (benign phrases only cover words)
+        roles, counts = self._c_roles, self._c_counts[field]
         covered: set[int] = set()
-        for g, first, last in raw:
-            if groups[g].role == "benign":
-                covered.update(range(first, last + 1))
-        out: list[_Hit] = []
+        for g, spans in raw.items():
+            if roles[g] == "benign":
+                for first, last in spans:
+                    covered.update(range(first, last + 1))
         adjectives: set[int] = set()
         nouns: list[tuple[int, int]] = []
         pairs: dict[str, list[tuple[int, int]]] = {"negation": [], "garment": [], "removal": []}
         by_group: dict[int, list[tuple[int, int]]] = {}
-        for g, first, last in raw:
-            group = groups[g]
-            if group.role == "benign" or first in covered or field not in group.fields:
+        for g, spans in raw.items():
+            if not counts[g]:
                 continue
-            if group.role == "young_adj":
-                adjectives.add(last)
-            elif group.role == "young_noun":
-                nouns.append((first, last))
-            elif group.role in pairs:
-                pairs[group.role].append((first, last))
+            if covered:
+                spans = [span for span in spans if span[0] not in covered]
+            role = roles[g]
+            if role == "young_adj":
+                adjectives.update(last for _, last in spans)
+            elif role == "young_noun":
+                nouns.extend(spans)
+            elif role in pairs:
+                pairs[role].extend(spans)
             else:
-                kept = by_group.setdefault(g, [])
+                group = groups[g]
                 # Enough evidence per rule: a hostile prompt repeating a word must not cost a context
                 # check per repetition. Cancelled hits do not count towards the cap.
-                if len(kept) < _HITS_PER_GROUP and not (
-                        group.cancellable and self._cancelled(group, tokens, first, last)):
-                    kept.append((first, last))
+                if group.cancellable:
+                    spans = (span for span in spans if not self._cancelled(group, tokens, *span))
+                kept = by_group[g] = list(islice(spans, _HITS_PER_GROUP))
+                if not kept:
+                    del by_group[g]
+        out: list[_Hit] = []
         for g, spans in by_group.items():
             group = groups[g]
             if group.min_hits > 1 and len({"".join(tokens.canon[a:b + 1]) for a, b in spans}) < group.min_hits:
@@ -179,10 +187,16 @@ class PromptAuditor:
             out.extend((group, field, first, last, norm, tokens) for first, last in spans)
         if field in self._c_young.fields and adjectives:
             window = self.rules.young_nouns.window
-            for first, last in nouns:
+            young = 0
+            # in text order (the one the reasons are sorted in), each noun once, so the first ones kept
+            # are the ones a verdict would show
+            for first, last in sorted(set(nouns)):
                 adj = next((first - k for k in range(1, window + 1) if first - k in adjectives), None)
                 if adj is not None:
                     out.append((self._c_young, field, adj, last, norm, tokens))
+                    young += 1
+                    if young >= _HITS_PER_GROUP:
+                        break
         if pairs["garment"] and (pairs["negation"] or pairs["removal"]):
             out.extend((self._c_uncovered, field, first, last, norm, tokens)
                        for first, last in self._uncovered(tokens, pairs)[:_HITS_PER_GROUP])
@@ -194,10 +208,10 @@ class PromptAuditor:
             out.extend((self._c_negative_adult, field, first, last, norm, tokens)
                        for first, last in ages.adults[:_HITS_PER_GROUP])
         if field in self._c_person_group.fields:
-            base_parts = [i for i, f in flagged.items() if f & NAME_PART]
-            base_typos = [i for i, f in flagged.items() if f & NAME_TYPO]
-            for first, last, _ in self._persons.scan(tokens, self._c_ordinary, base_parts,
-                                                     base_typos)[:_HITS_PER_GROUP]:
+            base_parts = flagged.at(NAME_PART)
+            base_typos = flagged.at(NAME_TYPO)
+            for first, last, _ in self._persons.scan(tokens, self._c_ordinary, base_parts, base_typos,
+                                                     limit=_HITS_PER_GROUP, base_fuzzy=flagged.at(NAME_FUZZY)):
                 out.append((self._c_person_group, field, first, last, norm, tokens))
         return out, ages.adults
 

@@ -1,33 +1,30 @@
-"""The prompt audit's compiled matcher: term index, Aho-Corasick runs, the age parser and its context.
-
-One module (a little over 450 lines) on purpose: the term index and the age parser read the same
-per-word kind table (term start, age cue, number word, name part) in one lookup per distinct word, which
-is what keeps a 20,000-character prompt linear; split apart, each would need its own pass.
+"""The prompt audit's compiled matcher: the term index (one cached lookup per distinct word gives its
+rule groups and the flags other layers read: age cue, number word, name part), Aho-Corasick runs and
+split-word joins. The age parser that reads those flags is `safety.prompt_audit.ages`.
 """
 
 from __future__ import annotations
 
 import functools
-import re
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from itertools import compress, count, repeat
+from operator import add, getitem, is_not, itemgetter, mul, not_
 from typing import Literal
 
 from safety.normalize import (
-    Tokens,
     has_long_repeat,
     is_cjk,
     shorten_repeats,
     squeeze,
 )
-from safety.prompt_audit.rules import _HITS_PER_GROUP, AgeRule, _canon_set, _phrase_tokens
+from safety.prompt_audit.rules import _HITS_PER_GROUP, _phrase_tokens
+from safety.tokens import Tokens
 from safety.verdict import Action
 
 # ---------------------------------------------------------------------------------------------
 # Compiled matcher
-
-
-@functools.lru_cache(maxsize=65_536)
 
 
 @dataclass(frozen=True, eq=False)
@@ -114,9 +111,72 @@ AGE_CUE = 2  # a word that says a nearby number is an age ("years", "aged", "歳
 NUMBER_WORD = 4  # "thirteen", "treize", "열세"
 NAME_PART = 8  # a first name, surname or whole name on the protected-persons list
 NAME_TYPO = 16  # a protected name written together with one typo ("taylorswfit")
+NAME_FUZZY = 32  # one typo away from a first name or surname ("johannson")
 _CACHE_LIMIT = 50_000
+_BULK_MIN_WORDS = 64  # this many places of at most _BULK_MAX_TERMS distinct terms: read per term
+_BULK_MAX_TERMS = 16
+_RUN_CHUNK = 128  # letters of a spaced-out run read at a time (see `_TermIndex._run_matches`)
 _JOIN_MAX_PIECES = 4
+_JOIN_BATCH = 256
+_JOIN_FEW = 32
+_SHORT_WORDS = 128  # up to this many words a prompt is read word by word
+_FEW_DISTINCT = 64  # distinct words of a prompt few enough to try every pair of them
 _JOIN_GAPS = frozenset({" ", ".", "-", "_", "·", "'", "*", "~", "+", "|", "/"})
+
+
+class Flagged:
+    """Where the words with a flag (JOIN_START, AGE_CUE, ...) are, worked out per flag on first use from
+    the distinct flagged words, at C speed: most prompts need only some of the flags."""
+
+    __slots__ = ("_canon", "_words", "_at", "_any", "words", "_places")
+
+    def __init__(self, canon: list[str], words: dict[str, int], present: frozenset[str] | None,
+                 places: dict[int, int] | None = None):
+        self._canon = canon
+        self.words = present  # the distinct words of the text
+        self._words = words  # distinct word -> its flags
+        self._places = places  # or, for a short prompt, word index -> its flags
+        self._at: dict[int, list[int]] = {}
+        self._any = 0  # every flag some word has
+        for flags in (words if places is None else places).values():
+            self._any |= flags
+
+    def with_flag(self, flag: int) -> set[str]:
+        return {w for w, f in self._words.items() if f & flag}
+
+    def at(self, flag: int) -> list[int]:
+        """Indexes of the words with `flag`, in text order."""
+        if not self._any & flag:
+            return []
+        found = self._at.get(flag)
+        if found is None:
+            if self._places is not None:
+                found = [i for i, f in self._places.items() if f & flag]
+            else:
+                found = self.at_words(self.with_flag(flag))
+            self._at[flag] = found
+        return found
+
+    def at_words(self, words: set[str]) -> list[int]:
+        """Indexes of these words, in text order."""
+        if len(words) == 1:
+            return list(compress(count(), map(next(iter(words)).__eq__, self._canon)))
+        return list(compress(count(), map(words.__contains__, self._canon))) if words else []
+
+
+class _LookupCache(dict):
+    """Canonical word -> `_TermIndex` lookup result, computed on first sight (bounded: hostile prompts
+    bring endless new words)."""
+
+    def __init__(self, compute: Callable[[str], tuple]):
+        super().__init__()
+        self._compute = compute
+
+    def __missing__(self, word: str) -> tuple:
+        if len(self) >= _CACHE_LIMIT:
+            self.clear()
+        value = self[word] = self._compute(word)
+        return value
 
 
 class _TermIndex:
@@ -161,14 +221,16 @@ class _TermIndex:
         self.classify = classify  # flags that need a computation, done once per distinct word
         for start in self.join_starts:
             self.flags[start] = self.flags.get(start, 0) | JOIN_START
-        self._cache: dict[str, tuple[tuple[int, ...], dict, int]] = {}
+        self._cache = _LookupCache(self._lookup)
         self._cjk_cache: dict[str, list[int]] = {}
+        self._run_cache: dict[tuple[str, int], list[tuple[int, int, tuple[int, ...]]]] = {}
+        self.longest = max(map(len, (*self.single, *self.prefixes)), default=1)
 
     def lookup(self, canon: str) -> tuple[tuple[int, ...], dict[str, tuple[tuple[tuple[str, ...], int], ...]], int]:
         """Groups matched by one token on its own, phrases that may start with it, and its flags."""
-        hit = self._cache.get(canon)
-        if hit is not None:
-            return hit
+        return self._cache[canon]
+
+    def _lookup(self, canon: str) -> tuple[tuple[int, ...], dict[str, tuple[tuple[tuple[str, ...], int], ...]], int]:
         groups = list(self.single.get(canon, _EMPTY))
         stem = canon[:-1] if len(canon) > 3 and canon[-1] == "s" else None
         if stem:
@@ -185,48 +247,155 @@ class _TermIndex:
             phrases = {k: phrases.get(k, ()) + v for k, v in self.phrases[stem].items()} | {
                 k: v for k, v in phrases.items() if k not in self.phrases[stem]}
         flags = self.flags.get(canon, 0) | self.classify(canon)
-        result = (tuple(dict.fromkeys(groups)), phrases, flags) if groups or phrases or flags else _NOTHING
-        if len(self._cache) >= _CACHE_LIMIT:
-            self._cache.clear()
-        self._cache[canon] = result
-        return result
+        return (tuple(dict.fromkeys(groups)), phrases, flags) if groups or phrases or flags else _NOTHING
 
-    def scan(self, tokens: Tokens, ordinary: frozenset[str]) -> tuple[list[tuple[int, int, int]], dict[int, int]]:
-        """(group, first word, last word) of every term occurrence, and word index -> flags of the
-        words that have any."""
-        hits: list[tuple[int, int, int]] = []
+    def scan(self, tokens: Tokens, ordinary: frozenset[str]) -> tuple[dict[int, list[tuple[int, int]]], Flagged]:
+        """Group -> (first word, last word) of its term occurrences, in the order the sources are read
+        (words and phrases in text order, then digits glued to words, spaced-out runs, words without
+        spaces, split words), and word index -> flags of the words that have any."""
+        hits: defaultdict[int, list[tuple[int, int]]] = defaultdict(list)
         canon = tokens.canon
-        n = len(canon)
-        cache_get, lookup = self._cache.get, self.lookup
-        found = [cache_get(w) or lookup(w) for w in canon]
-        special = [i for i, r in enumerate(found) if r is not _NOTHING]
-        flagged = {i: found[i][2] for i in special if found[i][2]}
-        for i in special:
-            groups, phrases, _ = found[i]
-            for g in groups:
-                hits.append((g, i, i))
-            if phrases and i + 1 < n:
-                nxt = canon[i + 1]
-                candidates = phrases.get(nxt, ()) + (phrases.get(nxt[:-1], ()) if len(nxt) > 3 and nxt[-1] == "s" else ())
-                for rest, g in candidates:
-                    end = i + len(rest)
-                    if end < n and all(_same(canon[i + 1 + k], w) for k, w in enumerate(rest)):
-                        hits.append((g, i, end))
-        for i, word in tokens.joined.items():  # "7een" split into 7 + een: the whole word too
-            for g in lookup(word)[0]:
-                hits.append((g, i, i + 1))
-        for run in tokens.runs:
-            letters = "".join(canon[i] for i in run)
-            for start, end, groups in self.runs.finditer(letters):
-                if end - start > 1:
-                    for g in groups:
-                        hits.append((g, run[start], run[end - 1]))
-        if self.cjk is not None:
-            for i in tokens.cjk:
-                for g in self._cjk_groups(canon[i]):
-                    hits.append((g, i, i))
-        hits.extend(self._joins(tokens, found, flagged, ordinary))
+        # one dictionary lookup per word at C speed; Python looks only at the words that matched something
+        found = list(map(self._cache.__getitem__, canon))
+        cache = self._cache
+        if len(canon) <= _SHORT_WORDS:
+            # An ordinary prompt: its few matching words are read one by one (what the maps below save
+            # on a long prompt, they would cost here).
+            special = list(compress(count(), map(is_not, found, repeat(_NOTHING))))
+            flagged = Flagged(canon, {}, None, {i: f for i in special if (f := found[i][2])})
+            for i in special:
+                groups, phrases, _ = found[i]
+                for g in groups:
+                    hits[g].append((i, i))
+                if phrases:
+                    for g, end in self._phrases_at(canon, i, phrases):
+                        hits[g].append((i, end))
+            self._other_sources(tokens, found, flagged, ordinary, hits)
+            return hits, flagged
+        # Decided once per distinct word: whether it starts a term, and whether a phrase starting
+        # with it could go on (its next word occurs in the text at all).
+        present = frozenset(canon)
+        flag_words: dict[str, int] = {}
+        term_words, phrase_words = set(), set()
+        distinct = list(present)
+        for word in compress(distinct, map(is_not, map(cache.__getitem__, distinct), repeat(_NOTHING))):
+            groups, phrases, flags = cache[word]
+            if flags:
+                flag_words[word] = flags
+            if phrases and _may_go_on(phrases, present):
+                phrase_words.add(word)
+            if groups or word in phrase_words:
+                term_words.add(word)
+        flagged = Flagged(canon, flag_words, present)
+        term_at = list(compress(count(), map(term_words.__contains__, canon)))
+        if len(term_at) > _BULK_MIN_WORDS and len(term_words) <= _BULK_MAX_TERMS:
+            # Many places of few distinct terms (a hostile prompt repeats them): each term's places are
+            # picked at C speed, and a phrase's by the distinct words that follow, then put in text order
+            # per group (a stable sort keeps a word's own term before the phrases starting with it, as
+            # the word-by-word reading has them).
+            touched = set()
+            words_at = list(map(canon.__getitem__, term_at))
+            for word in term_words:
+                at = list(compress(term_at, map(word.__eq__, words_at)))
+                groups, phrases, _ = self._cache[word]
+                for g in groups:
+                    hits[g].extend(zip(at, at, strict=True))
+                    touched.add(g)
+                if word in phrase_words:
+                    # what follows decides: read once per distinct run of next words
+                    size = 1 + max(len(rest) for entries in phrases.values() for rest, _ in entries)
+                    keys = list(map(tuple, map(getitem, repeat(canon), map(slice, at, map(add, at, repeat(size))))))
+                    earliest = dict(zip(reversed(keys), reversed(at), strict=True))
+                    for key, i in earliest.items():
+                        phrase_hits = [(g, end - i) for g, end in self._phrases_at(canon, i, phrases)]
+                        if not phrase_hits:
+                            continue
+                        places = at if len(earliest) == 1 else list(compress(at, map(key.__eq__, keys)))
+                        for g, d in phrase_hits:
+                            hits[g].extend(zip(places, map(add, places, repeat(d)), strict=True))
+                            touched.add(g)
+            for g in touched:
+                hits[g].sort(key=itemgetter(0))
+        else:
+            for i in term_at:
+                groups, phrases, _ = found[i]
+                for g in groups:
+                    hits[g].append((i, i))
+                if phrases:
+                    for g, end in self._phrases_at(canon, i, phrases):
+                        hits[g].append((i, end))
+        self._other_sources(tokens, found, flagged, ordinary, hits)
         return hits, flagged
+
+    def _other_sources(self, tokens: Tokens, found: list, flagged: Flagged, ordinary: frozenset[str],
+                       hits: defaultdict[int, list[tuple[int, int]]]) -> None:
+        """Hits beyond words and phrases, in this order: digits glued to words, spaced-out runs, words
+        without spaces, split words."""
+        canon, cache = tokens.canon, self._cache
+        if tokens.joined:  # "7een" split into 7 + een: the whole word too (looked up at C speed)
+            looked_up = list(map(cache.__getitem__, tokens.joined.values()))
+            for i, (groups, _, _) in compress(zip(tokens.joined, looked_up, strict=True), map(itemgetter(0), looked_up)):
+                for g in groups:
+                    hits[g].append((i, i + 1))
+        for run in tokens.runs:
+            first = run[0]
+            for start, end, groups in self._run_matches("".join(canon[first:run[-1] + 1])):
+                for g in groups:
+                    hits[g].append((first + start, first + end - 1))
+        if self.cjk is not None and tokens.cjk:
+            words_at = list(map(canon.__getitem__, tokens.cjk))
+            if len(tokens.cjk) > _BULK_MIN_WORDS and len(distinct := set(words_at)) <= _BULK_MAX_TERMS:
+                touched = set()
+                for word in distinct:
+                    at = list(compress(tokens.cjk, map(word.__eq__, words_at)))
+                    for g in self._cjk_groups(word):
+                        hits[g].extend(zip(at, at, strict=True))
+                        touched.add(g)
+                for g in touched:  # each place once per group: text order is the whole order
+                    hits[g].sort(key=itemgetter(0))
+            else:
+                for i, word in zip(tokens.cjk, words_at, strict=True):
+                    for g in self._cjk_groups(word):
+                        hits[g].append((i, i))
+        for g, first, last in self._joins(tokens, found, flagged, ordinary):
+            hits[g].append((first, last))
+
+    @staticmethod
+    def _phrases_at(canon: list[str], i: int, phrases: dict) -> list[tuple[int, int]]:
+        """(group, last word) of the phrases starting at word i."""
+        n = len(canon)
+        if i + 1 >= n:
+            return []
+        nxt = canon[i + 1]
+        candidates = phrases.get(nxt, ())
+        if len(nxt) > 3 and nxt[-1] == "s" and nxt[:-1] in phrases:
+            candidates += phrases[nxt[:-1]]
+        out = []
+        for rest, g in candidates:
+            end = i + len(rest)
+            if end < n and all(_same(canon[i + 1 + k], w) for k, w in enumerate(rest)):
+                out.append((g, end))
+        return out
+
+    def _run_matches(self, letters: str) -> list[tuple[int, int, tuple[int, ...]]]:
+        """(start, end, groups) of the terms (2+ letters) inside the letters of a spaced-out run, in the
+        automaton's order. A long run is read in chunks, each with enough letters before it to finish
+        any term ending in it, and the answer for a chunk is cached by its letters: a hostile prompt of
+        spaced letters repeats the same chunks."""
+        out: list[tuple[int, int, tuple[int, ...]]] = []
+        overlap = self.longest - 1
+        for chunk_start in range(0, len(letters), _RUN_CHUNK):
+            lead = min(overlap, chunk_start)
+            piece = letters[chunk_start - lead:chunk_start + _RUN_CHUNK]
+            found = self._run_cache.get((piece, lead))
+            if found is None:
+                found = [(start - lead, end - lead, groups) for start, end, groups in self.runs.finditer(piece)
+                         if end > lead and end - start > 1]
+                if len(self._run_cache) >= _CACHE_LIMIT:
+                    self._run_cache.clear()
+                self._run_cache[(piece, lead)] = found
+            out.extend((chunk_start + a, chunk_start + b, groups) for a, b, groups in found)
+        return out
 
     def _cjk_groups(self, word: str) -> list[int]:
         """Groups whose terms occur inside a word written without spaces (cached per word)."""
@@ -238,251 +407,83 @@ class _TermIndex:
             self._cjk_cache[word] = groups
         return groups
 
-    def _joins(self, tokens: Tokens, found: list, flagged: dict[int, int],
+    def _joins(self, tokens: Tokens, found: list, flagged: Flagged,
                ordinary: frozenset[str]) -> list[tuple[int, int, int]]:
         """Words split into multi-letter pieces ("nu de", "ch-ild", "lo_li"): the joined form counts when
         it is a term and not every piece is an ordinary word ("an al fresco" stays apart)."""
         canon, starts, out = tokens.canon, self.join_starts, []
         n = len(canon)
-        for i in [i for i, f in flagged.items() if f & JOIN_START]:
-            joined = canon[i]
-            if found[i][0] or i + 1 >= n or len(out) >= _HITS_PER_GROUP:  # already a term on its own
+        # Done by maps at C speed, a batch of places at a time (a hostile prompt brings thousands of
+        # pieces; evidence enough usually comes within the first batch). The answer at a place
+        # depends only on the text of the pieces that may join: worked out once per distinct text.
+        present = flagged.words
+        if n > _BULK_MIN_WORDS * 4 and len(present) <= _FEW_DISTINCT:
+            # a prompt of few distinct words (a hostile one repeats them): only first pieces that some
+            # word of it could continue are worth visiting
+            places = flagged.at_words({w for w in flagged.with_flag(JOIN_START)
+                                       if any(w + x in starts for x in present)})
+        else:
+            places = flagged.at(JOIN_START)
+        if places and places[-1] == n - 1:
+            places = places[:-1]
+        if len(places) <= _JOIN_FEW:  # an ordinary prompt: a plain loop costs less than the maps below
+            for i in places:
+                if len(out) >= _HITS_PER_GROUP:
+                    break
+                if not found[i][0] and canon[i] + canon[i + 1] in starts:
+                    out.extend((g, i, i + d) for g, d in self._join_at(tokens, i, min(n, i + _JOIN_MAX_PIECES) - 1,
+                                                                      ordinary))
+            return out
+        parts, joins = tokens._parts, {}
+        for batch_start in range(0, len(places), _JOIN_BATCH):
+            # first pieces that begin a term (never one letter), not a term on their own ...
+            batch = places[batch_start:batch_start + _JOIN_BATCH]
+            batch = list(compress(batch, map(not_, map(itemgetter(0), map(found.__getitem__, batch)))))
+            # ... whose second piece fits
+            seconds = map(canon.__getitem__, map(add, batch, repeat(1)))
+            batch = list(compress(batch, map(starts.__contains__, map(add, map(canon.__getitem__, batch), seconds))))
+            if not batch:
                 continue
-            for j in range(i + 1, min(n, i + _JOIN_MAX_PIECES)):
-                gap = tokens.gap(j - 1)
-                if not gap or len(gap) > 2 or not _JOIN_GAPS.issuperset(gap):
-                    break
-                joined += canon[j]
-                if joined not in starts:
-                    break
-                pieces = canon[i:j + 1]
-                # A lone letter is not a word ("se x"), except "a" and "i" (also the leet form of "l").
-                if max(map(len, pieces)) < 2 or all(p in ordinary and (len(p) > 1 or p in "ai") for p in pieces):
-                    continue
-                for g in self.lookup(joined)[0]:
-                    out.append((g, i, j))
+            lasts = map(min, repeat(n - 1), map(add, batch, repeat(_JOIN_MAX_PIECES - 1)))
+            begins = map(add, map(mul, batch, repeat(2)), repeat(1))
+            ends = map(add, map(mul, lasts, repeat(2)), repeat(2))
+            keys = list(map(tuple, map(getitem, repeat(parts), map(slice, begins, ends))))  # = tokens.piece
+            for key, i in dict(zip(reversed(keys), reversed(batch), strict=True)).items():
+                if key not in joins:
+                    joins[key] = self._join_at(tokens, i, min(n, i + _JOIN_MAX_PIECES) - 1, ordinary)
+            for i, key in compress(zip(batch, keys, strict=True), map(bool, map(joins.__getitem__, keys))):
+                if len(out) >= _HITS_PER_GROUP:
+                    return out
+                out.extend((g, i, i + d) for g, d in joins[key])
         return out
+
+    def _join_at(self, tokens: Tokens, i: int, last: int, ordinary: frozenset[str]) -> list[tuple[int, int]]:
+        """(group, pieces after the first) of the terms that pieces i..last written together begin with."""
+        canon, starts, out = tokens.canon, self.join_starts, []
+        joined = canon[i]
+        for j in range(i + 1, last + 1):
+            gap = tokens.gap(j - 1)
+            if not gap or len(gap) > 2 or not _JOIN_GAPS.issuperset(gap):
+                break
+            joined += canon[j]
+            if joined not in starts:
+                break
+            pieces = canon[i:j + 1]
+            # A lone letter is not a word ("se x"), except "a" and "i" (also the leet form of "l").
+            if max(map(len, pieces)) < 2 or all(p in ordinary and (len(p) > 1 or p in "ai") for p in pieces):
+                continue
+            for g in self.lookup(joined)[0]:
+                out.append((g, j - i))
+        return out
+
+
+def _may_go_on(phrases: dict, present: frozenset[str]) -> bool:
+    """Whether a word of the text is the next word of one of these phrases (or its plural), reading
+    whichever of the two is smaller: a common first word such as "in" starts hundreds of phrases."""
+    if len(phrases) <= len(present):
+        return any(w in present or w + "s" in present for w in phrases)
+    return any(w in phrases or (w[-1:] == "s" and w[:-1] in phrases) for w in present)
 
 
 def _same(token: str, word: str) -> bool:
     return token == word or (len(token) > 3 and token[-1] == "s" and token[:-1] == word)
-
-
-_CJK_DIGITS = {"〇": 0, "零": 0, "一": 1, "二": 2, "两": 2, "兩": 2, "三": 3, "四": 4, "五": 5, "六": 6, "七": 7,
-               "八": 8, "九": 9}
-_CJK_NUMBER_RE = re.compile(r"([〇零一二两兩三四五六七八九十]{1,3})")
-
-
-def _cjk_number(text: str) -> int | None:
-    """A Chinese/Japanese numeral up to 99 ("十四" -> 14, "二十" -> 20); None if it is not one."""
-    if "十" in text:
-        tens, _, units = text.partition("十")
-        if "十" in units or (tens and tens not in _CJK_DIGITS) or (units and units not in _CJK_DIGITS):
-            return None
-        return (_CJK_DIGITS[tens] if tens else 1) * 10 + (_CJK_DIGITS[units] if units else 0)
-    return _CJK_DIGITS.get(text) if len(text) == 1 else None
-
-
-@dataclass
-class _Ages:
-    minors: list[tuple[int, int]]  # (first, last) words of each minor age
-    adults: list[tuple[int, int]]  # explicit adult ages ("40 years old", "18+")
-
-
-class _AgeMatcher:
-    """Ages written with a cue that says the number is an age, and whose it is.
-
-    The cue comes after the number ("15 years old", "15yo", "15 Jahre", "15 лет", "15歳", "15th
-    birthday") or before it ("aged 15", "age of 15", "turned 15", "almost 18", "girl, 15", "she is 15",
-    "born in 2012", "class of 2032"). A duration is not an age: "15 years later", "for 15 years",
-    "16 years of marriage". A number right after an animal ("a cat, 15 years old") is the animal's.
-    """
-
-    def __init__(self, rule: AgeRule, current_year: int, animals: frozenset[str]):
-        self.max_age = rule.max_age
-        self.year = current_year
-        self.words = {"".join(_phrase_tokens(w)): v for w, v in rule.number_words.items()}
-        self.tens = {"".join(_phrase_tokens(w)): v for w, v in rule.tens_words.items()}
-        self.ordinal_words = {"".join(_phrase_tokens(w)): v for w, v in rule.ordinal_words.items()}
-        self.years = _canon_set(rule.years)
-        self.years_old = _canon_set(rule.years_old)
-        self.old = _canon_set(rule.old)
-        self.before = _canon_set(rule.before)
-        self.of = _canon_set(rule.of)
-        self.ordinals = _canon_set(rule.ordinals)
-        self.ordinal_nouns = _canon_set(rule.ordinal_nouns)
-        self.grade_nouns = _canon_set(rule.grade_nouns)
-        self.not_after = _canon_set(rule.not_after)
-        self.not_before = _canon_set(rule.not_before)
-        self.turned = _canon_set(rule.turned)
-        self.approx = _canon_set(rule.approx)
-        self.person_nouns = _canon_set(rule.person_nouns)
-        self.copulas = _canon_set(rule.copulas)
-        self.birth = _canon_set(rule.birth)
-        self.birth_joiners = _canon_set(rule.birth_joiners)
-        self.birth_after = _canon_set(rule.birth_after)
-        self.class_of = _canon_set(rule.class_of)
-        self.animals = animals
-        cjk_units = [u for u in (*rule.years_old, *rule.years) if is_cjk(u)]
-        self.cjk_age = re.compile(_CJK_NUMBER_RE.pattern + "(" + "|".join(
-            re.escape("".join(_phrase_tokens(u))) for u in cjk_units) + ")") if cjk_units else None
-        # Words that make a number nearby (two words at most) someone's age; "of", "is", "in" count
-        # only next to one of these ("age of 15", "she is 15", "born in 2012").
-        self.cues = (self.years | self.years_old | self.ordinals | self.before | self.turned | self.approx
-                     | self.person_nouns | self.birth | self.birth_after | self.class_of | self.grade_nouns)
-
-    def _values(self, tokens: Tokens, number_words: list[int]) -> dict[int, tuple[int, int]]:
-        """Word index -> (number, its last word) for digits, number words and "twenty one"."""
-        canon, words, tens = tokens.canon, self.words, self.tens
-        values = {i: (v, i) for i, v in tokens.numbers.items()}
-        n = len(canon)
-        for i in number_words:
-            w = canon[i]
-            if w in tens and i + 1 < n and canon[i + 1] in words and 0 < words[canon[i + 1]] < 10:
-                values[i] = (tens[w] + words[canon[i + 1]], i + 1)
-            elif w in words and i not in values and (i == 0 or canon[i - 1] not in tens):
-                values[i] = (words[w], i)
-        return values
-
-    def scan(self, tokens: Tokens, flagged: dict[int, int], minors_needed: bool = True) -> _Ages:
-        """Ages in the text; `flagged` holds the word flags from the term index (AGE_CUE, NUMBER_WORD).
-        Stops once it has enough evidence: `_HITS_PER_GROUP` minor ages where minors count (an adult
-        age found later would only cancel weak words, and a minor age is not weak), else as many
-        adult ages (in the negative prompt, where they are what counts)."""
-        canon = tokens.canon
-        ages = _Ages([], [])
-        cue_at = {i for i, f in flagged.items() if f & AGE_CUE}
-        if cue_at:  # a digit's leet form ("5" -> "s") is never a cue word
-            cue_at.difference_update(tokens.numbers)
-        if cue_at or tokens.cjk:
-            values = self._values(tokens, sorted(i for i, f in flagged.items() if f & NUMBER_WORD))
-            reach = 6 if tokens.weights else 2  # cues may sit past an attention weight: "(15:1.0) yo"
-            offsets, text, n = tokens.offsets, tokens.text, len(canon)
-            memo: dict[str, tuple[int, int, int] | None] = {}  # a hostile prompt repeats its ages
-            for i, (v, j) in sorted(values.items()):
-                if len(ages.minors if minors_needed else ages.adults) >= _HITS_PER_GROUP:
-                    break
-                if "+" not in tokens.gap(j)[:1] and not any(k in cue_at for k in range(i - reach, j + reach + 1)):
-                    continue  # the common case, decided without looking further
-                lo, hi = max(0, i - 4), min(n - 1, j + 4)
-                key = text[offsets[2 * lo + 1]:offsets[2 * hi + 2]] + f"|{i - lo}|{j - lo}"
-                if key in memo:
-                    cached = memo[key]
-                    found = None if cached is None else (cached[0], cached[1] + i, cached[2] + i)
-                else:
-                    found = self._read(tokens, i, j, v)
-                    memo[key] = None if found is None else (found[0], found[1] - i, found[2] - i)
-                if found is None:
-                    continue
-                age, first, last = found
-                if age < 0:
-                    continue
-                if age <= self.max_age:
-                    if not self._animals_own(tokens, first):
-                        ages.minors.append((first, last))
-                elif age < 130:
-                    ages.adults.append((first, last))
-        elif "+" in tokens.text:
-            for i, v in tokens.numbers.items():  # "18+" needs no cue word
-                if v < 130 and "+" in tokens.gap(i)[:1] and self._read(tokens, i, i, v) is not None and v > self.max_age:
-                    ages.adults.append((i, i))
-        for i in cue_at:
-            if i > 0 and canon[i] in self.grade_nouns and canon[i - 1] in self.ordinal_words:
-                ages.minors.append((i - 1, i))  # "seventh grader"
-        if self.cjk_age is not None:
-            memo: dict[str, list[int]] = {}
-            for i in tokens.cjk:
-                word = canon[i]
-                found_ages = memo.get(word)
-                if found_ages is None:
-                    found_ages = memo[word] = [a for m in self.cjk_age.finditer(word)
-                                               if (a := _cjk_number(m.group(1))) is not None]
-                for age in found_ages:
-                    (ages.minors if age <= self.max_age else ages.adults).append((i, i))
-                if len(ages.minors if minors_needed else ages.adults) >= _HITS_PER_GROUP:
-                    break
-        return ages
-
-    def _read(self, tokens: Tokens, i: int, j: int, v: int) -> tuple[int, int, int] | None:
-        """(age, first word, last word) if the number at words i..j is someone's age."""
-        canon = tokens.canon
-        nxt, after = _neighbours(tokens, j, +1)
-        prev, before = _neighbours(tokens, i, -1)
-        numbers = tokens.numbers
-        at = lambda k: canon[k] if k is not None and k not in numbers else ""  # noqa: E731
-        is_digits = i in tokens.numbers
-        if at(nxt) in self.years_old:
-            return v, i, nxt
-        if at(nxt) in self.years:
-            if at(after) in self.old:
-                return v, i, after
-            if at(after) in self.of:
-                third = _neighbours(tokens, after, +1)[0]
-                return (v, i, third) if at(third) in self.before else None  # "of age" / "of marriage"
-            if at(after) in self.not_after or at(prev) in self.not_before:
-                return None
-            return v, i, nxt
-        if at(nxt) in self.birth_after and v > 1900:
-            return self.year - v, i, nxt
-        if at(nxt) in self.ordinals and at(after) in self.ordinal_nouns:
-            return v, i, after
-        if at(nxt) in self.grade_nouns and v <= 13 and "." in tokens.gap(j)[:1]:  # German "7. Klasse"
-            return v, i, nxt
-        if at(prev) in self.grade_nouns and v <= 13:  # "grade 7"
-            return v, prev, j
-        if at(prev) in self.before or (at(prev) in self.of and at(before) in self.before):
-            return v, (before if at(prev) in self.of else prev), j
-        if at(prev) in self.turned:
-            return v, prev, j
-        if at(prev) in self.approx and v <= self.max_age + 1:
-            return v - 1, prev, j
-        if v > 1900:
-            if at(prev) in self.birth or (at(prev) in self.birth_joiners and at(before) in self.birth):
-                return self.year - v, (before if at(prev) in self.birth_joiners else prev), j
-            if at(prev) in self.of and at(before) in self.class_of and v >= self.year + 5:
-                return 0, before, j  # still at school
-            return None
-        if "+" in tokens.gap(j)[:1] and is_digits:
-            return v, i, j  # "18+"
-        if is_digits and 5 <= v:
-            if at(prev) in self.person_nouns and not _barrier(tokens, prev, i, allow=",("):
-                return v, prev, j  # "girl, 13", "girl (13)"
-            if at(prev) in self.copulas and at(before) in self.person_nouns:
-                return v, before, j  # "she is 13"
-            if v >= 8 and at(nxt) in self.person_nouns and not _barrier(tokens, j, nxt, allow=""):
-                return v, i, nxt  # "13 girl" (a count would take the plural)
-        return None
-
-    def _animals_own(self, tokens: Tokens, first: int) -> bool:
-        """True when the age follows an animal with no person word in between ("a cat, 15 years old")."""
-        canon = tokens.canon
-        for k in range(first - 1, max(-1, first - 4), -1):
-            if canon[k] in self.person_nouns:
-                return False
-            if canon[k] in self.animals:
-                return True
-        return False
-
-
-def _barrier(tokens: Tokens, a: int, b: int, allow: str) -> bool:
-    """True when the text between words a and b holds punctuation other than spaces and `allow`."""
-    return any(not (c.isspace() or c in allow) for k in range(a, b) for c in tokens.gap(k))
-
-
-def _neighbours(tokens: Tokens, i: int, step: int) -> tuple[int | None, int | None]:
-    """The next two words from i in direction `step`, looking past attention weights
-    ("(15:1.0) yo" reads as "15 yo"); a weight has at most two digit words, so the search is bounded."""
-    n = len(tokens.canon)
-    if not tokens.weights:
-        a, b = i + step, i + 2 * step
-        return (a if 0 <= a < n else None), (b if 0 <= b < n else None)
-    out: list[int] = []
-    j = i + step
-    while 0 <= j < n and len(out) < 2 and abs(j - i) <= 6:
-        if j not in tokens.weights:
-            out.append(j)
-        j += step
-    out += [None] * (2 - len(out))
-    return out[0], out[1]
-
-

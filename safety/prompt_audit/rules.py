@@ -10,8 +10,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from safety.errors import RulesInvalid
-from safety.normalize import normalize, tokenize
+from safety.normalize import normalize
 from safety.text_classifier import ClassifierConfig
+from safety.tokens import tokenize
 
 RULES_FILE = "prompt_audit.yaml"
 FIELDS = ("prompt", "negative")
@@ -125,13 +126,14 @@ class AgeRule(_Rule):
     birth_joiners: list[str] = []
     birth_after: list[str] = []  # "2012年生まれ", "2012년생"
     class_of: list[str] = []  # "class of 2032"
+    aged_with: list[str] = []  # a person noun, this word, a bare number: "Mädchen mit 13", "girl of 12,"
     animal_groups: list[str] = []  # groups naming animals: "a cat, 15 years old" is the animal's age
     negative_adult_group: str | None = None  # group whose minor signal an adult age in the negative gives
 
     _check_terms = field_validator(
         "years", "years_old", "old", "before", "of", "ordinals", "ordinal_nouns", "grade_nouns", "not_after",
         "not_before", "turned", "approx", "person_nouns", "copulas", "birth", "birth_joiners", "birth_after",
-        "class_of")(_words)
+        "class_of", "aged_with")(_words)
 
 
 class PersonNames(_Rule):

@@ -1,6 +1,11 @@
 """The prompt audit's compiled matcher: the term index (one cached lookup per distinct word gives its
 rule groups and the flags other layers read: age cue, number word, name part), Aho-Corasick runs and
 split-word joins. The age parser that reads those flags is `safety.prompt_audit.ages`.
+
+A little past 450 lines on purpose: the term index is one table read once per distinct word by every
+layer (terms, runs, joins, flags); split across modules, each part would reach into the others' state.
+The small Aho-Corasick automaton is kept here rather than taken from pyahocorasick: it runs only on
+the letters of spaced-out runs, which are short, and it yields this index's own group tuples directly.
 """
 
 from __future__ import annotations

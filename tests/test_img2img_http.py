@@ -59,11 +59,13 @@ def http_server(env):
     thread.join(timeout=10)
 
 
-def test_http_and_cli_run_img2img_and_inpaint(env, http_server, tmp_path, monkeypatch):
+@pytest.mark.parametrize("checkpoint", ["tiny-sd1", "tiny-sdxl"])
+def test_http_and_cli_run_img2img_and_inpaint(env, http_server, tmp_path, monkeypatch, checkpoint):
     service, ledger, _, _ = env
     caller = new_caller(ledger)
     big = Image.effect_noise((1024, 1024), 80).convert("RGB")  # ~3 MB as PNG: past the plain 1 MiB body limit
-    body = img2img_request(init_image={"data": b64_image(big)}).model_dump(mode="json", exclude_none=True)
+    body = img2img_request(init_image={"data": b64_image(big)}, checkpoint=checkpoint).model_dump(
+        mode="json", exclude_none=True)
     headers = {"Authorization": "Bearer local-service-token", "X-User-Id": caller.user_id}
     response = httpx.post(f"{http_server}/v1/generations?wait=true&timeout=120", json=body, headers=headers,
                           timeout=120)
@@ -83,6 +85,7 @@ def test_http_and_cli_run_img2img_and_inpaint(env, http_server, tmp_path, monkey
     cut.save(mask)
     out = tmp_path / "out"
     result = CliRunner().invoke(cli_app, ["generate", "a landscape in autumn", "--out", str(out), "--steps", "4",
+                                          "--checkpoint", checkpoint,
                                           "--init-image", str(source), "--mask", str(mask), "--denoise", "0.8",
                                           "--face-fix",
                                           "--user", caller.user_id, "--url", http_server, "--json"],

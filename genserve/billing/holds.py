@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -186,14 +186,8 @@ class HoldOps(LedgerBase):
             request = self._request(hold_id=hold_id, amount=amount, legs=[list(leg) for leg in checked])
         else:
             request = self._request(hold_id=hold_id, amount=amount)
-        fresh: list[bool] = []
 
-        def tx_capture(tx: Tx) -> HoldInfo:
-            fresh.clear()
-            hold = self._locked_open_hold(tx, hold_id, key, "capture", request)
-            if isinstance(hold, dict):
-                return HoldInfo.from_dict(hold)
-            now = self._now()
+        def close_capture(tx: Tx, hold: HoldInfo, now: dt.datetime) -> HoldInfo:
             if now >= hold.expires_at:
                 raise HoldClosed(
                     f"hold {hold_id} expired at {hold.expires_at.isoformat()}; its buzz goes back to the user",
@@ -207,15 +201,9 @@ class HoldOps(LedgerBase):
                 )
             if any(destination == hold.account for destination, _, _ in checked):
                 raise InvalidAccount("a capture leg cannot pay the holder's own account", code="same_account")
-            done = self._close(tx, hold, amount, now, checked)
-            self._remember(tx, key, "capture", request, done.to_dict(), now)
-            fresh.append(True)
-            return done
+            return self._close(tx, hold, amount, now, checked)
 
-        done = self._run(tx_capture)
-        if fresh:
-            _record_close(done)
-        return done
+        return self._settle(hold_id, key, "capture", request, close_capture)
 
     def release(self, hold_id: str, key: str) -> HoldInfo:
         """Void an open hold (also allowed past its expiry time, before the reaper gets to it)."""
@@ -223,20 +211,26 @@ class HoldOps(LedgerBase):
             raise HoldNotFound(f"no hold {hold_id!r}")
         key = check_key(key)
         request = self._request(hold_id=hold_id)
+        return self._settle(hold_id, key, "release", request, lambda tx, hold, now: self._close(tx, hold, 0, now))
+
+    def _settle(self, hold_id: str, key: str, op: str, request: str,
+                close: Callable[[Tx, HoldInfo, dt.datetime], HoldInfo]) -> HoldInfo:
+        """Close an open hold once under idempotency `key`: a replay of `key` answers what it answered
+        before; `close` (the operation's own checks, then the postings) runs only on a fresh call."""
         fresh: list[bool] = []
 
-        def tx_release(tx: Tx) -> HoldInfo:
+        def tx_settle(tx: Tx) -> HoldInfo:
             fresh.clear()
-            hold = self._locked_open_hold(tx, hold_id, key, "release", request)
+            hold = self._locked_open_hold(tx, hold_id, key, op, request)
             if isinstance(hold, dict):
                 return HoldInfo.from_dict(hold)
             now = self._now()
-            done = self._close(tx, hold, 0, now)
-            self._remember(tx, key, "release", request, done.to_dict(), now)
+            done = close(tx, hold, now)
+            self._remember(tx, key, op, request, done.to_dict(), now)
             fresh.append(True)
             return done
 
-        done = self._run(tx_release)
+        done = self._run(tx_settle)
         if fresh:
             _record_close(done)
         return done

@@ -268,13 +268,7 @@ class _TermIndex:
             # on a long prompt, they would cost here).
             special = list(compress(count(), map(is_not, found, repeat(_NOTHING))))
             flagged = Flagged(canon, {}, None, {i: f for i in special if (f := found[i][2])})
-            for i in special:
-                groups, phrases, _ = found[i]
-                for g in groups:
-                    hits[g].append((i, i))
-                if phrases:
-                    for g, end in self._phrases_at(canon, i, phrases):
-                        hits[g].append((i, end))
+            self._read_one_by_one(canon, found, special, hits)
             self._other_sources(tokens, found, flagged, ordinary, hits)
             return hits, flagged
         # Decided once per distinct word: whether it starts a term, and whether a phrase starting
@@ -322,15 +316,20 @@ class _TermIndex:
             for g in touched:
                 hits[g].sort(key=itemgetter(0))
         else:
-            for i in term_at:
-                groups, phrases, _ = found[i]
-                for g in groups:
-                    hits[g].append((i, i))
-                if phrases:
-                    for g, end in self._phrases_at(canon, i, phrases):
-                        hits[g].append((i, end))
+            self._read_one_by_one(canon, found, term_at, hits)
         self._other_sources(tokens, found, flagged, ordinary, hits)
         return hits, flagged
+
+    def _read_one_by_one(self, canon: list[str], found: list, places: Iterable[int],
+                         hits: defaultdict[int, list[tuple[int, int]]]) -> None:
+        """The terms and phrases starting at each of `places`, in text order."""
+        for i in places:
+            groups, phrases, _ = found[i]
+            for g in groups:
+                hits[g].append((i, i))
+            if phrases:
+                for g, end in self._phrases_at(canon, i, phrases):
+                    hits[g].append((i, end))
 
     def _other_sources(self, tokens: Tokens, found: list, flagged: Flagged, ordinary: frozenset[str],
                        hits: defaultdict[int, list[tuple[int, int]]]) -> None:

@@ -8,12 +8,9 @@ import base64
 import functools
 import io
 import json
-import threading
-import time
 
 import httpx
 import pytest
-import uvicorn
 from img2img_support import (
     GRANT,
     assert_refused,
@@ -24,6 +21,7 @@ from img2img_support import (
     run_job,
     service_env,
 )
+from loopback import loopback_server
 from PIL import Image, ImageDraw
 from typer.testing import CliRunner
 
@@ -47,16 +45,8 @@ def http_server(env):
     module-wide service for the tests after)."""
     service = env[0]
     moderation = Moderation(service.registry, service.resource_cache, service.safety)
-    app = create_api(service, moderation, start_background=False)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    with loopback_server(create_api(service, moderation, start_background=False)) as url:
+        yield url
 
 
 @pytest.mark.parametrize("checkpoint", ["tiny-sd1", "tiny-sdxl"])

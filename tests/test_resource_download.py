@@ -11,13 +11,11 @@ import datetime as dt
 import functools
 import hashlib
 import json
-import threading
-import time
 
 import httpx
 import pytest
-import uvicorn
 from engine_loras import make_lora, write_lora
+from loopback import loopback_server
 from test_service_flow import env  # noqa: F401 - `env` is the shared module fixture
 from typer.testing import CliRunner
 
@@ -151,17 +149,8 @@ def test_a_corrupted_stored_file_is_never_delivered_whole(env, tmp_path):  # noq
 
 @pytest.fixture
 def http_server(env):  # noqa: F811
-    # no lifespan: its exit would close the module-wide service for the tests after
-    config = uvicorn.Config(_app(env), host="127.0.0.1", port=0, log_level="warning", lifespan="off")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    with loopback_server(_app(env)) as url:
+        yield url
 
 
 def test_cli_download_saves_the_file_and_exits_non_zero_when_locked(env, http_server, tmp_path,  # noqa: F811

@@ -7,14 +7,12 @@ from __future__ import annotations
 import asyncio
 import json
 import struct
-import threading
-import time
 
 import httpx
 import pytest
 import torch
-import uvicorn
 from engine_loras import make_lora, write_lora
+from loopback import loopback_server
 from safetensors.torch import save_file
 from sqlalchemy import select
 from test_service_flow import GRANT, env  # noqa: F401 - `env` is the shared module fixture
@@ -302,16 +300,8 @@ def test_discovery_routes_and_openapi(env):  # noqa: F811
 
 @pytest.fixture()
 def http_server(env):  # noqa: F811
-    # no lifespan: its exit closes the module-wide service (and its in-process workers) for the tests after
-    server = uvicorn.Server(uvicorn.Config(_app(env), host="127.0.0.1", port=0, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    with loopback_server(_app(env)) as url:
+        yield url
 
 
 def test_cli_add_generate_list_show_disable(env, http_server, tmp_path, monkeypatch):  # noqa: F811

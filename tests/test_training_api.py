@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
-import uvicorn
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
+from loopback import loopback_server
 from safetensors.torch import load_file
 from training_support import (
     available,
@@ -86,16 +85,8 @@ def server(tmp_path: Path, tiny_models):
     for exc_type in (GenserveError, RequestValidationError):  # as the ingress maps them
         app.add_exception_handler(exc_type, lambda _req, exc: map_error(exc))
     app.include_router(build_router_with_ingress_auth(service))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    yield f"http://127.0.0.1:{port}", service
-    server.should_exit = True
-    thread.join(timeout=10)
+    with loopback_server(app, lifespan="auto") as url:
+        yield url, service
     for job in launcher.threads.values():
         job.join(timeout=60)
     db.dispose()

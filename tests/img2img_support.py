@@ -129,5 +129,19 @@ def scanner_reporting(service, detections=(), minor=False, error=None):  # noqa:
         gate.input_scanner = saved
 
 
+@contextmanager
+def worker_detector(service, family, detector):  # noqa: ANN001
+    """The `family` worker's image scanner with NudeNet's detector replaced by `detector` (a tiny random
+    model draws no face or body for the real one to find); its thresholds and the policy are the real
+    ones. The worker's face fix uses the same detector."""
+    core = service.workers.cores[family]
+    rules = service.settings.config_path(service.settings.safety.rules_dir)
+    saved, core._scanner = core._scanner, ImageScanner.from_config(rules, detector=detector)
+    try:
+        yield
+    finally:
+        core._scanner = saved
+
+
 FACE = {"class": "FACE_FEMALE", "score": 0.9, "box": [20, 10, 24, 24]}
 BREAST = {"class": "FEMALE_BREAST_EXPOSED", "score": 0.9, "box": [20, 36, 20, 16]}

@@ -26,6 +26,7 @@ from img2img_support import (
     run_job,
     scanner_reporting,
     service_env,
+    worker_detector,
 )
 from PIL import Image, ImageDraw
 
@@ -158,16 +159,13 @@ def test_face_fix_end_to_end_changes_only_the_face_box_and_is_priced(env, family
     """The worker's NudeNet detector is forced to report one face box in the generated image (a tiny
     random model draws no face); the policy and thresholds that judge the image are the real ones."""
     service, ledger, _, _ = env
-    core = service.workers.cores[family]
     box = [20, 16, 16, 16]  # x, y, w, h as NudeNet reports it
 
     class FaceDetector:
         def detect(self, bgr):  # noqa: ANN001, ANN202
             return [{"class": "FACE_FEMALE", "score": 0.8, "box": box}]
 
-    rules = service.settings.config_path(service.settings.safety.rules_dir)
-    saved, core._scanner = core._scanner, ImageScanner.from_config(rules, detector=FaceDetector())
-    try:
+    with worker_detector(service, family, FaceDetector()):
         caller = new_caller(ledger)
         body = {"prompt": "a portrait", "checkpoint": f"tiny-{family}", "steps": 4, "seed": 3}
         plain = GenerationRequest.model_validate(body)
@@ -177,8 +175,6 @@ def test_face_fix_end_to_end_changes_only_the_face_box_and_is_priced(env, family
         a, b = run_job(service, caller, plain), run_job(service, caller, fixed)
         assert a.status.value == b.status.value == "succeeded", (a.error, b.error)
         assert b.charged == quote.total and "ADetailer denoising strength: 1" in (b.infotext or "")
-    finally:
-        core._scanner = saved
     one = np.asarray(Image.open(io.BytesIO(service.image(caller, a.id, 0)[1])).convert("RGB"), np.int16)
     two = np.asarray(Image.open(io.BytesIO(service.image(caller, b.id, 0)[1])).convert("RGB"), np.int16)
     delta = np.abs(one - two).max(axis=2)
@@ -193,7 +189,6 @@ def test_a_face_fix_failing_on_one_image_withholds_only_that_image_and_charges_t
     (the safety scan's own calls, on its scan thread, are answered normally): image 0 is fixed and
     delivered, image 1 is withheld as `face_fix_failed` and not charged."""
     service, ledger, _, _ = env
-    core = service.workers.cores["sd1"]
     calls = []
 
     class FlakyDetector:
@@ -204,16 +199,12 @@ def test_a_face_fix_failing_on_one_image_withholds_only_that_image_and_charges_t
                     raise RuntimeError("detector crashed")
             return [{"class": "FACE_MALE", "score": 0.8, "box": [8, 8, 20, 20]}]
 
-    rules = service.settings.config_path(service.settings.safety.rules_dir)
-    saved, core._scanner = core._scanner, ImageScanner.from_config(rules, detector=FlakyDetector())
-    try:
+    with worker_detector(service, "sd1", FlakyDetector()):
         caller = new_caller(ledger)
         request = GenerationRequest.model_validate({"prompt": "two portraits", "checkpoint": "tiny-sd1", "steps": 2,
                                                     "seed": 8, "quantity": 2, "face_fix": {"max_faces": 1}})
         quote = service.quote(caller, request)
         job = run_job(service, caller, request)
-    finally:
-        core._scanner = saved
     assert job.status.value == "succeeded", job.error
     assert [i.index for i in job.images] == [0]
     assert [(w.index, w.reasons) for w in job.withheld] == [(1, ["face_fix_failed"])]
@@ -362,7 +353,6 @@ def test_face_passes_held_but_not_run_are_given_back_at_capture(env, monkeypatch
     it ran. The worker's NudeNet detector is forced to report one face (a tiny model draws none); the
     price list makes a pass worth whole buzz at this tiny size, so the refund is visible."""
     service, ledger, _, _ = env
-    core = service.workers.cores["sd1"]
     prices = service.admission.pricing.prices
     generation = prices.generation.model_copy(update={"face_fix_permille": 40_000_000})
     monkeypatch.setattr(service.admission, "pricing", Pricing(prices.model_copy(update={"generation": generation})))
@@ -371,17 +361,13 @@ def test_face_passes_held_but_not_run_are_given_back_at_capture(env, monkeypatch
         def detect(self, bgr):  # noqa: ANN001, ANN202
             return [{"class": "FACE_FEMALE", "score": 0.8, "box": [20, 16, 16, 16]}]
 
-    rules = service.settings.config_path(service.settings.safety.rules_dir)
-    saved, core._scanner = core._scanner, ImageScanner.from_config(rules, detector=OneFace())
-    try:
+    with worker_detector(service, "sd1", OneFace()):
         caller = new_caller(ledger)
         request = GenerationRequest.model_validate({"prompt": "a portrait", "checkpoint": "tiny-sd1", "steps": 5,
                                                     "seed": 4, "quantity": 2,
                                                     "face_fix": {"max_faces": 3, "denoise": 1.0}})
         plan = service.admission.plan(caller, request)
         job = run_job(service, caller, request)
-    finally:
-        core._scanner = saved
     assert job.status.value == "succeeded" and len(job.images) == 2, job.error
     quote = plan.quote
     refund = quote.face_fix_refund(2, 2)  # two images, one pass each, three held each

@@ -108,7 +108,8 @@ class Settlement:
                 metrics.inc("genserve_images_withheld_total", value=1, rule=reasons[0])
                 withheld.append({"index": image.index, "seed": image.seed, "nsfw_level": level, "reasons": reasons})
         # a face fix is held for its most faces per image; the delivered images pay for the passes they ran
-        passes = (sum(image.face_passes for image in result.images if image.index in {i["index"] for i in images})
+        delivered = {i["index"] for i in images}
+        passes = (sum(image.face_passes for image in result.images if image.index in delivered)
                   if plan.request.face_fix else None)
         charge = plan.quote.for_delivered(len(images), passes)
         status = JobStatus.succeeded if images else JobStatus.blocked

@@ -177,10 +177,9 @@ class TrainingService(CaptionSteps, TrainingOutputs, TrainingUpkeep):
     def _hold_and_create(self, training_id, user_id, sub, triggers, params, report: IntakeReport,  # noqa: ANN001
                          staging: Path, verdict: dict, allowed: str, quote, per_epoch: int, total: int,
                          ignored: dict[str, str] | None = None) -> Training:
-        ttl = min(self.deps.settings.training.hold_ttl_s, self.deps.settings.billing.max_hold_ttl_s)
         hold = self.deps.ledger.hold(user_account(user_id), quote.total, key=f"training:{training_id}:hold",
                                      destination=REVENUE_TRAINING, reason=f"training {training_id}",
-                                     expires_at=utcnow() + dt.timedelta(seconds=ttl))
+                                     expires_at=self._hold_expiry())
         try:
             archive = staging / DATASET_FILE  # removed with the staging folder
             with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as zf:
@@ -208,6 +207,11 @@ class TrainingService(CaptionSteps, TrainingOutputs, TrainingUpkeep):
         if row.status == TrainingStatus.queued.value:
             row = self._launch(row)
         return row
+
+    def _hold_expiry(self) -> dt.datetime:
+        """When a training hold taken now expires: the training TTL, never past the ledger's cap."""
+        ttl = min(self.deps.settings.training.hold_ttl_s, self.deps.settings.billing.max_hold_ttl_s)
+        return utcnow() + dt.timedelta(seconds=ttl)
 
     def _scratch(self) -> Path:
         folder = self.deps.work_dir / "staging"

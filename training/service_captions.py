@@ -8,7 +8,6 @@ if TYPE_CHECKING:
     from training.service import Submission
 
 import contextlib
-import datetime as dt
 import json
 import shutil
 import tempfile
@@ -25,7 +24,6 @@ from genserve.core.errors import InvalidRequest
 from safety.dataset_policy import TagSignal
 from training.captioning import Caption, Captioner, CaptionerUnavailable, CaptionProposal, build_captioner
 from training.intake import MANIFEST_NAME, IntakeReport, KeptImage, run_intake
-from training.records import utcnow
 
 
 class CaptionSteps:
@@ -130,10 +128,9 @@ class CaptionSteps:
             yield
             return
         charge = f"captions:{uuid.uuid4().hex}"
-        ttl = min(self.deps.settings.training.hold_ttl_s, self.deps.settings.billing.max_hold_ttl_s)
         hold = self.deps.ledger.hold(user_account(user_id), amount, key=f"{charge}:hold",
                                      destination=REVENUE_TRAINING, reason=f"auto-captioning {charge}",
-                                     expires_at=utcnow() + dt.timedelta(seconds=ttl))
+                                     expires_at=self._hold_expiry())
         try:
             yield
         except BaseException:

@@ -139,7 +139,7 @@ def test_cancel_stops_within_a_step_and_keeps_finished_images(sd1):
 def test_pipeline_views_are_built_once_and_a_hires_request_leaves_txt2img_unchanged(sd1):
     from diffusers import StableDiffusionImg2ImgPipeline
 
-    from genserve.engine.generate import drop_pipeline_views, pipeline_view
+    from genserve.engine.views import drop_pipeline_views, pipeline_view
 
     pipe, safety = sd1
     before = _run(pipe, safety, _request(seeds=[5]))

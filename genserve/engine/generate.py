@@ -42,7 +42,6 @@ from genserve.engine.prompt_encoding import (
 )
 from genserve.engine.prompt_syntax import extract_extra_networks, lora_tag
 from genserve.engine.schedulers import infotext_sampler, make_scheduler, sampler_spec
-from genserve.engine.views import drop_pipeline_views as drop_pipeline_views  # re-exported: the worker's
 from genserve.engine.views import pipeline_view
 from genserve.generation.worker.wire import WorkerRequest, hires_size
 from safety.embeddings import InjectedPrompts

@@ -1,13 +1,15 @@
-"""An ASGI app served by uvicorn on a free loopback port in a thread, for tests that go over real HTTP
-(the CLI, httpx without a transport)."""
+"""HTTP against an ASGI app in tests: served by uvicorn on a free loopback port in a thread (for the CLI
+and clients that need a real socket), or called in process through httpx's ASGI transport."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import httpx
 import uvicorn
 
 
@@ -26,3 +28,14 @@ def loopback_server(app, *, lifespan: str = "off") -> Iterator[str]:  # noqa: AN
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def asgi_calls(app, *requests: tuple[str, str, dict]) -> list[httpx.Response]:  # noqa: ANN001
+    """(method, url, kwargs) requests against `app` in one event loop, in order; their responses."""
+
+    async def go() -> list[httpx.Response]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test",
+                                     timeout=120) as client:
+            return [await client.request(method, url, **kw) for method, url, kw in requests]
+
+    return asyncio.run(go())

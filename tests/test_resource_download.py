@@ -6,16 +6,14 @@ served bytes against the registered SHA-256 (a corrupted object is never deliver
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import functools
 import hashlib
 import json
 
-import httpx
 import pytest
 from engine_loras import make_lora, write_lora
-from loopback import loopback_server
+from loopback import asgi_calls, loopback_server
 from test_service_flow import env  # noqa: F401 - `env` is the shared module fixture
 from typer.testing import CliRunner
 
@@ -45,15 +43,7 @@ def _app(env):  # noqa: F811 - the fixture
 
 
 def _call(env, *requests):  # noqa: F811
-    """(method, url, kwargs) requests against the app in one event loop; returns the responses."""
-    app = _app(env)
-
-    async def go():
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test",
-                                     timeout=120) as client:
-            return [await client.request(method, url, **kw) for method, url, kw in requests]
-
-    return asyncio.run(go())
+    return asgi_calls(_app(env), *requests)
 
 
 def _get(rid: str, user: str):

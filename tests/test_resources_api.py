@@ -4,15 +4,13 @@ upload (audited), flags, disabling (refused at once, evicted from the worker), d
 
 from __future__ import annotations
 
-import asyncio
 import json
 import struct
 
-import httpx
 import pytest
 import torch
 from engine_loras import make_lora, write_lora
-from loopback import loopback_server
+from loopback import asgi_calls, loopback_server
 from safetensors.torch import save_file
 from sqlalchemy import select
 from test_service_flow import GRANT, env  # noqa: F401 - `env` is the shared module fixture
@@ -44,15 +42,7 @@ def _app(env):  # noqa: F811 - the fixture
 
 
 def _call(env, *requests):  # noqa: F811
-    """(method, url, kwargs) requests against the app in one event loop; returns the responses."""
-    app = _app(env)
-
-    async def go():
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test",
-                                     timeout=120) as client:
-            return [await client.request(method, url, **kw) for method, url, kw in requests]
-
-    return asyncio.run(go())
+    return asgi_calls(_app(env), *requests)
 
 
 def _lora_bytes(tmp_path, family: str, seed: int, fmt: str = "kohya", metadata: dict | None = None) -> bytes:
